@@ -1,0 +1,159 @@
+"""The public task contract: submissions, cancellations and the per-task event stream."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from agentbus.contracts.common import BusMessage, ErrorInfo, Identifier, TokenUsage, utc_now
+
+
+class TaskSubmitted(BusMessage):
+    """A request to run an agent on an input. Published by any client; `Nats-Msg-Id` = task_id."""
+
+    task_id: Identifier = Field(description="Caller-chosen id; submitting the same id again runs nothing new.")
+    tenant: Identifier = Field(description="Owning tenant; must equal the tenant token of the subject.")
+    agent: Identifier = Field(description="Name of an agent spec known to the runner.")
+    input: str = Field(min_length=1, max_length=100_000, description="The task, in natural language.")
+    budget_usd: float | None = Field(
+        default=None, ge=0, description="Spending cap for this task; the agent's default when absent."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Opaque caller data, echoed nowhere.")
+    submitted_by: Identifier | None = Field(default=None, description="Who submitted: used for approvals.")
+
+
+class TaskCancelRequested(BusMessage):
+    """A request to stop a running task. Has no effect on a task that already ended."""
+
+    task_id: Identifier = Field(description="The task to cancel.")
+    tenant: Identifier = Field(description="Owning tenant; must equal the tenant token of the subject.")
+    reason: str | None = Field(default=None, max_length=1000, description="Why, for the audit trail.")
+
+
+class _TaskEventBase(BusMessage):
+    task_id: Identifier = Field(description="The task this event belongs to.")
+    tenant: Identifier = Field(description="Owning tenant.")
+    seq: int = Field(ge=1, description="Position in the task's event stream: 1, 2, 3, ... with no gaps.")
+    at: datetime = Field(default_factory=utc_now, description="When the event happened (UTC).")
+
+
+class TaskAccepted(_TaskEventBase):
+    """The runner validated the submission and started the run."""
+
+    kind: Literal["accepted"] = "accepted"
+    agent: Identifier = Field(description="Agent that runs the task.")
+    model: str = Field(description="Model the agent uses.")
+    max_steps: int = Field(ge=1, description="Most LLM steps this run may take.")
+    budget_usd: float | None = Field(default=None, ge=0, description="Effective budget for the task.")
+
+
+class TaskRejected(_TaskEventBase):
+    """The submission was invalid; nothing ran."""
+
+    kind: Literal["rejected"] = "rejected"
+    error: ErrorInfo
+
+
+class ToolCallSummary(BaseModel):
+    """A tool call the model asked for in a step, as shown to people following the task."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str = Field(description="Tool-call id, unique within the task.")
+    name: str = Field(description="Tool name.")
+    arguments: dict[str, Any] = Field(default_factory=dict, description="Arguments the model passed.")
+
+
+class TaskStep(_TaskEventBase):
+    """One LLM step finished: what the model asked for and what it cost."""
+
+    kind: Literal["step"] = "step"
+    step: int = Field(ge=1, description="1-based index of the LLM step within the run.")
+    tool_calls: list[ToolCallSummary] = Field(default_factory=list, description="Tools called in this step.")
+    usage: TokenUsage = Field(default_factory=TokenUsage, description="Tokens of this step.")
+
+
+class TaskToken(_TaskEventBase):
+    """A chunk of generated text, streamed while a step runs."""
+
+    kind: Literal["token"] = "token"
+    step: int = Field(ge=1, description="The LLM step the text belongs to.")
+    text: str = Field(description="The chunk of text (several tokens).")
+
+
+class TaskApprovalPending(_TaskEventBase):
+    """The run waits for a human to approve a tool call."""
+
+    kind: Literal["approval_pending"] = "approval_pending"
+    approval_id: Identifier
+    tool: str
+    expires_at: datetime | None = None
+
+
+class TaskApprovalResolved(_TaskEventBase):
+    """A pending approval was approved, denied or expired."""
+
+    kind: Literal["approval_resolved"] = "approval_resolved"
+    approval_id: Identifier
+    outcome: Literal["approved", "denied", "expired"]
+    by: Identifier | None = None
+
+
+class TaskCompleted(_TaskEventBase):
+    """The agent answered. Terminal."""
+
+    kind: Literal["completed"] = "completed"
+    output: str = Field(description="The agent's final answer.")
+    usage: TokenUsage = Field(description="Tokens of the whole run.")
+    cost_usd: float = Field(ge=0, description="Cost of the whole run in US dollars.")
+    steps: int = Field(ge=1, description="LLM steps the run took.")
+
+
+class TaskFailed(_TaskEventBase):
+    """The run stopped on an error (step limit, model error, ...). Terminal."""
+
+    kind: Literal["failed"] = "failed"
+    error: ErrorInfo
+    usage: TokenUsage = Field(default_factory=TokenUsage, description="Tokens spent before failing.")
+    cost_usd: float = Field(default=0.0, ge=0, description="Cost spent before failing.")
+
+
+class TaskCancelled(_TaskEventBase):
+    """The run was cancelled on request. Terminal."""
+
+    kind: Literal["cancelled"] = "cancelled"
+    reason: str | None = None
+
+
+class TaskBudgetExceeded(_TaskEventBase):
+    """The run was stopped because a budget would be exceeded. Terminal."""
+
+    kind: Literal["budget_exceeded"] = "budget_exceeded"
+    budget: str = Field(description="Which budget: e.g. 'task', 'agent:<name>', 'tenant:<tenant>'.")
+    limit_usd: float = Field(ge=0)
+    spent_usd: float = Field(ge=0)
+
+
+TaskEvent = Annotated[
+    TaskAccepted
+    | TaskRejected
+    | TaskStep
+    | TaskToken
+    | TaskApprovalPending
+    | TaskApprovalResolved
+    | TaskCompleted
+    | TaskFailed
+    | TaskCancelled
+    | TaskBudgetExceeded,
+    Field(discriminator="kind"),
+]
+"""Any event on `agentbus.tasks.events.<tenant>.<task_id>`, told apart by `kind`."""
+
+TASK_EVENT_ADAPTER: TypeAdapter[TaskEvent] = TypeAdapter(TaskEvent)
+
+TERMINAL_EVENT_KINDS: frozenset[str] = frozenset(
+    {"rejected", "completed", "failed", "cancelled", "budget_exceeded"}
+)
+"""After one of these a task's event stream has no further events."""

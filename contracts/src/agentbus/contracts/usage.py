@@ -1,0 +1,25 @@
+"""Internal usage records: every service reports what it consumed, once per usage id."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from agentbus.contracts.common import BusMessage, Identifier, utc_now
+
+
+class UsageRecorded(BusMessage):
+    """Something billable happened. `usage_id` is the idempotency key of the ledger."""
+
+    usage_id: str = Field(min_length=1, max_length=200, description="Unique per billable effect.")
+    kind: Literal["llm", "gpu", "tool", "retrieval"]
+    tenant: Identifier
+    task_id: Identifier | None = None
+    agent: Identifier | None = None
+    model: str | None = None
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    gpu_seconds: float = Field(default=0.0, ge=0)
+    at: datetime = Field(default_factory=utc_now)

@@ -1,0 +1,231 @@
+"""Durable pull consumers with an explicit ack policy, bounded concurrency and a dead-letter path.
+
+A handler returns normally when the message's effects are done; it raises `RetryableError` (or any
+unexpected exception) to have the message redelivered after a delay, and `TerminalError` when the
+message can never succeed. After the consumer's `max_deliver` deliveries, or on a `TerminalError`, the
+message is copied with its error and origin to the dead-letter stream and then acked, so it is neither
+lost nor redelivered forever. Nothing is ever terminated silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from agentbus.contracts.common import ErrorInfo
+from agentbus.contracts.registry import ConsumerSpec, Header
+from agentbus.runtime.deadletter import dead_letter
+from agentbus.runtime.errors import RetryableError, TerminalError
+from agentbus.runtime.logging import bind_message_context, get_logger
+from agentbus.runtime.metrics import ConsumerMetrics
+from agentbus.runtime.tracing import TraceContext
+
+_log = get_logger(__name__)
+
+UNEXPECTED_ERROR_CODE = "unhandled_exception"
+RETRIES_EXHAUSTED_CODE = "max_deliver_exceeded"
+
+
+class AckPolicy(StrEnum):
+    """When and how a consumer acknowledges. Every consumer names one; there is no default.
+
+    Both ack only after the handler succeeded; a failure is a delayed nak, then a dead letter.
+    """
+
+    ACK = "ack"
+    """Fire-and-forget ack. For handlers whose effects are idempotent, so a lost ack is harmless."""
+    ACK_SYNC = "ack_sync"
+    """Ack and wait for the server's confirmation: for effects a redelivery must not repeat."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivered message, as a handler sees it."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    deliveries: int
+    stream_seq: int
+    trace: TraceContext | None
+
+    @property
+    def msg_id(self) -> str | None:
+        """The publisher's `Nats-Msg-Id`, if any."""
+        return self.headers.get(Header.MSG_ID.value)
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class ConsumerRunner:
+    """Pulls from one durable consumer and runs a handler on each message, `concurrency` at a time."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        spec: ConsumerSpec,
+        handler: Handler,
+        *,
+        ack_policy: AckPolicy,
+        metrics: ConsumerMetrics,
+        concurrency: int = 64,
+        batch: int = 64,
+        fetch_timeout: float = 2.0,
+    ) -> None:
+        self._js = js
+        self._spec = spec
+        self._handler = handler
+        self._ack_policy = ack_policy
+        self._metrics = metrics
+        self._concurrency = concurrency
+        self._batch = batch
+        self._fetch_timeout = fetch_timeout
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    @property
+    def spec(self) -> ConsumerSpec:
+        return self._spec
+
+    @property
+    def running(self) -> bool:
+        """True while the pull loop is bound to its consumer and not stopping."""
+        return self._sub is not None and self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def start(self) -> None:
+        """Bind to the durable consumer (created by the bootstrap, never here) and start pulling."""
+        self._sub = await self._js.pull_subscribe_bind(durable=self._spec.durable, stream=self._spec.stream)
+        self._loop_task = asyncio.create_task(self._pull_loop(), name=f"pull:{self._spec.durable}")
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop pulling, let in-flight messages finish for up to `drain_timeout`, then unbind.
+
+        Messages still unfinished are left unacked: the server redelivers them to another worker.
+        """
+        self._stopping.set()
+        self._slot_freed.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._in_flight:
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _pull_loop(self) -> None:
+        assert self._sub is not None
+        while not self._stopping.is_set():
+            free = self._concurrency - len(self._in_flight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                msgs = await self._sub.fetch(min(self._batch, free), timeout=self._fetch_timeout)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            except Exception as exc:  # a reconnect or server hiccup: keep pulling
+                _log.warning("fetch_failed", consumer=self._spec.durable, error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(msg))
+                self._in_flight.add(task)
+                task.add_done_callback(self._release)
+
+    def _release(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slot_freed.set()
+
+    async def _handle(self, msg: Msg) -> None:
+        metadata = msg.metadata
+        headers = dict(msg.headers or {})
+        delivery = Delivery(
+            subject=msg.subject,
+            data=msg.data,
+            headers=headers,
+            deliveries=metadata.num_delivered,
+            stream_seq=metadata.sequence.stream,
+            trace=TraceContext.parse(headers.get(Header.TRACEPARENT.value)),
+        )
+        bind_message_context(
+            consumer=self._spec.durable,
+            trace_id=delivery.trace.trace_id if delivery.trace else None,
+        )
+        heartbeat = asyncio.create_task(self._keep_in_progress(msg))
+        started = time.perf_counter()
+        try:
+            await self._handler(delivery)
+        except TerminalError as exc:
+            await self._give_up(msg, delivery, ErrorInfo(code=exc.code, message=exc.message))
+        except RetryableError as exc:
+            await self._retry_or_give_up(msg, delivery, exc, exc.delay_seconds)
+        except Exception as exc:
+            _log.exception("handler_failed", consumer=self._spec.durable, subject=delivery.subject)
+            await self._retry_or_give_up(msg, delivery, exc, None)
+        else:
+            if self._ack_policy is AckPolicy.ACK_SYNC:
+                await msg.ack_sync()
+            else:
+                await msg.ack()
+            self._metrics.handled.labels(self._spec.durable, "acked").inc()
+        finally:
+            heartbeat.cancel()
+            self._metrics.handler_seconds.labels(self._spec.durable).observe(time.perf_counter() - started)
+
+    async def _keep_in_progress(self, msg: Msg) -> None:
+        # A long handler (an LLM generation) must not be redelivered while it still works on the message.
+        interval = max(self._spec.ack_wait_seconds / 3, 0.5)
+        with contextlib.suppress(Exception):
+            while True:
+                await asyncio.sleep(interval)
+                await msg.in_progress()
+
+    async def _retry_or_give_up(
+        self, msg: Msg, delivery: Delivery, exc: Exception, delay: float | None
+    ) -> None:
+        if delivery.deliveries >= self._spec.max_deliver:
+            code = RETRIES_EXHAUSTED_CODE
+            message = f"gave up after {delivery.deliveries} deliveries; last error: {exc!r}"
+            await self._give_up(msg, delivery, ErrorInfo(code=code, message=message))
+            return
+        await msg.nak(delay=delay if delay is not None else self._spec.retry_delay_seconds)
+        self._metrics.handled.labels(self._spec.durable, "retried").inc()
+
+    async def _give_up(self, msg: Msg, delivery: Delivery, error: ErrorInfo) -> None:
+        try:
+            await dead_letter(self._js, self._spec, delivery, error)
+        except Exception:
+            # The dead letter was not stored: keep the message and try again later rather than lose it.
+            _log.exception("dead_letter_failed", consumer=self._spec.durable)
+            await msg.nak(delay=self._spec.retry_delay_seconds)
+            return
+        await msg.ack_sync()
+        _log.warning("dead_lettered", consumer=self._spec.durable, code=error.code, reason=error.message)
+        self._metrics.handled.labels(self._spec.durable, "dead_lettered").inc()
+        self._metrics.dead_letters.labels(self._spec.durable, error.code).inc()

@@ -1,0 +1,1 @@
+"""agent-runner: runs agent tasks as durable transitions over JetStream."""

@@ -1,0 +1,34 @@
+"""Run records in a JetStream key-value bucket, one key per task, written compare-and-set."""
+
+from __future__ import annotations
+
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from agentbus.agent_runner.ports import RevisionConflictError, RunExistsError, RunRecord
+
+
+class NatsKvRunStore:
+    def __init__(self, bucket: KeyValue) -> None:
+        self._bucket = bucket
+
+    async def get(self, task_id: str) -> tuple[RunRecord, int] | None:
+        try:
+            entry = await self._bucket.get(task_id)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        if entry.value is None:
+            return None
+        return RunRecord.model_validate_json(entry.value), entry.revision or 0
+
+    async def create(self, task_id: str, record: RunRecord) -> int:
+        try:
+            return await self._bucket.create(task_id, record.model_dump_json().encode())
+        except KeyWrongLastSequenceError as exc:
+            raise RunExistsError(task_id) from exc
+
+    async def update(self, task_id: str, record: RunRecord, revision: int) -> int:
+        try:
+            return await self._bucket.update(task_id, record.model_dump_json().encode(), last=revision)
+        except KeyWrongLastSequenceError as exc:
+            raise RevisionConflictError(task_id) from exc

@@ -1,0 +1,67 @@
+"""Agent specs: YAML files in `agents/` naming an agent's model, prompt, tools, step limit and budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agentbus.contracts.common import Identifier
+from agentbus.runtime.errors import ConfigurationError
+
+
+class AgentSpec(BaseModel):
+    """What an agent is: validated strictly, because a typo here should stop start-up, not a task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Identifier
+    description: str = ""
+    model: Identifier = Field(description="Model routing name: the inference subject token.")
+    system_prompt: str = Field(min_length=1)
+    tools: list[str] = Field(default_factory=list)
+    max_steps: int = Field(default=8, ge=1, le=100, description="Most LLM steps one run may take.")
+    budget_usd: float | None = Field(default=None, ge=0, description="Default budget of one task.")
+
+
+class AgentSpecError(ConfigurationError):
+    """A spec file is invalid. The message names the file and the field."""
+
+
+def _field_path(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def load_agent_specs(directory: Path, known_tools: set[str]) -> dict[str, AgentSpec]:
+    """Every `*.yaml`/`*.yml` spec in `directory`, by name. Raises AgentSpecError on the first bad one."""
+    if not directory.is_dir():
+        raise AgentSpecError(f"{directory}: agent spec folder does not exist")
+    specs: dict[str, AgentSpec] = {}
+    files = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+    for path in files:
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise AgentSpecError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise AgentSpecError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+        try:
+            spec = AgentSpec.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise AgentSpecError(f"{path}: field '{_field_path(first['loc'])}': {first['msg']}") from exc
+        for index, tool in enumerate(spec.tools):
+            if tool not in known_tools:
+                raise AgentSpecError(
+                    f"{path}: field 'tools[{index}]': unknown tool {tool!r}; known: {sorted(known_tools)}"
+                )
+        if spec.name in specs:
+            raise AgentSpecError(f"{path}: field 'name': agent {spec.name!r} is defined twice")
+        specs[spec.name] = spec
+    if not specs:
+        raise AgentSpecError(f"{directory}: no agent spec files (*.yaml)")
+    return specs

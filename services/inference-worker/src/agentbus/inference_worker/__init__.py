@@ -1,0 +1,1 @@
+"""inference-worker: serves LLM requests from per-model subjects."""

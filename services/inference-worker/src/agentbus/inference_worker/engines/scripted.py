@@ -1,0 +1,123 @@
+"""The `scripted` engine: a deterministic OFFLINE engine for demos and tests. It is not a language model.
+
+It follows a fixed script that is enough to drive real multi-step runs without a GPU or network:
+
+1. It reads the user's input for calls written as `tool_name(arguments)`, naming tools the request
+   offers, in order of appearance. `arguments` is either a JSON object or plain text, which becomes
+   the tool's first required parameter, e.g. `calculator((2+3)*4)` or `word_count(to be or not)`.
+2. Each step it asks for the next call not yet made (one call per step).
+3. When every call has a result, it answers by quoting them; with no calls, it restates the input.
+
+Token counts are words and punctuation marks, an approximation labelled as such in the docs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+from agentbus.contracts.common import TokenUsage
+from agentbus.contracts.llm import ChatMessage, LlmRequest, ToolCall, ToolSpec
+from agentbus.inference_worker.ports import Generation
+
+SCRIPTED_MODEL_NOTICE = "[scripted offline engine, not an LLM]"
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """Approximate tokens: words and punctuation marks."""
+    return len(_TOKEN.findall(text))
+
+
+def _closing_paren(text: str, open_index: int) -> int | None:
+    depth = 0
+    for index in range(open_index, len(text)):
+        if text[index] == "(":
+            depth += 1
+        elif text[index] == ")":
+            depth -= 1
+            if depth == 0:
+                return index
+    return None
+
+
+def _arguments(tool: ToolSpec, raw: str) -> dict[str, Any]:
+    raw = raw.strip()
+    if raw.startswith("{"):
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return parsed
+    required = tool.parameters.get("required") or list(tool.parameters.get("properties", {}))
+    return {required[0]: raw} if required else {}
+
+
+def planned_calls(text: str, tools: list[ToolSpec]) -> list[tuple[str, dict[str, Any]]]:
+    """The `tool(arguments)` calls written in `text`, for the offered tools, in order of appearance."""
+    if not tools:
+        return []
+    by_name = {tool.name: tool for tool in tools}
+    pattern = re.compile(r"\b(" + "|".join(re.escape(name) for name in by_name) + r")\(")
+    calls = []
+    position = 0
+    while match := pattern.search(text, position):
+        close = _closing_paren(text, match.end() - 1)
+        if close is None:
+            break
+        calls.append((match.group(1), _arguments(by_name[match.group(1)], text[match.end() : close])))
+        position = close + 1
+    return calls
+
+
+class ScriptedEngine:
+    """Deterministic offline engine (see the module docstring). Documented as such wherever it appears."""
+
+    def __init__(self, token_delay_seconds: float = 0.0) -> None:
+        self._token_delay = token_delay_seconds
+
+    def healthy(self) -> bool:
+        return True
+
+    async def generate(self, request: LlmRequest) -> Generation:
+        user_input = next((m.content for m in request.messages if m.role == "user"), "")
+        calls = planned_calls(user_input, request.tools)
+        made = sum(len(m.tool_calls) for m in request.messages if m.role == "assistant")
+        if made < len(calls):
+            name, arguments = calls[made]
+            message = ChatMessage(
+                role="assistant",
+                content="",
+                tool_calls=[ToolCall(id=f"call_{made + 1}", name=name, arguments=arguments)],
+            )
+            finish: Any = "tool_calls"
+        else:
+            message = ChatMessage(role="assistant", content=self._answer(user_input, request.messages))
+            finish = "stop"
+        completion_text = message.content + "".join(
+            c.name + json.dumps(c.arguments) for c in message.tool_calls
+        )
+        usage = TokenUsage(
+            prompt_tokens=sum(count_tokens(m.content) for m in request.messages)
+            + sum(count_tokens(json.dumps(t.parameters)) for t in request.tools),
+            completion_tokens=count_tokens(completion_text),
+        )
+        if self._token_delay:
+            await asyncio.sleep(self._token_delay * usage.completion_tokens)
+        return Generation(message=message, usage=usage, finish_reason=finish)
+
+    @staticmethod
+    def _answer(user_input: str, messages: list[ChatMessage]) -> str:
+        results = [m for m in messages if m.role == "tool"]
+        if not results:
+            return f"{SCRIPTED_MODEL_NOTICE} You asked: {user_input.strip()}"
+        calls = {c.id: c for m in messages if m.role == "assistant" for c in m.tool_calls}
+        lines = []
+        for result in results:
+            call = calls.get(result.tool_call_id or "")
+            shown = ", ".join(f"{k}={v!r}" for k, v in call.arguments.items()) if call else ""
+            lines.append(f"{result.name}({shown}) = {result.content}")
+        return f"{SCRIPTED_MODEL_NOTICE} " + "; ".join(lines)
