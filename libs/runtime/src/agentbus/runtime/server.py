@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -102,13 +103,15 @@ class NatsServerProcess:
         """Start the server and wait until its monitoring endpoint says JetStream is healthy."""
         binary = find_nats_server()
         self.write_config()
-        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self._process = subprocess.Popen(
-            [str(binary), "-c", str(self.config_path)],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
+        with contextlib.ExitStack() as stack:
+            log = stack.enter_context(open(self.log_file, "ab")) if self.log_file else subprocess.DEVNULL
+            # The child keeps its own copy of the log descriptor; ours closes when the stack does.
+            self._process = subprocess.Popen(
+                [str(binary), "-c", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

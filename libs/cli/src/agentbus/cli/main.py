@@ -1,0 +1,275 @@
+"""`agentbus`: run the embedded suite, submit tasks, follow their events, see queue depth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.js.api import DeliverPolicy
+
+from agentbus.cli.config import STATE_DIR, resolve_nats_url
+from agentbus.cli.suite import Suite
+from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_EVENT, TASK_SUBMIT, Header
+from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TERMINAL_EVENT_KINDS, TaskEvent, TaskSubmitted
+from agentbus.runtime.bootstrap import apply_topology
+from agentbus.runtime.nats import connect_nats
+
+T = TypeVar("T")
+
+EXIT_TASK_UNSUCCESSFUL = 1
+EXIT_TIMEOUT = 3
+
+nats_url_option = click.option(
+    "--nats-url", default=None, help="NATS URL. Default: $AGENTBUS_NATS_URL, then ./.agentbus/env, then :4222."
+)
+
+
+def _run(url: str | None, action: Callable[[NatsClient], Awaitable[T]]) -> T:
+    async def main() -> T:
+        resolved = resolve_nats_url(url)
+        try:
+            nc = await connect_nats(resolved, "agentbus-cli")
+        except (nats.errors.NoServersError, OSError) as exc:
+            raise click.ClickException(f"cannot reach NATS at {resolved}: {exc}. Is `agentbus up` running?") from exc
+        try:
+            return await action(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def _models(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
+def describe(event: TaskEvent) -> str:
+    """One human-readable line for an event."""
+    head = f"{event.seq:>3} {event.kind:<17}"
+    match event.kind:
+        case "accepted":
+            return f"{head} agent={event.agent} model={event.model} max_steps={event.max_steps}"
+        case "step":
+            calls = ", ".join(f"{c.name}({json.dumps(c.arguments)})" for c in event.tool_calls) or "answer"
+            return f"{head} step {event.step}: {calls}"
+        case "token":
+            return f"{head} {event.text!r}"
+        case "completed":
+            usage = event.usage
+            return (
+                f"{head} {event.output}\n    steps={event.steps} prompt_tokens={usage.prompt_tokens} "
+                f"completion_tokens={usage.completion_tokens} cost_usd={event.cost_usd:.6f}"
+            )
+        case "rejected" | "failed":
+            return f"{head} {event.error.code}: {event.error.message}"
+        case "cancelled":
+            return f"{head} {event.reason or ''}"
+        case "budget_exceeded":
+            return f"{head} {event.budget}: spent {event.spent_usd} of {event.limit_usd}"
+        case "approval_pending":
+            return f"{head} {event.approval_id} tool={event.tool}"
+        case "approval_resolved":
+            return f"{head} {event.approval_id} {event.outcome}"
+
+
+def _print_event(event: TaskEvent, as_json: bool) -> None:
+    click.echo(event.model_dump_json() if as_json else describe(event))
+
+
+@click.group()
+def cli() -> None:
+    """agentbus: AI agents as services on NATS JetStream."""
+
+
+@cli.command()
+@click.option("--nats-url", default=None, help="Attach to this NATS server instead of starting one.")
+@click.option("--agents-dir", type=click.Path(path_type=Path), default=Path("agents"), show_default=True)
+@click.option("--models", default=",".join(DEFAULT_MODELS), show_default=True, help="Models the worker serves.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=STATE_DIR, show_default=True)
+def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path) -> None:
+    """Start nats-server (JetStream under ./.agentbus/), apply streams, run every service; Ctrl-C stops all."""
+    suite = Suite(state_dir, agents_dir, nats_url=nats_url, models=_models(models))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        suite.start()
+        click.echo(f"agentbus up: ready; NATS at {suite.nats_url}. Ctrl-C to stop.", err=True)
+        while not stop.wait(0.5):
+            if (dead := suite.exited()) is not None:
+                click.echo(
+                    f"agentbus up: {dead.spec.name} exited ({dead.process.returncode}); see {dead.log_path}", err=True
+                )
+                raise SystemExit(1)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        suite.stop()
+
+
+@cli.command()
+@click.option("--tenant", required=True)
+@click.option("--agent", required=True)
+@click.option("--task-id", default=None, help="Default: a new random id. Resubmitting an id runs nothing new.")
+@click.option("--budget-usd", type=float, default=None)
+@click.option("--submitted-by", default=None)
+@click.option("--wait/--no-wait", default=False, help="Print events live until the task ends.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait with --wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
+@nats_url_option
+@click.argument("task_input")
+def submit(
+    tenant: str,
+    agent: str,
+    task_id: str | None,
+    budget_usd: float | None,
+    submitted_by: str | None,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+    nats_url: str | None,
+    task_input: str,
+) -> None:
+    """Submit TASK_INPUT to an agent. With --wait, exit 0 only when the task completes."""
+    try:
+        submission = TaskSubmitted(
+            task_id=task_id or f"task-{uuid.uuid4().hex[:16]}",
+            tenant=tenant,
+            agent=agent,
+            input=task_input,
+            budget_usd=budget_usd,
+            submitted_by=submitted_by,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+    async def action(nc: NatsClient) -> str | None:
+        js = nc.jetstream()
+        subject = TASK_EVENT.format(tenant=submission.tenant, task_id=submission.task_id)
+        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL) if wait else None
+        ack = await js.publish(
+            TASK_SUBMIT.format(tenant=submission.tenant),
+            submission.model_dump_json().encode(),
+            headers={Header.MSG_ID.value: submission.task_id},
+        )
+        note = " (duplicate: this task id was already submitted)" if ack.duplicate else ""
+        click.echo(f"submitted {submission.task_id}{note}", err=True)
+        if sub is None:
+            click.echo(submission.task_id)
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    msg = await sub.next_msg(timeout=timeout)
+                    event = TASK_EVENT_ADAPTER.validate_json(msg.data)
+                    _print_event(event, as_json)
+                    if event.kind in TERMINAL_EVENT_KINDS:
+                        return event.kind
+        except TimeoutError:
+            return None
+        finally:
+            await sub.unsubscribe()
+
+    outcome = _run(nats_url, action)
+    if wait and outcome is None:
+        click.echo(f"timed out after {timeout}s waiting for {submission.task_id}", err=True)
+        sys.exit(EXIT_TIMEOUT)
+    if wait and outcome != "completed":
+        sys.exit(EXIT_TASK_UNSUCCESSFUL)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--tenant", default=None, help="The task's tenant; default: any.")
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
+@nats_url_option
+def events(task_id: str, tenant: str | None, as_json: bool, nats_url: str | None) -> None:
+    """Replay a task's events from seq 1."""
+
+    async def action(nc: NatsClient) -> int:
+        js = nc.jetstream()
+        subject = TASK_EVENT.pattern.format(tenant=tenant or "*", task_id=task_id)
+        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        count = 0
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=2.0)
+                except nats.errors.TimeoutError:
+                    return count
+                _print_event(TASK_EVENT_ADAPTER.validate_json(msg.data), as_json)
+                count += 1
+                if msg.metadata.num_pending == 0:
+                    return count
+        finally:
+            await sub.unsubscribe()
+
+    if _run(nats_url, action) == 0:
+        raise click.ClickException(f"no events for task {task_id}")
+
+
+@cli.command()
+@nats_url_option
+def status(nats_url: str | None) -> None:
+    """Each consumer's pending and ack-pending counts: the numbers KEDA scales on."""
+
+    async def action(nc: NatsClient) -> list[dict[str, Any]]:
+        js = nc.jetstream()
+        rows = []
+        for stream in STREAMS:
+            for info in await js.consumers_info(stream.name):
+                if not info.config.durable_name:
+                    continue  # ephemeral readers (an `events` replay) are not work KEDA scales on
+                rows.append(
+                    {
+                        "stream": stream.name,
+                        "consumer": info.name,
+                        "pending": info.num_pending or 0,
+                        "ack_pending": info.num_ack_pending or 0,
+                        "redelivered": info.num_redelivered or 0,
+                    }
+                )
+        return rows
+
+    rows = _run(nats_url, action)
+    header = f"{'STREAM':<28} {'CONSUMER':<32} {'PENDING':>8} {'ACK_PENDING':>11} {'LAG':>8} {'REDELIVERED':>11}"
+    click.echo(header)
+    for row in rows:
+        lag = row["pending"] + row["ack_pending"]
+        click.echo(
+            f"{row['stream']:<28} {row['consumer']:<32} {row['pending']:>8} {row['ack_pending']:>11} "
+            f"{lag:>8} {row['redelivered']:>11}"
+        )
+
+
+@cli.group()
+def streams() -> None:
+    """Streams, consumers and buckets of the registry."""
+
+
+@streams.command("apply")
+@click.option("--models", default=",".join(DEFAULT_MODELS), show_default=True, help="Models served (consumers).")
+@click.option("--replicas", type=int, default=1, show_default=True, help="Stream replicas (3 in production).")
+@nats_url_option
+def streams_apply(models: str, replicas: int, nats_url: str | None) -> None:
+    """Create or update every stream, durable consumer and KV bucket. Safe to run again."""
+
+    async def action(nc: NatsClient) -> None:
+        for change in await apply_topology(nc.jetstream(), _models(models), replicas):
+            click.echo(f"{change.kind:<8} {change.name:<36} {change.action}")
+
+    _run(nats_url, action)
+
+
+def main() -> None:
+    cli()
