@@ -8,10 +8,9 @@ import uuid
 from typing import Any
 
 import nats
-from nats.js.api import DeliverPolicy
-
 from agentbus.runtime.server import NatsServerProcess
 from agentbus.runtime.service import BusService
+from nats.js.api import DeliverPolicy
 
 TERMINAL = {"rejected", "completed", "failed", "cancelled", "budget_exceeded"}
 

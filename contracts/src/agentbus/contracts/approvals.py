@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field
-
 from agentbus.contracts.common import BusMessage, HumanInput, Identifier, utc_now
+from pydantic import Field
 
 
 class ApprovalRequested(BusMessage):

@@ -21,9 +21,7 @@ _TOKEN_DESCRIPTIONS = {
 
 
 def _channel_id(subject: registry.SubjectSpec) -> str:
-    return subject.pattern.removeprefix(f"{registry.SUBJECT_ROOT}.").replace(".", "_").replace("{", "").replace(
-        "}", ""
-    )
+    return subject.pattern.removeprefix(f"{registry.SUBJECT_ROOT}.").replace(".", "_").replace("{", "").replace("}", "")
 
 
 def _message_name(subject: registry.SubjectSpec) -> str:

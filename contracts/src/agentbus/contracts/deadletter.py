@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import Field
-
 from agentbus.contracts.common import BusMessage, ErrorInfo, utc_now
+from pydantic import Field
 
 
 class DeadLetter(BusMessage):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from agentbus.contracts.common import BusMessage, ErrorInfo, Identifier, TokenUsage
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ToolCall(BaseModel):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from agentbus.contracts.common import BusMessage, Identifier
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class IngestDocument(BaseModel):

@@ -11,14 +11,13 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from pydantic import BaseModel
-
 from agentbus.contracts.approvals import ApprovalDecision, ApprovalRequested, ApprovalResolved
 from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.llm import LlmRequest, LlmResult
 from agentbus.contracts.rag import DocumentsIngest
 from agentbus.contracts.tasks import TaskCancelRequested, TaskSubmitted
 from agentbus.contracts.usage import UsageRecorded
+from pydantic import BaseModel
 
 SUBJECT_ROOT = "agentbus"
 _TOKEN = re.compile(r"\{([a-z_]+)\}")
@@ -215,9 +214,7 @@ STREAMS: tuple[StreamSpec, ...] = (
 
 # --- subjects ------------------------------------------------------------------------------------
 
-TASK_SUBMIT = SubjectSpec(
-    "agentbus.tasks.submit.{tenant}", TaskSubmitted, TASKS.name, True, "Submit an agent task."
-)
+TASK_SUBMIT = SubjectSpec("agentbus.tasks.submit.{tenant}", TaskSubmitted, TASKS.name, True, "Submit an agent task.")
 TASK_CANCEL = SubjectSpec(
     "agentbus.tasks.cancel.{tenant}", TaskCancelRequested, TASKS.name, True, "Cancel a running task."
 )
@@ -255,12 +252,8 @@ RAG_INGEST_DOCUMENTS = SubjectSpec(
 LLM_REQUEST = SubjectSpec(
     "agentbus.llm.requests.{model}", LlmRequest, LLM_REQUESTS.name, False, "One LLM step for a model."
 )
-LLM_RESULT = SubjectSpec(
-    "agentbus.llm.results.{tenant}", LlmResult, LLM_RESULTS.name, False, "A generated LLM step."
-)
-USAGE_RECORDED = SubjectSpec(
-    "agentbus.usage.{tenant}", UsageRecorded, USAGE.name, False, "A billable usage record."
-)
+LLM_RESULT = SubjectSpec("agentbus.llm.results.{tenant}", LlmResult, LLM_RESULTS.name, False, "A generated LLM step.")
+USAGE_RECORDED = SubjectSpec("agentbus.usage.{tenant}", UsageRecorded, USAGE.name, False, "A billable usage record.")
 DEAD_LETTER = SubjectSpec(
     "agentbus.deadletter.{stream}.{consumer}",
     DeadLetter,

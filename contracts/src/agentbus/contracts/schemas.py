@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from agentbus.contracts import registry
 from agentbus.contracts.tasks import TaskEvent
+from pydantic import TypeAdapter
 
 
 def message_schemas() -> dict[str, dict[str, Any]]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
-
 from agentbus.contracts.common import BusMessage, ErrorInfo, Identifier, TokenUsage, utc_now
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 
 class TaskSubmitted(BusMessage):
@@ -153,7 +152,5 @@ TaskEvent = Annotated[
 
 TASK_EVENT_ADAPTER: TypeAdapter[TaskEvent] = TypeAdapter(TaskEvent)
 
-TERMINAL_EVENT_KINDS: frozenset[str] = frozenset(
-    {"rejected", "completed", "failed", "cancelled", "budget_exceeded"}
-)
+TERMINAL_EVENT_KINDS: frozenset[str] = frozenset({"rejected", "completed", "failed", "cancelled", "budget_exceeded"})
 """After one of these a task's event stream has no further events."""

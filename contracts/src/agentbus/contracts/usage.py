@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
-
 from agentbus.contracts.common import BusMessage, Identifier, utc_now
+from pydantic import Field
 
 
 class UsageRecorded(BusMessage):

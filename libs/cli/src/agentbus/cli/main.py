@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 import threading
@@ -14,15 +13,15 @@ from typing import Any, TypeVar
 
 import click
 import nats.errors
-from nats.aio.client import Client as NatsClient
-from nats.js.api import DeliverPolicy
-
 from agentbus.cli.config import STATE_DIR, resolve_nats_url
 from agentbus.cli.suite import Suite
-from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_EVENT, TASK_SUBMIT, Header
-from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TERMINAL_EVENT_KINDS, TaskEvent, TaskSubmitted
+from agentbus.cli.tasks import describe, submit_task
+from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_EVENT
+from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TaskEvent, TaskSubmitted
 from agentbus.runtime.bootstrap import apply_topology
-from agentbus.runtime.nats import connect_nats
+from agentbus.runtime.connection import connect_nats
+from nats.aio.client import Client as NatsClient
+from nats.js.api import DeliverPolicy
 
 T = TypeVar("T")
 
@@ -30,7 +29,9 @@ EXIT_TASK_UNSUCCESSFUL = 1
 EXIT_TIMEOUT = 3
 
 nats_url_option = click.option(
-    "--nats-url", default=None, help="NATS URL. Default: $AGENTBUS_NATS_URL, then ./.agentbus/env, then :4222."
+    "--nats-url",
+    default=None,
+    help="NATS URL. Default: $AGENTBUS_NATS_URL, then ./.agentbus/env, then :4222.",
 )
 
 
@@ -38,7 +39,7 @@ def _run(url: str | None, action: Callable[[NatsClient], Awaitable[T]]) -> T:
     async def main() -> T:
         resolved = resolve_nats_url(url)
         try:
-            nc = await connect_nats(resolved, "agentbus-cli")
+            nc = await connect_nats(resolved, "agentbus-cli", reconnect_forever=False)
         except (nats.errors.NoServersError, OSError) as exc:
             raise click.ClickException(f"cannot reach NATS at {resolved}: {exc}. Is `agentbus up` running?") from exc
         try:
@@ -51,35 +52,6 @@ def _run(url: str | None, action: Callable[[NatsClient], Awaitable[T]]) -> T:
 
 def _models(value: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",") if m.strip())
-
-
-def describe(event: TaskEvent) -> str:
-    """One human-readable line for an event."""
-    head = f"{event.seq:>3} {event.kind:<17}"
-    match event.kind:
-        case "accepted":
-            return f"{head} agent={event.agent} model={event.model} max_steps={event.max_steps}"
-        case "step":
-            calls = ", ".join(f"{c.name}({json.dumps(c.arguments)})" for c in event.tool_calls) or "answer"
-            return f"{head} step {event.step}: {calls}"
-        case "token":
-            return f"{head} {event.text!r}"
-        case "completed":
-            usage = event.usage
-            return (
-                f"{head} {event.output}\n    steps={event.steps} prompt_tokens={usage.prompt_tokens} "
-                f"completion_tokens={usage.completion_tokens} cost_usd={event.cost_usd:.6f}"
-            )
-        case "rejected" | "failed":
-            return f"{head} {event.error.code}: {event.error.message}"
-        case "cancelled":
-            return f"{head} {event.reason or ''}"
-        case "budget_exceeded":
-            return f"{head} {event.budget}: spent {event.spent_usd} of {event.limit_usd}"
-        case "approval_pending":
-            return f"{head} {event.approval_id} tool={event.tool}"
-        case "approval_resolved":
-            return f"{head} {event.approval_id} {event.outcome}"
 
 
 def _print_event(event: TaskEvent, as_json: bool) -> None:
@@ -108,7 +80,8 @@ def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path) -> 
         while not stop.wait(0.5):
             if (dead := suite.exited()) is not None:
                 click.echo(
-                    f"agentbus up: {dead.spec.name} exited ({dead.process.returncode}); see {dead.log_path}", err=True
+                    f"agentbus up: {dead.spec.name} exited ({dead.process.returncode}); see {dead.log_path}",
+                    err=True,
                 )
                 raise SystemExit(1)
     except RuntimeError as exc:
@@ -154,37 +127,26 @@ def submit(
         raise click.BadParameter(str(exc)) from exc
 
     async def action(nc: NatsClient) -> str | None:
-        js = nc.jetstream()
-        subject = TASK_EVENT.format(tenant=submission.tenant, task_id=submission.task_id)
-        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL) if wait else None
-        ack = await js.publish(
-            TASK_SUBMIT.format(tenant=submission.tenant),
-            submission.model_dump_json().encode(),
-            headers={Header.MSG_ID.value: submission.task_id},
+        return await submit_task(
+            nc,
+            submission,
+            on_submitted=lambda duplicate: click.echo(
+                f"submitted {submission.task_id}" + (" (duplicate: this id was submitted before)" if duplicate else ""),
+                err=True,
+            ),
+            on_event=(lambda event: _print_event(event, as_json)) if wait else None,
+            wait_seconds=timeout,
         )
-        note = " (duplicate: this task id was already submitted)" if ack.duplicate else ""
-        click.echo(f"submitted {submission.task_id}{note}", err=True)
-        if sub is None:
-            click.echo(submission.task_id)
-            return None
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    msg = await sub.next_msg(timeout=timeout)
-                    event = TASK_EVENT_ADAPTER.validate_json(msg.data)
-                    _print_event(event, as_json)
-                    if event.kind in TERMINAL_EVENT_KINDS:
-                        return event.kind
-        except TimeoutError:
-            return None
-        finally:
-            await sub.unsubscribe()
 
+    if not wait:
+        _run(nats_url, action)
+        click.echo(submission.task_id)
+        return
     outcome = _run(nats_url, action)
-    if wait and outcome is None:
+    if outcome is None:
         click.echo(f"timed out after {timeout}s waiting for {submission.task_id}", err=True)
         sys.exit(EXIT_TIMEOUT)
-    if wait and outcome != "completed":
+    if outcome != "completed":
         sys.exit(EXIT_TASK_UNSUCCESSFUL)
 
 

@@ -18,7 +18,7 @@ from typing import IO
 from agentbus.cli.config import NATS_MONITOR_URL_VARIABLE, NATS_URL_VARIABLE, write_env_file
 from agentbus.contracts.registry import DEFAULT_MODELS, Service
 from agentbus.runtime.bootstrap import apply_topology
-from agentbus.runtime.nats import connect_nats
+from agentbus.runtime.connection import connect_nats
 from agentbus.runtime.server import NatsServerProcess, free_port, port_is_free
 
 PREFERRED_NATS_PORT = 4222
@@ -60,7 +60,7 @@ class RunningService:
 
 def _ready(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False

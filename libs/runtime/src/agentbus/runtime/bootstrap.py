@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agentbus.contracts import registry
+from agentbus.contracts.registry import ConsumerSpec, KeyValueSpec, Retention, StreamSpec
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -19,9 +21,6 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import NotFoundError
-
-from agentbus.contracts import registry
-from agentbus.contracts.registry import ConsumerSpec, KeyValueSpec, Retention, StreamSpec
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import nats.errors
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-
 from agentbus.contracts.common import ErrorInfo
 from agentbus.contracts.registry import ConsumerSpec, Header
 from agentbus.runtime.deadletter import dead_letter
@@ -27,6 +24,8 @@ from agentbus.runtime.errors import RetryableError, TerminalError
 from agentbus.runtime.logging import bind_message_context, get_logger
 from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.tracing import TraceContext
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 _log = get_logger(__name__)
 
@@ -206,9 +205,7 @@ class ConsumerRunner:
                 await asyncio.sleep(interval)
                 await msg.in_progress()
 
-    async def _retry_or_give_up(
-        self, msg: Msg, delivery: Delivery, exc: Exception, delay: float | None
-    ) -> None:
+    async def _retry_or_give_up(self, msg: Msg, delivery: Delivery, exc: Exception, delay: float | None) -> None:
         if delivery.deliveries >= self._spec.max_deliver:
             code = RETRIES_EXHAUSTED_CODE
             message = f"gave up after {delivery.deliveries} deliveries; last error: {exc!r}"

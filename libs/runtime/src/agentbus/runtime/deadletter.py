@@ -5,12 +5,11 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING
 
-from nats.js import JetStreamContext
-
 from agentbus.contracts.common import ErrorInfo
 from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.registry import DEAD_LETTER, ConsumerSpec
 from agentbus.runtime.publishing import publish_message
+from nats.js import JetStreamContext
 
 if TYPE_CHECKING:
     from agentbus.runtime.consumer import Delivery

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from agentbus.contracts.registry import Header
+from agentbus.runtime.tracing import TraceContext
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from pydantic import BaseModel
-
-from agentbus.contracts.registry import Header
-from agentbus.runtime.tracing import TraceContext
 
 
 async def publish_message(

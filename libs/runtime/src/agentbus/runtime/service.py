@@ -8,18 +8,17 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
-
+from agentbus.runtime.connection import connect_service
 from agentbus.runtime.consumer import ConsumerRunner
 from agentbus.runtime.errors import ConfigurationError
 from agentbus.runtime.http import HealthServer
 from agentbus.runtime.logging import configure_logging, get_logger
 from agentbus.runtime.metrics import ConsumerMetrics
-from agentbus.runtime.nats import connect_service
 from agentbus.runtime.settings import ServiceSettings
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 _log = get_logger(__name__)
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from nats.aio.client import Client as NatsClient
-
 from agentbus.runtime.bootstrap import apply_topology
-from agentbus.runtime.nats import connect_nats
+from agentbus.runtime.connection import connect_nats
 from agentbus.runtime.server import NatsServerError, NatsServerProcess, free_port
+from nats.aio.client import Client as NatsClient
 
 
 @contextlib.contextmanager

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry
-
 from agentbus.agent_runner.adapters.jetstream_publisher import JetStreamPublisher
 from agentbus.agent_runner.adapters.nats_kv_run_store import NatsKvRunStore
 from agentbus.agent_runner.handlers import RunnerHandlers
@@ -23,6 +19,9 @@ from agentbus.contracts.registry import (
 from agentbus.runtime.consumer import AckPolicy, ConsumerRunner
 from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.service import BusService
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
 
 
 def create_app(settings: RunnerSettings) -> BusService:

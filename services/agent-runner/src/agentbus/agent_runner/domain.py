@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from agentbus.agent_runner.specs import AgentSpec
 from agentbus.contracts.common import ErrorInfo, TokenUsage
 from agentbus.contracts.llm import ChatMessage, LlmRequest, LlmResult, ToolCall, ToolSpec
@@ -28,6 +26,7 @@ from agentbus.contracts.tasks import (
     TaskSubmitted,
     ToolCallSummary,
 )
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class RunStatus(StrEnum):

@@ -6,8 +6,6 @@ import json
 import re
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
-
 from agentbus.agent_runner.domain import ErrorCode
 from agentbus.agent_runner.service import RunnerService
 from agentbus.contracts.common import ID_PATTERN
@@ -16,6 +14,7 @@ from agentbus.contracts.registry import TASK_CANCEL, TASK_SUBMIT, SubjectSpec
 from agentbus.contracts.tasks import TaskCancelRequested, TaskSubmitted
 from agentbus.runtime.consumer import Delivery
 from agentbus.runtime.errors import TerminalError
+from pydantic import BaseModel, ValidationError
 
 _ID = re.compile(ID_PATTERN)
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -41,7 +40,7 @@ def _validation_summary(exc: ValidationError) -> str:
     return "; ".join(parts) + more
 
 
-class _Undecodable(Exception):
+class _UndecodableError(Exception):
     def __init__(self, code: ErrorCode, message: str, task_id: str | None) -> None:
         super().__init__(message)
         self.code = code
@@ -54,15 +53,15 @@ def _decode(model: type[_Model], delivery: Delivery) -> _Model:
     try:
         raw: Any = json.loads(delivery.data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _Undecodable(ErrorCode.MALFORMED_JSON, f"payload is not UTF-8 JSON: {exc}", header_id) from exc
+        raise _UndecodableError(ErrorCode.MALFORMED_JSON, f"payload is not UTF-8 JSON: {exc}", header_id) from exc
     payload_id = raw.get("task_id") if isinstance(raw, dict) else None
     task_id = payload_id if isinstance(payload_id, str) and _ID.fullmatch(payload_id) else header_id
     if not isinstance(raw, dict):
-        raise _Undecodable(ErrorCode.SCHEMA_VIOLATION, "payload must be a JSON object", task_id)
+        raise _UndecodableError(ErrorCode.SCHEMA_VIOLATION, "payload must be a JSON object", task_id)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise _Undecodable(ErrorCode.SCHEMA_VIOLATION, _validation_summary(exc), task_id) from exc
+        raise _UndecodableError(ErrorCode.SCHEMA_VIOLATION, _validation_summary(exc), task_id) from exc
 
 
 class RunnerHandlers:
@@ -73,7 +72,7 @@ class RunnerHandlers:
         tenant = _subject_tenant(TASK_SUBMIT, delivery.subject)
         try:
             submission = _decode(TaskSubmitted, delivery)
-        except _Undecodable as bad:
+        except _UndecodableError as bad:
             if bad.task_id is None:
                 # No task id anywhere: there is no event stream to answer on, so keep it as a dead letter.
                 raise TerminalError(bad.code, f"{bad.message} (and no valid task_id to reject)") from bad
@@ -94,7 +93,7 @@ class RunnerHandlers:
         tenant = _subject_tenant(TASK_CANCEL, delivery.subject)
         try:
             request = _decode(TaskCancelRequested, delivery)
-        except _Undecodable as bad:
+        except _UndecodableError as bad:
             raise TerminalError(bad.code, bad.message) from bad
         if request.tenant != tenant:
             raise TerminalError(
@@ -105,6 +104,6 @@ class RunnerHandlers:
     async def on_llm_result(self, delivery: Delivery) -> None:
         try:
             result = _decode(LlmResult, delivery)
-        except _Undecodable as bad:
+        except _UndecodableError as bad:
             raise TerminalError(bad.code, bad.message) from bad
         await self._service.advance(result, delivery.trace)

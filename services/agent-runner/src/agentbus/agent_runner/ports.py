@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from agentbus.agent_runner.domain import RunState
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class OutboxItem(BaseModel):

@@ -8,9 +8,8 @@ therefore neither loses a message nor sends one twice, and the event `seq` stays
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-
-from prometheus_client import CollectorRegistry, Counter
 
 from agentbus.agent_runner import domain
 from agentbus.agent_runner.domain import ErrorCode, RunState, Toolbox, Transition
@@ -29,6 +28,7 @@ from agentbus.contracts.tasks import TaskCancelRequested, TaskSubmitted
 from agentbus.runtime.errors import RetryableError
 from agentbus.runtime.logging import bind_message_context, get_logger
 from agentbus.runtime.tracing import TraceContext
+from prometheus_client import CollectorRegistry, Counter
 
 _log = get_logger(__name__)
 
@@ -124,9 +124,7 @@ class RunnerService:
                     await self._mark_sent(task_id, record, revision)
                 return
             trace_id = record.trace_id if record is not None else (trace or TraceContext.new()).trace_id
-            new_record = RunRecord(
-                state=transition.state, trace_id=trace_id, outbox=self._outbox(transition, trace_id)
-            )
+            new_record = RunRecord(state=transition.state, trace_id=trace_id, outbox=self._outbox(transition, trace_id))
             try:
                 if record is None:
                     revision = await self._store.create(task_id, new_record)
@@ -170,7 +168,6 @@ class RunnerService:
             await self._publisher.publish(item)
 
     async def _mark_sent(self, task_id: str, record: RunRecord, revision: int) -> None:
-        try:
+        # On a conflict a newer transition was stored; it re-published (deduplicated) what it found pending.
+        with contextlib.suppress(RevisionConflictError):
             await self._store.update(task_id, record.model_copy(update={"outbox": []}), revision)
-        except RevisionConflictError:
-            pass  # a newer transition was stored; it re-publishes (deduplicated) whatever it found pending

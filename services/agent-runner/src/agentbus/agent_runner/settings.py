@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agentbus.runtime.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-
-from agentbus.runtime.settings import ServiceSettings
 
 
 class RunnerSettings(ServiceSettings):

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from agentbus.contracts.common import Identifier
 from agentbus.runtime.errors import ConfigurationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class AgentSpec(BaseModel):

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry
-
 from agentbus.contracts.registry import Service, inference_consumer
 from agentbus.inference_worker.engines.scripted import ScriptedEngine
 from agentbus.inference_worker.handlers import WorkerHandlers
@@ -15,6 +11,9 @@ from agentbus.inference_worker.settings import WorkerSettings
 from agentbus.runtime.consumer import AckPolicy, ConsumerRunner
 from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.service import BusService
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
 
 
 def create_engine(settings: WorkerSettings) -> LLMEngine:

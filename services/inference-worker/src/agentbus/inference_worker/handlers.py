@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from nats.js import JetStreamContext
-from pydantic import ValidationError
-
 from agentbus.contracts.llm import LlmRequest
 from agentbus.contracts.registry import LLM_RESULT, USAGE_RECORDED, ConsumerSpec
 from agentbus.inference_worker.service import InferenceService
 from agentbus.runtime.consumer import Delivery
 from agentbus.runtime.errors import TerminalError
 from agentbus.runtime.publishing import publish_message
+from nats.js import JetStreamContext
+from pydantic import ValidationError
 
 SCHEMA_VIOLATION = "schema_violation"
 
@@ -26,9 +25,7 @@ class WorkerHandlers:
             request = LlmRequest.model_validate_json(delivery.data)
         except ValidationError as exc:
             raise TerminalError(SCHEMA_VIOLATION, str(exc)) from exc
-        outcome = await self._service.generate(
-            request, final_attempt=delivery.deliveries >= self._consumer.max_deliver
-        )
+        outcome = await self._service.generate(request, final_attempt=delivery.deliveries >= self._consumer.max_deliver)
         # Deterministic ids: a request regenerated after a redelivery publishes nothing new.
         if outcome.usage is not None:
             await publish_message(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from agentbus.contracts.common import ErrorInfo
 from agentbus.contracts.llm import LlmRequest, LlmResult
 from agentbus.contracts.usage import UsageRecorded
 from agentbus.inference_worker.ports import EngineError, LLMEngine
 from agentbus.runtime.errors import RetryableError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 @dataclass(frozen=True)

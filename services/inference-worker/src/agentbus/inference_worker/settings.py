@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from agentbus.contracts.registry import DEFAULT_MODELS
 from agentbus.runtime.settings import ServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 
 class WorkerSettings(ServiceSettings):

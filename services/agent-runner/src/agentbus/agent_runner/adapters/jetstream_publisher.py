@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from nats.js import JetStreamContext
-
 from agentbus.agent_runner.ports import OutboxItem
 from agentbus.contracts.registry import Header
+from nats.js import JetStreamContext
 
 
 class JetStreamPublisher:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from agentbus.agent_runner.ports import RevisionConflictError, RunExistsError, RunRecord
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-
-from agentbus.agent_runner.ports import RevisionConflictError, RunExistsError, RunRecord
 
 
 class NatsKvRunStore:

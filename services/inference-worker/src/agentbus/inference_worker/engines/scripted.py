@@ -97,9 +97,7 @@ class ScriptedEngine:
         else:
             message = ChatMessage(role="assistant", content=self._answer(user_input, request.messages))
             finish = "stop"
-        completion_text = message.content + "".join(
-            c.name + json.dumps(c.arguments) for c in message.tool_calls
-        )
+        completion_text = message.content + "".join(c.name + json.dumps(c.arguments) for c in message.tool_calls)
         usage = TokenUsage(
             prompt_tokens=sum(count_tokens(m.content) for m in request.messages)
             + sum(count_tokens(json.dumps(t.parameters)) for t in request.tools),

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import nats
-from nats.aio.client import Client as NatsClient
-
 from agentbus.runtime.settings import ServiceSettings
+from nats.aio.client import Client as NatsClient
 
 
 async def connect_nats(
-    servers: str, name: str, *, user: str | None = None, password: str | None = None
+    servers: str,
+    name: str,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    reconnect_forever: bool = True,
 ) -> NatsClient:
-    """Connect, retrying the first connection, and reconnect forever afterwards.
+    """Connect, and reconnect after a NATS restart: JetStream keeps the messages, so services just resume.
 
-    Services must survive a NATS restart: JetStream keeps their messages, so they simply reconnect.
+    Services reconnect forever. A command-line client (`reconnect_forever=False`) gives up after a few
+    tries so that a person sees an error instead of a hang.
     """
     return await nats.connect(
         servers=[s.strip() for s in servers.split(",") if s.strip()],
@@ -22,7 +27,7 @@ async def connect_nats(
         password=password,
         connect_timeout=5,
         reconnect_time_wait=0.5,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=-1 if reconnect_forever else 2,
         allow_reconnect=True,
     )
 

@@ -1,0 +1,185 @@
+"""The consumer runtime and the bootstrap against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import replace
+
+import pytest
+from agentbus.contracts import registry
+from agentbus.contracts.deadletter import DeadLetter
+from agentbus.contracts.registry import ConsumerSpec
+from agentbus.runtime.bootstrap import apply_topology, consumer_config
+from agentbus.runtime.consumer import RETRIES_EXHAUSTED_CODE, AckPolicy, ConsumerRunner, Delivery
+from agentbus.runtime.errors import RetryableError, TerminalError
+from agentbus.runtime.http import HealthServer
+from agentbus.runtime.metrics import ConsumerMetrics
+from agentbus.runtime.server import NatsServerProcess
+from nats.aio.client import Client as NatsClient
+from nats.js.api import StreamConfig
+from prometheus_client import CollectorRegistry
+
+
+async def _consumer_on_fresh_stream(nc: NatsClient, max_deliver: int = 3) -> ConsumerSpec:
+    js = nc.jetstream()
+    name = f"T{uuid.uuid4().hex[:8]}"
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.*"], retention="workqueue"))  # type: ignore[arg-type]
+    spec = ConsumerSpec(
+        durable=f"{name}-worker",
+        stream=name,
+        filter_subject=f"{name}.*",
+        service="test",
+        description="test consumer",
+        ack_wait_seconds=5,
+        max_deliver=max_deliver,
+        retry_delay_seconds=0.05,
+    )
+    await js.add_consumer(name, consumer_config(spec))
+    return spec
+
+
+async def _dead_letters_for(nc: NatsClient, spec: ConsumerSpec, count: int) -> list[DeadLetter]:
+    js = nc.jetstream()
+    sub = await js.subscribe(f"agentbus.deadletter.{spec.stream}.{spec.durable}", ordered_consumer=True)
+    letters = [DeadLetter.model_validate_json((await sub.next_msg(timeout=10)).data) for _ in range(count)]
+    await sub.unsubscribe()
+    return letters
+
+
+async def _run_until(runner: ConsumerRunner, done: asyncio.Event) -> None:
+    await runner.start()
+    try:
+        await asyncio.wait_for(done.wait(), timeout=15)
+    finally:
+        await runner.stop(drain_timeout=2)
+
+
+async def test_a_failing_message_is_retried_then_dead_lettered_with_its_error_and_origin(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    spec = await _consumer_on_fresh_stream(nats_client, max_deliver=3)
+    deliveries: list[int] = []
+    done = asyncio.Event()
+
+    async def flaky(delivery: Delivery) -> None:
+        deliveries.append(delivery.deliveries)
+        if len(deliveries) == 3:
+            done.set()
+        raise RetryableError("database briefly unavailable")
+
+    metrics = ConsumerMetrics(CollectorRegistry())
+    runner = ConsumerRunner(nats_client.jetstream(), spec, flaky, ack_policy=AckPolicy.ACK, metrics=metrics)
+    await nats_client.jetstream().publish(f"{spec.stream}.x", b'{"n": 1}', headers={"k": "v"})
+    await _run_until(runner, done)
+
+    assert deliveries == [1, 2, 3]
+    [letter] = await _dead_letters_for(nats_client, spec, 1)
+    assert letter.error.code == RETRIES_EXHAUSTED_CODE
+    assert "database briefly unavailable" in letter.error.message
+    assert (letter.stream, letter.consumer, letter.subject, letter.deliveries) == (
+        spec.stream,
+        spec.durable,
+        f"{spec.stream}.x",
+        3,
+    )
+    assert base64.b64decode(letter.payload_base64) == b'{"n": 1}'
+    assert letter.headers["k"] == "v"
+    info = await nats_client.jetstream().stream_info(spec.stream)
+    assert info.state.messages == 0, "the work-queue message was acked once dead-lettered"
+
+
+async def test_a_terminal_error_is_dead_lettered_at_once_and_the_consumer_keeps_serving(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    spec = await _consumer_on_fresh_stream(nats_client, max_deliver=5)
+    handled: list[bytes] = []
+    done = asyncio.Event()
+
+    async def strict(delivery: Delivery) -> None:
+        if delivery.data == b"poison":
+            raise TerminalError("schema_violation", "not a valid message")
+        handled.append(delivery.data)
+        done.set()
+
+    metrics = ConsumerMetrics(CollectorRegistry())
+    runner = ConsumerRunner(nats_client.jetstream(), spec, strict, ack_policy=AckPolicy.ACK_SYNC, metrics=metrics)
+    js = nats_client.jetstream()
+    await js.publish(f"{spec.stream}.x", b"poison")
+    await js.publish(f"{spec.stream}.x", b"good")
+    await _run_until(runner, done)
+
+    [letter] = await _dead_letters_for(nats_client, spec, 1)
+    assert (letter.error.code, letter.deliveries, letter.payload) == ("schema_violation", 1, "poison")
+    assert handled == [b"good"]
+
+
+async def test_unexpected_exceptions_are_retried_not_terminated(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    spec = await _consumer_on_fresh_stream(nats_client, max_deliver=5)
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def buggy_once(delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        if delivery.deliveries == 1:
+            raise KeyError("a bug that a redelivery survives")
+        done.set()
+
+    metrics = ConsumerMetrics(CollectorRegistry())
+    runner = ConsumerRunner(nats_client.jetstream(), spec, buggy_once, ack_policy=AckPolicy.ACK, metrics=metrics)
+    await nats_client.jetstream().publish(f"{spec.stream}.x", b"m")
+    await _run_until(runner, done)
+    assert attempts == [1, 2]
+
+
+async def test_bootstrap_is_idempotent_and_updates_changed_consumers(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    js = nats_client.jetstream()
+    again = await apply_topology(js)
+    assert {c.action for c in again if c.kind != "kv"} == {"updated"}
+    assert all(c.action == "exists" for c in again if c.kind == "kv")
+
+    changed = replace(registry.RUNNER_SUBMISSIONS, max_deliver=9, ack_wait_seconds=45)
+    monkeypatch.setattr(
+        registry, "STATIC_CONSUMERS", (changed, registry.RUNNER_CANCELLATIONS, registry.RUNNER_LLM_RESULTS)
+    )
+    await apply_topology(js)
+    info = await js.consumer_info(changed.stream, changed.durable)
+    assert (info.config.max_deliver, info.config.ack_wait) == (9, 45)
+    monkeypatch.undo()
+    await apply_topology(js)
+    info = await js.consumer_info(changed.stream, changed.durable)
+    assert info.config.max_deliver == registry.RUNNER_SUBMISSIONS.max_deliver
+
+
+async def test_health_endpoints_answer_liveness_readiness_and_metrics() -> None:
+    ready = False
+    registry_ = CollectorRegistry()
+    ConsumerMetrics(registry_).handled.labels("c", "acked").inc()
+    server = HealthServer("127.0.0.1", 0, registry_, lambda: ready)
+    await server.start()
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, ""
+
+    try:
+        assert (await asyncio.to_thread(get, "/healthz"))[0] == 200
+        assert (await asyncio.to_thread(get, "/readyz"))[0] == 503
+        ready = True
+        assert (await asyncio.to_thread(get, "/readyz"))[0] == 200
+        status, body = await asyncio.to_thread(get, "/metrics")
+        assert status == 200
+        assert 'agentbus_messages_handled_total{consumer="c",outcome="acked"} 1.0' in body
+        assert (await asyncio.to_thread(get, "/nope"))[0] == 404
+    finally:
+        await server.stop()

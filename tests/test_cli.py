@@ -1,0 +1,117 @@
+"""The `agentbus` command line, run as a real process against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from agentbus.runtime.server import NatsServerProcess
+from helpers import AGENTS_DIR, new_task_id
+
+AGENTBUS = str(Path(sys.executable).parent / "agentbus")
+
+
+async def _agentbus(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [AGENTBUS, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+    )
+
+
+@pytest.mark.usefixtures("suite")
+async def test_submit_wait_prints_events_and_exits_zero_on_completed(bootstrapped_nats: NatsServerProcess) -> None:
+    task_id = new_task_id("cli")
+    text = "calculator(2**10)"
+    done = await _agentbus(
+        "submit", "--nats-url", bootstrapped_nats.url, "--tenant", "acme", "--agent", "assistant",
+        "--task-id", task_id, "--wait", text,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:2] == ["1", "accepted"]
+    assert "calculator(expression='2**10') = 1024" in done.stdout
+
+    replay = await _agentbus("events", "--nats-url", bootstrapped_nats.url, task_id)
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout == done.stdout
+
+    again = await _agentbus(
+        "submit", "--nats-url", bootstrapped_nats.url, "--tenant", "acme", "--agent", "assistant",
+        "--task-id", task_id, text,
+    )  # fmt: skip
+    assert "duplicate" in again.stderr
+
+
+@pytest.mark.usefixtures("suite")
+async def test_submit_wait_exits_non_zero_on_rejected(bootstrapped_nats: NatsServerProcess) -> None:
+    done = await _agentbus(
+        "submit", "--nats-url", bootstrapped_nats.url, "--tenant", "acme", "--agent", "ghost", "--wait", "hi"
+    )
+    assert done.returncode == 1
+    assert "unknown_agent" in done.stdout
+
+
+async def test_events_of_an_unknown_task_fails_clearly(bootstrapped_nats: NatsServerProcess) -> None:
+    done = await _agentbus("events", "--nats-url", bootstrapped_nats.url, "no-such-task")
+    assert done.returncode != 0
+    assert "no events for task no-such-task" in done.stderr
+
+
+async def test_streams_apply_is_idempotent_and_status_lists_every_durable(bootstrapped_nats: NatsServerProcess) -> None:
+    first = await _agentbus("streams", "apply", "--nats-url", bootstrapped_nats.url)
+    second = await _agentbus("streams", "apply", "--nats-url", bootstrapped_nats.url)
+    assert first.returncode == second.returncode == 0
+    assert "consumer agent-runner-submissions" in " ".join(second.stdout.split())
+    status = await _agentbus("status", "--nats-url", bootstrapped_nats.url)
+    assert status.returncode == 0
+    durables = {line.split()[1] for line in status.stdout.splitlines()[1:]}
+    assert {
+        "agent-runner-submissions",
+        "agent-runner-cancellations",
+        "agent-runner-llm-results",
+        "inference-worker-scripted",
+    } <= durables
+
+
+async def test_a_cli_without_a_reachable_server_says_so(tmp_path: Path) -> None:
+    done = await _agentbus("status", "--nats-url", "nats://127.0.0.1:1", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "cannot reach NATS" in done.stderr
+
+
+def test_up_runs_the_suite_writes_env_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    state = tmp_path / ".agentbus"
+    up = subprocess.Popen(
+        [AGENTBUS, "up", "--agents-dir", str(AGENTS_DIR), "--state-dir", str(state)],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert up.stderr is not None
+        while "ready; NATS at" not in (line := up.stderr.readline()):
+            assert line, "agentbus up ended before it was ready"
+        env_file = (state / "env").read_text()
+        assert env_file.startswith("AGENTBUS_NATS_URL=nats://127.0.0.1:")
+        # Another command in the same folder finds the server through ./.agentbus/env.
+        done = subprocess.run(
+            [AGENTBUS, "submit", "--tenant", "t1", "--agent", "echo", "--wait", "hi"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "completed" in done.stdout
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, stderr = up.communicate(timeout=60)
+    assert up.returncode == 0, stderr
+    assert "agent-runner stopped (0)" in stderr
+    assert "inference-worker stopped (0)" in stderr
+    assert "nats-server stopped" in stderr
