@@ -278,12 +278,17 @@ SUBJECTS: tuple[SubjectSpec, ...] = (
 
 # --- durable consumers ---------------------------------------------------------------------------
 
+# Runner transitions take milliseconds, so a short ack_wait: after a crash, the unacked input comes back
+# (and re-publishes the transition's stored outbox) within seconds. Slow handlers send in-progress acks.
+RUNNER_ACK_WAIT_SECONDS = 10.0
+
 RUNNER_SUBMISSIONS = ConsumerSpec(
     durable="agent-runner-submissions",
     stream=TASKS.name,
     filter_subject=TASK_SUBMIT.wildcard,
     service=Service.AGENT_RUNNER,
     description="Starts runs from submissions.",
+    ack_wait_seconds=RUNNER_ACK_WAIT_SECONDS,
     max_deliver=5,
 )
 RUNNER_CANCELLATIONS = ConsumerSpec(
@@ -292,6 +297,7 @@ RUNNER_CANCELLATIONS = ConsumerSpec(
     filter_subject=TASK_CANCEL.wildcard,
     service=Service.AGENT_RUNNER,
     description="Cancels runs.",
+    ack_wait_seconds=RUNNER_ACK_WAIT_SECONDS,
     max_deliver=5,
 )
 RUNNER_LLM_RESULTS = ConsumerSpec(
@@ -300,6 +306,7 @@ RUNNER_LLM_RESULTS = ConsumerSpec(
     filter_subject=LLM_RESULT.wildcard,
     service=Service.AGENT_RUNNER,
     description="Advances runs with generated steps.",
+    ack_wait_seconds=RUNNER_ACK_WAIT_SECONDS,
     max_deliver=5,
 )
 
