@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from agentbus.runtime.server import NatsServerProcess
+from agentbus.testing import running_nats_server
 from helpers import AGENTS_DIR, new_task_id
 
 AGENTBUS = str(Path(sys.executable).parent / "agentbus")
@@ -115,3 +117,23 @@ def test_up_runs_the_suite_writes_env_and_stops_cleanly_on_sigterm(tmp_path: Pat
     assert "agent-runner stopped (0)" in stderr
     assert "inference-worker stopped (0)" in stderr
     assert "nats-server stopped" in stderr
+
+
+def test_a_service_started_before_the_bootstrap_exits_with_a_clear_message(tmp_path: Path) -> None:
+    with running_nats_server(tmp_path / "bare") as bare:
+        env = {**os.environ, "AGENTBUS_RUNNER_NATS_URL": bare.url, "AGENTBUS_RUNNER_AGENTS_DIR": str(AGENTS_DIR)}
+        done = subprocess.run(
+            [sys.executable, "-m", "agentbus.agent_runner"], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 2
+    assert "run `agentbus streams apply` first" in done.stderr
+
+
+def test_a_bad_agent_spec_stops_the_runner_naming_file_and_field(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("name: bad\nmodel: scripted\nsystem_prompt: x\nmax_steps: -3\n")
+    env = {**os.environ, "AGENTBUS_RUNNER_AGENTS_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "agentbus.agent_runner"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "bad.yaml: field 'max_steps'" in done.stderr

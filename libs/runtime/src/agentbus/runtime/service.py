@@ -17,6 +17,7 @@ from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.settings import ServiceSettings
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -58,9 +59,16 @@ class BusService:
     async def start(self) -> None:
         self._nc = await connect_service(self.settings, self.name)
         js = self._nc.jetstream()
-        self._consumers = await self._wiring(self._nc, js, self.metrics)
-        for consumer in self._consumers:
-            await consumer.start()
+        try:
+            self._consumers = await self._wiring(self._nc, js, self.metrics)
+            for consumer in self._consumers:
+                await consumer.start()
+        except NotFoundError as exc:
+            # Services never create streams or consumers themselves: that is the bootstrap's job.
+            raise ConfigurationError(
+                f"a stream, consumer or bucket of the registry is missing on {self.settings.nats_url} ({exc}); "
+                "run `agentbus streams apply` first"
+            ) from exc
         _log.info("service_started", consumers=[c.spec.durable for c in self._consumers])
 
     async def stop(self) -> None:
@@ -102,4 +110,8 @@ def run_service(name: str, factory: Callable[[], BusService]) -> None:
         print(f"{name}: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     configure_logging(service.settings.log_level, service.name)
-    asyncio.run(serve(service))
+    try:
+        asyncio.run(serve(service))
+    except ConfigurationError as exc:
+        print(f"{name}: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
