@@ -313,7 +313,7 @@ def print_table(results: Results, args: argparse.Namespace) -> dict[str, Any]:
         ("3-step per-step p99 ms", "3-step overhead per agent step p99, ms"),
     ]
     for workload in WORKLOADS:
-        for role in ("runner", "worker", "nats-server"):
+        for role in ("runner", "worker", "nats-server", "driver"):
             metrics.append((f"{workload.name} {role} CPU ms/task", f"{role} CPU per {workload.name} task, ms"))
     width = max(len(label) for _, label in metrics)
     print()
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="messages per fetch, both systems (default 64)")
     parser.add_argument("--json", type=Path, default=None, help="also write every trial's figures here")
     args = parser.parse_args(argv)
+    if min(args.tasks, args.latency_tasks, args.repeat, args.warmup, args.concurrency, args.batch) < 1:
+        parser.error("every count must be at least 1")
 
     os.environ.update(
         {
@@ -384,10 +386,15 @@ def main(argv: list[str] | None = None) -> None:
                     (LLM_RESULTS.name, RUNNER_LLM_RESULTS.durable),
                     (LLM_REQUESTS.name, inference_consumer("scripted").durable),
                 ),
-                {"runner": runner_pid, "worker": worker_pid, "nats-server": server_pid},
+                {"runner": runner_pid, "worker": worker_pid, "nats-server": server_pid, "driver": os.getpid()},
             )
             with floor_processes(suite.nats_url, args.concurrency, args.batch) as floor_pids:
-                floor = System("floor", FLOOR_PREFIX, FLOOR_CONSUMERS, {**floor_pids, "nats-server": server_pid})
+                floor = System(
+                    "floor",
+                    FLOOR_PREFIX,
+                    FLOOR_CONSUMERS,
+                    {**floor_pids, "nats-server": server_pid, "driver": os.getpid()},
+                )
                 asyncio.run(measure(suite.nats_url, [agentbus, floor], args, results, run_id))
         finally:
             suite.stop()

@@ -29,6 +29,7 @@ import contextlib
 import json
 import re
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -45,7 +46,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 PREFIX = "benchfloor"
@@ -64,7 +65,11 @@ TRACEPARENT = "traceparent"
 PUBLISH_TIMEOUT = 5.0
 _TOOL_CALL = re.compile(r"\b\w+\(")
 
+MAX_CONFLICT_RETRIES = 20
+
 Handler = Callable[[Msg], Coroutine[Any, Any, None]]
+Decision = tuple[dict[str, Any], list[dict[str, str]]]
+Decide = Callable[[dict[str, Any] | None], Decision | None]
 
 
 def _dumps(value: Any) -> bytes:
@@ -129,6 +134,15 @@ async def setup(url: str) -> None:
 # --- the pull loop (what agentbus's ConsumerRunner does, minus metrics/logging/heartbeats) ---------
 
 
+async def _guarded(handler: Handler, msg: Msg) -> None:
+    try:
+        await handler(msg)
+    except Exception as exc:
+        print(f"floor: handler failed on {msg.subject}: {exc!r}", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=1.0)
+
+
 async def pull_loop(sub: JetStreamContext.PullSubscription, handler: Handler, concurrency: int, batch: int) -> None:
     in_flight: set[asyncio.Task[None]] = set()
     slot_freed = asyncio.Event()
@@ -148,7 +162,7 @@ async def pull_loop(sub: JetStreamContext.PullSubscription, handler: Handler, co
         except (nats.errors.TimeoutError, TimeoutError):
             continue
         for msg in msgs:
-            task = asyncio.create_task(handler(msg))
+            task = asyncio.create_task(_guarded(handler, msg))
             in_flight.add(task)
             task.add_done_callback(release)
 
@@ -157,7 +171,13 @@ async def pull_loop(sub: JetStreamContext.PullSubscription, handler: Handler, co
 
 
 class FloorRunner:
-    """Run state in KV with an outbox, written compare-and-set, exactly as many writes as agentbus."""
+    """Run state in KV with an outbox, written compare-and-set: the same reads and writes as agentbus.
+
+    Like agentbus's `_transact`: read the record; re-publish a leftover outbox (deduplicated by the
+    server); decide; store state + outbox (retry from the read on a revision conflict); publish the
+    outbox; store the record again with the outbox cleared (a conflict there means a newer transition
+    was stored, which is fine); then the caller acks.
+    """
 
     def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
         self._js = js
@@ -172,7 +192,40 @@ class FloorRunner:
                 timeout=PUBLISH_TIMEOUT,
             )
 
-    def _event(self, state: dict[str, Any], kind: str, **fields: Any) -> dict[str, str]:
+    async def _clear_outbox(self, task_id: str, state: dict[str, Any], revision: int) -> None:
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await self._kv.update(task_id, _dumps({"state": state, "outbox": []}), last=revision)
+
+    async def _transact(self, task_id: str, decide: Decide) -> None:
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                entry = await self._kv.get(task_id)
+            except KeyNotFoundError:
+                record, revision = None, 0
+            else:
+                record, revision = json.loads(entry.value or b"null"), entry.revision or 0
+            if record is not None and record["outbox"]:
+                await self._publish(record["outbox"], record["state"]["traceparent"])
+            decision = decide(record["state"] if record is not None else None)
+            if decision is None:
+                if record is not None and record["outbox"]:
+                    await self._clear_outbox(task_id, record["state"], revision)
+                return
+            state, outbox = decision
+            try:
+                if record is None:
+                    revision = await self._kv.create(task_id, _dumps({"state": state, "outbox": outbox}))
+                else:
+                    revision = await self._kv.update(task_id, _dumps({"state": state, "outbox": outbox}), last=revision)
+            except KeyWrongLastSequenceError:
+                continue
+            await self._publish(outbox, state["traceparent"])
+            await self._clear_outbox(task_id, state, revision)
+            return
+        raise RuntimeError(f"run {task_id} kept changing")
+
+    @staticmethod
+    def _event(state: dict[str, Any], kind: str, **fields: Any) -> dict[str, str]:
         seq = state["next_seq"]
         state["next_seq"] = seq + 1
         task_id = state["task_id"]
@@ -184,7 +237,8 @@ class FloorRunner:
             "payload": json.dumps(payload, separators=(",", ":")),
         }
 
-    def _request(self, state: dict[str, Any]) -> dict[str, str]:
+    @staticmethod
+    def _request(state: dict[str, Any]) -> dict[str, str]:
         step = state["step"] + 1
         state["step"] = step
         request_id = f"{state['task_id']}.step-{step}"
@@ -205,59 +259,48 @@ class FloorRunner:
             "payload": json.dumps(payload, separators=(",", ":")),
         }
 
-    async def _commit(self, task_id: str, state: dict[str, Any], outbox: list[dict[str, str]], last: int) -> None:
-        record = {"state": state, "outbox": outbox}
-        if last == 0:
-            revision = await self._kv.create(task_id, _dumps(record))
-        else:
-            revision = await self._kv.update(task_id, _dumps(record), last=last)
-        await self._publish(outbox, state["traceparent"])
-        await self._kv.update(task_id, _dumps({"state": state, "outbox": []}), last=revision)
-
     async def on_submit(self, msg: Msg) -> None:
         submission = json.loads(msg.data)
-        task_id: str = submission["task_id"]
-        try:
-            await self._kv.get(task_id)
-        except KeyNotFoundError:
-            pass
-        else:
-            await msg.ack()  # a repeated submission starts nothing
-            return
-        user_input: str = submission["input"]
-        state: dict[str, Any] = {
-            "task_id": task_id,
-            "tenant": submission["tenant"],
-            "agent": submission["agent"],
-            "input": user_input,
-            "steps": 1 + len(_TOOL_CALL.findall(user_input)),
-            "step": 0,
-            "next_seq": 1,
-            "awaiting": None,
-            "status": "running",
-            "traceparent": (msg.headers or {}).get(TRACEPARENT, "00-" + "1" * 32 + "-" + "2" * 16 + "-01"),
-        }
-        outbox = [self._event(state, "accepted", agent=state["agent"], model=MODEL), self._request(state)]
-        await self._commit(task_id, state, outbox, 0)
+        traceparent = (msg.headers or {}).get(TRACEPARENT, "00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+
+        def decide(current: dict[str, Any] | None) -> Decision | None:
+            if current is not None:
+                return None  # a repeated submission starts nothing
+            user_input: str = submission["input"]
+            state: dict[str, Any] = {
+                "task_id": submission["task_id"],
+                "tenant": submission["tenant"],
+                "agent": submission["agent"],
+                "input": user_input,
+                "steps": 1 + len(_TOOL_CALL.findall(user_input)),
+                "step": 0,
+                "next_seq": 1,
+                "awaiting": None,
+                "status": "running",
+                "traceparent": traceparent,
+            }
+            return state, [self._event(state, "accepted", agent=state["agent"], model=MODEL), self._request(state)]
+
+        await self._transact(submission["task_id"], decide)
         await msg.ack()
 
     async def on_result(self, msg: Msg) -> None:
         result = json.loads(msg.data)
-        task_id: str = result["task_id"]
-        entry = await self._kv.get(task_id)
-        assert entry.value is not None
-        state: dict[str, Any] = json.loads(entry.value)["state"]
-        if state["status"] != "running" or state["awaiting"] != result["request_id"]:
-            await msg.ack()  # stale or repeated result
-            return
-        outbox = [self._event(state, "step", step=result["step"], finish_reason=result["finish_reason"])]
-        if result["finish_reason"] == "tool_calls":
-            outbox.append(self._request(state))
-        else:
-            state["status"] = "completed"
-            state["awaiting"] = None
-            outbox.append(self._event(state, "completed", output=result["content"], steps=state["step"]))
-        await self._commit(task_id, state, outbox, entry.revision or 0)
+
+        def decide(current: dict[str, Any] | None) -> Decision | None:
+            if current is None or current["status"] != "running" or current["awaiting"] != result["request_id"]:
+                return None  # unknown run, stale or repeated result
+            state = dict(current)
+            outbox = [self._event(state, "step", step=result["step"], finish_reason=result["finish_reason"])]
+            if result["finish_reason"] == "tool_calls":
+                outbox.append(self._request(state))
+            else:
+                state["status"] = "completed"
+                state["awaiting"] = None
+                outbox.append(self._event(state, "completed", output=result["content"], steps=state["step"]))
+            return state, outbox
+
+        await self._transact(result["task_id"], decide)
         await msg.ack()
 
 
