@@ -1,7 +1,7 @@
 """Submit a task and follow its events with plain nats-py: no agentbus import, only the wire contract.
 
-    uv run agentbus up            # in one terminal
-    uv run python examples/plain_nats_client.py nats://127.0.0.1:4222
+uv run agentbus up            # in one terminal
+uv run python examples/plain_nats_client.py nats://127.0.0.1:4222
 """
 
 import asyncio

@@ -12,13 +12,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from deploy.keda import rendered_scaled_objects, scaled_object_replicas
-
 from agentbus.contracts import registry
 from agentbus.contracts.llm import ChatMessage, LlmRequest
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
 from agentbus.testing import running_nats_server
+from deploy.keda import rendered_scaled_objects, scaled_object_replicas
 
 AGENTBUS = str(Path(sys.executable).parent / "agentbus")
 BACKLOG = 77

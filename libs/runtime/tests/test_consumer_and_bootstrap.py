@@ -183,3 +183,24 @@ async def test_health_endpoints_answer_liveness_readiness_and_metrics() -> None:
         assert (await asyncio.to_thread(get, "/nope"))[0] == 404
     finally:
         await server.stop()
+
+
+async def test_a_handler_slower_than_ack_wait_is_kept_in_progress_not_redelivered(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    spec = replace(await _consumer_on_fresh_stream(nats_client), ack_wait_seconds=1.0)
+    await nats_client.jetstream().add_consumer(spec.stream, consumer_config(spec))
+    deliveries: list[int] = []
+    done = asyncio.Event()
+
+    async def slow(delivery: Delivery) -> None:
+        deliveries.append(delivery.deliveries)
+        await asyncio.sleep(2.5)  # two and a half ack_waits
+        done.set()
+
+    metrics = ConsumerMetrics(CollectorRegistry())
+    runner = ConsumerRunner(nats_client.jetstream(), spec, slow, ack_policy=AckPolicy.ACK, metrics=metrics)
+    await nats_client.jetstream().publish(f"{spec.stream}.x", b"long job")
+    await _run_until(runner, done)
+    await asyncio.sleep(1.5)
+    assert deliveries == [1]

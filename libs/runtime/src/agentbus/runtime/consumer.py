@@ -89,6 +89,8 @@ class ConsumerRunner:
         self._batch = batch
         self._fetch_timeout = fetch_timeout
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._handling_since: dict[int, tuple[Msg, float]] = {}
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -111,6 +113,7 @@ class ConsumerRunner:
         """Bind to the durable consumer (created by the bootstrap, never here) and start pulling."""
         self._sub = await self._js.pull_subscribe_bind(durable=self._spec.durable, stream=self._spec.stream)
         self._loop_task = asyncio.create_task(self._pull_loop(), name=f"pull:{self._spec.durable}")
+        self._heartbeat_task = asyncio.create_task(self._keep_in_progress(), name=f"wip:{self._spec.durable}")
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop pulling, let in-flight messages finish for up to `drain_timeout`, then unbind.
@@ -129,6 +132,10 @@ class ConsumerRunner:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -176,8 +183,8 @@ class ConsumerRunner:
             consumer=self._spec.durable,
             trace_id=delivery.trace.trace_id if delivery.trace else None,
         )
-        heartbeat = asyncio.create_task(self._keep_in_progress(msg))
         started = time.perf_counter()
+        self._handling_since[id(msg)] = (msg, started)
         try:
             await self._handler(delivery)
         except TerminalError as exc:
@@ -194,16 +201,20 @@ class ConsumerRunner:
                 await msg.ack()
             self._metrics.handled.labels(self._spec.durable, "acked").inc()
         finally:
-            heartbeat.cancel()
+            del self._handling_since[id(msg)]
             self._metrics.handler_seconds.labels(self._spec.durable).observe(time.perf_counter() - started)
 
-    async def _keep_in_progress(self, msg: Msg) -> None:
-        # A long handler (an LLM generation) must not be redelivered while it still works on the message.
+    async def _keep_in_progress(self) -> None:
+        # A long handler (an LLM generation) must not be redelivered while it still works on its message.
+        # One loop per consumer, not a timer per message: most handlers finish long before it looks.
         interval = max(self._spec.ack_wait_seconds / 3, 0.5)
-        with contextlib.suppress(Exception):
-            while True:
-                await asyncio.sleep(interval)
-                await msg.in_progress()
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = time.perf_counter()
+            for msg, since in list(self._handling_since.values()):
+                if now - since >= interval:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
 
     async def _retry_or_give_up(self, msg: Msg, delivery: Delivery, exc: Exception, delay: float | None) -> None:
         if delivery.deliveries >= self._spec.max_deliver:

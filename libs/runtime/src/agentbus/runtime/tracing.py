@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import random
 import re
-import secrets
 from dataclasses import dataclass
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def _hex_id(bits: int) -> str:
+    # Trace and span ids need uniqueness, not secrecy: a PRNG, as OpenTelemetry's SDK uses, and no syscall.
+    return f"{random.getrandbits(bits):0{bits // 4}x}"
 
 
 @dataclass(frozen=True)
@@ -24,17 +29,17 @@ class TraceContext:
 
     def child(self) -> TraceContext:
         """A new span in the same trace, whose parent is this one."""
-        return TraceContext(self.trace_id, secrets.token_hex(8), self.flags)
+        return TraceContext(self.trace_id, _hex_id(64), self.flags)
 
     @staticmethod
     def in_trace(trace_id: str) -> TraceContext:
         """A new span of an existing trace."""
-        return TraceContext(trace_id, secrets.token_hex(8))
+        return TraceContext(trace_id, _hex_id(64))
 
     @staticmethod
     def new() -> TraceContext:
         """The root of a new trace."""
-        return TraceContext(secrets.token_hex(16), secrets.token_hex(8))
+        return TraceContext(_hex_id(128), _hex_id(64))
 
     @staticmethod
     def parse(header: str | None) -> TraceContext | None:

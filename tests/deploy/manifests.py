@@ -1,0 +1,288 @@
+"""Rendering and reading the Kustomize tree: the shared helpers of the deploy checks.
+
+Everything here is read-only: kustomize renders offline (`kubectl kustomize`), nothing talks to a cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+from agentbus.agent_runner.settings import RunnerSettings
+from agentbus.contracts.registry import Service
+from agentbus.inference_worker.settings import WorkerSettings
+from agentbus.runtime.settings import ServiceSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = REPO_ROOT / "deploy"
+KUSTOMIZE = DEPLOY / "kustomize"
+OVERLAYS_DIR = KUSTOMIZE / "overlays"
+BASE_DIR = KUSTOMIZE / "base"
+COMPONENTS_DIR = KUSTOMIZE / "components"
+GPU_COMPONENT_DIR = COMPONENTS_DIR / "gpu"
+KARPENTER_DIR = GPU_COMPONENT_DIR / "karpenter"
+KEDA_SCHEMA = DEPLOY / "schemas" / "keda-scaledobject.json"
+DEPLOY_README = DEPLOY / "README.md"
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+DOCKER_DIR = REPO_ROOT / "docker"
+AGENTS_DIR = REPO_ROOT / "agents"
+
+OVERLAYS: tuple[str, ...] = ("dev", "staging", "prod")
+"""Every overlay, in promotion order. A test checks this list matches the folders."""
+
+COMPONENTS_RENDERED_APART: frozenset[str] = frozenset({"gpu"})
+"""Components no overlay includes, each rendered and checked by tests of its own (gpu: test_deploy_gpu.py,
+until an engine that uses a GPU exists)."""
+
+KUBERNETES_VERSION = "1.33"
+"""The API version manifests are validated against (strict: unknown fields are errors)."""
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+CUSTOM_KINDS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("keda.sh/v1alpha1", "ScaledObject"),
+        ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PodMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
+        ("karpenter.sh/v1", "NodePool"),
+        ("karpenter.k8s.aws/v1", "EC2NodeClass"),
+    }
+)
+"""Kinds from CRDs the deployment may use. Anything else not built into Kubernetes is a mistake."""
+
+Manifest = dict[str, Any]
+
+SERVICE_COMPONENT = "service"
+NAME_LABEL = "app.kubernetes.io/name"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MODEL_LABEL = "agentbus.dev/model"
+NATS_SECRET = "agentbus-nats-credentials"
+NATS_SERVICE = "nats"
+
+SETTINGS: dict[str, type[ServiceSettings]] = {
+    Service.AGENT_RUNNER: RunnerSettings,
+    Service.INFERENCE_WORKER: WorkerSettings,
+}
+"""Each service's settings class, whose env prefix and fields the manifests must use."""
+
+
+def kubectl() -> str:
+    """The kubectl binary, or a skip; in CI (CI=true) a missing kubectl fails instead of skipping."""
+    path = shutil.which("kubectl")
+    if path is None:
+        message = "kubectl not found on PATH: the Kustomize overlays cannot be rendered (kubectl kustomize)"
+        if os.environ.get("CI", "").lower() in {"true", "1", "yes"}:
+            pytest.fail(f"{message}. CI must install kubectl (>= 1.27, kustomize v5).", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@functools.cache
+def _render(directory: Path) -> tuple[Manifest, ...]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if result.returncode != 0:
+        pytest.fail(f"kubectl kustomize {directory} failed:\n{result.stderr}", pytrace=False)
+    if "deprecated" in result.stderr.lower():
+        pytest.fail(f"kubectl kustomize {directory} uses deprecated fields:\n{result.stderr}", pytrace=False)
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def render(directory: Path) -> list[Manifest]:
+    """Every object `kubectl kustomize directory` renders (cached per directory for the session)."""
+    return list(_render(directory.resolve()))
+
+
+def overlay_dir(overlay: str) -> Path:
+    """An overlay's folder, from its name (dev, staging, prod) or a path."""
+    named = OVERLAYS_DIR / overlay
+    return named if named.is_dir() else Path(overlay)
+
+
+def render_overlay(overlay: str) -> list[Manifest]:
+    return render(overlay_dir(overlay))
+
+
+def of_kind(manifests: Iterable[Manifest], kind: str) -> list[Manifest]:
+    return [m for m in manifests if m["kind"] == kind]
+
+
+def named(manifests: Iterable[Manifest], kind: str, name: str) -> Manifest:
+    for manifest in manifests:
+        if manifest["kind"] == kind and manifest["metadata"]["name"] == name:
+            return manifest
+    raise KeyError(f"{kind}/{name} is not rendered")
+
+
+def name_of(manifest: Manifest) -> str:
+    name: str = manifest["metadata"]["name"]
+    return name
+
+
+def labels_of(manifest: Manifest) -> dict[str, str]:
+    labels: dict[str, str] = manifest["metadata"].get("labels", {})
+    return labels
+
+
+def pod_spec(workload: Manifest) -> dict[str, Any]:
+    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def pod_labels(workload: Manifest) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"].get("labels", {})
+    return labels
+
+
+def containers(workload: Manifest) -> list[dict[str, Any]]:
+    spec = pod_spec(workload)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def workloads(manifests: Iterable[Manifest]) -> list[Manifest]:
+    """Deployments, StatefulSets and Jobs."""
+    return [m for m in manifests if m["kind"] in {"Deployment", "StatefulSet", "Job"}]
+
+
+def service_deployments(manifests: Iterable[Manifest]) -> list[Manifest]:
+    """The Deployments of agentbus services (not infrastructure)."""
+    return [m for m in of_kind(manifests, "Deployment") if pod_labels(m).get(COMPONENT_LABEL) == SERVICE_COMPONENT]
+
+
+def service_name(deployment: Manifest) -> str:
+    """The registry service a Deployment runs (its app.kubernetes.io/name label)."""
+    return pod_labels(deployment)[NAME_LABEL]
+
+
+def container_env(container: Mapping[str, Any], manifests: Iterable[Manifest]) -> dict[str, str]:
+    """A container's literal environment: its ConfigMaps (envFrom) overlaid by its literal `env` values.
+
+    Values from Secrets or field references are unknown offline and left out.
+    """
+    configmaps = {name_of(m): m.get("data", {}) for m in of_kind(manifests, "ConfigMap")}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef")
+        if ref is not None:
+            env.update(configmaps[ref["name"]])
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+        else:
+            env.pop(var["name"], None)
+    return env
+
+
+def main_container(workload: Manifest) -> dict[str, Any]:
+    """The container named `service` (agentbus services), else the first."""
+    candidates = pod_spec(workload)["containers"]
+    for container in candidates:
+        if container["name"] == SERVICE_COMPONENT:
+            found: dict[str, Any] = container
+            return found
+    first: dict[str, Any] = candidates[0]
+    return first
+
+
+def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions); `{}` matches everything."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        values = expression.get("values", [])
+        present = key in labels
+        if operator == "In" and not (present and labels[key] in values):
+            return False
+        if operator == "NotIn" and present and labels[key] in values:
+            return False
+        if operator == "Exists" and not present:
+            return False
+        if operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def configmap_data(manifests: Iterable[Manifest], prefix: str) -> dict[str, str]:
+    """The data of the one ConfigMap whose (hashed) name starts with `prefix`."""
+    found = [m for m in of_kind(manifests, "ConfigMap") if name_of(m).rsplit("-", 1)[0] == prefix]
+    assert len(found) == 1, f"expected one ConfigMap generated as {prefix!r}, found {[name_of(m) for m in found]}"
+    data: dict[str, str] = found[0].get("data", {})
+    return data
+
+
+def iter_secret_refs(workload: Manifest) -> Iterator[tuple[str, str | None]]:
+    """(secret name, key or None for a whole Secret) for every Secret the pod template uses."""
+    spec = pod_spec(workload)
+    for container in containers(workload):
+        for source in container.get("envFrom", []):
+            if "secretRef" in source:
+                yield source["secretRef"]["name"], None
+        for var in container.get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if ref is not None:
+                yield ref["name"], ref["key"]
+    for volume in spec.get("volumes", []):
+        if "secret" in volume:
+            yield volume["secret"]["secretName"], None
+
+
+def unhashed(name: str, known: Iterable[str]) -> str:
+    """The generator name of a kustomize-hashed name (`agentbus-postgres-5f8h...` -> `agentbus-postgres`)."""
+    for candidate in known:
+        if name == candidate or name.rsplit("-", 1)[0] == candidate:
+            return candidate
+    return name
+
+
+def is_builtin(manifest: Manifest) -> bool:
+    """Whether the object's kind is built into Kubernetes (core, apps, *.k8s.io, ...), not from a CRD."""
+    group = manifest["apiVersion"].rpartition("/")[0]
+    return group == "" or "." not in group or group.endswith(".k8s.io")
+
+
+def validate_builtin(manifest: Manifest) -> None:
+    """Validate one built-in object against Kubernetes' OpenAPI schema (offline, strict)."""
+    kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def builtin_schema_failures(manifests: Iterable[Manifest]) -> list[str]:
+    """`Kind/name: path: message` for every built-in object that does not match the Kubernetes schema."""
+    failures = []
+    for manifest in manifests:
+        if not is_builtin(manifest):
+            continue
+        try:
+            validate_builtin(manifest)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            failures.append(f"{manifest['kind']}/{name_of(manifest)}: {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            failures.append(f"{manifest['kind']}/{name_of(manifest)}: {exc.message}")
+    return failures
+
+
+def venv_tool(name: str) -> str:
+    """A console script installed beside the running interpreter (the workspace's .venv)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.fail(f"{name} is not installed in {path.parent}: run `uv sync`", pytrace=False)
+    return str(path)
+
+
+def load_json(path: Path) -> Any:
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
