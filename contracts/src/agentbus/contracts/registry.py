@@ -29,7 +29,6 @@ class Header(StrEnum):
 
     MSG_ID = "Nats-Msg-Id"
     TRACEPARENT = "traceparent"
-    DEAD_LETTER_ERROR = "Agentbus-Error"
 
 
 class Retention(StrEnum):

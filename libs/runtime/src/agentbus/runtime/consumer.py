@@ -29,7 +29,6 @@ from nats.js import JetStreamContext
 
 _log = get_logger(__name__)
 
-UNEXPECTED_ERROR_CODE = "unhandled_exception"
 RETRIES_EXHAUSTED_CODE = "max_deliver_exceeded"
 
 
@@ -105,10 +104,6 @@ class ConsumerRunner:
         """True while the pull loop is bound to its consumer and not stopping."""
         return self._sub is not None and self._loop_task is not None and not self._loop_task.done()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     async def start(self) -> None:
         """Bind to the durable consumer (created by the bootstrap, never here) and start pulling."""
         self._sub = await self._js.pull_subscribe_bind(durable=self._spec.durable, stream=self._spec.stream)
@@ -167,6 +162,10 @@ class ConsumerRunner:
     def _release(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         self._slot_freed.set()
+        # Handler errors are handled inside _handle; what reaches here failed around it (an ack on a
+        # dropped connection): the message is redelivered after ack_wait, and the failure must be seen.
+        if not task.cancelled() and (error := task.exception()) is not None:
+            _log.error("message_handling_failed", consumer=self._spec.durable, error=repr(error))
 
     async def _handle(self, msg: Msg) -> None:
         metadata = msg.metadata

@@ -119,9 +119,6 @@ class BuiltinToolbox:
     def specs(self, names: list[str]) -> list[ToolSpec]:
         return [BUILTIN_TOOLS[name].spec for name in names]
 
-    def knows(self, name: str) -> bool:
-        return name in BUILTIN_TOOLS
-
     def execute(self, call: ToolCall, allowed: list[str]) -> str:
         if call.name not in allowed or call.name not in BUILTIN_TOOLS:
             return json.dumps({"error": f"unknown tool {call.name!r}; available: {sorted(allowed)}"})
