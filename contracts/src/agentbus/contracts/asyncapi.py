@@ -17,6 +17,7 @@ _TOKEN_DESCRIPTIONS = {
     "model": "Model routing name, [A-Za-z0-9_-]{1,64}.",
     "stream": "Name of the stream the dead message came from.",
     "consumer": "Durable consumer that gave up on it.",
+    "service": "The service that recorded the span.",
 }
 
 
@@ -43,10 +44,22 @@ def asyncapi_document() -> dict[str, Any]:
             "contentType": "application/json",
             "payload": schemas[name],
         }
-        stream = registry.stream_named(subject.stream)
+        if subject.stream is None:
+            where = "Core NATS, not stored."
+        else:
+            stream = registry.stream_named(subject.stream)
+            where = f"Stream {stream.name} ({stream.retention.value})."
+        if subject.reply is not None:
+            reply_name = subject.reply.__name__
+            messages[reply_name] = {
+                "name": reply_name,
+                "contentType": "application/json",
+                "payload": schemas[reply_name],
+            }
+            where += f" Answered with {reply_name}."
         channels[channel_id] = {
             "address": subject.pattern,
-            "description": f"{subject.description} Stream {stream.name} ({stream.retention.value}).",
+            "description": f"{subject.description} {where}",
             "parameters": {t: {"description": _TOKEN_DESCRIPTIONS.get(t, t)} for t in subject.tokens},
             "messages": {name: {"$ref": f"#/components/messages/{name}"}},
             "tags": [{"name": "public" if subject.public else "internal"}],

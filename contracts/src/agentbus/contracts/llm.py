@@ -55,6 +55,13 @@ class LlmRequest(BusMessage):
     tools: list[ToolSpec] = Field(default_factory=list)
     max_tokens: int = Field(default=1024, ge=1)
     temperature: float = Field(default=0.0, ge=0, le=2)
+    requested_model: Identifier | None = Field(
+        default=None, description="The agent's model before routing picked `model` (a deployment or a fallback)."
+    )
+    stream: bool = Field(default=False, description="Publish `token` events on the task's stream while generating.")
+    event_seq: int | None = Field(
+        default=None, ge=1, description="The task's last event seq when the step was requested; token events carry it."
+    )
 
 
 class LlmResult(BusMessage):
@@ -70,3 +77,14 @@ class LlmResult(BusMessage):
     usage: TokenUsage = Field(default_factory=TokenUsage)
     error: ErrorInfo | None = None
     latency_ms: float = Field(default=0.0, ge=0, description="Engine time for this request.")
+    queue_ms: float = Field(default=0.0, ge=0, description="Time the request waited before a worker took it.")
+    ttft_ms: float | None = Field(default=None, ge=0, description="Time to first token, when streamed.")
+    gpu_seconds: float = Field(default=0.0, ge=0, description="Accelerator time the request held, for the ledger.")
+    node_class: str | None = Field(default=None, description="Worker node class, for GPU pricing.")
+
+
+class LlmAbort(BusMessage):
+    """Stop generating a request (its task was cancelled). Best effort, on core NATS."""
+
+    request_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,160}$")
+    task_id: Identifier

@@ -12,10 +12,22 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from agentbus.contracts.approvals import ApprovalDecision, ApprovalRequested, ApprovalResolved
+from agentbus.contracts.budget import (
+    BudgetAlert,
+    BudgetReleaseRequest,
+    BudgetReserveReply,
+    BudgetReserveRequest,
+    CostReportReply,
+    CostReportRequest,
+    TaskCostReply,
+    TaskCostRequest,
+)
 from agentbus.contracts.deadletter import DeadLetter
-from agentbus.contracts.llm import LlmRequest, LlmResult
-from agentbus.contracts.rag import DocumentsIngest
+from agentbus.contracts.llm import LlmAbort, LlmRequest, LlmResult
+from agentbus.contracts.rag import DocumentsDelete, DocumentsIngest, SearchReply, SearchRequest
+from agentbus.contracts.spans import SpanRecorded
 from agentbus.contracts.tasks import TaskCancelRequested, TaskSubmitted
+from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate
 from agentbus.contracts.usage import UsageRecorded
 from pydantic import BaseModel
 
@@ -40,13 +52,18 @@ class Retention(StrEnum):
 
 @dataclass(frozen=True)
 class SubjectSpec:
-    """A subject pattern such as `agentbus.tasks.submit.{tenant}`, its payload type and its stream."""
+    """A subject pattern such as `agentbus.tasks.submit.{tenant}`, its payload type and its stream.
+
+    A subject with no stream is core NATS request/reply (`reply` is the answer's type) or a best-effort
+    notice: JetStream must not capture it, or the stream's ack would answer the request.
+    """
 
     pattern: str
     message: type[BaseModel] | None
-    stream: str
+    stream: str | None
     public: bool
     description: str
+    reply: type[BaseModel] | None = None
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -127,6 +144,10 @@ class Service(StrEnum):
 
     AGENT_RUNNER = "agent-runner"
     INFERENCE_WORKER = "inference-worker"
+    TOOL_EXECUTOR = "tool-executor"
+    RETRIEVER = "retriever"
+    COST_ACCOUNTANT = "cost-accountant"
+    TRACE_EXPORTER = "trace-exporter"
 
 
 # --- streams -------------------------------------------------------------------------------------
@@ -161,9 +182,9 @@ APPROVAL_DECISIONS = StreamSpec(
 )
 RAG_INGEST = StreamSpec(
     name="AGENTBUS_RAG_INGEST",
-    subjects=("agentbus.rag.ingest.*",),
+    subjects=("agentbus.rag.ingest.*", "agentbus.rag.delete.*"),
     retention=Retention.WORK_QUEUE,
-    description="Document batches to upsert into a tenant's knowledge base.",
+    description="Document batches to upsert into, or delete from, a tenant's knowledge base.",
     max_age_seconds=7 * 86400,
     max_msg_size=8 * 1024 * 1024,
 )
@@ -190,6 +211,40 @@ USAGE = StreamSpec(
     description="Billable usage from every service, for the cost ledger.",
     max_age_seconds=30 * 86400,
 )
+TOOL_CALLS = StreamSpec(
+    name="AGENTBUS_TOOL_CALLS",
+    subjects=("agentbus.tools.calls.*",),
+    retention=Retention.WORK_QUEUE,
+    description="Tool calls for the tool-executor.",
+    max_age_seconds=30 * 86400,
+    max_msg_size=4 * 1024 * 1024,
+)
+TOOL_UPDATES = StreamSpec(
+    name="AGENTBUS_TOOL_UPDATES",
+    subjects=("agentbus.tools.updates.*",),
+    retention=Retention.WORK_QUEUE,
+    description="Approval progress and results of tool calls, back to the agent-runner.",
+    max_age_seconds=30 * 86400,
+    max_msg_size=4 * 1024 * 1024,
+)
+BUDGET_ALERTS = StreamSpec(
+    name="AGENTBUS_BUDGET_ALERTS",
+    subjects=("agentbus.budget.alerts.*",),
+    retention=Retention.LIMITS,
+    description="Budgets that crossed their soft limit.",
+    max_age_seconds=90 * 86400,
+)
+SPANS = StreamSpec(
+    name="AGENTBUS_SPANS",
+    subjects=("agentbus.spans.*",),
+    retention=Retention.LIMITS,
+    description=(
+        "Span events for the trace-exporter. They wait here while the trace backend is down: up to 7 days or "
+        "1 GiB, whichever comes first, then the oldest are discarded."
+    ),
+    max_age_seconds=7 * 86400,
+    max_bytes=1024 * 1024 * 1024,
+)
 DEAD_LETTERS = StreamSpec(
     name="AGENTBUS_DEAD_LETTERS",
     subjects=("agentbus.deadletter.*.*",),
@@ -208,6 +263,10 @@ STREAMS: tuple[StreamSpec, ...] = (
     LLM_REQUESTS,
     LLM_RESULTS,
     USAGE,
+    TOOL_CALLS,
+    TOOL_UPDATES,
+    BUDGET_ALERTS,
+    SPANS,
     DEAD_LETTERS,
 )
 
@@ -253,6 +312,66 @@ LLM_REQUEST = SubjectSpec(
 )
 LLM_RESULT = SubjectSpec("agentbus.llm.results.{tenant}", LlmResult, LLM_RESULTS.name, False, "A generated LLM step.")
 USAGE_RECORDED = SubjectSpec("agentbus.usage.{tenant}", UsageRecorded, USAGE.name, False, "A billable usage record.")
+RAG_DELETE_DOCUMENTS = SubjectSpec(
+    "agentbus.rag.delete.{tenant}", DocumentsDelete, RAG_INGEST.name, True, "Delete documents by id."
+)
+RAG_SEARCH = SubjectSpec(
+    "agentbus.retrieval.search.{tenant}",
+    SearchRequest,
+    None,
+    False,
+    "Search a tenant's knowledge base (request/reply).",
+    reply=SearchReply,
+)
+TOOL_CALL = SubjectSpec(
+    "agentbus.tools.calls.{tenant}", ToolCallRequested, TOOL_CALLS.name, False, "A tool call to execute."
+)
+TOOL_UPDATE = SubjectSpec(
+    "agentbus.tools.updates.{tenant}",
+    ToolCallUpdate,
+    TOOL_UPDATES.name,
+    False,
+    "Approval progress or the result of a tool call.",
+)
+LLM_ABORT = SubjectSpec(
+    "agentbus.llm.abort.{model}", LlmAbort, None, False, "Stop generating a cancelled task's request (best effort)."
+)
+BUDGET_RESERVE = SubjectSpec(
+    "agentbus.budget.reserve.{tenant}",
+    BudgetReserveRequest,
+    None,
+    False,
+    "Reserve the estimated cost of a call before making it (request/reply).",
+    reply=BudgetReserveReply,
+)
+BUDGET_RELEASE = SubjectSpec(
+    "agentbus.budget.release.{tenant}",
+    BudgetReleaseRequest,
+    None,
+    False,
+    "Release a finished task's unused reservations (request/reply).",
+    reply=BudgetReserveReply,
+)
+TASK_COST = SubjectSpec(
+    "agentbus.budget.cost.{tenant}",
+    TaskCostRequest,
+    None,
+    False,
+    "The priced cost of a task's usage (request/reply).",
+    reply=TaskCostReply,
+)
+COST_REPORT = SubjectSpec(
+    "agentbus.cost.report",
+    CostReportRequest,
+    None,
+    False,
+    "A cost report grouped by tenant, task, agent, model or day (request/reply).",
+    reply=CostReportReply,
+)
+BUDGET_ALERT = SubjectSpec(
+    "agentbus.budget.alerts.{tenant}", BudgetAlert, BUDGET_ALERTS.name, True, "A budget crossed its soft limit."
+)
+SPAN = SubjectSpec("agentbus.spans.{service}", SpanRecorded, SPANS.name, False, "A finished span of some service.")
 DEAD_LETTER = SubjectSpec(
     "agentbus.deadletter.{stream}.{consumer}",
     DeadLetter,
@@ -272,6 +391,17 @@ SUBJECTS: tuple[SubjectSpec, ...] = (
     LLM_REQUEST,
     LLM_RESULT,
     USAGE_RECORDED,
+    RAG_DELETE_DOCUMENTS,
+    RAG_SEARCH,
+    TOOL_CALL,
+    TOOL_UPDATE,
+    LLM_ABORT,
+    BUDGET_RESERVE,
+    BUDGET_RELEASE,
+    TASK_COST,
+    COST_REPORT,
+    BUDGET_ALERT,
+    SPAN,
     DEAD_LETTER,
 )
 
@@ -309,6 +439,78 @@ RUNNER_LLM_RESULTS = ConsumerSpec(
     max_deliver=5,
 )
 
+RUNNER_TOOL_UPDATES = ConsumerSpec(
+    durable="agent-runner-tool-updates",
+    stream=TOOL_UPDATES.name,
+    filter_subject=TOOL_UPDATE.wildcard,
+    service=Service.AGENT_RUNNER,
+    description="Advances runs with approval progress and tool results.",
+    ack_wait_seconds=RUNNER_ACK_WAIT_SECONDS,
+    max_deliver=5,
+)
+EXECUTOR_CALLS = ConsumerSpec(
+    durable="tool-executor-calls",
+    stream=TOOL_CALLS.name,
+    filter_subject=TOOL_CALL.wildcard,
+    service=Service.TOOL_EXECUTOR,
+    description="Validates tool calls, asks for approval where policy says so, executes the rest once.",
+    ack_wait_seconds=30.0,
+    max_deliver=5,
+    max_ack_pending=256,
+)
+EXECUTOR_DECISIONS = ConsumerSpec(
+    durable="tool-executor-decisions",
+    stream=APPROVAL_DECISIONS.name,
+    filter_subject=APPROVAL_DECISION.wildcard,
+    service=Service.TOOL_EXECUTOR,
+    description="Checks approvers' decisions and executes approved calls once.",
+    ack_wait_seconds=30.0,
+    max_deliver=5,
+    max_ack_pending=256,
+)
+RETRIEVER_INGEST = ConsumerSpec(
+    durable="retriever-ingest",
+    stream=RAG_INGEST.name,
+    filter_subject=RAG_INGEST_DOCUMENTS.wildcard,
+    service=Service.RETRIEVER,
+    description="Chunks, embeds and upserts documents.",
+    ack_wait_seconds=120.0,
+    max_deliver=4,
+    max_ack_pending=16,
+)
+RETRIEVER_DELETES = ConsumerSpec(
+    durable="retriever-deletes",
+    stream=RAG_INGEST.name,
+    filter_subject=RAG_DELETE_DOCUMENTS.wildcard,
+    service=Service.RETRIEVER,
+    description="Deletes documents and their chunks.",
+    ack_wait_seconds=60.0,
+    max_deliver=4,
+    max_ack_pending=16,
+)
+ACCOUNTANT_USAGE = ConsumerSpec(
+    durable="cost-accountant-usage",
+    stream=USAGE.name,
+    filter_subject=USAGE_RECORDED.wildcard,
+    service=Service.COST_ACCOUNTANT,
+    description="Prices usage records into the ledger, once per usage id, and settles reservations.",
+    ack_wait_seconds=30.0,
+    max_deliver=5,
+    max_ack_pending=4096,
+)
+TRACE_EXPORTER_SPANS = ConsumerSpec(
+    durable="trace-exporter-spans",
+    stream=SPANS.name,
+    filter_subject=SPAN.wildcard,
+    service=Service.TRACE_EXPORTER,
+    description="Exports span events as one trace per task; stops acking while the backend is down.",
+    ack_wait_seconds=60.0,
+    # A backend outage must not exhaust deliveries: with the exporter's backoff capped at 60 s, this
+    # outlasts the stream's 7-day retention, so spans age out of SPANS before they could be dead-lettered.
+    max_deliver=20_000,
+    max_ack_pending=10_000,
+)
+
 INFERENCE_DURABLE_PREFIX = "inference-worker-"
 
 
@@ -334,6 +536,13 @@ STATIC_CONSUMERS: tuple[ConsumerSpec, ...] = (
     RUNNER_SUBMISSIONS,
     RUNNER_CANCELLATIONS,
     RUNNER_LLM_RESULTS,
+    RUNNER_TOOL_UPDATES,
+    EXECUTOR_CALLS,
+    EXECUTOR_DECISIONS,
+    RETRIEVER_INGEST,
+    RETRIEVER_DELETES,
+    ACCOUNTANT_USAGE,
+    TRACE_EXPORTER_SPANS,
 )
 
 DEFAULT_MODELS: tuple[str, ...] = ("scripted",)

@@ -19,8 +19,9 @@ def message_schemas() -> dict[str, dict[str, Any]]:
     """Schema of each message type, keyed by its name: every registry subject's type and TaskEvent."""
     schemas: dict[str, dict[str, Any]] = {}
     for subject in registry.SUBJECTS:
-        if subject.message is not None:
-            schemas[subject.message.__name__] = subject.message.model_json_schema(mode="serialization")
+        for message in (subject.message, subject.reply):
+            if message is not None:
+                schemas[message.__name__] = message.model_json_schema(mode="serialization")
     schemas["TaskEvent"] = TypeAdapter(TaskEvent).json_schema(mode="serialization")
     return dict(sorted(schemas.items()))
 

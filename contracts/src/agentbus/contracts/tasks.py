@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from agentbus.contracts.common import BusMessage, ErrorInfo, Identifier, TokenUsage, utc_now
+from agentbus.contracts.rag import RetrievedChunk
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 
@@ -34,7 +35,9 @@ class TaskCancelRequested(BusMessage):
 class _TaskEventBase(BusMessage):
     task_id: Identifier = Field(description="The task this event belongs to.")
     tenant: Identifier = Field(description="Owning tenant.")
-    seq: int = Field(ge=1, description="Position in the task's event stream: 1, 2, 3, ... with no gaps.")
+    seq: int = Field(
+        ge=1, description="Position in the task's event stream: 1, 2, 3, ... with no gaps (token events excepted)."
+    )
     at: datetime = Field(default_factory=utc_now, description="When the event happened (UTC).")
 
 
@@ -75,10 +78,16 @@ class TaskStep(_TaskEventBase):
 
 
 class TaskToken(_TaskEventBase):
-    """A chunk of generated text, streamed while a step runs."""
+    """A chunk of generated text, streamed by the inference-worker while a step runs.
+
+    Token events are published beside the runner's events, so they do not take part in the gap-free
+    numbering: `seq` repeats the seq of the last event before the step began and `chunk` counts from 1
+    within the step. The step's `step` event, which follows, carries the whole text.
+    """
 
     kind: Literal["token"] = "token"
     step: int = Field(ge=1, description="The LLM step the text belongs to.")
+    chunk: int = Field(default=1, ge=1, description="Position of this chunk within the step: 1, 2, 3, ...")
     text: str = Field(description="The chunk of text (several tokens).")
 
 
@@ -108,6 +117,9 @@ class TaskCompleted(_TaskEventBase):
     usage: TokenUsage = Field(description="Tokens of the whole run.")
     cost_usd: float = Field(ge=0, description="Cost of the whole run in US dollars.")
     steps: int = Field(ge=1, description="LLM steps the run took.")
+    citations: list[RetrievedChunk] = Field(
+        default_factory=list, description="Knowledge-base chunks the run retrieved, as sources of the output."
+    )
 
 
 class TaskFailed(_TaskEventBase):

@@ -21,4 +21,7 @@ class UsageRecorded(BusMessage):
     prompt_tokens: int = Field(default=0, ge=0)
     completion_tokens: int = Field(default=0, ge=0)
     gpu_seconds: float = Field(default=0.0, ge=0)
+    node_class: str | None = Field(default=None, description="gpu: the worker node class priced per GPU-hour.")
+    tool: str | None = Field(default=None, description="tool/retrieval: the tool, priced per call.")
+    reservation_id: str | None = Field(default=None, description="The budget reservation this settles.")
     at: datetime = Field(default_factory=utc_now)

@@ -1,0 +1,107 @@
+"""Internal budget and cost messages between the agent-runner, the services and the cost-accountant."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from agentbus.contracts.common import BusMessage, ErrorInfo, Identifier, utc_now
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BudgetReserveRequest(BusMessage):
+    """Reserve the estimated cost of one LLM or tool call before making it (request/reply).
+
+    `reservation_id` is the idempotency key: asking again for the same id returns the first verdict.
+    The usage record of the call names the same id, and settling it replaces the reservation.
+    """
+
+    reservation_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,200}$")
+    tenant: Identifier
+    task_id: Identifier
+    agent: Identifier
+    kind: Literal["llm", "tool"]
+    model: str | None = Field(default=None, description="LLM calls: the model.")
+    tool: str | None = Field(default=None, description="Tool calls: the tool.")
+    estimated_prompt_tokens: int = Field(default=0, ge=0)
+    estimated_completion_tokens: int = Field(default=0, ge=0)
+    task_budget_usd: float | None = Field(default=None, ge=0, description="The task's own cap, if any.")
+    submitted_by: Identifier | None = Field(default=None, description="End user, for per-user budgets.")
+
+
+class BudgetReserveReply(BusMessage):
+    """Allow or deny a reservation. A denial names the budget that would be exceeded."""
+
+    reservation_id: str
+    allowed: bool
+    reserved_usd: float = Field(default=0.0, ge=0)
+    budget: str | None = Field(default=None, description="Denials: e.g. 'task', 'agent:<name>', 'tenant:<id>'.")
+    limit_usd: float | None = Field(default=None, ge=0)
+    spent_usd: float | None = Field(default=None, ge=0, description="Spent and reserved in that budget.")
+    error: ErrorInfo | None = None
+
+
+class BudgetReleaseRequest(BusMessage):
+    """Give back the unused reservations of a task that ended (request/reply)."""
+
+    tenant: Identifier
+    task_id: Identifier
+
+
+class TaskCostRequest(BusMessage):
+    """The priced cost of a task's usage records (request/reply), for its terminal event."""
+
+    tenant: Identifier
+    task_id: Identifier
+    usage_ids: list[str] = Field(default_factory=list, description="Records that must be in the ledger first.")
+
+
+class TaskCostReply(BusMessage):
+    """The cost of a task so far; `missing_usage_ids` lists asked-for records not yet in the ledger."""
+
+    task_id: str
+    cost_usd: float = Field(ge=0)
+    missing_usage_ids: list[str] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+
+
+class BudgetAlert(BusMessage):
+    """A budget crossed its soft limit."""
+
+    alert_id: str = Field(min_length=1, max_length=200, description="Idempotency key of the alert.")
+    tenant: Identifier
+    budget: str
+    soft_limit_usd: float = Field(ge=0)
+    hard_limit_usd: float | None = Field(default=None, ge=0)
+    spent_usd: float = Field(ge=0)
+    at: datetime = Field(default_factory=utc_now)
+
+
+class CostReportRequest(BusMessage):
+    """Ask for a cost report (request/reply); `agentbus cost report` sends the same."""
+
+    tenant: Identifier | None = Field(default=None, description="One tenant, or all.")
+    by: Literal["task", "agent", "model", "day", "tenant"] = "tenant"
+    since: datetime | None = None
+
+
+class CostReportRow(BaseModel):
+    """One group of a cost report."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    key: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    gpu_seconds: float = 0.0
+    calls: int = 0
+    cost_usd: float = 0.0
+
+
+class CostReportReply(BusMessage):
+    """A cost report: rows by the requested key, and their total."""
+
+    by: str
+    rows: list[CostReportRow] = Field(default_factory=list)
+    total_usd: float = 0.0
+    error: ErrorInfo | None = None

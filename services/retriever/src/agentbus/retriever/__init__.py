@@ -1,0 +1,1 @@
+"""retriever: tenant-isolated hybrid search and ingestion over Milvus."""

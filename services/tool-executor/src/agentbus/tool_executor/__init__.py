@@ -1,0 +1,1 @@
+"""tool-executor: executes tool calls exactly once, behind a durable human-approval inbox."""
