@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.update(
         {
             "AGENTBUS_RUNNER_LOG_LEVEL": "WARNING",
+            # The floor has no budget hop: measure the runner's own path (bench_accountant measures budgets).
+            "AGENTBUS_RUNNER_BUDGETS_ENABLED": "false",
             "AGENTBUS_WORKER_LOG_LEVEL": "WARNING",
             "AGENTBUS_RUNNER_CONSUMER_CONCURRENCY": str(args.concurrency),
             "AGENTBUS_RUNNER_FETCH_BATCH": str(args.batch),

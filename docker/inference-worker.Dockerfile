@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
 # inference-worker, built from the repository root (the uv workspace):
 #   docker build -f docker/inference-worker.Dockerfile -t agentbus/inference-worker .
-# UV_SYNC_ARGS adds optional extras to the install; none exist yet (the GPU engines are planned).
+# UV_SYNC_ARGS adds optional extras to the install. This image runs the scripted and openai engines; the
+# vllm engine needs docker/inference-worker-gpu.Dockerfile.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 from agentbus.agent_runner.app import create_app as create_runner
 from agentbus.agent_runner.settings import RunnerSettings
@@ -11,15 +12,42 @@ from agentbus.inference_worker.app import create_app as create_worker
 from agentbus.inference_worker.settings import WorkerSettings
 from agentbus.runtime.server import NatsServerProcess
 from agentbus.runtime.service import BusService
-from helpers import AGENTS_DIR
+from agentbus.tool_executor.app import create_app as create_executor
+from agentbus.tool_executor.settings import ExecutorSettings
+from helpers import AGENTS_DIR, REPO_ROOT
 
 
 @pytest_asyncio.fixture(scope="session")
-async def suite(bootstrapped_nats: NatsServerProcess) -> AsyncIterator[list[BusService]]:
-    """agent-runner and inference-worker (scripted engine) serving the session's server."""
-    services = [
-        create_runner(RunnerSettings(nats_url=bootstrapped_nats.url, agents_dir=AGENTS_DIR, drain_timeout_seconds=2)),
+async def suite(
+    bootstrapped_nats: NatsServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[list[BusService]]:
+    """agent-runner, inference-worker (scripted engine) and tool-executor (SQLite) serving the session's server.
+
+    Budgets are off here (no cost-accountant); tests/test_budget_flow.py runs the accountant for real.
+    """
+    executor_db = tmp_path_factory.mktemp("executor") / "tool-executor.db"
+    services: list[BusService] = [
+        create_runner(
+            RunnerSettings(
+                nats_url=bootstrapped_nats.url,
+                agents_dir=AGENTS_DIR,
+                tools_dir=REPO_ROOT / "tools",
+                routing_file=REPO_ROOT / "config" / "models.yaml",
+                budgets_enabled=False,
+                drain_timeout_seconds=2,
+            )
+        ),
         create_worker(WorkerSettings(nats_url=bootstrapped_nats.url, drain_timeout_seconds=2)),
+        create_executor(
+            ExecutorSettings(
+                nats_url=bootstrapped_nats.url,
+                tools_dir=REPO_ROOT / "tools",
+                approvers_file=REPO_ROOT / "config" / "approvers.yaml",
+                database_url=f"sqlite+aiosqlite:///{executor_db}",
+                expiry_sweep_seconds=0.5,
+                drain_timeout_seconds=2,
+            )
+        ),
     ]
     for service in services:
         await service.start()

@@ -3,24 +3,95 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from agentbus.cli.suite import SUITE_SERVICES, is_runnable
 from agentbus.runtime.server import NatsServerProcess
 from agentbus.testing import running_nats_server
-from helpers import AGENTS_DIR, new_task_id
+from helpers import AGENTS_DIR, REPO_ROOT, new_task_id
 
 AGENTBUS = str(Path(sys.executable).parent / "agentbus")
+CONFIG_DIR = REPO_ROOT / "config"
+TOOLS_DIR = REPO_ROOT / "tools"
 
 
 async def _agentbus(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run, [AGENTBUS, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+    # An empty folder by default: no ./.agentbus/env left by some `agentbus up` may change what a test runs.
+    with tempfile.TemporaryDirectory() as empty:
+        return await asyncio.to_thread(
+            subprocess.run,
+            [AGENTBUS, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd or empty,
+            check=False,
+        )
+
+
+@dataclass
+class UpRun:
+    """A running `agentbus up`; once stopped, `stderr` holds everything it said."""
+
+    process: subprocess.Popen[str]
+    stderr: str = ""
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def _up(cwd: Path, *args: str) -> Iterator[UpRun]:
+    """`agentbus up` with the two agents of built-in tools, yielded once it says it is ready; SIGTERM on exit."""
+    agents = cwd / "agents"
+    agents.mkdir(exist_ok=True)
+    for name in ("echo.yaml", "assistant.yaml"):
+        shutil.copy(AGENTS_DIR / name, agents / name)
+    up = subprocess.Popen(
+        [
+            AGENTBUS,
+            "up",
+            "--agents-dir",
+            str(agents),
+            "--config-dir",
+            str(CONFIG_DIR),
+            "--tools-dir",
+            str(TOOLS_DIR),
+            *args,
+        ],
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    run = UpRun(up)
+    said: list[str] = []
+    try:
+        assert up.stderr is not None
+        while "ready; NATS at" not in (line := up.stderr.readline()):
+            assert line, "agentbus up ended before it was ready:\n" + "".join(said)
+            said.append(line)
+        yield run
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, rest = up.communicate(timeout=60)
+        run.stderr = "".join(said) + rest
+
+
+def _runnable_services() -> list[str]:
+    return [service for service, module, _ in SUITE_SERVICES if is_runnable(module)]
 
 
 @pytest.mark.usefixtures("suite")
@@ -84,22 +155,56 @@ async def test_a_cli_without_a_reachable_server_says_so(tmp_path: Path) -> None:
     assert "cannot reach NATS" in done.stderr
 
 
-def test_up_runs_the_suite_writes_env_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def test_up_enforces_identities_runs_the_suite_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     state = tmp_path / ".agentbus"
-    up = subprocess.Popen(
-        [AGENTBUS, "up", "--agents-dir", str(AGENTS_DIR), "--state-dir", str(state)],
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert up.stderr is not None
-        while "ready; NATS at" not in (line := up.stderr.readline()):
-            assert line, "agentbus up ended before it was ready"
+    with _up(tmp_path) as up:
         env_file = (state / "env").read_text()
         assert env_file.startswith("AGENTBUS_NATS_URL=nats://127.0.0.1:")
-        # Another command in the same folder finds the server through ./.agentbus/env.
+        assert f"AGENTBUS_CREDENTIALS_DIR={state / 'credentials'}" in env_file
+        credentials = sorted(p.name for p in (state / "credentials").iterdir())
+        assert {"admin.json", "approver-alice.json", "submitter-acme-app.json", "service-agent-runner.json"} <= set(
+            credentials
+        )
+        assert all(stat.S_IMODE((state / "credentials" / c).stat().st_mode) == 0o600 for c in credentials)
+        assert stat.S_IMODE((state / "nats" / "nats-server.conf").stat().st_mode) == 0o600
+        # Another command in the same folder finds the server and its credentials through ./.agentbus/env:
+        # the demo tenant's submitter submits, the operator lists approvals.
+        done = subprocess.run(
+            [AGENTBUS, "submit", "--tenant", "acme", "--agent", "echo", "--wait", "hi"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "completed" in done.stdout
+        listed = subprocess.run(
+            [AGENTBUS, "approvals", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert listed.returncode == 0, listed.stderr
+        # A tenant with no submitter in identities.yaml cannot submit.
+        stranger = subprocess.run(
+            [AGENTBUS, "submit", "--tenant", "globex", "--agent", "echo", "hi"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert stranger.returncode == 2
+        assert "tenant 'globex' has no submitter" in stranger.stderr
+    stderr = up.stderr
+    assert up.returncode == 0, stderr
+    assert "users and permissions enforced" in stderr
+    for service in _runnable_services():
+        assert f"{service} stopped (0)" in stderr
+    assert "nats-server stopped" in stderr
+
+
+def test_up_attached_to_a_server_without_auth_runs_the_suite_anonymously(tmp_path: Path) -> None:
+    with running_nats_server(tmp_path / "bare") as bare, _up(tmp_path, "--nats-url", bare.url) as up:
+        assert "AGENTBUS_CREDENTIALS_DIR" not in (tmp_path / ".agentbus" / "env").read_text()
         done = subprocess.run(
             [AGENTBUS, "submit", "--tenant", "t1", "--agent", "echo", "--wait", "hi"],
             cwd=tmp_path,
@@ -109,14 +214,8 @@ def test_up_runs_the_suite_writes_env_and_stops_cleanly_on_sigterm(tmp_path: Pat
             check=False,
         )
         assert done.returncode == 0, done.stderr
-        assert "completed" in done.stdout
-    finally:
-        up.send_signal(signal.SIGTERM)
-        _, stderr = up.communicate(timeout=60)
-    assert up.returncode == 0, stderr
-    assert "agent-runner stopped (0)" in stderr
-    assert "inference-worker stopped (0)" in stderr
-    assert "nats-server stopped" in stderr
+    assert up.returncode == 0, up.stderr
+    assert not (tmp_path / ".agentbus" / "credentials").exists()
 
 
 def test_a_service_started_before_the_bootstrap_exits_with_a_clear_message(tmp_path: Path) -> None:

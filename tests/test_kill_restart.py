@@ -21,7 +21,7 @@ from agentbus.contracts.llm import LlmRequest
 from agentbus.contracts.registry import RUNNER_ACK_WAIT_SECONDS
 from agentbus.inference_worker.app import create_app as create_worker
 from agentbus.inference_worker.engines.scripted import ScriptedEngine
-from agentbus.inference_worker.ports import Generation
+from agentbus.inference_worker.ports import Generation, TextSink
 from agentbus.inference_worker.settings import WorkerSettings
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
@@ -45,11 +45,11 @@ class GatedEngine:
     def healthy(self) -> bool:
         return True
 
-    async def generate(self, request: LlmRequest) -> Generation:
+    async def generate(self, request: LlmRequest, on_text: TextSink | None = None) -> Generation:
         self.generations[request.request_id] += 1
         if request.step in self._hold_steps:
             await self.release.wait()
-        generation = await self._engine.generate(request)
+        generation = await self._engine.generate(request, on_text)
         self.finished[request.request_id] += 1
         return generation
 
@@ -74,6 +74,7 @@ def _start_runner_process(server: NatsServerProcess, log: Path) -> subprocess.Po
         **os.environ,
         "AGENTBUS_RUNNER_NATS_URL": server.url,
         "AGENTBUS_RUNNER_AGENTS_DIR": str(AGENTS_DIR),
+        "AGENTBUS_RUNNER_BUDGETS_ENABLED": "false",
     }
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "agentbus.agent_runner"], env=env, stdout=out, stderr=out)
@@ -153,7 +154,11 @@ async def test_cancel_during_a_step_ends_the_task_and_its_late_result_is_ignored
     engine = GatedEngine(hold_steps={1})
     services = [
         create_worker(WorkerSettings(nats_url=own_server.url, drain_timeout_seconds=1), engine=engine),
-        create_runner(RunnerSettings(nats_url=own_server.url, agents_dir=AGENTS_DIR, drain_timeout_seconds=1)),
+        create_runner(
+            RunnerSettings(
+                nats_url=own_server.url, agents_dir=AGENTS_DIR, budgets_enabled=False, drain_timeout_seconds=1
+            )
+        ),
     ]
     for service in services:
         await service.start()

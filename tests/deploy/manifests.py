@@ -6,6 +6,8 @@ Everything here is read-only: kustomize renders offline (`kubectl kustomize`), n
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import json
 import os
 import shutil
@@ -18,9 +20,7 @@ from typing import Any
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
-from agentbus.agent_runner.settings import RunnerSettings
 from agentbus.contracts.registry import Service
-from agentbus.inference_worker.settings import WorkerSettings
 from agentbus.runtime.settings import ServiceSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,13 +36,15 @@ DEPLOY_README = DEPLOY / "README.md"
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKER_DIR = REPO_ROOT / "docker"
 AGENTS_DIR = REPO_ROOT / "agents"
+MODELS_DIR = KUSTOMIZE / "models"
+SPECS_DIR = BASE_DIR / "specs"
 
 OVERLAYS: tuple[str, ...] = ("dev", "staging", "prod")
 """Every overlay, in promotion order. A test checks this list matches the folders."""
 
 COMPONENTS_RENDERED_APART: frozenset[str] = frozenset({"gpu"})
 """Components no overlay includes, each rendered and checked by tests of its own (gpu: test_deploy_gpu.py,
-until an engine that uses a GPU exists)."""
+through base and through the per-model folders of models/, which overlays list when they serve a GPU model)."""
 
 KUBERNETES_VERSION = "1.33"
 """The API version manifests are validated against (strict: unknown fields are errors)."""
@@ -70,11 +72,49 @@ MODEL_LABEL = "agentbus.dev/model"
 NATS_SECRET = "agentbus-nats-credentials"
 NATS_SERVICE = "nats"
 
+NOT_AUTOSCALED_ANNOTATION = "agentbus.dev/consumers-without-trigger"
+"""On a ScaledObject, or on a Deployment that no ScaledObject scales: a JSON object {durable: reason} for the
+consumers of its service that no trigger watches. Scale-to-zero makes this dangerous: a consumer nobody
+watches never wakes its service."""
+
+
+def _settings_class(service: Service) -> type[ServiceSettings] | None:
+    """The one ServiceSettings subclass defined in `agentbus.<service>.settings`, or None without that module."""
+    module_name = f"agentbus.{service.value.replace('-', '_')}.settings"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            return None
+        raise
+    found = [
+        obj
+        for _, obj in inspect.getmembers(module, inspect.isclass)
+        if issubclass(obj, ServiceSettings) and obj is not ServiceSettings and obj.__module__ == module_name
+    ]
+    return found[0] if len(found) == 1 else None
+
+
 SETTINGS: dict[str, type[ServiceSettings]] = {
-    Service.AGENT_RUNNER: RunnerSettings,
-    Service.INFERENCE_WORKER: WorkerSettings,
+    service.value: found for service in Service if (found := _settings_class(service)) is not None
 }
-"""Each service's settings class, whose env prefix and fields the manifests must use."""
+"""Each service's settings class (found in `agentbus.<service>.settings`), whose env prefix and fields the
+manifests must use."""
+
+
+def settings_of(service: str) -> type[ServiceSettings]:
+    """A service's settings class, or a test failure that says which module is missing."""
+    found = SETTINGS.get(service)
+    if found is None:
+        module = f"agentbus.{service.replace('-', '_')}.settings"
+        pytest.fail(f"{service}: no settings class in {module} (one ServiceSettings subclass)", pytrace=False)
+    return found
+
+
+def env_prefix(service: str) -> str:
+    """The environment prefix of a service's settings (AGENTBUS_RUNNER_, ...)."""
+    prefix: str = settings_of(service).model_config["env_prefix"]
+    return prefix
 
 
 def kubectl() -> str:
@@ -113,6 +153,29 @@ def overlay_dir(overlay: str) -> Path:
 
 def render_overlay(overlay: str) -> list[Manifest]:
     return render(overlay_dir(overlay))
+
+
+def model_folders() -> list[Path]:
+    """The per-model GPU worker kustomizations under deploy/kustomize/models/."""
+    return sorted(p for p in MODELS_DIR.iterdir() if (p / "kustomization.yaml").exists())
+
+
+def scaled_by_deployment(manifests: Iterable[Manifest]) -> dict[str, Manifest]:
+    """ScaledObjects by the name of the Deployment they scale."""
+    return {so["spec"]["scaleTargetRef"]["name"]: so for so in of_kind(manifests, "ScaledObject")}
+
+
+def nats_triggers(scaled_object: Manifest) -> list[dict[str, Any]]:
+    """The nats-jetstream triggers of a ScaledObject (the others, cpu, read no consumer)."""
+    return [t for t in scaled_object["spec"]["triggers"] if t["type"] == "nats-jetstream"]
+
+
+def untriggered_consumers(annotated: Manifest) -> dict[str, str]:
+    """The {durable: reason} annotation of a ScaledObject or an unscaled Deployment."""
+    reasons: dict[str, str] = json.loads(
+        annotated["metadata"].get("annotations", {}).get(NOT_AUTOSCALED_ANNOTATION, "{}")
+    )
+    return reasons
 
 
 def of_kind(manifests: Iterable[Manifest], kind: str) -> list[Manifest]:

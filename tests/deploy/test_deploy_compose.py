@@ -4,6 +4,7 @@ what it needs is healthy and the streams exist."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tomllib
@@ -14,10 +15,13 @@ import pytest
 import yaml
 from agentbus.contracts import registry
 from agentbus.contracts.registry import Service
-from deploy.manifests import COMPOSE_FILE, DOCKER_DIR, REPO_ROOT, SETTINGS, venv_tool
+from deploy.manifests import COMPOSE_FILE, DEPLOY_README, DOCKER_DIR, REPO_ROOT, SETTINGS, settings_of, venv_tool
 
 BOOTSTRAP = "bootstrap"
-PROFILE_ONLY = {"langfuse"}
+PROFILE_ONLY = {"langfuse", "gpu"}
+IMAGE_VARIANTS = ("-gpu",)
+"""Dockerfile name suffixes of another image of the same package (docker/inference-worker-gpu.Dockerfile)."""
+COMPOSE_DEFAULT = re.compile(r"\$\{[A-Z_]+:-([^}]*)\}")
 
 
 def _compose() -> dict[str, Any]:
@@ -65,7 +69,9 @@ def test_dockerfiles_install_one_workspace_package_with_uv(dockerfile: Path) -> 
     text = dockerfile.read_text(encoding="utf-8")
     match = re.search(r"uv sync --frozen --no-dev --no-editable --package (\S+)", text)
     assert match is not None, "install with uv from the lock: uv sync --frozen --no-dev --no-editable --package"
-    assert match.group(1) == f"agentbus-{dockerfile.name.removesuffix('.Dockerfile')}"
+    image = dockerfile.name.removesuffix(".Dockerfile")
+    package = next((image.removesuffix(v) for v in IMAGE_VARIANTS if image.endswith(v)), image)
+    assert match.group(1) == f"agentbus-{package}"
     assert match.group(1) in _workspace_packages()
     for member in ("contracts", "libs", "services"):
         assert f"COPY {member} ./{member}" in text, f"the workspace member folder {member} must be in the build"
@@ -74,8 +80,13 @@ def test_dockerfiles_install_one_workspace_package_with_uv(dockerfile: Path) -> 
 
 
 def test_each_dockerfile_is_used() -> None:
+    """By compose, or (images compose does not run, like the in-process vLLM worker) by the build commands
+    of deploy/README.md."""
     built = {s["build"]["dockerfile"] for s in _services().values() if "build" in s}
-    assert built == {f"docker/{p.name}" for p in DOCKER_DIR.glob("*.Dockerfile")}
+    dockerfiles = {f"docker/{p.name}" for p in DOCKER_DIR.glob("*.Dockerfile")}
+    assert built <= dockerfiles
+    readme = DEPLOY_README.read_text(encoding="utf-8")
+    assert [d for d in sorted(dockerfiles - built) if f"docker build -f {d} " not in readme] == []
 
 
 def test_infrastructure_is_health_checked() -> None:
@@ -104,8 +115,13 @@ def test_bootstrap_applies_the_streams_once() -> None:
     assert bootstrap["command"][:2] == ["streams", "apply"]
     command = bootstrap["command"]
     models = command[command.index("--models") + 1].split(",")
-    worker_models = yaml.safe_load(_services()[Service.INFERENCE_WORKER.value]["environment"]["AGENTBUS_WORKER_MODELS"])
-    assert sorted(models) == sorted(worker_models)
+    worker_models = [
+        model
+        for service in _services().values()
+        if "AGENTBUS_WORKER_MODELS" in service.get("environment", {})
+        for model in yaml.safe_load(service["environment"]["AGENTBUS_WORKER_MODELS"])
+    ]
+    assert sorted(models) == sorted(worker_models), "one consumer for each model a worker serves, in any profile"
 
 
 def test_optional_backends_sit_behind_profiles() -> None:
@@ -114,6 +130,9 @@ def test_optional_backends_sit_behind_profiles() -> None:
     assert all(set(s.get("profiles", [])) <= PROFILE_ONLY for s in services.values())
     core = {n for n, s in services.items() if not s.get("profiles")}
     assert {"nats", "postgres", "milvus", "etcd", "minio", BOOTSTRAP, *(s.value for s in Service)} <= core
+    assert services["vllm"]["profiles"] == ["gpu"]
+    gpu = services["vllm"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
 
 def test_compose_nats_fsyncs_and_fits_the_largest_message() -> None:
@@ -126,12 +145,37 @@ def test_compose_nats_fsyncs_and_fits_the_largest_message() -> None:
     assert int(max_payload.group(1)) >= max(s.max_msg_size for s in registry.STREAMS)
 
 
-def test_service_environment_names_are_settings() -> None:
-    services = _services()
-    for service, settings in SETTINGS.items():
+def _agentbus_services() -> dict[str, tuple[str, dict[str, str | None]]]:
+    """Compose services that run an agentbus service: name -> (registry service, environment)."""
+    found = {}
+    for name, definition in _services().items():
+        dockerfile = definition.get("build", {}).get("dockerfile", "")
+        image = dockerfile.removeprefix("docker/").removesuffix(".Dockerfile")
+        if image in {s.value for s in Service}:
+            found[name] = (image, definition["environment"])
+    return found
+
+
+def test_every_settings_class_is_known() -> None:
+    assert set(SETTINGS) == {s.value for s in Service}
+
+
+def test_service_environments_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every AGENTBUS_<SERVICE>_* variable of each compose service (the gpu profile's worker too) is a field of
+    its settings, and the environment, with compose's defaults filled in, parses."""
+    services = _agentbus_services()
+    assert {service for service, _ in services.values()} == {s.value for s in Service}
+    for name, (service, environment) in services.items():
+        settings = settings_of(service)
         prefix: str = settings.model_config["env_prefix"]
-        environment: dict[str, str] = services[service]["environment"]
         fields = set(settings.model_fields)
         unknown = [k for k in environment if k.startswith(prefix) and k[len(prefix) :].lower() not in fields]
-        assert unknown == [], f"{service}: {unknown} are not settings"
+        assert unknown == [], f"{name}: {unknown} are not settings"
         assert environment[f"{prefix}HTTP_HOST"] == "0.0.0.0"
+        with monkeypatch.context() as scope:
+            for variable in [v for v in os.environ if v.startswith("AGENTBUS_")]:
+                scope.delenv(variable)
+            for variable, value in environment.items():
+                if value is not None:  # no value: passed through from the caller's environment, when set
+                    scope.setenv(variable, COMPOSE_DEFAULT.sub(lambda m: m.group(1), str(value)))
+            settings()

@@ -1,7 +1,9 @@
-"""components/gpu, which no overlay includes: the engines that would use a GPU (vLLM, OpenAI-compatible) are
-planned, not implemented. It is rendered here on top of base, from a kustomization written to a temporary
-folder, and checked as the overlays are: the inference-worker asks for a GPU and lands on the GPU pool of
-the Karpenter example, nothing else changes, and every object still matches the Kubernetes schema."""
+"""components/gpu, which no overlay includes directly: per-model folders under models/ do (an overlay lists
+such a folder to serve that model on GPUs). It is rendered here on top of base, from a kustomization written
+to a temporary folder, and checked as the overlays are: the inference-worker asks for a GPU and lands on the
+GPU pool of the Karpenter example, nothing else changes, and every object still matches the Kubernetes
+schema. Each models/<model> folder is rendered too: a GPU engine serving exactly that model, scaled on its
+own consumer within its limits, priced by a node class the price table knows."""
 
 from __future__ import annotations
 
@@ -10,19 +12,26 @@ from pathlib import Path
 
 import pytest
 import yaml
+from agentbus.contracts import registry
+from agentbus.inference_worker.settings import WorkerSettings
 from deploy.manifests import (
     BASE_DIR,
     CUSTOM_KINDS,
     GPU_COMPONENT_DIR,
     GPU_RESOURCE,
     KARPENTER_DIR,
+    MODEL_LABEL,
+    MODELS_DIR,
+    REPO_ROOT,
     Manifest,
     builtin_schema_failures,
     container_env,
     is_builtin,
     main_container,
+    model_folders,
     name_of,
     named,
+    nats_triggers,
     of_kind,
     pod_labels,
     pod_spec,
@@ -122,3 +131,66 @@ def test_base_with_gpu_matches_the_kubernetes_schema(rendered: list[Manifest]) -
     assert builtin_schema_failures(rendered) == []
     unknown = [m for m in rendered if not is_builtin(m) and (m["apiVersion"], m["kind"]) not in CUSTOM_KINDS]
     assert unknown == []
+
+
+# --- the per-model GPU worker folders of models/ (models/llama-3-8b-stable is the worked example) ---------
+
+
+@pytest.fixture(scope="module", params=[p.name for p in model_folders()])
+def model_folder(request: pytest.FixtureRequest) -> Path:
+    folder: Path = MODELS_DIR / request.param
+    return folder
+
+
+def test_there_is_a_worked_gpu_model_example() -> None:
+    assert [p.name for p in model_folders()], "models/ holds no per-model GPU worker"
+
+
+def test_a_model_folder_serves_its_model_on_a_gpu_with_a_gpu_engine(model_folder: Path) -> None:
+    model = model_folder.name
+    manifests = render(model_folder)
+    [deployment] = of_kind(manifests, "Deployment")
+    assert name_of(deployment) == f"{WORKER}-{model}"
+    assert pod_labels(deployment)[MODEL_LABEL] == model
+    container = main_container(deployment)
+    assert container["resources"]["limits"][GPU_RESOURCE] == 1
+    assert container["image"].endswith("-gpu"), "the vllm engine needs the image with vLLM installed"
+    env = container_env(container, manifests)
+    with pytest.MonkeyPatch.context() as scope:
+        for name in [n for n in os.environ if n.startswith("AGENTBUS_")]:
+            scope.delenv(name)
+        for name, value in env.items():
+            scope.setenv(name, value)
+        settings = WorkerSettings()
+    assert settings.engine != "scripted"
+    assert settings.models == [model]
+    assert settings.node_class is not None, "GPU-seconds are priced by node class"
+    assert settings.node_class in yaml.safe_load((REPO_ROOT / "config" / "prices.yaml").read_text())["node_classes"]
+
+
+def test_a_model_folder_scales_on_its_own_consumer_within_its_limits(model_folder: Path) -> None:
+    model = model_folder.name
+    manifests = render(model_folder)
+    [deployment] = of_kind(manifests, "Deployment")
+    [scaled] = of_kind(manifests, "ScaledObject")
+    consumer = registry.inference_consumer(model)
+    assert scaled["spec"]["scaleTargetRef"]["name"] == name_of(deployment)
+    [trigger] = nats_triggers(scaled)
+    assert trigger["metadata"]["consumer"] == consumer.durable
+    assert trigger["metadata"]["stream"] == consumer.stream
+    concurrency = int(container_env(main_container(deployment), manifests)["AGENTBUS_WORKER_MAX_CONCURRENCY"])
+    assert int(trigger["metadata"]["lagThreshold"]) <= concurrency
+    assert scaled["spec"]["maxReplicaCount"] * concurrency <= consumer.max_ack_pending
+    drain = float(container_env(main_container(deployment), manifests)["AGENTBUS_WORKER_DRAIN_TIMEOUT_SECONDS"])
+    pre_stop = main_container(deployment)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= drain + pre_stop + 5
+
+
+def test_a_model_folder_is_routed_and_valid(model_folder: Path) -> None:
+    """The model is a deployment of config/models.yaml (or routes to itself), and its objects validate."""
+    manifests = render(model_folder)
+    assert builtin_schema_failures(manifests) == []
+    assert [m for m in manifests if not is_builtin(m) and (m["apiVersion"], m["kind"]) not in CUSTOM_KINDS] == []
+    routing = yaml.safe_load((REPO_ROOT / "config" / "models.yaml").read_text())
+    routed = {d["model"] for entry in routing["models"].values() for d in entry.get("deployments", [])}
+    assert model_folder.name in routed, f"config/models.yaml routes no logical model to {model_folder.name}"

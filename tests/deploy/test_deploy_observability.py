@@ -15,10 +15,12 @@ from deploy.manifests import (
     REPO_ROOT,
     Manifest,
     labels_of,
+    model_folders,
     name_of,
     named,
     of_kind,
     pod_labels,
+    render,
     render_overlay,
     selector_matches,
     service_deployments,
@@ -98,6 +100,9 @@ def test_required_alerts_exist_and_explain_themselves() -> None:
         "AgentbusConsumerAckPendingStalled",
         "AgentbusBudgetExceededSpike",
         "AgentbusBudgetExceededRatio",
+        "AgentbusBudgetSoftLimitCrossed",
+        "AgentbusCostBurnHigh",
+        "AgentbusTraceExportBacklog",
     } <= names
     for rule in rules:
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
@@ -134,3 +139,19 @@ def test_scrape_configs_find_their_targets(overlay: str) -> None:
     assert [name_of(w) for w in scraped] == ["nats"]
     container_ports = {p["name"] for c in scraped[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
     assert pods["spec"]["podMetricsEndpoints"][0]["port"] in container_ports
+
+
+def test_scaling_alerts_cover_every_scaled_object() -> None:
+    """AgentbusScaledToMax and KedaScalerErrors select HPAs and ScaledObjects by a name pattern: every
+    ScaledObject of production (and of a GPU model folder) must match it."""
+    manifests = render_overlay(OVERLAY)
+    rules = {r["alert"]: r["expr"] for r in _rules(manifests) if "alert" in r}
+    hpa = re.search(r'horizontalpodautoscaler=~"keda-hpa-\(([^"]+)\)"', rules["AgentbusScaledToMax"])
+    scaler = re.search(r'scaledObject=~"([^"]+)"', rules["KedaScalerErrors"])
+    assert hpa is not None
+    assert scaler is not None
+    names = [name_of(s) for s in of_kind(manifests, "ScaledObject")]
+    names += [name_of(s) for folder in model_folders() for s in of_kind(render(folder), "ScaledObject")]
+    for name in names:
+        assert re.fullmatch(hpa.group(1), name), f"AgentbusScaledToMax misses {name}"
+        assert re.fullmatch(scaler.group(1), name), f"KedaScalerErrors misses {name}"

@@ -12,14 +12,18 @@ from typing import Any
 
 import pytest
 from agentbus.contracts import registry
+from agentbus.contracts.registry import Service
 from deploy.manifests import (
     AGENTS_DIR,
+    BASE_DIR,
     COMPONENT_LABEL,
     DEPLOY_README,
     GPU_RESOURCE,
     NAME_LABEL,
     NATS_SECRET,
     OVERLAYS,
+    REPO_ROOT,
+    SPECS_DIR,
     Manifest,
     configmap_data,
     container_env,
@@ -126,7 +130,7 @@ def test_images_are_pinned_release_tags(overlay: str) -> None:
 
 def test_dev_uses_dev_images_of_every_agentbus_component() -> None:
     images = {c["image"] for w in workloads(render_overlay("dev")) for c in containers(w)}
-    assert {"agentbus/agent-runner:dev", "agentbus/inference-worker:dev", "agentbus/cli:dev"} <= images
+    assert {f"agentbus/{s.value}:dev" for s in Service} | {"agentbus/cli:dev"} <= images
 
 
 def _secret_refs(manifests: list[Manifest]) -> dict[str, set[str]]:
@@ -166,25 +170,81 @@ def test_secrets_outside_git_are_documented(overlay: str) -> None:
             assert f"`{key}`" in readme, f"deploy/README.md must name key {key} of Secret {name}"
 
 
-def test_agent_specs_configmap_matches_the_agents_folder() -> None:
-    """Kustomize cannot read above its folder, so base/agent-runner/agents holds copies of agents/."""
-    data = configmap_data(render_overlay("dev"), "agent-specs")
-    repo = {p.name: p.read_text(encoding="utf-8") for p in sorted(AGENTS_DIR.glob("*.y*ml"))}
-    assert repo, "agents/ holds no specs"
+# ConfigMap generator -> (the files of the repository it copies, the kustomization that generates it).
+CONFIG_COPIES: dict[str, tuple[list[Path], Path]] = {
+    "agent-specs": (sorted(AGENTS_DIR.glob("*.y*ml")), BASE_DIR / "agent-runner"),
+    "tool-specs": (sorted((REPO_ROOT / "tools").glob("*.y*ml")), SPECS_DIR),
+    "model-routing": ([REPO_ROOT / "config" / "models.yaml"], SPECS_DIR),
+    "cost-config": ([REPO_ROOT / "config" / "prices.yaml", REPO_ROOT / "config" / "budgets.yaml"], SPECS_DIR),
+    "approvers": ([REPO_ROOT / "config" / "approvers.yaml"], SPECS_DIR),
+}
+
+# (Deployment, setting naming a folder or file it reads) -> the ConfigMap mounted there.
+CONFIG_MOUNTS: dict[tuple[str, str], str] = {
+    ("agent-runner", "AGENTBUS_RUNNER_AGENTS_DIR"): "agent-specs",
+    ("agent-runner", "AGENTBUS_RUNNER_TOOLS_DIR"): "tool-specs",
+    ("agent-runner", "AGENTBUS_RUNNER_ROUTING_FILE"): "model-routing",
+    ("tool-executor", "AGENTBUS_EXECUTOR_TOOLS_DIR"): "tool-specs",
+    ("tool-executor", "AGENTBUS_EXECUTOR_APPROVERS_FILE"): "approvers",
+    ("cost-accountant", "AGENTBUS_ACCOUNTANT_PRICES_FILE"): "cost-config",
+    ("cost-accountant", "AGENTBUS_ACCOUNTANT_BUDGETS_FILE"): "cost-config",
+}
+
+# (Deployment, setting naming a file it writes): the root filesystem is read-only, so it must be on a volume.
+WRITTEN_FILES: tuple[tuple[str, str], ...] = (
+    ("trace-exporter", "AGENTBUS_TRACES_JSONL_PATH"),
+    ("trace-exporter", "AGENTBUS_TRACES_LEDGER_PATH"),
+)
+
+
+@pytest.mark.parametrize("generator", sorted(CONFIG_COPIES))
+def test_config_maps_match_the_repository_files(generator: str) -> None:
+    """Kustomize cannot read above its folder, so the kustomizations hold copies of agents/, tools/ and
+    config/ files; they must not drift from the repository's."""
+    files, kustomization = CONFIG_COPIES[generator]
+    data = configmap_data(render_overlay("dev"), generator)
+    repo = {p.name: p.read_text(encoding="utf-8") for p in files if p.exists()}
     assert data == repo, (
-        "deploy/kustomize/base/agent-runner/agents/ differs from agents/: copy the files there and list "
-        "each under configMapGenerator `agent-specs` in deploy/kustomize/base/agent-runner/kustomization.yaml"
+        f"ConfigMap {generator} differs from {sorted(str(p.relative_to(REPO_ROOT)) for p in files)}: copy the "
+        f"files under {kustomization.relative_to(REPO_ROOT)} and list each under configMapGenerator `{generator}`"
     )
 
 
-def test_the_runner_reads_its_specs_from_the_mounted_configmap() -> None:
+def _mounted_volume(workload: Manifest, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (mount, volume) a path lies on: the mount whose mountPath is the path or its closest parent."""
+    container = main_container(workload)
+    mounts = [
+        m
+        for m in container["volumeMounts"]
+        if Path(path) == Path(m["mountPath"]) or Path(m["mountPath"]) in Path(path).parents
+    ]
+    assert mounts, f"{name_of(workload)}: {path} is on no volume"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+    return mount, volume
+
+
+@pytest.mark.parametrize(("deployment", "setting"), sorted(CONFIG_MOUNTS))
+def test_services_read_their_configuration_from_the_mounted_config_maps(deployment: str, setting: str) -> None:
     manifests = render_overlay("dev")
-    runner = named(manifests, "Deployment", "agent-runner")
-    container = main_container(runner)
-    agents_dir = container_env(container, manifests)["AGENTBUS_RUNNER_AGENTS_DIR"]
-    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == agents_dir)
-    volume = next(v for v in pod_spec(runner)["volumes"] if v["name"] == mount["name"])
-    assert volume["configMap"]["name"].startswith("agent-specs-")
+    workload = named(manifests, "Deployment", deployment)
+    path = container_env(main_container(workload), manifests)[setting]
+    mount, volume = _mounted_volume(workload, path)
+    generator = CONFIG_MOUNTS[(deployment, setting)]
+    assert volume["configMap"]["name"].rsplit("-", 1)[0] == generator, f"{setting} is not on ConfigMap {generator}"
+    assert mount.get("readOnly") is True
+    if setting.endswith("_FILE"):
+        assert Path(path).name in configmap_data(manifests, generator), f"{setting}: {path} is not in {generator}"
+
+
+@pytest.mark.parametrize(("deployment", "setting"), WRITTEN_FILES)
+def test_files_services_write_are_on_writable_volumes(deployment: str, setting: str) -> None:
+    manifests = render_overlay("dev")
+    workload = named(manifests, "Deployment", deployment)
+    path = container_env(main_container(workload), manifests)[setting]
+    mount, volume = _mounted_volume(workload, path)
+    assert "emptyDir" in volume or "persistentVolumeClaim" in volume, f"{setting}: {path} is not writable"
+    assert not mount.get("readOnly", False)
 
 
 @pytest.mark.parametrize("overlay", ["staging", "prod"])
@@ -203,10 +263,14 @@ def test_replicated_workloads_have_disruption_budgets_and_spread(overlay: str) -
 
 
 def test_production_has_replica_floors() -> None:
-    scaled = {name_of(s): s["spec"] for s in of_kind(render_overlay("prod"), "ScaledObject")}
+    manifests = render_overlay("prod")
+    scaled = {name_of(s): s["spec"] for s in of_kind(manifests, "ScaledObject")}
     assert scaled["agent-runner"]["minReplicaCount"] >= 2
     for name, spec in scaled.items():
         assert spec["minReplicaCount"] >= 1, f"{name} may scale to zero in production"
+    for deployment in service_deployments(manifests):
+        if name_of(deployment) not in scaled:
+            assert deployment["spec"]["replicas"] >= 1, name_of(deployment)
 
 
 def _allows(rules: list[dict[str, Any]], peer_key: str, peer_labels: dict[str, str], port: int) -> bool:
@@ -270,9 +334,8 @@ def test_network_policies_deny_by_default_and_open_the_nats_paths(overlay: str) 
 
 
 def test_no_scripted_worker_holds_a_gpu() -> None:
-    """A GPU goes only to a worker whose engine uses one; the scripted engine never does. (Every engine an
-    overlay names must parse as WorkerSettings.engine, test_deploy_registry, so while `scripted` is the
-    only engine no overlay requests a GPU; components/gpu is checked apart, test_deploy_gpu.)"""
+    """A GPU goes only to a worker whose engine uses one; the scripted engine never does. (GPU models come
+    from models/<model> folders, checked in test_deploy_gpu.)"""
     for overlay in OVERLAYS:
         manifests = render_overlay(overlay)
         for deployment in service_deployments(manifests):

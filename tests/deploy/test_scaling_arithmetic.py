@@ -18,6 +18,7 @@ from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
 from agentbus.testing import running_nats_server
 from deploy.keda import rendered_scaled_objects, scaled_object_replicas
+from deploy.manifests import nats_triggers
 
 AGENTBUS = str(Path(sys.executable).parent / "agentbus")
 BACKLOG = 77
@@ -69,9 +70,9 @@ async def test_replicas_follow_the_backlog_and_status_reports_what_keda_reads(tm
         [scaled] = [
             so
             for so in rendered_scaled_objects(overlay)
-            if any(t["metadata"]["consumer"] == consumer.durable for t in so["spec"]["triggers"])
+            if any(t["metadata"]["consumer"] == consumer.durable for t in nats_triggers(so))
         ]
-        trigger = next(t for t in scaled["spec"]["triggers"] if t["metadata"]["consumer"] == consumer.durable)
+        trigger = next(t for t in nats_triggers(scaled) if t["metadata"]["consumer"] == consumer.durable)
         threshold = int(trigger["metadata"]["lagThreshold"])
         low, high = scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]
         expected = min(high, max(low, 1, math.ceil(lag / threshold)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from agentbus.agent_runner.adapters.nats_budget_gate import UnlimitedBudgetGate
 from agentbus.agent_runner.service import RunnerMetrics, RunnerService
 from agentbus.agent_runner.specs import AgentSpec
 from agentbus.agent_runner.tools import BuiltinToolbox
@@ -14,7 +15,9 @@ SPEC = AgentSpec(name="echo", model="scripted", system_prompt="Restate.", max_st
 
 
 def _service(store: FakeRunStore, publisher: FakePublisher) -> RunnerService:
-    return RunnerService(store, publisher, {"echo": SPEC}, BuiltinToolbox(), RunnerMetrics(CollectorRegistry()))
+    return RunnerService(
+        store, publisher, {"echo": SPEC}, BuiltinToolbox(), RunnerMetrics(CollectorRegistry()), UnlimitedBudgetGate()
+    )
 
 
 def _submission(task_id: str = "t1", agent: str = "echo") -> TaskSubmitted:

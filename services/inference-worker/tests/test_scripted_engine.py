@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from agentbus.contracts.llm import ChatMessage, LlmRequest, ToolCall, ToolSpec
 from agentbus.inference_worker.engines.scripted import SCRIPTED_MODEL_NOTICE, ScriptedEngine, planned_calls
-from agentbus.inference_worker.ports import EngineError, Generation
+from agentbus.inference_worker.ports import EngineError, Generation, TextSink
 from agentbus.inference_worker.service import InferenceService, WorkerMetrics
 from agentbus.runtime.errors import RetryableError
 from prometheus_client import CollectorRegistry
@@ -73,7 +73,7 @@ class _FailingEngine:
     def healthy(self) -> bool:
         return True
 
-    async def generate(self, request: LlmRequest) -> Generation:
+    async def generate(self, request: LlmRequest, on_text: TextSink | None = None) -> Generation:
         raise EngineError("overloaded", "busy", retryable=self.retryable)
 
 
@@ -93,3 +93,15 @@ async def test_engine_errors_are_retried_until_the_final_attempt_then_reported(
     assert outcome.usage is None
     assert outcome.result.error.code == "overloaded"
     assert outcome.result.finish_reason == "error"
+
+
+def test_keyword_arguments_with_literal_values_become_the_call_arguments() -> None:
+    from agentbus.contracts.llm import ToolSpec
+    from agentbus.inference_worker.engines.scripted import planned_calls
+
+    ticket = ToolSpec(name="create_ticket", description="", parameters={"required": ["title"]})
+    text = 'please create_ticket(title="db down", priority="high", pages=2) now'
+    assert planned_calls(text, [ticket]) == [("create_ticket", {"title": "db down", "priority": "high", "pages": 2})]
+    # Not keyword arguments with literals: the text becomes the first required parameter.
+    assert planned_calls("create_ticket(a == b)", [ticket]) == [("create_ticket", {"title": "a == b"})]
+    assert planned_calls("create_ticket(x=open('f'))", [ticket]) == [("create_ticket", {"title": "x=open('f')"})]

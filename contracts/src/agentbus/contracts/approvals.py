@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
 from agentbus.contracts.common import BusMessage, HumanInput, Identifier, utc_now
 from pydantic import Field
+
+
+def arguments_sha256(arguments: Mapping[str, Any]) -> str:
+    """The SHA-256 (hex) of the canonical JSON of a call's arguments: what an approver's decision must quote.
+
+    Canonical JSON: keys sorted, separators `,` and `:` with no spaces, non-ASCII characters kept as UTF-8
+    (`json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`). Clients in other
+    languages must produce the same bytes; integers and strings round-trip exactly, so prefer them to floats.
+    """
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 class ApprovalRequested(BusMessage):

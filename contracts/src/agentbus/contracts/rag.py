@@ -52,6 +52,13 @@ class SearchRequest(BusMessage):
     top_k: int = Field(default=5, ge=1, le=MAX_TOP_K, description=f"How many chunks to return, 1 to {MAX_TOP_K}.")
     filters: list[MetadataFilter] = Field(default_factory=list, description="All must hold (AND).")
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=150,
+        description="Caller's id of this search (e.g. the tool-call id); when set, the search is billed once per id.",
+    )
+    task_id: Identifier | None = Field(default=None, description="The task searching, for usage and traces.")
 
 
 class RetrievedChunk(BaseModel):

@@ -1,29 +1,27 @@
-"""`agentbus`: run the embedded suite, submit tasks, follow their events, see queue depth."""
+"""`agentbus`: run the embedded suite, submit tasks, follow their events, decide approvals, see queue depth."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import signal
 import sys
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import nats.errors
-from agentbus.cli.config import STATE_DIR, resolve_nats_url
-from agentbus.cli.suite import Suite
+from agentbus.cli.approvals import approvals
+from agentbus.cli.config import STATE_DIR, admin_credential, run_nats, submitter_credential
+from agentbus.cli.identities import Credential, IdentityError
+from agentbus.cli.replay import replay
+from agentbus.cli.suite import DEFAULT_CONFIG_DIR, DEFAULT_TOOLS_DIR, Suite
 from agentbus.cli.tasks import describe, submit_task
-from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_EVENT
+from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_EVENT, TASK_EVENTS
 from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TaskEvent, TaskSubmitted
 from agentbus.runtime.bootstrap import apply_topology
-from agentbus.runtime.connection import connect_nats
 from nats.aio.client import Client as NatsClient
-from nats.js.api import DeliverPolicy
-
-T = TypeVar("T")
 
 EXIT_TASK_UNSUCCESSFUL = 1
 EXIT_TIMEOUT = 3
@@ -35,21 +33,6 @@ nats_url_option = click.option(
 )
 
 
-def _run(url: str | None, action: Callable[[NatsClient], Awaitable[T]]) -> T:
-    async def main() -> T:
-        resolved = resolve_nats_url(url)
-        try:
-            nc = await connect_nats(resolved, "agentbus-cli", reconnect_forever=False)
-        except (nats.errors.NoServersError, OSError) as exc:
-            raise click.ClickException(f"cannot reach NATS at {resolved}: {exc}. Is `agentbus up` running?") from exc
-        try:
-            return await action(nc)
-        finally:
-            await nc.close()
-
-    return asyncio.run(main())
-
-
 def _models(value: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",") if m.strip())
 
@@ -58,9 +41,20 @@ def _print_event(event: TaskEvent, as_json: bool) -> None:
     click.echo(event.model_dump_json() if as_json else describe(event))
 
 
+def _event_reader(tenant: str | None) -> Credential | None:
+    """A tenant's events are read as its submitter when it has one, anything else as the operator."""
+    if tenant:
+        with contextlib.suppress(click.UsageError):
+            return submitter_credential(tenant, None)[0]
+    return admin_credential()
+
+
 @click.group()
 def cli() -> None:
     """agentbus: AI agents as services on NATS JetStream."""
+
+
+cli.add_command(approvals)
 
 
 @cli.command()
@@ -68,9 +62,30 @@ def cli() -> None:
 @click.option("--agents-dir", type=click.Path(path_type=Path), default=Path("agents"), show_default=True)
 @click.option("--models", default=",".join(DEFAULT_MODELS), show_default=True, help="Models the worker serves.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=STATE_DIR, show_default=True)
-def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path) -> None:
-    """Start nats-server (JetStream under ./.agentbus/), apply streams, run every service; Ctrl-C stops all."""
-    suite = Suite(state_dir, agents_dir, nats_url=nats_url, models=_models(models))
+@click.option(
+    "--config-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_CONFIG_DIR,
+    show_default=True,
+    help="Model routing, prices, budgets, approver groups.",
+)
+@click.option("--tools-dir", type=click.Path(path_type=Path), default=DEFAULT_TOOLS_DIR, show_default=True)
+def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path, config_dir: Path, tools_dir: Path) -> None:
+    """Start nats-server (JetStream under ./.agentbus/), apply streams, run every service; Ctrl-C stops all.
+
+    The server enforces identities: every service, submitter and approver of ./.agentbus/identities.yaml
+    (a demo one is written when absent) has its own NATS user and permissions; credentials are kept in
+    ./.agentbus/credentials/ and used by the other commands. With --nats-url, nothing is enforced.
+    """
+    suite = Suite(
+        state_dir,
+        agents_dir,
+        nats_url=nats_url,
+        models=_models(models),
+        enforce_identities=True,
+        config_dir=config_dir,
+        tools_dir=tools_dir,
+    )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -84,7 +99,7 @@ def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path) -> 
                     err=True,
                 )
                 raise SystemExit(1)
-    except RuntimeError as exc:
+    except (RuntimeError, IdentityError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         suite.stop()
@@ -95,7 +110,8 @@ def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path) -> 
 @click.option("--agent", required=True)
 @click.option("--task-id", default=None, help="Default: a new random id. Resubmitting an id runs nothing new.")
 @click.option("--budget-usd", type=float, default=None)
-@click.option("--submitted-by", default=None)
+@click.option("--submitted-by", default=None, help="Default: the submitter connecting.")
+@click.option("--as", "submitter", default=None, help="Submit as this submitter of the tenant. Default: its first.")
 @click.option("--wait/--no-wait", default=False, help="Print events live until the task ends.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait with --wait.")
 @click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
@@ -107,6 +123,7 @@ def submit(
     task_id: str | None,
     budget_usd: float | None,
     submitted_by: str | None,
+    submitter: str | None,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -114,6 +131,7 @@ def submit(
     task_input: str,
 ) -> None:
     """Submit TASK_INPUT to an agent. With --wait, exit 0 only when the task completes."""
+    credential, submitter = submitter_credential(tenant, submitter)
     try:
         submission = TaskSubmitted(
             task_id=task_id or f"task-{uuid.uuid4().hex[:16]}",
@@ -121,7 +139,7 @@ def submit(
             agent=agent,
             input=task_input,
             budget_usd=budget_usd,
-            submitted_by=submitted_by,
+            submitted_by=submitted_by or submitter,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
@@ -139,10 +157,10 @@ def submit(
         )
 
     if not wait:
-        _run(nats_url, action)
+        run_nats(nats_url, credential, action)
         click.echo(submission.task_id)
         return
-    outcome = _run(nats_url, action)
+    outcome = run_nats(nats_url, credential, action)
     if outcome is None:
         click.echo(f"timed out after {timeout}s waiting for {submission.task_id}", err=True)
         sys.exit(EXIT_TIMEOUT)
@@ -152,31 +170,31 @@ def submit(
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--tenant", default=None, help="The task's tenant; default: any.")
+@click.option("--tenant", default=None, help="The task's tenant (read as its submitter); default: any (as admin).")
 @click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
 @nats_url_option
 def events(task_id: str, tenant: str | None, as_json: bool, nats_url: str | None) -> None:
     """Replay a task's events from seq 1."""
 
     async def action(nc: NatsClient) -> int:
-        js = nc.jetstream()
         subject = TASK_EVENT.pattern.format(tenant=tenant or "*", task_id=task_id)
-        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        events = await replay(nc, TASK_EVENTS.name, subject)
         count = 0
         try:
-            while True:
+            while count < events.backlog:
                 try:
-                    msg = await sub.next_msg(timeout=2.0)
+                    msg = await events.subscription.next_msg(timeout=2.0)
                 except nats.errors.TimeoutError:
                     return count
                 _print_event(TASK_EVENT_ADAPTER.validate_json(msg.data), as_json)
                 count += 1
                 if msg.metadata.num_pending == 0:
                     return count
+            return count
         finally:
-            await sub.unsubscribe()
+            await events.close()
 
-    if _run(nats_url, action) == 0:
+    if run_nats(nats_url, _event_reader(tenant), action) == 0:
         raise click.ClickException(f"no events for task {task_id}")
 
 
@@ -203,7 +221,7 @@ def status(nats_url: str | None) -> None:
                 )
         return rows
 
-    rows = _run(nats_url, action)
+    rows = run_nats(nats_url, admin_credential(), action)
     header = f"{'STREAM':<28} {'CONSUMER':<32} {'PENDING':>8} {'ACK_PENDING':>11} {'LAG':>8} {'REDELIVERED':>11}"
     click.echo(header)
     for row in rows:
@@ -230,7 +248,7 @@ def streams_apply(models: str, replicas: int, nats_url: str | None) -> None:
         for change in await apply_topology(nc.jetstream(), _models(models), replicas):
             click.echo(f"{change.kind:<8} {change.name:<36} {change.action}")
 
-    _run(nats_url, action)
+    run_nats(nats_url, admin_credential(), action)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -15,14 +16,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from agentbus.cli.config import NATS_MONITOR_URL_VARIABLE, NATS_URL_VARIABLE, write_env_file
+from agentbus.cli.config import (
+    CREDENTIALS_DIR_VARIABLE,
+    IDENTITIES_FILE_VARIABLE,
+    NATS_MONITOR_URL_VARIABLE,
+    NATS_URL_VARIABLE,
+    write_env_file,
+)
+from agentbus.cli.identities import (
+    ADMIN_USER,
+    CREDENTIALS_DIR_NAME,
+    IDENTITIES_FILE_NAME,
+    Credential,
+    CredentialStore,
+    Identities,
+    load_or_create_identities,
+    service_user,
+)
+from agentbus.cli.permissions import nats_users
 from agentbus.contracts.registry import DEFAULT_MODELS, Service
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
-from agentbus.runtime.server import NatsServerProcess, free_port, port_is_free
+from agentbus.runtime.server import NatsServerProcess, NatsUser, free_port, port_is_free
 
 PREFERRED_NATS_PORT = 4222
 PREFERRED_MONITOR_PORT = 8222
+DEFAULT_CONFIG_DIR = Path("config")
+DEFAULT_TOOLS_DIR = Path("tools")
 
 
 @dataclass(frozen=True)
@@ -35,18 +55,77 @@ class ServiceProcessSpec:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-def implemented_services(agents_dir: Path, models: tuple[str, ...]) -> list[ServiceProcessSpec]:
-    """Every service that exists today, with the settings `up` gives it."""
+SUITE_SERVICES: tuple[tuple[Service, str, str], ...] = (
+    (Service.AGENT_RUNNER, "agentbus.agent_runner", "AGENTBUS_RUNNER_"),
+    (Service.INFERENCE_WORKER, "agentbus.inference_worker", "AGENTBUS_WORKER_"),
+    (Service.TOOL_EXECUTOR, "agentbus.tool_executor", "AGENTBUS_EXECUTOR_"),
+    (Service.RETRIEVER, "agentbus.retriever", "AGENTBUS_RETRIEVER_"),
+    (Service.COST_ACCOUNTANT, "agentbus.cost_accountant", "AGENTBUS_ACCOUNTANT_"),
+    (Service.TRACE_EXPORTER, "agentbus.trace_exporter", "AGENTBUS_TRACES_"),
+)
+"""Every service of the suite: its name, its module (run as `python -m`) and its settings' env prefix."""
+
+
+def is_runnable(module: str) -> bool:
+    """Whether `python -m module` can run: the package is installed and has a `__main__`."""
+    try:
+        return importlib.util.find_spec(f"{module}.__main__") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@dataclass(frozen=True)
+class SuitePaths:
+    """Where the suite's inputs and stores are: every path absolute, so no service depends on its cwd."""
+
+    state_dir: Path
+    agents_dir: Path
+    config_dir: Path
+    tools_dir: Path
+
+    @classmethod
+    def resolve(cls, state_dir: Path, agents_dir: Path, config_dir: Path, tools_dir: Path) -> SuitePaths:
+        return cls(state_dir.resolve(), agents_dir.resolve(), config_dir.resolve(), tools_dir.resolve())
+
+    def sqlite_url(self, name: str) -> str:
+        return f"sqlite+aiosqlite:///{self.state_dir / name}"
+
+
+def implemented_services(paths: SuitePaths, models: tuple[str, ...]) -> list[ServiceProcessSpec]:
+    """Every service of `SUITE_SERVICES` that can run here, with the settings `up` gives it: inputs from
+    the agents, config and tools folders, every store under the state directory."""
+    runnable = {service for service, module, _ in SUITE_SERVICES if is_runnable(module)}
+    config, state = paths.config_dir, paths.state_dir
+    extra_env: dict[Service, dict[str, str]] = {
+        Service.AGENT_RUNNER: {
+            "AGENTS_DIR": str(paths.agents_dir),
+            "TOOLS_DIR": str(paths.tools_dir),
+            "ROUTING_FILE": str(config / "models.yaml"),
+        },
+        Service.INFERENCE_WORKER: {"MODELS": "[" + ",".join(f'"{m}"' for m in models) + "]"},
+        Service.TOOL_EXECUTOR: {
+            "TOOLS_DIR": str(paths.tools_dir),
+            "APPROVERS_FILE": str(config / "approvers.yaml"),
+            "DATABASE_URL": paths.sqlite_url("tool-executor.db"),
+        },
+        Service.RETRIEVER: {"MILVUS_URI": str(state / "milvus.db")},
+        Service.COST_ACCOUNTANT: {
+            "PRICES_FILE": str(config / "prices.yaml"),
+            "BUDGETS_FILE": str(config / "budgets.yaml"),
+            "DATABASE_URL": paths.sqlite_url("cost-accountant.db"),
+        },
+        Service.TRACE_EXPORTER: {
+            "JSONL_PATH": str(state / "traces.jsonl"),
+            "LEDGER_PATH": str(state / "trace-exporter-ledger.sqlite3"),
+        },
+    }
+    if Service.COST_ACCOUNTANT not in runnable:
+        # Nobody would answer the runner's budget reservations.
+        extra_env[Service.AGENT_RUNNER]["BUDGETS_ENABLED"] = "false"
     return [
-        ServiceProcessSpec(
-            Service.AGENT_RUNNER, "agentbus.agent_runner", "AGENTBUS_RUNNER_", {"AGENTS_DIR": str(agents_dir)}
-        ),
-        ServiceProcessSpec(
-            Service.INFERENCE_WORKER,
-            "agentbus.inference_worker",
-            "AGENTBUS_WORKER_",
-            {"MODELS": "[" + ",".join(f'"{m}"' for m in models) + "]"},
-        ),
+        ServiceProcessSpec(service, module, prefix, extra_env[service])
+        for service, module, prefix in SUITE_SERVICES
+        if service in runnable
     ]
 
 
@@ -58,6 +137,16 @@ class RunningService:
     log_path: Path
 
 
+def _describe(identities: Identities) -> str:
+    return (
+        "; ".join(
+            f"tenant {tenant}: submitters {', '.join(m.submitters) or '-'}, approvers {', '.join(m.approvers) or '-'}"
+            for tenant, m in identities.tenants.items()
+        )
+        or "no tenants"
+    )
+
+
 def _ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
@@ -67,7 +156,13 @@ def _ready(port: int) -> bool:
 
 
 class Suite:
-    """The embedded suite: owns the nats-server (unless attached to one) and the service processes."""
+    """The embedded suite: owns the nats-server (unless attached to one) and the service processes.
+
+    With `enforce_identities`, the server it starts requires a user and password from every client and
+    holds each user to its permissions (see `agentbus.cli.permissions`): identities come from
+    `<state_dir>/identities.yaml` (a demo one is written when absent), passwords from
+    `<state_dir>/credentials/`. Attached to an existing server (`nats_url`), it connects anonymously.
+    """
 
     def __init__(
         self,
@@ -76,14 +171,25 @@ class Suite:
         nats_url: str | None = None,
         models: tuple[str, ...] = DEFAULT_MODELS,
         echo: IO[str] = sys.stderr,
+        enforce_identities: bool = False,
+        config_dir: Path = DEFAULT_CONFIG_DIR,
+        tools_dir: Path = DEFAULT_TOOLS_DIR,
     ) -> None:
-        self.state_dir = state_dir.resolve()
-        self.agents_dir = agents_dir.resolve()
+        self.paths = SuitePaths.resolve(state_dir, agents_dir, config_dir, tools_dir)
+        self.state_dir = self.paths.state_dir
+        self.agents_dir = self.paths.agents_dir
         self.models = models
         self._attached_url = nats_url
         self._echo = echo
+        self.enforce_identities = enforce_identities and nats_url is None
+        self.identities_path = self.state_dir / IDENTITIES_FILE_NAME
+        self.credentials = CredentialStore(self.state_dir / CREDENTIALS_DIR_NAME)
         self.server: NatsServerProcess | None = None
         self.services: list[RunningService] = []
+
+    def credential(self, user: str) -> Credential | None:
+        """The credential `user` connects with: None while identities are not enforced."""
+        return self.credentials.ensure(user) if self.enforce_identities else None
 
     @property
     def nats_url(self) -> str:
@@ -100,6 +206,14 @@ class Suite:
         (self.state_dir / "logs").mkdir(exist_ok=True)
         env_values = {}
         if self._attached_url is None:
+            users: tuple[NatsUser, ...] = ()
+            if self.enforce_identities:
+                identities = load_or_create_identities(self.identities_path)
+                users = nats_users(identities, self.credentials, self.models)
+                env_values[CREDENTIALS_DIR_VARIABLE] = str(self.credentials.directory)
+                env_values[IDENTITIES_FILE_VARIABLE] = str(self.identities_path)
+                self._say(f"identities from {self.identities_path}: {_describe(identities)}")
+                self._say(f"credentials (mode 0600) in {self.credentials.directory}")
             port = PREFERRED_NATS_PORT if port_is_free(PREFERRED_NATS_PORT) else free_port()
             monitor = PREFERRED_MONITOR_PORT if port_is_free(PREFERRED_MONITOR_PORT) else free_port()
             self.server = NatsServerProcess(
@@ -107,16 +221,18 @@ class Suite:
                 port=port,
                 monitor_port=monitor,
                 log_file=self.state_dir / "logs" / "nats-server.log",
+                users=users,
             )
             self.server.start()
             env_values[NATS_MONITOR_URL_VARIABLE] = self.server.monitor_url
-            self._say(f"nats-server (JetStream, store {self.server.store_dir}) on {self.server.url}")
+            auth = "users and permissions enforced" if users else "no authentication"
+            self._say(f"nats-server (JetStream, store {self.server.store_dir}, {auth}) on {self.server.url}")
         env_values = {NATS_URL_VARIABLE: self.nats_url, **env_values}
         env_path = write_env_file(env_values, self.state_dir)
         self._say(f"wrote {env_path}")
         changes = asyncio.run(self._apply())
         self._say(f"streams applied ({len(changes)} streams, consumers and buckets)")
-        for spec in implemented_services(self.agents_dir, self.models):
+        for spec in implemented_services(self.paths, self.models):
             self.services.append(self._spawn(spec))
         deadline = time.monotonic() + ready_timeout
         for service in self.services:
@@ -131,7 +247,13 @@ class Suite:
             self._say(f"{service.spec.name} ready (pid {service.process.pid}, http :{service.http_port})")
 
     async def _apply(self) -> list[object]:
-        nc = await connect_nats(self.nats_url, "agentbus-up")
+        admin = self.credential(ADMIN_USER)
+        nc = await connect_nats(
+            self.nats_url,
+            "agentbus-up",
+            user=admin.user if admin else None,
+            password=admin.password if admin else None,
+        )
         try:
             return list(await apply_topology(nc.jetstream(), self.models))
         finally:
@@ -147,6 +269,10 @@ class Suite:
                 **{f"{spec.env_prefix}{k}": v for k, v in spec.extra_env.items()},
             }
         )
+        credential = self.credential(service_user(spec.name))
+        if credential is not None:
+            env[f"{spec.env_prefix}NATS_USER"] = credential.user
+            env[f"{spec.env_prefix}NATS_PASSWORD"] = credential.password
         log_path = self.state_dir / "logs" / f"{spec.name}.log"
         with open(log_path, "ab") as log:
             process = subprocess.Popen(

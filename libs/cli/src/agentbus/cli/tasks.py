@@ -6,10 +6,10 @@ import asyncio
 import json
 from collections.abc import Callable
 
-from agentbus.contracts.registry import TASK_EVENT, TASK_SUBMIT, Header
+from agentbus.cli.replay import replay
+from agentbus.contracts.registry import TASK_EVENT, TASK_EVENTS, TASK_SUBMIT, Header
 from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TERMINAL_EVENT_KINDS, TaskEvent, TaskSubmitted
 from nats.aio.client import Client as NatsClient
-from nats.js.api import DeliverPolicy
 
 
 async def submit_task(
@@ -25,7 +25,8 @@ async def submit_task(
     means no event can be missed."""
     js = nc.jetstream()
     subject = TASK_EVENT.format(tenant=submission.tenant, task_id=submission.task_id)
-    sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL) if on_event else None
+    events = await replay(nc, TASK_EVENTS.name, subject) if on_event else None
+    sub = events.subscription if events else None
     ack = await js.publish(
         TASK_SUBMIT.format(tenant=submission.tenant),
         submission.model_dump_json().encode(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,14 @@ def find_nats_server() -> Path:
     )
 
 
+def write_private_file(path: Path, text: str) -> None:
+    """Write `text` to `path` with mode 0600 (also when the file already existed with a wider mode)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(text)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -57,9 +67,63 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class NatsPermissions:
+    """What a user may publish and subscribe to (NATS subject patterns; `*` and `>` wildcards).
+
+    An empty tuple allows nothing. `allow_responses` lets the user answer requests it received (one
+    reply per request on the request's reply subject), so responders need no publish right on inboxes.
+    """
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False
+
+
+@dataclass(frozen=True)
+class NatsUser:
+    """A user of the server's one account. `permissions=None` is an unrestricted administrator."""
+
+    name: str
+    password: str
+    permissions: NatsPermissions | None = None
+
+
+def _allow_list(subjects: tuple[str, ...]) -> str:
+    # An empty allow list would mean "no restriction" to nats-server: deny everything instead.
+    if not subjects:
+        return '{deny: [">"]}'
+    return "{allow: [" + ", ".join(json.dumps(s) for s in subjects) + "]}"
+
+
+def authorization_config(users: Sequence[NatsUser]) -> str:
+    """The `authorization { users = [...] }` block of a nats-server config for `users`.
+
+    Strings are written as JSON strings, so `$JS.API...` subjects and any password are quoted verbatim.
+    """
+    lines = ["authorization {", "  users: ["]
+    for user in users:
+        entry = f"user: {json.dumps(user.name)}, password: {json.dumps(user.password)}"
+        if user.permissions is not None:
+            perms = user.permissions
+            entry += (
+                f", permissions: {{publish: {_allow_list(perms.publish)}, "
+                f"subscribe: {_allow_list(perms.subscribe)}"
+                + (", allow_responses: true" if perms.allow_responses else "")
+                + "}"
+            )
+        lines.append(f"    {{{entry}}}")
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
 @dataclass
 class NatsServerProcess:
-    """A nats-server with JetStream on a local store, configured by file (there is no --http_host flag)."""
+    """A nats-server with JetStream on a local store, configured by file (there is no --http_host flag).
+
+    With `users`, clients must authenticate and each user is held to its permissions by the server.
+    The config file then holds passwords, so it is written readable by its owner only.
+    """
 
     store_dir: Path
     port: int
@@ -67,6 +131,7 @@ class NatsServerProcess:
     host: str = "127.0.0.1"
     extra_config: str = ""
     log_file: Path | None = None
+    users: tuple[NatsUser, ...] = ()
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -94,9 +159,10 @@ class NatsServerProcess:
             f'http: "{self.host}:{self.monitor_port}"\n'
             f'jetstream {{\n  store_dir: "{jetstream_dir}"\n}}\n'
             "max_payload: 8MB\n"
+            f"{authorization_config(self.users) if self.users else ''}"
             f"{self.extra_config}"
         )
-        self.config_path.write_text(config, encoding="utf-8")
+        write_private_file(self.config_path, config)
         return self.config_path
 
     def start(self, timeout: float = 15.0) -> None:

@@ -15,6 +15,7 @@ from agentbus.runtime.http import HealthServer
 from agentbus.runtime.logging import configure_logging, get_logger
 from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.settings import ServiceSettings
+from agentbus.runtime.spans import SpanEmitter
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -23,20 +24,35 @@ from pydantic import ValidationError
 
 _log = get_logger(__name__)
 
+_SPAN_FLUSH_SECONDS = 5.0
+
 Wiring = Callable[[NatsClient, JetStreamContext, ConsumerMetrics], Awaitable[list[ConsumerRunner]]]
 """Builds a service's consumers once it is connected: its composition root supplies this."""
 
 
 class BusService:
-    """A service made of durable consumers on one NATS connection."""
+    """A service made of durable consumers on one NATS connection.
+
+    `spans`, when given, is started once connected and flushed on shutdown after the consumers drained;
+    its counters are exported with the service's metrics.
+    """
 
     def __init__(
-        self, name: str, settings: ServiceSettings, wiring: Wiring, registry: CollectorRegistry | None = None
+        self,
+        name: str,
+        settings: ServiceSettings,
+        wiring: Wiring,
+        registry: CollectorRegistry | None = None,
+        *,
+        spans: SpanEmitter | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ConsumerMetrics(self.registry)
+        self.spans = spans
+        if spans is not None:
+            spans.attach_metrics(self.registry)
         self._wiring = wiring
         self._nc: NatsClient | None = None
         self._consumers: list[ConsumerRunner] = []
@@ -59,6 +75,8 @@ class BusService:
     async def start(self) -> None:
         self._nc = await connect_service(self.settings, self.name)
         js = self._nc.jetstream()
+        if self.spans is not None:
+            await self.spans.start(js)
         try:
             self._consumers = await self._wiring(self._nc, js, self.metrics)
             for consumer in self._consumers:
@@ -74,6 +92,9 @@ class BusService:
     async def stop(self) -> None:
         """Stop pulling, finish in-flight messages within the drain timeout, then close the connection."""
         await asyncio.gather(*(c.stop(self.settings.drain_timeout_seconds) for c in self._consumers))
+        if self.spans is not None:
+            # After the consumers: the spans of the messages they drained are flushed too.
+            await self.spans.stop(timeout=min(_SPAN_FLUSH_SECONDS, self.settings.drain_timeout_seconds))
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._nc.drain()

@@ -5,8 +5,11 @@ Loaded as a pytest plugin (entry point `agentbus`). Fixtures:
 - `nats_url`: its URL;
 - `bootstrapped_nats`: the same server with every stream, consumer and KV bucket of the registry applied;
 - `nats_client`: a connection per test, closed afterwards.
+
+`running_nats_server(store_dir, users=...)` starts a server of one's own, optionally requiring
+authentication and enforcing per-user permissions; `nats_server_or_skip` does the same for a fixture.
 """
 
-from agentbus.testing.plugin import running_nats_server
+from agentbus.testing.plugin import nats_server_or_skip, running_nats_server
 
-__all__ = ["running_nats_server"]
+__all__ = ["nats_server_or_skip", "running_nats_server"]

@@ -11,19 +11,25 @@ import pytest
 import pytest_asyncio
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
-from agentbus.runtime.server import NatsServerError, NatsServerProcess, free_port
+from agentbus.runtime.server import NatsServerError, NatsServerProcess, NatsUser, free_port
 from nats.aio.client import Client as NatsClient
 
 
 @contextlib.contextmanager
-def running_nats_server(store_dir: Path, extra_config: str = "") -> Iterator[NatsServerProcess]:
-    """A nats-server with JetStream under `store_dir`, on free ports, stopped on exit."""
+def running_nats_server(
+    store_dir: Path, extra_config: str = "", users: tuple[NatsUser, ...] = ()
+) -> Iterator[NatsServerProcess]:
+    """A nats-server with JetStream under `store_dir`, on free ports, stopped on exit.
+
+    With `users`, the server requires authentication and enforces each user's permissions.
+    """
     server = NatsServerProcess(
         store_dir=store_dir,
         port=free_port(),
         monitor_port=free_port(),
         extra_config=extra_config,
         log_file=store_dir / "nats-server.log",
+        users=users,
     )
     store_dir.mkdir(parents=True, exist_ok=True)
     server.start()
@@ -33,16 +39,25 @@ def running_nats_server(store_dir: Path, extra_config: str = "") -> Iterator[Nat
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServerProcess]:
-    """One real nats-server for the test session. Under CI=true a failure to start fails, never skips."""
+@contextlib.contextmanager
+def nats_server_or_skip(
+    store_dir: Path, extra_config: str = "", users: tuple[NatsUser, ...] = ()
+) -> Iterator[NatsServerProcess]:
+    """`running_nats_server` for a fixture: when the server cannot start, skip, except under CI=true."""
     try:
-        with running_nats_server(tmp_path_factory.mktemp("nats")) as server:
+        with running_nats_server(store_dir, extra_config, users) as server:
             yield server
     except NatsServerError as exc:
         if os.environ.get("CI") == "true":
             raise
         pytest.skip(f"nats-server unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServerProcess]:
+    """One real nats-server for the test session. Under CI=true a failure to start fails, never skips."""
+    with nats_server_or_skip(tmp_path_factory.mktemp("nats")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -7,15 +7,22 @@ input twice produces nothing the second time.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from agentbus.agent_runner.specs import AgentSpec
-from agentbus.contracts.common import ErrorInfo, TokenUsage
-from agentbus.contracts.llm import ChatMessage, LlmRequest, LlmResult, ToolCall, ToolSpec
+from agentbus.contracts.budget import BudgetReserveReply
+from agentbus.contracts.common import ErrorInfo, TokenUsage, utc_now
+from agentbus.contracts.llm import ChatMessage, LlmAbort, LlmRequest, LlmResult, ToolCall, ToolSpec
+from agentbus.contracts.rag import RetrievedChunk
 from agentbus.contracts.tasks import (
     TaskAccepted,
+    TaskApprovalPending,
+    TaskApprovalResolved,
+    TaskBudgetExceeded,
     TaskCancelled,
     TaskCancelRequested,
     TaskCompleted,
@@ -26,7 +33,11 @@ from agentbus.contracts.tasks import (
     TaskSubmitted,
     ToolCallSummary,
 )
+from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate
 from pydantic import BaseModel, ConfigDict, Field
+
+MAX_FALLBACKS = 3
+"""Most fallback models one step tries after its model failed, so a cycle in routing cannot loop."""
 
 
 class RunStatus(StrEnum):
@@ -35,6 +46,7 @@ class RunStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 class ErrorCode(StrEnum):
@@ -46,6 +58,20 @@ class ErrorCode(StrEnum):
     UNKNOWN_AGENT = "unknown_agent"
     STEP_LIMIT = "step_limit_exceeded"
     LLM_ERROR = "llm_error"
+
+
+class PendingToolCall(BaseModel):
+    """A tool call of the current step: run in-process (result known at once) or waiting for the tool-executor."""
+
+    model_config = ConfigDict(frozen=True)
+
+    call_id: str
+    tool_call_id: str
+    name: str
+    remote: bool
+    approval_id: str | None = None
+    approval_resolved: bool = False
+    result: str | None = None
 
 
 class RunState(BaseModel):
@@ -67,6 +93,19 @@ class RunState(BaseModel):
     tools: list[ToolSpec] = Field(default_factory=list)
     usage: TokenUsage = Field(default_factory=TokenUsage)
     next_seq: int = Field(default=1, description="seq of the task's next public event.")
+    stream_tokens: bool = False
+    pinned_model: str | None = Field(default=None, description="A deployment the submission asked for.")
+    requested_model: str | None = Field(default=None, description="Deployment the awaited request went to.")
+    attempt_model: str | None = Field(
+        default=None, description="Model of the awaited request: the agent's or a fallback."
+    )
+    fallbacks: int = Field(default=0, description="Fallback models tried for the current step.")
+    started_at: datetime | None = None
+    step_started_at: datetime | None = None
+    pending_message: ChatMessage | None = Field(default=None, description="Assistant message whose tools run.")
+    pending_calls: list[PendingToolCall] = Field(default_factory=list)
+    citations: list[RetrievedChunk] = Field(default_factory=list)
+    llm_usage_ids: list[str] = Field(default_factory=list, description="Usage records of the generated steps.")
 
     @property
     def terminal(self) -> bool:
@@ -74,11 +113,39 @@ class RunState(BaseModel):
 
 
 class Toolbox(Protocol):
-    """The tools a run may execute in-process (pure functions only)."""
+    """The tools a run may offer: pure built-ins run in-process, the rest go to the tool-executor."""
 
     def specs(self, names: list[str]) -> list[ToolSpec]: ...
 
+    def is_local(self, name: str) -> bool: ...
+
     def execute(self, call: ToolCall, allowed: list[str]) -> str: ...
+
+
+class Router(Protocol):
+    """Picks the deployment (subject token) of a model for a request, and a model's fallback."""
+
+    def choose(self, model: str, request_id: str, pinned: str | None = None) -> str: ...
+
+    def fallback(self, model: str) -> str | None: ...
+
+    def pinned_deployment(self, metadata: Mapping[str, Any]) -> str | None: ...
+
+
+class DirectRouter:
+    """Every model is its own deployment, with no fallback."""
+
+    def choose(self, model: str, request_id: str, pinned: str | None = None) -> str:
+        return model
+
+    def fallback(self, model: str) -> str | None:
+        return None
+
+    def pinned_deployment(self, metadata: Mapping[str, Any]) -> str | None:
+        return None
+
+
+DIRECT = DirectRouter()
 
 
 @dataclass(frozen=True)
@@ -88,11 +155,19 @@ class Transition:
     state: RunState
     events: list[TaskEvent] = field(default_factory=list)
     llm_request: LlmRequest | None = None
+    tool_calls: list[ToolCallRequested] = field(default_factory=list)
+    aborts: list[LlmAbort] = field(default_factory=list)
+    abort_model: str | None = None
 
 
 def request_id(task_id: str, step: int) -> str:
     """The id of a run's n-th LLM request: deterministic, so a repeated publish is deduplicated."""
     return f"{task_id}.step-{step}"
+
+
+def call_id(task_id: str, step: int, index: int) -> str:
+    """The id of the index-th tool call of a step: the tool-executor's exactly-once key."""
+    return f"{task_id}.{step}.{index}"
 
 
 def reject(task_id: str, tenant: str, code: ErrorCode, message: str) -> Transition:
@@ -102,7 +177,7 @@ def reject(task_id: str, tenant: str, code: ErrorCode, message: str) -> Transiti
     return Transition(state, [event])
 
 
-def start(submission: TaskSubmitted, spec: AgentSpec, toolbox: Toolbox) -> Transition:
+def start(submission: TaskSubmitted, spec: AgentSpec, toolbox: Toolbox, router: Router = DIRECT) -> Transition:
     """Accept a valid submission and ask the model for the first step."""
     messages = [
         ChatMessage(role="system", content=spec.system_prompt),
@@ -120,6 +195,9 @@ def start(submission: TaskSubmitted, spec: AgentSpec, toolbox: Toolbox) -> Trans
         submitted_by=submission.submitted_by,
         messages=messages,
         tools=toolbox.specs(spec.tools),
+        stream_tokens=spec.stream_tokens,
+        pinned_model=router.pinned_deployment(submission.metadata),
+        started_at=utc_now(),
     )
     accepted = TaskAccepted(
         task_id=state.task_id,
@@ -130,32 +208,54 @@ def start(submission: TaskSubmitted, spec: AgentSpec, toolbox: Toolbox) -> Trans
         max_steps=spec.max_steps,
         budget_usd=budget,
     )
-    return _request_next_step(state.model_copy(update={"next_seq": state.next_seq + 1}), [accepted])
+    return _request_next_step(state.model_copy(update={"next_seq": state.next_seq + 1}), [accepted], router)
 
 
-def _request_next_step(state: RunState, events: list[TaskEvent]) -> Transition:
+def _request_next_step(state: RunState, events: list[TaskEvent], router: Router) -> Transition:
     step = state.step + 1
     rid = request_id(state.task_id, step)
+    deployment = router.choose(state.model, rid, state.pinned_model)
+    advanced = state.model_copy(
+        update={"step": step, "fallbacks": 0, "attempt_model": state.model, "step_started_at": utc_now()}
+    )
+    return _request(advanced, rid, deployment, events)
+
+
+def _request(state: RunState, rid: str, deployment: str, events: list[TaskEvent]) -> Transition:
     request = LlmRequest(
         request_id=rid,
         task_id=state.task_id,
         tenant=state.tenant,
         agent=state.agent,
-        model=state.model,
-        step=step,
+        model=deployment,
+        requested_model=state.model,
+        step=state.step,
         messages=state.messages,
         tools=state.tools,
+        stream=state.stream_tokens,
+        event_seq=max(state.next_seq - 1, 1),
     )
-    return Transition(state.model_copy(update={"step": step, "awaiting_request_id": rid}), events, request)
+    waiting = state.model_copy(update={"awaiting_request_id": rid, "requested_model": deployment})
+    return Transition(waiting, events, request)
 
 
-def apply_llm_result(state: RunState, result: LlmResult, toolbox: Toolbox) -> Transition | None:
+def apply_llm_result(
+    state: RunState, result: LlmResult, toolbox: Toolbox, router: Router = DIRECT
+) -> Transition | None:
     """Advance the run with a generated step; None if the result is stale, repeated or the run ended."""
     if state.terminal or result.request_id != state.awaiting_request_id:
         return None
     usage = state.usage + result.usage
     seq = state.next_seq
     if result.error is not None or result.message is None:
+        fallback = router.fallback(state.attempt_model or state.model)
+        if fallback is not None and state.fallbacks < MAX_FALLBACKS:
+            # The step is asked again of the fallback model, under its own request id (its own usage record).
+            retried = state.model_copy(
+                update={"usage": usage, "fallbacks": state.fallbacks + 1, "attempt_model": fallback}
+            )
+            rid = f"{request_id(state.task_id, state.step)}.fallback-{retried.fallbacks}"
+            return _request(retried, rid, router.choose(fallback, rid), [])
         error = result.error or ErrorInfo(code=ErrorCode.LLM_ERROR, message="the model returned no message")
         failed = TaskFailed(
             task_id=state.task_id,
@@ -167,6 +267,8 @@ def apply_llm_result(state: RunState, result: LlmResult, toolbox: Toolbox) -> Tr
         return _end(state, RunStatus.FAILED, usage, [failed])
 
     message = result.message
+    # The worker publishes a step's usage record before its result, so the ledger will have it.
+    state = state.model_copy(update={"llm_usage_ids": [*state.llm_usage_ids, f"llm:{result.request_id}"]})
     step_event = TaskStep(
         task_id=state.task_id,
         tenant=state.tenant,
@@ -185,6 +287,7 @@ def apply_llm_result(state: RunState, result: LlmResult, toolbox: Toolbox) -> Tr
             usage=usage,
             cost_usd=0.0,
             steps=state.step,
+            citations=state.citations,
         )
         return _end(state, RunStatus.COMPLETED, usage, [step_event, completed])
     if state.step >= state.max_steps:
@@ -201,22 +304,170 @@ def apply_llm_result(state: RunState, result: LlmResult, toolbox: Toolbox) -> Tr
         return _end(state, RunStatus.FAILED, usage, [step_event, failed])
 
     allowed = [tool.name for tool in state.tools]
+    calls: list[PendingToolCall] = []
+    requests: list[ToolCallRequested] = []
+    for index, call in enumerate(message.tool_calls):
+        cid = call_id(state.task_id, state.step, index)
+        if call.name in allowed and not toolbox.is_local(call.name):
+            calls.append(PendingToolCall(call_id=cid, tool_call_id=call.id, name=call.name, remote=True))
+            requests.append(
+                ToolCallRequested(
+                    call_id=cid,
+                    tool_call_id=call.id,
+                    task_id=state.task_id,
+                    tenant=state.tenant,
+                    agent=state.agent,
+                    tool=call.name,
+                    arguments=call.arguments,
+                    step=state.step,
+                    submitted_by=state.submitted_by,
+                )
+            )
+        else:
+            output = toolbox.execute(call, allowed)
+            calls.append(
+                PendingToolCall(call_id=cid, tool_call_id=call.id, name=call.name, remote=False, result=output)
+            )
+    advanced = state.model_copy(
+        update={
+            "usage": usage,
+            "next_seq": seq,
+            "awaiting_request_id": None,
+            "pending_message": message,
+            "pending_calls": calls,
+        }
+    )
+    if requests:
+        return Transition(advanced, [step_event], tool_calls=requests)
+    return _continue_after_tools(advanced, [step_event], router)
+
+
+def _continue_after_tools(state: RunState, events: list[TaskEvent], router: Router) -> Transition:
+    """Every tool call of the step has its result: give them to the model and ask for the next step."""
+    assert state.pending_message is not None
     tool_messages = [
-        ChatMessage(role="tool", content=toolbox.execute(call, allowed), tool_call_id=call.id, name=call.name)
-        for call in message.tool_calls
+        ChatMessage(role="tool", content=call.result or "", tool_call_id=call.tool_call_id, name=call.name)
+        for call in state.pending_calls
     ]
     advanced = state.model_copy(
-        update={"messages": [*state.messages, message, *tool_messages], "usage": usage, "next_seq": seq}
+        update={
+            "messages": [*state.messages, state.pending_message, *tool_messages],
+            "pending_message": None,
+            "pending_calls": [],
+        }
     )
-    return _request_next_step(advanced, [step_event])
+    return _request_next_step(advanced, events, router)
+
+
+def apply_tool_update(state: RunState, update: ToolCallUpdate, router: Router = DIRECT) -> Transition | None:
+    """Record an approval's progress or a tool's result; None if stale, repeated or the run ended.
+
+    Updates of one call may be handled out of order (they share a work queue), so each kind catches up on
+    what it implies: a resolution first announces the approval if that was missed, and a result first
+    records the resolution it carries.
+    """
+    if state.terminal:
+        return None
+    index = next((i for i, c in enumerate(state.pending_calls) if c.call_id == update.call_id and c.remote), None)
+    if index is None:
+        return None
+    call = state.pending_calls[index]
+    events: list[TaskEvent] = []
+
+    def next_seq() -> int:
+        return state.next_seq + len(events)
+
+    def announce_pending(expires_at: datetime | None) -> None:
+        assert update.approval_id is not None
+        events.append(
+            TaskApprovalPending(
+                task_id=state.task_id,
+                tenant=state.tenant,
+                seq=next_seq(),
+                approval_id=update.approval_id,
+                tool=call.name,
+                expires_at=expires_at,
+            )
+        )
+
+    if update.kind == "approval_pending":
+        if call.approval_id is not None or update.approval_id is None:
+            return None
+        announce_pending(update.expires_at)
+        call = call.model_copy(update={"approval_id": update.approval_id})
+    elif update.kind in ("approval_resolved", "result") and update.approval_id and update.outcome:
+        if not call.approval_resolved:
+            if call.approval_id is None:
+                announce_pending(update.expires_at)
+            events.append(
+                TaskApprovalResolved(
+                    task_id=state.task_id,
+                    tenant=state.tenant,
+                    seq=next_seq(),
+                    approval_id=update.approval_id,
+                    outcome=update.outcome,
+                    by=update.by,
+                )
+            )
+            call = call.model_copy(update={"approval_id": update.approval_id, "approval_resolved": True})
+        elif update.kind == "approval_resolved":
+            return None
+    elif update.kind == "approval_resolved":
+        return None
+    citations = state.citations
+    if update.kind == "result":
+        if call.result is not None:
+            return None
+        call = call.model_copy(update={"result": update.content})
+        citations = [*citations, *update.citations]
+    calls = [*state.pending_calls]
+    calls[index] = call
+    advanced = state.model_copy(
+        update={"pending_calls": calls, "citations": citations, "next_seq": state.next_seq + len(events)}
+    )
+    if all(c.result is not None for c in calls):
+        return _continue_after_tools(advanced, events, router)
+    return Transition(advanced, events)
 
 
 def cancel(state: RunState, request: TaskCancelRequested) -> Transition | None:
-    """Stop a running task; None if it already ended. A late LLM result is then ignored."""
+    """Stop a running task; None if it already ended. A late LLM result is then ignored.
+
+    A step being generated is aborted in the engine (best effort); a tool waiting for approval stays in
+    the approvals inbox, and its result will be ignored.
+    """
     if state.terminal:
         return None
     cancelled = TaskCancelled(task_id=state.task_id, tenant=state.tenant, seq=state.next_seq, reason=request.reason)
-    return _end(state, RunStatus.CANCELLED, state.usage, [cancelled])
+    ended = _end(state, RunStatus.CANCELLED, state.usage, [cancelled])
+    if state.awaiting_request_id is None or state.requested_model is None:
+        return ended
+    abort = LlmAbort(request_id=state.awaiting_request_id, task_id=state.task_id)
+    return Transition(ended.state, ended.events, aborts=[abort], abort_model=state.requested_model)
+
+
+def deny_budget(transition: Transition, verdict: BudgetReserveReply) -> Transition:
+    """A call the transition would make was refused by a budget: the run stops before making it."""
+    state = transition.state
+    exceeded = TaskBudgetExceeded(
+        task_id=state.task_id,
+        tenant=state.tenant,
+        seq=state.next_seq,
+        budget=verdict.budget or "unknown",
+        limit_usd=verdict.limit_usd or 0.0,
+        spent_usd=verdict.spent_usd or 0.0,
+    )
+    ended = _end(state, RunStatus.BUDGET_EXCEEDED, state.usage, [exceeded])
+    return Transition(ended.state, [*transition.events, *ended.events])
+
+
+def with_cost(transition: Transition, cost_usd: float) -> Transition:
+    """The transition with the run's priced cost on its terminal event."""
+    events: list[TaskEvent] = [
+        event.model_copy(update={"cost_usd": cost_usd}) if isinstance(event, TaskCompleted | TaskFailed) else event
+        for event in transition.events
+    ]
+    return Transition(transition.state, events, transition.llm_request, transition.tool_calls, transition.aborts)
 
 
 def cancel_before_start(request: TaskCancelRequested) -> Transition:
@@ -232,6 +483,8 @@ def _end(state: RunState, status: RunStatus, usage: TokenUsage, events: list[Tas
             "status": status,
             "usage": usage,
             "awaiting_request_id": None,
+            "pending_message": None,
+            "pending_calls": [],
             "next_seq": state.next_seq + len(events),
         }
     )

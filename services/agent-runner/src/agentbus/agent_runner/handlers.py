@@ -12,6 +12,7 @@ from agentbus.contracts.common import ID_PATTERN
 from agentbus.contracts.llm import LlmResult
 from agentbus.contracts.registry import TASK_CANCEL, TASK_SUBMIT, SubjectSpec
 from agentbus.contracts.tasks import TaskCancelRequested, TaskSubmitted
+from agentbus.contracts.tools import ToolCallUpdate
 from agentbus.runtime.consumer import Delivery
 from agentbus.runtime.errors import TerminalError
 from pydantic import BaseModel, ValidationError
@@ -100,6 +101,13 @@ class RunnerHandlers:
                 ErrorCode.TENANT_MISMATCH, f"payload tenant {request.tenant!r} differs from subject's {tenant!r}"
             )
         await self._service.cancel(request, delivery.trace)
+
+    async def on_tool_update(self, delivery: Delivery) -> None:
+        try:
+            update = _decode(ToolCallUpdate, delivery)
+        except _UndecodableError as bad:
+            raise TerminalError(bad.code, bad.message) from bad
+        await self._service.apply_tool_update(update, delivery.trace)
 
     async def on_llm_result(self, delivery: Delivery) -> None:
         try:

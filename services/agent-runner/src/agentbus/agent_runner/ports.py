@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from agentbus.agent_runner.domain import RunState
+from agentbus.contracts.budget import BudgetReserveReply, BudgetReserveRequest
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -17,6 +18,7 @@ class OutboxItem(BaseModel):
     msg_id: str
     payload: str
     traceparent: str | None = None
+    core: bool = Field(default=False, description="A best-effort core NATS notice, not a stream message.")
 
 
 class RunRecord(BaseModel):
@@ -26,6 +28,7 @@ class RunRecord(BaseModel):
 
     state: RunState
     trace_id: str
+    parent_span_id: str | None = Field(default=None, description="The submitter's span, parent of the task span.")
     outbox: list[OutboxItem] = Field(default_factory=list)
 
 
@@ -51,3 +54,17 @@ class Publisher(Protocol):
     """Publishes outbox items; publishing the same msg_id twice must be harmless (deduplicated)."""
 
     async def publish(self, item: OutboxItem) -> None: ...
+
+
+class BudgetUnavailableError(Exception):
+    """The cost-accountant did not answer: retry the input later."""
+
+
+class BudgetGate(Protocol):
+    """The cost-accountant, as the runner sees it: reservations before calls, the priced cost at the end."""
+
+    async def reserve(self, request: BudgetReserveRequest) -> BudgetReserveReply: ...
+
+    async def release(self, tenant: str, task_id: str) -> None: ...
+
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float: ...

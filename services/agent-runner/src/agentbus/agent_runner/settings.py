@@ -13,3 +13,20 @@ class RunnerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTBUS_RUNNER_", extra="ignore", frozen=True)
 
     agents_dir: Path = Field(default=Path("agents"), description="Folder of agent spec YAML files.")
+    tools_dir: Path = Field(
+        default=Path("tools"),
+        description="Folder of the tool-executor's tool YAML files, offered to agents that name them. May be absent.",
+    )
+    routing_file: Path = Field(
+        default=Path("config/models.yaml"),
+        description="Model routing table (deployments, weights, fallbacks). Absent: every model routes to itself.",
+    )
+    budgets_enabled: bool = Field(
+        default=True,
+        description="Reserve each call's cost with the cost-accountant first, and price finished runs. "
+        "Off: nothing is reserved and `cost_usd` is 0.",
+    )
+    budget_timeout_seconds: float = Field(default=2.0, gt=0, description="How long to wait for the accountant.")
+    cost_wait_seconds: float = Field(
+        default=5.0, ge=0, description="How long a finishing run waits for its last usage records to be priced."
+    )

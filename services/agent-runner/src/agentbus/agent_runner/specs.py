@@ -22,6 +22,7 @@ class AgentSpec(BaseModel):
     tools: list[str] = Field(default_factory=list)
     max_steps: int = Field(default=8, ge=1, le=100, description="Most LLM steps one run may take.")
     budget_usd: float | None = Field(default=None, ge=0, description="Default budget of one task.")
+    stream_tokens: bool = Field(default=False, description="Stream generated text as `token` events.")
 
 
 class AgentSpecError(ConfigurationError):

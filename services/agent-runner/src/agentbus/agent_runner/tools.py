@@ -119,6 +119,9 @@ class BuiltinToolbox:
     def specs(self, names: list[str]) -> list[ToolSpec]:
         return [BUILTIN_TOOLS[name].spec for name in names]
 
+    def is_local(self, name: str) -> bool:
+        return name in BUILTIN_TOOLS
+
     def execute(self, call: ToolCall, allowed: list[str]) -> str:
         if call.name not in allowed or call.name not in BUILTIN_TOOLS:
             return json.dumps({"error": f"unknown tool {call.name!r}; available: {sorted(allowed)}"})
@@ -126,3 +129,20 @@ class BuiltinToolbox:
             return BUILTIN_TOOLS[call.name].run(call.arguments)
         except ToolInputError as exc:
             return json.dumps({"error": str(exc)})
+
+
+class ToolCatalog(BuiltinToolbox):
+    """The built-in tools, run in-process, plus the tool-executor's tools, offered by their specs only."""
+
+    def __init__(self, remote: dict[str, ToolSpec]) -> None:
+        clashes = set(remote) & set(BUILTIN_TOOLS)
+        if clashes:
+            raise ValueError(f"tools {sorted(clashes)} are both built in and defined for the tool-executor")
+        self._remote = remote
+
+    @property
+    def names(self) -> set[str]:
+        return set(BUILTIN_TOOLS) | set(self._remote)
+
+    def specs(self, names: list[str]) -> list[ToolSpec]:
+        return [self._remote[name] if name in self._remote else BUILTIN_TOOLS[name].spec for name in names]

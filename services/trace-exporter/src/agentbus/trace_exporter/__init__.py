@@ -1,1 +1,41 @@
-"""trace-exporter: one trace per task from span events, to a JSONL file or Langfuse over OTLP/HTTP."""
+"""trace-exporter: one trace per task from span events, to a JSONL file or Langfuse over OTLP/HTTP.
+
+Every service publishes `SpanRecorded` events on `agentbus.spans.<service>` (see `agentbus.runtime.spans`).
+This service reads them with the durable consumer `trace-exporter-spans` and exports them in batches:
+
+- by default appended to a local JSONL file (`AGENTBUS_TRACES_JSONL_PATH`, one span per line);
+- with `AGENTBUS_TRACES_OTLP_ENDPOINT` (e.g. `http://langfuse:3000/api/public/otel`), POSTed to
+  `<endpoint>/v1/traces` as protobuf `ExportTraceServiceRequest`s with HTTP basic auth
+  (`AGENTBUS_TRACES_LANGFUSE_PUBLIC_KEY` : `AGENTBUS_TRACES_LANGFUSE_SECRET_KEY`).
+
+The trace of a task is the trace id its `traceparent` carries across every hop. Each exported span carries
+Langfuse's attributes (see `domain.py`): the trace is named after the agent (`agentbus.agent`), its session
+is the task id, its user the submitter (`agentbus.user`), its tags `tenant:<tenant>`; generations carry the
+model, the truncated and redacted input and output, the token usage and the cost; tools, retrievals and
+approval waits are observations of their own. Spans are exported as they arrive: OTLP lets a trace grow and
+Langfuse merges spans and trace fields by trace id, so nothing waits for the task to end.
+
+Cost of a generation: the runner, which learns each call's price from the cost-accountant, sets
+`gen_ai.usage.cost` (USD) on the generation span; the exporter maps it to Langfuse's cost details. It is
+optional: without it (no accountant, or the price not known yet) Langfuse shows usage without cost.
+
+Delivery guarantees:
+
+- Never lost while the backend is down. The handler of a span returns only once its batch is exported, so
+  nothing is acked during an outage; the export is retried with exponential backoff capped at
+  `AGENTBUS_TRACES_MAX_BACKOFF_SECONDS` (60 s), the consumer stops pulling once `2 x batch_size` spans are
+  in flight, and the in-progress heartbeat keeps those from being redelivered meanwhile. Unread spans wait
+  in the stream AGENTBUS_SPANS, which keeps them for 7 days or up to 1 GiB, whichever comes first (then the
+  oldest are discarded): an outage shorter than that loses no span. The consumer's max_deliver (20 000)
+  outlasts that retention, so an outage never dead-letters spans.
+- Never exported twice. Before exporting, span ids are looked up in a ledger (a small SQLite file,
+  `AGENTBUS_TRACES_LEDGER_PATH`) that outlives the process; after an export the ids are committed to it
+  before any message is acked. A redelivery (a lost ack, a restart, a re-published span) finds its id and is
+  acked without exporting. Ids are remembered for 8 days, longer than the stream keeps a span.
+  What remains: an export request that the backend stored but whose answer never arrived (a timeout) is
+  sent again; Langfuse upserts observations by span id, so that repeat changes nothing there. The ledger
+  is local to one process: run one exporter replica (KEDA may still scale it to zero).
+- Bad input is dead-lettered with its reason: a message that is not a valid span (`schema_violation`) or
+  a span the backend refuses for good, e.g. HTTP 400/413 (`export_rejected`, found by exporting the
+  refused batch span by span). Wrong keys (401/403) are retried, not dead-lettered: an operator fixes them.
+"""

@@ -3,8 +3,9 @@
 It follows a fixed script that is enough to drive real multi-step runs without a GPU or network:
 
 1. It reads the user's input for calls written as `tool_name(arguments)`, naming tools the request
-   offers, in order of appearance. `arguments` is either a JSON object or plain text, which becomes
-   the tool's first required parameter, e.g. `calculator((2+3)*4)` or `word_count(to be or not)`.
+   offers, in order of appearance. `arguments` is a JSON object, keyword arguments with literal values
+   (`create_ticket(title="db down", priority="high")`), or plain text, which becomes the tool's first
+   required parameter, e.g. `calculator((2+3)*4)` or `word_count(to be or not)`.
 2. Each step it asks for the next call not yet made (one call per step).
 3. When every call has a result, it answers by quoting them; with no calls, it restates the input.
 
@@ -13,17 +14,20 @@ Token counts are words and punctuation marks, an approximation labelled as such 
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
+import time
 from typing import Any
 
 from agentbus.contracts.common import TokenUsage
 from agentbus.contracts.llm import ChatMessage, LlmRequest, ToolCall, ToolSpec
-from agentbus.inference_worker.ports import Generation
+from agentbus.inference_worker.ports import Generation, TextSink
 
 SCRIPTED_MODEL_NOTICE = "[scripted offline engine, not an LLM]"
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+_PIECE = re.compile(r"\S*\s*")  # a word and the whitespace after it: the pieces join back into the text
 
 
 def count_tokens(text: str) -> int:
@@ -43,6 +47,27 @@ def _closing_paren(text: str, open_index: int) -> int | None:
     return None
 
 
+def _keyword_arguments(raw: str) -> dict[str, Any] | None:
+    """`key="value", n=3` as a dict, when the text is exactly keyword arguments with literal values."""
+    if "=" not in raw:
+        return None
+    try:
+        call = ast.parse(f"f({raw})", mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(call, ast.Call) or call.args or not call.keywords:
+        return None
+    arguments: dict[str, Any] = {}
+    for keyword in call.keywords:
+        if keyword.arg is None:
+            return None
+        try:
+            arguments[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:
+            return None
+    return arguments
+
+
 def _arguments(tool: ToolSpec, raw: str) -> dict[str, Any]:
     raw = raw.strip()
     if raw.startswith("{"):
@@ -52,6 +77,9 @@ def _arguments(tool: ToolSpec, raw: str) -> dict[str, Any]:
             parsed = None
         if isinstance(parsed, dict):
             return parsed
+    keywords = _keyword_arguments(raw)
+    if keywords is not None:
+        return keywords
     required = tool.parameters.get("required") or list(tool.parameters.get("properties", {}))
     return {required[0]: raw} if required else {}
 
@@ -74,7 +102,11 @@ def planned_calls(text: str, tools: list[ToolSpec]) -> list[tuple[str, dict[str,
 
 
 class ScriptedEngine:
-    """Deterministic offline engine (see the module docstring). Documented as such wherever it appears."""
+    """Deterministic offline engine (see the module docstring). Documented as such wherever it appears.
+
+    `token_delay_seconds` simulates generation time per completion token (for benchmarks and tests of
+    long generations); the answer's text is then handed to `on_text` piece by piece as it is "generated".
+    """
 
     def __init__(self, token_delay_seconds: float = 0.0) -> None:
         self._token_delay = token_delay_seconds
@@ -82,7 +114,8 @@ class ScriptedEngine:
     def healthy(self) -> bool:
         return True
 
-    async def generate(self, request: LlmRequest) -> Generation:
+    async def generate(self, request: LlmRequest, on_text: TextSink | None = None) -> Generation:
+        started = time.perf_counter()
         user_input = next((m.content for m in request.messages if m.role == "user"), "")
         calls = planned_calls(user_input, request.tools)
         made = sum(len(m.tool_calls) for m in request.messages if m.role == "assistant")
@@ -103,9 +136,28 @@ class ScriptedEngine:
             + sum(count_tokens(json.dumps(t.parameters)) for t in request.tools),
             completion_tokens=count_tokens(completion_text),
         )
-        if self._token_delay:
-            await asyncio.sleep(self._token_delay * usage.completion_tokens)
-        return Generation(message=message, usage=usage, finish_reason=finish)
+        first_token = await self._emit(message.content, usage.completion_tokens, on_text, started)
+        return Generation(message=message, usage=usage, finish_reason=finish, first_token_seconds=first_token)
+
+    async def _emit(self, content: str, tokens: int, on_text: TextSink | None, started: float) -> float:
+        pieces = [piece for piece in _PIECE.findall(content) if piece] if on_text is not None else []
+        if not pieces:
+            if self._token_delay and tokens:
+                await asyncio.sleep(self._token_delay)
+                first_token = time.perf_counter() - started
+                await asyncio.sleep(self._token_delay * (tokens - 1))
+                return first_token
+            return time.perf_counter() - started
+        assert on_text is not None
+        per_piece = self._token_delay * tokens / len(pieces)
+        first_token = 0.0
+        for index, piece in enumerate(pieces):
+            if per_piece:
+                await asyncio.sleep(per_piece)
+            if index == 0:
+                first_token = time.perf_counter() - started
+            on_text(piece)
+        return first_token
 
     @staticmethod
     def _answer(user_input: str, messages: list[ChatMessage]) -> str:

@@ -1,0 +1,91 @@
+"""`agentbus cost report`: the cost-accountant's ledger totals as a table."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import click
+import nats.errors
+from agentbus.cli.config import resolve_nats_url
+from agentbus.contracts.budget import CostReportReply, CostReportRequest
+from agentbus.contracts.registry import COST_REPORT
+from agentbus.runtime.connection import connect_nats
+from pydantic import ValidationError
+
+REPORT_KEYS = ("tenant", "task", "agent", "model", "day")
+
+
+def parse_since(value: str | None) -> datetime | None:
+    """`--since`: an ISO date or time (UTC unless it says otherwise), or a span back from now: 30m, 12h, 7d."""
+    if value is None:
+        return None
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if value[-1:] in units and value[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(**{units[value[-1]]: int(value[:-1])})
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is neither an ISO date/time nor a span like 7d, 12h, 30m") from exc
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def format_report(reply: CostReportReply) -> str:
+    """The report as a fixed-width table with a total line."""
+    header = f"{reply.by.upper():<32} {'CALLS':>8} {'PROMPT_TOK':>12} {'COMPL_TOK':>12} {'GPU_S':>10} {'COST_USD':>14}"
+    lines = [header]
+    for row in reply.rows:
+        lines.append(
+            f"{row.key:<32} {row.calls:>8} {row.prompt_tokens:>12} {row.completion_tokens:>12} "
+            f"{row.gpu_seconds:>10.1f} {row.cost_usd:>14.6f}"
+        )
+    lines.append(
+        f"{'TOTAL':<32} {sum(r.calls for r in reply.rows):>8} {'':>12} {'':>12} {'':>10} {reply.total_usd:>14.6f}"
+    )
+    return "\n".join(lines)
+
+
+async def request_report(nats_url: str, request: CostReportRequest, timeout: float) -> CostReportReply:
+    """Ask the cost-accountant for a report over request/reply."""
+    try:
+        nc = await connect_nats(nats_url, "agentbus-cli", reconnect_forever=False)
+    except (nats.errors.NoServersError, OSError) as exc:
+        raise click.ClickException(f"cannot reach NATS at {nats_url}: {exc}. Is `agentbus up` running?") from exc
+    try:
+        msg = await nc.request(COST_REPORT.format(), request.model_dump_json().encode(), timeout=timeout)
+    except nats.errors.NoRespondersError as exc:
+        raise click.ClickException("no cost-accountant is running to answer") from exc
+    except (nats.errors.TimeoutError, TimeoutError) as exc:
+        raise click.ClickException(f"the cost-accountant did not answer within {timeout}s") from exc
+    finally:
+        await nc.close()
+    try:
+        return CostReportReply.model_validate_json(msg.data)
+    except ValidationError as exc:
+        raise click.ClickException(f"unreadable reply from the cost-accountant: {exc}") from exc
+
+
+@click.group("cost")
+def cost_group() -> None:
+    """What usage cost: the cost-accountant's ledger."""
+
+
+@cost_group.command("report")
+@click.option("--tenant", default=None, help="One tenant; default: all.")
+@click.option("--by", "by", type=click.Choice(REPORT_KEYS), default="tenant", show_default=True)
+@click.option("--since", default=None, help="From this ISO date/time (UTC) or span back from now (7d, 12h, 30m).")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the answer.")
+@click.option(
+    "--nats-url", default=None, help="NATS URL. Default: $AGENTBUS_NATS_URL, then ./.agentbus/env, then :4222."
+)
+def report(tenant: str | None, by: str, since: str | None, as_json: bool, timeout: float, nats_url: str | None) -> None:
+    """Print cost, calls and tokens grouped by tenant, task, agent, model or day."""
+    try:
+        request = CostReportRequest.model_validate({"tenant": tenant, "by": by, "since": parse_since(since)})
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    reply = asyncio.run(request_report(resolve_nats_url(nats_url), request, timeout))
+    if reply.error is not None:
+        raise click.ClickException(f"{reply.error.code}: {reply.error.message}")
+    click.echo(reply.model_dump_json() if as_json else format_report(reply))

@@ -1,0 +1,265 @@
+"""What each NATS user may publish and subscribe to, derived from the registry so that it cannot drift.
+
+`SERVICE_ACCESS` is the one table of what every service consumes, produces, asks and answers; the
+permissions of each service user are computed from it and from the registry's consumer specs. People
+and applications get narrower rights: a submitter acts only on its tenants' subjects, an approver reads
+its tenants' approvals and publishes decisions only on its own token.
+
+Every restricted user receives replies only under its own inbox prefix (`inbox_prefix_for`), so none can
+read what the server delivers to another: consumer messages, acks, request replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agentbus.cli.identities import (
+    ADMIN_USER,
+    CredentialStore,
+    Identities,
+    approver_user,
+    service_user,
+    submitter_user,
+)
+from agentbus.contracts import registry
+from agentbus.contracts.registry import (
+    ACCOUNTANT_USAGE,
+    APPROVAL_DECISION,
+    APPROVAL_PENDING,
+    APPROVAL_RESOLVED,
+    APPROVALS,
+    BUDGET_ALERT,
+    BUDGET_RELEASE,
+    BUDGET_RESERVE,
+    COST_REPORT,
+    DEAD_LETTER,
+    EXECUTOR_CALLS,
+    EXECUTOR_DECISIONS,
+    LLM_ABORT,
+    LLM_REQUEST,
+    LLM_RESULT,
+    RAG_DELETE_DOCUMENTS,
+    RAG_INGEST_DOCUMENTS,
+    RAG_SEARCH,
+    RETRIEVER_DELETES,
+    RETRIEVER_INGEST,
+    RUNNER_CANCELLATIONS,
+    RUNNER_LLM_RESULTS,
+    RUNNER_SUBMISSIONS,
+    RUNNER_TOOL_UPDATES,
+    RUNS,
+    SPAN,
+    TASK_CANCEL,
+    TASK_COST,
+    TASK_EVENT,
+    TASK_EVENTS,
+    TASK_SUBMIT,
+    TOOL_CALL,
+    TOOL_UPDATE,
+    TRACE_EXPORTER_SPANS,
+    USAGE_RECORDED,
+    ConsumerSpec,
+    KeyValueSpec,
+    Service,
+    StreamSpec,
+    SubjectSpec,
+)
+from agentbus.runtime.connection import inbox_prefix_for
+from agentbus.runtime.server import NatsPermissions, NatsUser
+
+JS_API = "$JS.API"
+JS_ACK = "$JS.ACK"
+JS_FLOW_CONTROL = "$JS.FC"
+
+
+@dataclass(frozen=True)
+class ServiceAccess:
+    """What one service does on the bus.
+
+    consumes: its durable consumers; `consumes_models` adds one inference consumer per served model.
+    publishes: subjects it publishes to (JetStream or core notices). requests: request/reply subjects it
+    asks. answers: request/reply subjects it serves. listens: core notices it subscribes to. reads:
+    streams it looks into (stored messages by sequence or subject, its own ephemeral replays). buckets:
+    KV buckets it reads and writes.
+    """
+
+    service: Service
+    consumes: tuple[ConsumerSpec, ...] = ()
+    consumes_models: bool = False
+    publishes: tuple[SubjectSpec, ...] = ()
+    requests: tuple[SubjectSpec, ...] = ()
+    answers: tuple[SubjectSpec, ...] = ()
+    listens: tuple[SubjectSpec, ...] = ()
+    reads: tuple[StreamSpec, ...] = ()
+    buckets: tuple[KeyValueSpec, ...] = field(default=())
+
+    def consumers(self, models: tuple[str, ...]) -> tuple[ConsumerSpec, ...]:
+        """Its durable consumers in a deployment that serves `models`."""
+        per_model = tuple(registry.inference_consumer(m) for m in models) if self.consumes_models else ()
+        return self.consumes + per_model
+
+
+SERVICE_ACCESS: tuple[ServiceAccess, ...] = (
+    ServiceAccess(
+        Service.AGENT_RUNNER,
+        consumes=(RUNNER_SUBMISSIONS, RUNNER_CANCELLATIONS, RUNNER_LLM_RESULTS, RUNNER_TOOL_UPDATES),
+        publishes=(TASK_EVENT, LLM_REQUEST, TOOL_CALL, LLM_ABORT, SPAN),
+        requests=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST),
+        buckets=(RUNS,),
+    ),
+    ServiceAccess(
+        Service.INFERENCE_WORKER,
+        consumes_models=True,
+        publishes=(LLM_RESULT, USAGE_RECORDED, TASK_EVENT, SPAN),
+        listens=(LLM_ABORT,),
+        # A redelivered request resumes its token stream from the chunks already in the task's events.
+        reads=(TASK_EVENTS,),
+    ),
+    ServiceAccess(
+        Service.TOOL_EXECUTOR,
+        consumes=(EXECUTOR_CALLS, EXECUTOR_DECISIONS),
+        publishes=(TOOL_UPDATE, APPROVAL_PENDING, APPROVAL_RESOLVED, USAGE_RECORDED, SPAN),
+        requests=(RAG_SEARCH,),
+    ),
+    ServiceAccess(
+        Service.RETRIEVER,
+        consumes=(RETRIEVER_INGEST, RETRIEVER_DELETES),
+        publishes=(USAGE_RECORDED, SPAN),
+        answers=(RAG_SEARCH,),
+    ),
+    ServiceAccess(
+        Service.COST_ACCOUNTANT,
+        consumes=(ACCOUNTANT_USAGE,),
+        publishes=(BUDGET_ALERT, SPAN),
+        answers=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST, COST_REPORT),
+    ),
+    ServiceAccess(Service.TRACE_EXPORTER, consumes=(TRACE_EXPORTER_SPANS,)),
+)
+
+
+def access_of(service: Service) -> ServiceAccess:
+    """The table row of `service`."""
+    return next(access for access in SERVICE_ACCESS if access.service == service)
+
+
+def _inbox(user: str) -> str:
+    return f"{inbox_prefix_for(user)}.>"
+
+
+def _consumer_publish(spec: ConsumerSpec) -> tuple[str, ...]:
+    """Pull from one durable, ack its messages (ack, nak, in-progress, term), read its info and the
+    stored message it was handed, dead-letter."""
+    return (
+        f"{JS_API}.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}",
+        f"{JS_API}.CONSUMER.INFO.{spec.stream}.{spec.durable}",
+        f"{JS_API}.STREAM.INFO.{spec.stream}",
+        f"{JS_API}.STREAM.MSG.GET.{spec.stream}",
+        f"{JS_ACK}.{spec.stream}.{spec.durable}.>",
+        DEAD_LETTER.format(stream=spec.stream, consumer=spec.durable),
+    )
+
+
+def _stream_read_publish(spec: StreamSpec) -> tuple[str, ...]:
+    """Look into a stream as a trusted service: get stored messages, run ephemeral (ordered) consumers."""
+    return (
+        f"{JS_API}.STREAM.NAMES",
+        f"{JS_API}.STREAM.INFO.{spec.name}",
+        f"{JS_API}.STREAM.MSG.GET.{spec.name}",
+        f"{JS_API}.DIRECT.GET.{spec.name}",
+        f"{JS_API}.DIRECT.GET.{spec.name}.>",
+        f"{JS_API}.CONSUMER.CREATE.{spec.name}",
+        f"{JS_API}.CONSUMER.CREATE.{spec.name}.>",
+        f"{JS_API}.CONSUMER.INFO.{spec.name}.*",
+        f"{JS_API}.CONSUMER.DELETE.{spec.name}.*",
+        f"{JS_API}.CONSUMER.MSG.NEXT.{spec.name}.*",
+        f"{JS_FLOW_CONTROL}.{spec.name}.>",
+    )
+
+
+def _bucket_publish(spec: KeyValueSpec) -> tuple[str, ...]:
+    """Bind to a KV bucket, read keys (direct or through the stream) and write them."""
+    stream = f"KV_{spec.bucket}"
+    return (
+        f"{JS_API}.STREAM.INFO.{stream}",
+        f"{JS_API}.STREAM.MSG.GET.{stream}",
+        f"{JS_API}.DIRECT.GET.{stream}.>",
+        f"$KV.{spec.bucket}.>",
+    )
+
+
+def _replay_create(stream: str, filter_subject: str) -> str:
+    """Creating a named consumer on `stream` whose filter is exactly `filter_subject`.
+
+    nats-py (and the other official clients) put the name and the filter into the create subject
+    (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), and the server checks the filter against it:
+    a permission on this subject is a permission to read exactly that filter.
+    """
+    return f"{JS_API}.CONSUMER.CREATE.{stream}.*.{filter_subject}"
+
+
+def _unique(subjects: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(subjects))
+
+
+def service_permissions(service: Service, models: tuple[str, ...] = registry.DEFAULT_MODELS) -> NatsPermissions:
+    """The permissions of a service's user, from its row of `SERVICE_ACCESS`."""
+    access = access_of(service)
+    user = service_user(service)
+    publish: list[str] = []
+    for consumer in access.consumers(models):
+        publish += _consumer_publish(consumer)
+    publish += [spec.wildcard for spec in (*access.publishes, *access.requests)]
+    for stream in access.reads:
+        publish += _stream_read_publish(stream)
+    for bucket in access.buckets:
+        publish += _bucket_publish(bucket)
+    subscribe = [_inbox(user)] + [spec.wildcard for spec in (*access.answers, *access.listens)]
+    return NatsPermissions(publish=_unique(publish), subscribe=_unique(subscribe), allow_responses=bool(access.answers))
+
+
+def submitter_permissions(submitter: str, tenants: Iterable[str]) -> NatsPermissions:
+    """Submit, cancel and ingest for `tenants`, and replay those tenants' task events."""
+    publish: list[str] = []
+    for tenant in tenants:
+        publish += [
+            TASK_SUBMIT.format(tenant=tenant),
+            TASK_CANCEL.format(tenant=tenant),
+            RAG_INGEST_DOCUMENTS.format(tenant=tenant),
+            RAG_DELETE_DOCUMENTS.format(tenant=tenant),
+            _replay_create(TASK_EVENTS.name, TASK_EVENT.pattern.format(tenant=tenant, task_id="*")),
+        ]
+    return NatsPermissions(publish=_unique(publish), subscribe=(_inbox(submitter_user(submitter)),))
+
+
+def approver_permissions(approver: str, tenants: Iterable[str]) -> NatsPermissions:
+    """Replay `tenants`' pending and resolved approvals; publish decisions only on the approver's own token."""
+    publish: list[str] = []
+    for tenant in tenants:
+        publish += [
+            APPROVAL_DECISION.format(tenant=tenant, approver=approver),
+            _replay_create(APPROVALS.name, APPROVAL_PENDING.format(tenant=tenant)),
+            _replay_create(APPROVALS.name, APPROVAL_RESOLVED.format(tenant=tenant)),
+        ]
+    return NatsPermissions(publish=_unique(publish), subscribe=(_inbox(approver_user(approver)),))
+
+
+def nats_users(
+    identities: Identities, credentials: CredentialStore, models: tuple[str, ...] = registry.DEFAULT_MODELS
+) -> tuple[NatsUser, ...]:
+    """Every user of the server: admin, each service, each submitter and approver; missing passwords are made."""
+
+    def user(name: str, permissions: NatsPermissions | None) -> NatsUser:
+        return NatsUser(name, credentials.ensure(name).password, permissions)
+
+    users = [user(ADMIN_USER, None)]
+    users += [user(service_user(a.service), service_permissions(a.service, models)) for a in SERVICE_ACCESS]
+    users += [
+        user(submitter_user(name), submitter_permissions(name, tenants))
+        for name, tenants in identities.submitters().items()
+    ]
+    users += [
+        user(approver_user(name), approver_permissions(name, tenants))
+        for name, tenants in identities.approvers().items()
+    ]
+    return tuple(users)

@@ -1,0 +1,1 @@
+"""Adapters of the cost-accountant: the SQL store and its schema."""

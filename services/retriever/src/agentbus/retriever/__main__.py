@@ -1,0 +1,48 @@
+"""`python -m agentbus.retriever`: run the retriever until SIGTERM.
+
+`python -m agentbus.retriever bootstrap` creates or checks the chunk collection (idempotent) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from agentbus.contracts.registry import Service
+from agentbus.retriever.app import create_app, create_embedder, prepare_index
+from agentbus.retriever.settings import RetrieverSettings
+from agentbus.runtime.errors import ConfigurationError
+from agentbus.runtime.service import run_service
+from pydantic import ValidationError
+
+BOOTSTRAP_COMMAND = "bootstrap"
+
+
+async def bootstrap(settings: RetrieverSettings) -> list[str]:
+    """Create or check the collection with the configured embedding model's vector size."""
+    embedder = create_embedder(settings)
+    index, actions = await prepare_index(settings, embedder)
+    await index.close()
+    await embedder.close()
+    return actions
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args == [BOOTSTRAP_COMMAND]:
+        try:
+            actions = asyncio.run(bootstrap(RetrieverSettings()))
+        except (ConfigurationError, ValidationError) as exc:
+            print(f"{Service.RETRIEVER}: bootstrap failed: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
+        for action in actions:
+            print(action)
+        return
+    if args:
+        print(f"usage: python -m agentbus.retriever [{BOOTSTRAP_COMMAND}]", file=sys.stderr)
+        raise SystemExit(2)
+    run_service(Service.RETRIEVER, lambda: create_app(RetrieverSettings()))
+
+
+if __name__ == "__main__":
+    main()

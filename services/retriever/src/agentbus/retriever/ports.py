@@ -1,0 +1,79 @@
+"""The retriever's ports: an embedding model and a vector index."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+SearchMode = Literal["hybrid", "dense", "bm25"]
+
+
+class EmbeddingError(Exception):
+    """The embedding backend failed; `retryable` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Embedder(Protocol):
+    """Turns texts into unit-length vectors of `dimension` floats, one row per text, in order."""
+
+    @property
+    def dimension(self) -> int: ...
+
+    @property
+    def model(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def embed_documents(self, texts: Sequence[str]) -> NDArray[np.float32]: ...
+
+    async def embed_query(self, text: str) -> NDArray[np.float32]: ...
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    """One chunk as stored: its key, owner, position, text, vector and the document's metadata."""
+
+    key: str
+    tenant: str
+    document_id: str
+    chunk_index: int
+    text: str
+    vector: list[float]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A stored chunk that matched, with the engine's score (higher is better)."""
+
+    tenant: str
+    document_id: str
+    chunk_index: int
+    text: str
+    score: float
+    metadata: dict[str, Any]
+
+
+class VectorIndex(Protocol):
+    """Where chunks live. Every method takes an already-built filter expression that starts with the tenant."""
+
+    async def upsert(self, rows: Sequence[ChunkRow]) -> None: ...
+
+    async def delete(self, expression: str) -> int: ...
+
+    async def search(
+        self, *, mode: SearchMode, query: str, vector: Sequence[float], expression: str, limit: int
+    ) -> list[Hit]: ...
+
+    async def has_any(self, expression: str) -> bool: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Built-in python tools, named by `python.callable` in tool files."""

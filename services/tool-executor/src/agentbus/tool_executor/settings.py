@@ -1,0 +1,54 @@
+"""tool-executor settings, from AGENTBUS_EXECUTOR_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agentbus.runtime.settings import ServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+FAULT_POINTS = (
+    "call_published",
+    "decision_committed",
+    "effect_applied",
+    "execution_finished",
+    "execution_committed",
+    "call_before_ack",
+    "decision_before_ack",
+)
+"""Where `fault_pause_at` can stop the executor (see FaultPoints in service.py)."""
+
+
+class ExecutorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENTBUS_EXECUTOR_", extra="ignore", frozen=True)
+
+    tools_dir: Path = Field(default=Path("tools"), description="Folder of tool definition files (*.yaml).")
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///.agentbus/tool-executor.db",
+        description="Approvals, execution ledger, audit and tickets: SQLite by default, postgresql+asyncpg://... "
+        "in production. A SQLite file's folder is created.",
+    )
+    approvers_file: Path = Field(
+        default=Path("config/approvers.yaml"), description="Approver groups per tenant (YAML)."
+    )
+    expiry_sweep_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often to expire overdue approvals, resume executions a stopped executor left, and "
+        "re-publish updates whose publish was interrupted.",
+    )
+    execution_lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="An execution's claim lasts this long and is renewed while the tool runs; a claim left by a "
+        "stopped executor is taken over after it lapses.",
+    )
+    fault_pause_at: str | None = Field(
+        default=None,
+        description=f"Tests only: stop forever at this point ({', '.join(FAULT_POINTS)}) so a test can kill the "
+        "process there. Never set in a deployment.",
+    )
+    fault_marker_dir: Path | None = Field(
+        default=None, description="Tests only: where a file named after the fault point is written when reached."
+    )

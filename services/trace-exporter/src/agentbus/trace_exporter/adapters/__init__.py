@@ -1,0 +1,1 @@
+"""Adapters of the exporter's ports: OTLP/HTTP, JSONL and the SQLite ledger."""
