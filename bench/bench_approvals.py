@@ -16,13 +16,17 @@ same durability: WAL, synchronous=FULL), publish one update with a Nats-Msg-Id, 
 on top is the comparison: validating the decision, the approver and hash checks, the audit row, the outbox,
 claiming the call under a lease, running the tool, recording its outcome, and four publishes per decision.
 
-    uv run python bench/bench_approvals.py [--calls 1000] [--latency 200]
+    uv run python bench/bench_approvals.py [--calls 1000] [--latency 200] [--postgres postgresql+asyncpg://...]
+
+With `--postgres URL` the executor's store is a fresh database on that server (created and dropped by the
+bench) instead of SQLite; the floor stays on SQLite.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,7 @@ from agentbus.runtime.server import NatsServerProcess, free_port
 from agentbus.tool_executor.domain import approval_id_for
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from sqlalchemy.ext.asyncio import create_async_engine
 
 TENANT = "bench"
 FLOOR_STREAM = "BENCHFLOOR_DECISIONS"
@@ -177,7 +183,24 @@ def _call(n: int) -> dict[str, Any]:
     }
 
 
-async def run(calls: int, latency_calls: int) -> dict[str, float]:
+@contextlib.asynccontextmanager
+async def _database(root: Path, postgres: str | None) -> AsyncIterator[str]:
+    if postgres is None:
+        yield f"sqlite+aiosqlite:///{root / 'executor.db'}"
+        return
+    name = f"bench_approvals_{os.getpid()}"
+    admin = create_async_engine(postgres, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{postgres.rsplit('/', 1)[0]}/{name}"
+    finally:
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.dispose()
+
+
+async def run(calls: int, latency_calls: int, postgres: str | None) -> dict[str, float]:
     total = calls + latency_calls
     with tempfile.TemporaryDirectory(prefix="bench-approvals-") as tmp:
         root = Path(tmp)
@@ -185,7 +208,9 @@ async def run(calls: int, latency_calls: int) -> dict[str, float]:
         (root / "nats").mkdir()
         server.start()
         processes: list[subprocess.Popen[bytes]] = []
+        database = _database(root, postgres)
         try:
+            database_url = await database.__aenter__()
             nc = await nats.connect(server.url)
             js = nc.jetstream()
             await apply_topology(js)
@@ -199,7 +224,7 @@ async def run(calls: int, latency_calls: int) -> dict[str, float]:
                 "AGENTBUS_EXECUTOR_NATS_URL": server.url,
                 "AGENTBUS_EXECUTOR_TOOLS_DIR": str(tools),
                 "AGENTBUS_EXECUTOR_APPROVERS_FILE": str(root / "approvers.yaml"),
-                "AGENTBUS_EXECUTOR_DATABASE_URL": f"sqlite+aiosqlite:///{root / 'executor.db'}",
+                "AGENTBUS_EXECUTOR_DATABASE_URL": database_url,
                 "AGENTBUS_EXECUTOR_LOG_LEVEL": "WARNING",
                 "AGENTBUS_EXECUTOR_HTTP_PORT": str(port),
             }
@@ -287,6 +312,7 @@ async def run(calls: int, latency_calls: int) -> dict[str, float]:
                 process.send_signal(signal.SIGTERM)
             for process in processes:
                 process.wait(timeout=30)
+            await database.__aexit__(None, None, None)
             server.stop()
 
 
@@ -314,8 +340,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=1000, help="decisions in the throughput run")
     parser.add_argument("--latency", type=int, default=200, help="decisions sent one at a time")
+    parser.add_argument("--postgres", default=None, help="store the executor's state in Postgres (admin URL)")
     args = parser.parse_args()
-    figures = asyncio.run(run(args.calls, args.latency))
+    figures = asyncio.run(run(args.calls, args.latency, args.postgres))
+    print(f"store: {'postgres' if args.postgres else 'sqlite'}")
     print(f"{'figure':<40} {'value':>10}")
     for name, value in figures.items():
         print(f"{name:<40} {value:>10.2f}")

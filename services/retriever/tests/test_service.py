@@ -142,4 +142,4 @@ async def test_ingestion_writes_every_chunk_with_stable_keys_then_trims_stale_on
     assert outcome.chunks == len(index.rows) > 1
     assert [r.chunk_index for r in index.rows] == list(range(outcome.chunks))
     assert len({r.key for r in index.rows}) == outcome.chunks
-    assert index.expressions == [f'tenant == "acme" and document_id == "d" and chunk_index >= {outcome.chunks}']
+    assert index.expressions == [f'tenant == "acme" and ((document_id == "d" and chunk_index >= {outcome.chunks}))']

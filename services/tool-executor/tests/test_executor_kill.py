@@ -41,7 +41,7 @@ from executor_harness import (
 )
 from nats.aio.client import Client as NatsClient
 
-SHORT_ACK_WAIT_SECONDS = 6.0
+SHORT_ACK_WAIT_SECONDS = 4.0
 LEASE_SECONDS = 2.0
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 import click
 import nats.errors
-from agentbus.cli.config import resolve_nats_url
+from agentbus.cli.config import admin_credential, run_nats
 from agentbus.contracts.budget import CostReportReply, CostReportRequest
 from agentbus.contracts.registry import COST_REPORT
-from agentbus.runtime.connection import connect_nats
+from nats.aio.client import Client as NatsClient
 from pydantic import ValidationError
 
 REPORT_KEYS = ("tenant", "task", "agent", "model", "day")
@@ -45,20 +44,14 @@ def format_report(reply: CostReportReply) -> str:
     return "\n".join(lines)
 
 
-async def request_report(nats_url: str, request: CostReportRequest, timeout: float) -> CostReportReply:
+async def request_report(nc: NatsClient, request: CostReportRequest, timeout: float) -> CostReportReply:
     """Ask the cost-accountant for a report over request/reply."""
-    try:
-        nc = await connect_nats(nats_url, "agentbus-cli", reconnect_forever=False)
-    except (nats.errors.NoServersError, OSError) as exc:
-        raise click.ClickException(f"cannot reach NATS at {nats_url}: {exc}. Is `agentbus up` running?") from exc
     try:
         msg = await nc.request(COST_REPORT.format(), request.model_dump_json().encode(), timeout=timeout)
     except nats.errors.NoRespondersError as exc:
         raise click.ClickException("no cost-accountant is running to answer") from exc
     except (nats.errors.TimeoutError, TimeoutError) as exc:
         raise click.ClickException(f"the cost-accountant did not answer within {timeout}s") from exc
-    finally:
-        await nc.close()
     try:
         return CostReportReply.model_validate_json(msg.data)
     except ValidationError as exc:
@@ -85,7 +78,8 @@ def report(tenant: str | None, by: str, since: str | None, as_json: bool, timeou
         request = CostReportRequest.model_validate({"tenant": tenant, "by": by, "since": parse_since(since)})
     except ValidationError as exc:
         raise click.BadParameter(str(exc)) from exc
-    reply = asyncio.run(request_report(resolve_nats_url(nats_url), request, timeout))
+    # Reports span tenants: the operator's credential (none when the server enforces no identities).
+    reply = run_nats(nats_url, admin_credential(), lambda nc: request_report(nc, request, timeout))
     if reply.error is not None:
         raise click.ClickException(f"{reply.error.code}: {reply.error.message}")
     click.echo(reply.model_dump_json() if as_json else format_report(reply))

@@ -1,4 +1,5 @@
-"""`make demo`: start the embedded suite, run sample tasks end to end, print their events, stop, exit 0.
+"""`make demo`: start the embedded suite with identities enforced, run sample tasks end to end (one of them
+waits for a human approval, given with `agentbus approvals approve`), print their events, stop, exit 0.
 
 The model is `scripted`: a deterministic offline engine for demos and tests, not a language model.
 """
@@ -6,54 +7,91 @@ The model is `scripted`: a deterministic offline engine for demos and tests, not
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+from agentbus.cli.config import CREDENTIALS_DIR_VARIABLE, IDENTITIES_FILE_VARIABLE, NATS_URL_VARIABLE
 from agentbus.cli.suite import Suite
 from agentbus.cli.tasks import describe, submit_task
-from agentbus.contracts.tasks import TaskSubmitted
+from agentbus.contracts.tasks import TaskApprovalPending, TaskEvent, TaskSubmitted
 from agentbus.runtime.connection import connect_nats
 
+TENANT = "acme"
+SUBMITTER = "acme-app"
+APPROVER = "alice"
 SAMPLE_TASKS = (
-    (
-        "assistant",
-        "What is calculator((17+25)*3), and how many words are in word_count(the quick brown fox)?",
-    ),
+    ("assistant", "What is calculator((17+25)*3), and how many words are in word_count(the quick brown fox)?"),
     ("echo", "Summarise agentbus in one line."),
+    ("ops", 'The primary database is down: create_ticket(title="primary database down", priority="high")'),
 )
 
 
-async def _run_samples(nats_url: str) -> bool:
-    nc = await connect_nats(nats_url, "agentbus-demo")
+def _cli(suite: Suite, *arguments: str) -> None:
+    """Run an `agentbus` command as a person would, against the demo's server and credentials."""
+    env = {**os.environ, NATS_URL_VARIABLE: suite.nats_url}
+    if suite.enforce_identities:
+        env[CREDENTIALS_DIR_VARIABLE] = str(suite.credentials.directory)
+        env[IDENTITIES_FILE_VARIABLE] = str(suite.identities_path)
+    print(f"\n$ agentbus {' '.join(arguments)}", flush=True)
+    subprocess.run([sys.executable, "-m", "agentbus.cli.main", *arguments], env=env, check=True)
+
+
+async def _run_samples(suite: Suite) -> bool:
+    credential = suite.credential(f"submitter-{SUBMITTER}")
+    nc = await connect_nats(
+        suite.nats_url,
+        "agentbus-demo",
+        user=credential.user if credential else None,
+        password=credential.password if credential else None,
+    )
+    loop = asyncio.get_running_loop()
+    decisions: list[asyncio.Future[None]] = []
+
+    def on_event(event: TaskEvent) -> None:
+        print(describe(event), flush=True)
+        if isinstance(event, TaskApprovalPending):
+            # The approver answers from another terminal: here, the real CLI in a thread.
+            approve = ("approvals", "approve", event.approval_id, "--as", APPROVER, "--reason", "on-call agrees")
+            decisions.append(loop.run_in_executor(None, _approvals_then(suite, approve)))
+
     all_completed = True
     try:
         for agent, text in SAMPLE_TASKS:
             submission = TaskSubmitted(
-                task_id=f"demo-{uuid.uuid4().hex[:10]}",
-                tenant="demo",
-                agent=agent,
-                input=text,
-                submitted_by="demo",
+                task_id=f"demo-{uuid.uuid4().hex[:10]}", tenant=TENANT, agent=agent, input=text, submitted_by="carol"
             )
-            print(f"\n$ agentbus submit --tenant demo --agent {agent} --wait {text!r}")
-            print(f"  task {submission.task_id} on agentbus.tasks.submit.demo")
-            outcome = await submit_task(
-                nc, submission, on_submitted=lambda _: None, on_event=lambda e: print(describe(e)), wait_seconds=60
-            )
+            print(f"\n$ agentbus submit --tenant {TENANT} --agent {agent} --wait {text!r}")
+            print(f"  task {submission.task_id} on agentbus.tasks.submit.{TENANT}", flush=True)
+            outcome = await submit_task(nc, submission, on_submitted=lambda _: None, on_event=on_event, wait_seconds=90)
             all_completed = all_completed and outcome == "completed"
+        await asyncio.gather(*decisions)
     finally:
         await nc.close()
     return all_completed
 
 
+def _approvals_then(suite: Suite, approve: tuple[str, ...]) -> Callable[[], None]:
+    def run() -> None:
+        _cli(suite, "approvals", "list", "--tenant", TENANT, "--as", APPROVER)
+        _cli(suite, *approve)
+
+    return run
+
+
 def main() -> None:
     state_dir = Path(".agentbus") / "demo"
-    suite = Suite(state_dir, Path("agents"))
+    # Each demo starts from nothing: no approvals, ledger or streams left from an earlier run.
+    shutil.rmtree(state_dir, ignore_errors=True)
+    suite = Suite(state_dir, Path("agents"), enforce_identities=True)
     print("Starting the embedded suite (model: scripted, a deterministic offline engine, not an LLM)")
     try:
         suite.start()
-        ok = asyncio.run(_run_samples(suite.nats_url))
+        ok = asyncio.run(_run_samples(suite))
     finally:
         suite.stop()
     print("\ndemo " + ("finished: every task completed" if ok else "FAILED: a task did not complete"))

@@ -14,6 +14,7 @@ import click
 import nats.errors
 from agentbus.cli.approvals import approvals
 from agentbus.cli.config import STATE_DIR, admin_credential, run_nats, submitter_credential
+from agentbus.cli.cost import cost_group
 from agentbus.cli.identities import Credential, IdentityError
 from agentbus.cli.replay import replay
 from agentbus.cli.suite import DEFAULT_CONFIG_DIR, DEFAULT_TOOLS_DIR, Suite
@@ -55,6 +56,7 @@ def cli() -> None:
 
 
 cli.add_command(approvals)
+cli.add_command(cost_group)
 
 
 @cli.command()
@@ -253,3 +255,7 @@ def streams_apply(models: str, replicas: int, nats_url: str | None) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

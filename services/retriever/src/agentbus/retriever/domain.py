@@ -227,9 +227,10 @@ def documents_filter(tenant: str, document_ids: Iterable[str]) -> str:
     return f"{tenant_condition(tenant)} and {DOCUMENT_FIELD} in [{', '.join(literal(i) for i in ids)}]"
 
 
-def stale_chunks_filter(tenant: str, document_id: str, chunk_count: int) -> str:
-    """Chunks a shorter new version of a document no longer has."""
-    return (
-        f"{tenant_condition(tenant)} and {DOCUMENT_FIELD} == {literal(document_id)} "
-        f"and {CHUNK_INDEX_FIELD} >= {chunk_count}"
+def stale_chunks_filter(tenant: str, chunk_counts: dict[str, int]) -> str:
+    """Chunks that shorter new versions of these documents no longer have (one expression per batch)."""
+    stale = " or ".join(
+        f"({DOCUMENT_FIELD} == {literal(document_id)} and {CHUNK_INDEX_FIELD} >= {count})"
+        for document_id, count in chunk_counts.items()
     )
+    return f"{tenant_condition(tenant)} and ({stale})"

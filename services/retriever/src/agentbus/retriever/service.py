@@ -151,9 +151,9 @@ class RetrieverService:
                 )
                 position += 1
         await self._index.upsert(rows)
-        stale = 0
-        for doc in documents:
-            stale += await self._index.delete(stale_chunks_filter(message.tenant, doc.document_id, len(doc.chunks)))
+        stale = await self._index.delete(
+            stale_chunks_filter(message.tenant, {doc.document_id: len(doc.chunks) for doc in documents})
+        )
         self._metrics.chunks_indexed.inc(len(rows))
         return IngestOutcome(documents=len(documents), chunks=len(rows), stale_chunks_deleted=stale)
 
