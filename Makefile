@@ -21,8 +21,9 @@ lint: ## ruff lint and format check
 format: ## Apply ruff formatting and fixes
 	$(UV) run ruff format . && $(UV) run ruff check --fix .
 
-typecheck: ## mypy strict over every member, the tests and bench
-	$(UV) run mypy contracts/src libs/*/src services/*/src contracts/tests libs/runtime/tests services/*/tests tests bench
+typecheck: ## mypy strict over every member, the tests and bench (each service's tests apart: each has a conftest)
+	$(UV) run mypy contracts/src libs/*/src services/*/src contracts/tests libs/runtime/tests tests bench
+	for tests in services/*/tests; do $(UV) run mypy $$tests || exit 1; done
 
 schemas: ## Regenerate the committed JSON Schemas of the contracts
 	$(UV) run python -m agentbus.contracts.schemas contracts/schemas

@@ -14,18 +14,22 @@ from agentbus.runtime.server import NatsServerProcess
 from agentbus.runtime.service import BusService
 from agentbus.tool_executor.app import create_app as create_executor
 from agentbus.tool_executor.settings import ExecutorSettings
-from helpers import AGENTS_DIR, REPO_ROOT
+from agentbus.trace_exporter.app import create_app as create_trace_exporter
+from agentbus.trace_exporter.settings import TraceExporterSettings
+from helpers import AGENTS_DIR, REPO_ROOT, TRACES_FILE_NAME
 
 
 @pytest_asyncio.fixture(scope="session")
 async def suite(
     bootstrapped_nats: NatsServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[list[BusService]]:
-    """agent-runner, inference-worker (scripted engine) and tool-executor (SQLite) serving the session's server.
+    """agent-runner, inference-worker (scripted engine), tool-executor (SQLite) and trace-exporter (JSONL)
+    serving the session's server.
 
     Budgets are off here (no cost-accountant); tests/test_budget_flow.py runs the accountant for real.
     """
     executor_db = tmp_path_factory.mktemp("executor") / "tool-executor.db"
+    traces = tmp_path_factory.mktemp("traces")
     services: list[BusService] = [
         create_runner(
             RunnerSettings(
@@ -45,6 +49,15 @@ async def suite(
                 approvers_file=REPO_ROOT / "config" / "approvers.yaml",
                 database_url=f"sqlite+aiosqlite:///{executor_db}",
                 expiry_sweep_seconds=0.5,
+                drain_timeout_seconds=2,
+            )
+        ),
+        create_trace_exporter(
+            TraceExporterSettings(
+                nats_url=bootstrapped_nats.url,
+                jsonl_path=traces / TRACES_FILE_NAME,
+                ledger_path=traces / "ledger.sqlite3",
+                flush_interval_seconds=0.2,
                 drain_timeout_seconds=2,
             )
         ),

@@ -13,6 +13,7 @@ from nats.js.api import DeliverPolicy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENTS_DIR = REPO_ROOT / "agents"
+TRACES_FILE_NAME = "traces.jsonl"
 
 TERMINAL = {"rejected", "completed", "failed", "cancelled", "budget_exceeded"}
 

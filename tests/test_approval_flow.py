@@ -21,7 +21,7 @@ async def _first_event(nc: NatsClient, task_id: str, kind: str, timeout: float =
     try:
         async with asyncio.timeout(timeout):
             while True:
-                event = json.loads((await sub.next_msg(timeout=timeout)).data)
+                event: dict[str, Any] = json.loads((await sub.next_msg(timeout=timeout)).data)
                 if event["kind"] == kind:
                     return event
     finally:
@@ -35,7 +35,7 @@ async def _approval_request(nc: NatsClient, approval_id: str, timeout: float = 1
     try:
         async with asyncio.timeout(timeout):
             while True:
-                request = json.loads((await sub.next_msg(timeout=timeout)).data)
+                request: dict[str, Any] = json.loads((await sub.next_msg(timeout=timeout)).data)
                 if request["approval_id"] == approval_id:
                     return request
     finally:
