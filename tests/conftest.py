@@ -10,6 +10,8 @@ from agentbus.agent_runner.app import create_app as create_runner
 from agentbus.agent_runner.settings import RunnerSettings
 from agentbus.inference_worker.app import create_app as create_worker
 from agentbus.inference_worker.settings import WorkerSettings
+from agentbus.retriever.app import create_app as create_retriever
+from agentbus.retriever.settings import RetrieverSettings
 from agentbus.runtime.server import NatsServerProcess
 from agentbus.runtime.service import BusService
 from agentbus.tool_executor.app import create_app as create_executor
@@ -23,12 +25,13 @@ from helpers import AGENTS_DIR, REPO_ROOT, TRACES_FILE_NAME
 async def suite(
     bootstrapped_nats: NatsServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[list[BusService]]:
-    """agent-runner, inference-worker (scripted engine), tool-executor (SQLite) and trace-exporter (JSONL)
-    serving the session's server.
+    """agent-runner, inference-worker (scripted engine), tool-executor (SQLite), retriever (Milvus Lite) and
+    trace-exporter (JSONL) serving the session's server.
 
     Budgets are off here (no cost-accountant); tests/test_budget_flow.py runs the accountant for real.
     """
     executor_db = tmp_path_factory.mktemp("executor") / "tool-executor.db"
+    milvus = tmp_path_factory.mktemp("retriever") / "milvus.db"
     traces = tmp_path_factory.mktemp("traces")
     services: list[BusService] = [
         create_runner(
@@ -51,6 +54,9 @@ async def suite(
                 expiry_sweep_seconds=0.5,
                 drain_timeout_seconds=2,
             )
+        ),
+        create_retriever(
+            RetrieverSettings(nats_url=bootstrapped_nats.url, milvus_uri=str(milvus), drain_timeout_seconds=2)
         ),
         create_trace_exporter(
             TraceExporterSettings(

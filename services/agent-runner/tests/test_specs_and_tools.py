@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 from agentbus.agent_runner.specs import AgentSpecError, load_agent_specs
-from agentbus.agent_runner.tools import BUILTIN_TOOLS, ToolInputError, calculator, word_count
+from agentbus.agent_runner.tools import BUILTIN_TOOLS, ToolCatalog, ToolInputError, calculator, word_count
+from agentbus.runtime.tool_registry import load_tool_definitions
 
 REPO_AGENTS = Path(__file__).resolve().parents[3] / "agents"
+REPO_TOOLS = Path(__file__).resolve().parents[3] / "tools"
 GOOD = "name: a\nmodel: scripted\nsystem_prompt: hi\ntools: [calculator]\nmax_steps: 3\n"
 
 
@@ -17,9 +19,12 @@ def _write(tmp_path: Path, text: str, name: str = "a.yaml") -> Path:
     return tmp_path
 
 
-def test_the_shipped_agent_specs_load() -> None:
-    specs = load_agent_specs(REPO_AGENTS, set(BUILTIN_TOOLS))
-    assert {"assistant", "echo"} <= set(specs)
+def test_the_shipped_agent_specs_load_with_the_shipped_tools() -> None:
+    catalog = ToolCatalog({name: d.spec() for name, d in load_tool_definitions(REPO_TOOLS).items()})
+    specs = load_agent_specs(REPO_AGENTS, catalog.names)
+    assert {"assistant", "echo", "ops", "deploy-assistant", "support"} <= set(specs)
+    with pytest.raises(AgentSpecError, match="unknown tool 'render_manifest'"):
+        load_agent_specs(REPO_AGENTS, set(BUILTIN_TOOLS))
 
 
 @pytest.mark.parametrize(

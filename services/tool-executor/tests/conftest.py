@@ -3,7 +3,7 @@ the runner's stand-in, and executors started in this process."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,8 @@ from agentbus.runtime.connection import connect_nats
 from agentbus.runtime.server import NatsServerProcess
 from agentbus.testing import nats_server_or_skip
 from agentbus.tool_executor.app import ToolExecutorApp, create_app
-from executor_harness import RunnerStandIn, executor_settings
+from executor_harness import RunnerStandIn, StartExecutor, executor_settings
 from nats.aio.client import Client as NatsClient
-
-StartExecutor = Callable[..., Awaitable[ToolExecutorApp]]
 
 
 @pytest.fixture(scope="module")

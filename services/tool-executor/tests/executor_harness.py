@@ -9,6 +9,7 @@ import json
 import shutil
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from agentbus.contracts.registry import (
     USAGE_RECORDED,
 )
 from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate
+from agentbus.tool_executor.app import ToolExecutorApp
 from agentbus.tool_executor.settings import ExecutorSettings
 from nats.aio.client import Client as NatsClient
 from nats.js.api import DeliverPolicy
@@ -108,6 +110,10 @@ approval:
 python: {callable: "agentbus.tool_executor.builtins.kubernetes:render_manifest"}
 """,
 }
+
+
+StartExecutor = Callable[..., Awaitable[ToolExecutorApp]]
+"""Starts an executor in this process with settings overrides."""
 
 
 def prepare_config(root: Path) -> tuple[Path, Path]:

@@ -15,9 +15,9 @@ from agentbus.tool_executor.adapters.sql_store import tickets
 from agentbus.tool_executor.app import ToolExecutorApp
 from agentbus.tool_executor.domain import ApprovalStatus, approval_id_for
 from agentbus.tool_executor.service import DecisionOutcome
-from conftest import StartExecutor
 from executor_harness import (
     RunnerStandIn,
+    StartExecutor,
     decision_payload,
     make_call,
     new_id,

@@ -1,5 +1,6 @@
-"""`make demo`: start the embedded suite with identities enforced, run sample tasks end to end (one of them
-waits for a human approval, given with `agentbus approvals approve`), print their events, stop, exit 0.
+"""`make demo`: start the embedded suite with identities enforced, ingest the sample corpus, run sample tasks
+end to end (one waits for a human approval, given with `agentbus approvals approve`; one answers from the
+corpus with citations), print their events, stop, exit 0.
 
 The model is `scripted`: a deterministic offline engine for demos and tests, not a language model.
 """
@@ -28,7 +29,9 @@ SAMPLE_TASKS = (
     ("assistant", "What is calculator((17+25)*3), and how many words are in word_count(the quick brown fox)?"),
     ("echo", "Summarise agentbus in one line."),
     ("ops", 'The primary database is down: create_ticket(title="primary database down", priority="high")'),
+    ("support", 'A customer asks: search_knowledge_base(query="how long does a refund take to arrive")'),
 )
+SAMPLE_CORPUS = "examples/corpus/support"
 
 
 def _cli(suite: Suite, *arguments: str) -> None:
@@ -91,6 +94,7 @@ def main() -> None:
     print("Starting the embedded suite (model: scripted, a deterministic offline engine, not an LLM)")
     try:
         suite.start()
+        _cli(suite, "ingest", TENANT, SAMPLE_CORPUS)
         ok = asyncio.run(_run_samples(suite))
     finally:
         suite.stop()

@@ -16,6 +16,7 @@ from agentbus.cli.approvals import approvals
 from agentbus.cli.config import STATE_DIR, admin_credential, run_nats, submitter_credential
 from agentbus.cli.cost import cost_group
 from agentbus.cli.identities import Credential, IdentityError
+from agentbus.cli.rag import ingest_command, search_command
 from agentbus.cli.replay import replay
 from agentbus.cli.suite import DEFAULT_CONFIG_DIR, DEFAULT_TOOLS_DIR, Suite
 from agentbus.cli.tasks import describe, submit_task
@@ -57,6 +58,8 @@ def cli() -> None:
 
 cli.add_command(approvals)
 cli.add_command(cost_group)
+cli.add_command(ingest_command, "ingest")
+cli.add_command(search_command, "search")
 
 
 @cli.command()

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 import nats.errors
-from agentbus.cli.config import resolve_nats_url
+from agentbus.cli.config import admin_credential, resolve_nats_url
 from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.rag import DocumentsIngest, IngestDocument, MetadataFilter, SearchReply, SearchRequest
 from agentbus.contracts.registry import (
@@ -126,8 +126,17 @@ def batches(tenant: str, documents: list[IngestDocument]) -> Iterator[DocumentsI
 
 async def _connect(url: str | None) -> NatsClient:
     resolved = resolve_nats_url(url)
+    # Ingestion and search are operator actions on a tenant's knowledge base: the operator's credential
+    # (none when the server enforces no identities).
+    credential = admin_credential()
     try:
-        return await connect_nats(resolved, "agentbus-cli", reconnect_forever=False)
+        return await connect_nats(
+            resolved,
+            "agentbus-cli",
+            user=credential.user if credential else None,
+            password=credential.password if credential else None,
+            reconnect_forever=False,
+        )
     except (nats.errors.NoServersError, OSError) as exc:
         raise click.ClickException(f"cannot reach NATS at {resolved}: {exc}. Is `agentbus up` running?") from exc
 

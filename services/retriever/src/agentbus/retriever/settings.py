@@ -33,7 +33,9 @@ class RetrieverSettings(ServiceSettings):
     embedding_dimension: int | None = Field(
         default=None, ge=1, description="openai backend: vector size; probed with one request when unset."
     )
-    embedding_batch_size: int = Field(default=32, ge=1, le=2048, description="Texts per embedding batch.")
+    embedding_batch_size: int = Field(
+        default=16, ge=1, le=2048, description="Texts per forward pass (minilm) or per request (openai)."
+    )
     embedding_timeout_seconds: float = Field(default=60.0, gt=0, description="openai backend: per request.")
     chunk_chars: int = Field(default=1000, ge=100, description="Longest chunk, in characters.")
     chunk_overlap_chars: int = Field(default=150, ge=0, description="Characters shared by neighbouring chunks.")
