@@ -43,7 +43,7 @@ async def test_the_support_agent_answers_with_citations_from_its_own_tenant_only
     assert [e["kind"] for e in events] == ["accepted", "step", "step", "completed"]
     completed = events[-1]
     citations = completed["citations"]
-    assert citations, "the answer must cite what it retrieved"
+    assert citations, f"the answer must cite what it retrieved: {completed['output']}"
     assert {c["document_id"] for c in citations} == {"kb-refunds"}
     assert "5 to 10 business days" in citations[0]["text"]
     assert "Globex" not in completed["output"]

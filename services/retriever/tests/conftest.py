@@ -15,15 +15,17 @@ TEST_MAX_TOP_K = 20
 TEST_MAX_DOCUMENT_BYTES = 20_000
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def minilm() -> MiniLmEmbedder:
-    """One loaded model for the session: the weights are read once."""
+    """One loaded model per module: the retriever that uses it closes it when the module ends."""
     embedder = MiniLmEmbedder(batch_size=16)
     embedder.load()
     return embedder
 
 
-@pytest_asyncio.fixture(scope="session")
+# Module scope: the session's server is shared with the cross-service suite, whose own retriever must be the
+# only one answering there once these modules are done (a second one would split the queue group).
+@pytest_asyncio.fixture(scope="module")
 async def retriever(
     bootstrapped_nats: NatsServerProcess, tmp_path_factory: pytest.TempPathFactory, minilm: MiniLmEmbedder
 ) -> AsyncIterator[RetrieverApp]:
