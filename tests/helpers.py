@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agentbus.contracts.approvals import ApprovalDecision, arguments_sha256
+from agentbus.contracts.registry import APPROVAL_DECISION, APPROVAL_PENDING
 from nats.aio.client import Client as NatsClient
 from nats.js.api import DeliverPolicy
 
@@ -54,3 +57,59 @@ async def task_events(
     finally:
         await sub.unsubscribe()
     return events
+
+
+async def first_message(
+    nc: NatsClient, subject: str, matches: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+) -> dict[str, Any]:
+    """Replay `subject` from its first stored message until one matches; TimeoutError otherwise."""
+    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message: dict[str, Any] = json.loads((await sub.next_msg(timeout=timeout)).data)
+                if matches(message):
+                    return message
+    finally:
+        await sub.unsubscribe()
+
+
+async def stored_messages(
+    nc: NatsClient, subject: str, matches: Callable[[dict[str, Any]], bool], idle: float = 0.5
+) -> list[dict[str, Any]]:
+    """Every stored message of `subject` that matches, read until none arrives for `idle` seconds."""
+    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    found = []
+    try:
+        while True:
+            message = json.loads((await sub.next_msg(timeout=idle)).data)
+            if matches(message):
+                found.append(message)
+    except TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def first_event(nc: NatsClient, task_id: str, kind: str) -> dict[str, Any]:
+    return await first_message(nc, f"agentbus.tasks.events.acme.{task_id}", lambda e: e["kind"] == kind)
+
+
+async def approval_request(nc: NatsClient, approval_id: str) -> dict[str, Any]:
+    return await first_message(
+        nc, APPROVAL_PENDING.format(tenant="acme"), lambda r: r["approval_id"] == approval_id, timeout=10.0
+    )
+
+
+async def decide(nc: NatsClient, request: dict[str, Any], approver: str, decision: str, **extra: Any) -> None:
+    payload = ApprovalDecision(
+        approval_id=request["approval_id"],
+        decision=decision,  # type: ignore[arg-type]
+        approver=approver,
+        arguments_sha256=arguments_sha256(request["arguments"]),
+        **extra,
+    )
+    await nc.jetstream().publish(
+        APPROVAL_DECISION.format(tenant="acme", approver=approver), payload.model_dump_json().encode()
+    )

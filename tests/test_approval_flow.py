@@ -3,73 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
-from agentbus.contracts.approvals import ApprovalDecision, arguments_sha256
-from agentbus.contracts.registry import APPROVAL_DECISION, APPROVAL_PENDING, APPROVAL_RESOLVED
+from agentbus.contracts.registry import APPROVAL_RESOLVED
 from agentbus.runtime.service import BusService
-from helpers import new_task_id, publish_submission, submission, task_events
+from helpers import (
+    approval_request,
+    decide,
+    first_event,
+    new_task_id,
+    publish_submission,
+    stored_messages,
+    submission,
+    task_events,
+)
 from nats.aio.client import Client as NatsClient
-from nats.js.api import DeliverPolicy
-
-
-async def _first_event(nc: NatsClient, task_id: str, kind: str, timeout: float = 20.0) -> dict[str, Any]:
-    sub = await nc.jetstream().subscribe(
-        f"agentbus.tasks.events.acme.{task_id}", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                event: dict[str, Any] = json.loads((await sub.next_msg(timeout=timeout)).data)
-                if event["kind"] == kind:
-                    return event
-    finally:
-        await sub.unsubscribe()
-
-
-async def _approval_request(nc: NatsClient, approval_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    sub = await nc.jetstream().subscribe(
-        APPROVAL_PENDING.format(tenant="acme"), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                request: dict[str, Any] = json.loads((await sub.next_msg(timeout=timeout)).data)
-                if request["approval_id"] == approval_id:
-                    return request
-    finally:
-        await sub.unsubscribe()
 
 
 async def _resolutions(nc: NatsClient, approval_id: str) -> list[dict[str, Any]]:
-    sub = await nc.jetstream().subscribe(
-        APPROVAL_RESOLVED.format(tenant="acme"), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
-    found = []
-    try:
-        while True:
-            resolved = json.loads((await sub.next_msg(timeout=0.5)).data)
-            if resolved["approval_id"] == approval_id:
-                found.append(resolved)
-    except TimeoutError:
-        pass
-    finally:
-        await sub.unsubscribe()
-    return found
-
-
-async def _decide(nc: NatsClient, request: dict[str, Any], approver: str, decision: str, **extra: Any) -> None:
-    payload = ApprovalDecision(
-        approval_id=request["approval_id"],
-        decision=decision,  # type: ignore[arg-type]
-        approver=approver,
-        arguments_sha256=arguments_sha256(request["arguments"]),
-        **extra,
-    )
-    await nc.jetstream().publish(
-        APPROVAL_DECISION.format(tenant="acme", approver=approver), payload.model_dump_json().encode()
-    )
+    return await stored_messages(nc, APPROVAL_RESOLVED.format(tenant="acme"), lambda r: r["approval_id"] == approval_id)
 
 
 async def test_an_approved_high_priority_ticket_is_created_once_and_the_run_completes(
@@ -78,13 +30,13 @@ async def test_an_approved_high_priority_ticket_is_created_once_and_the_run_comp
     task_id = new_task_id("approve")
     text = 'create_ticket(title="db down", priority="high")'
     await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="carol"))
-    pending = await _first_event(nats_client, task_id, "approval_pending")
-    request = await _approval_request(nats_client, pending["approval_id"])
+    pending = await first_event(nats_client, task_id, "approval_pending")
+    request = await approval_request(nats_client, pending["approval_id"])
     assert request["tool"] == "create_ticket"
     assert request["arguments"] == {"title": "db down", "priority": "high"}
     assert request["requested_by"] == "carol"
 
-    await _decide(nats_client, request, "alice", "approve")
+    await decide(nats_client, request, "alice", "approve")
     events = await task_events(nats_client, task_id, settle=0.5)
     kinds = [e["kind"] for e in events]
     assert kinds == ["accepted", "step", "approval_pending", "approval_resolved", "step", "completed"]
@@ -105,9 +57,9 @@ async def test_a_denied_call_never_runs_and_the_model_is_told_why(
     task_id = new_task_id("deny")
     text = 'create_ticket(title="rotate keys", priority="high")'
     await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="carol"))
-    pending = await _first_event(nats_client, task_id, "approval_pending")
-    request = await _approval_request(nats_client, pending["approval_id"])
-    await _decide(nats_client, request, "bob", "deny", reason="not during the freeze")
+    pending = await first_event(nats_client, task_id, "approval_pending")
+    request = await approval_request(nats_client, pending["approval_id"])
+    await decide(nats_client, request, "bob", "deny", reason="not during the freeze")
     events = await task_events(nats_client, task_id)
     assert [e["kind"] for e in events][-3:] == ["approval_resolved", "step", "completed"]
     assert (events[-3]["outcome"], events[-3]["by"]) == ("denied", "bob")
@@ -120,12 +72,12 @@ async def test_a_self_approval_is_refused_and_the_call_keeps_waiting(
     task_id = new_task_id("self")
     text = 'create_ticket(title="my own", priority="high")'
     await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="alice"))
-    pending = await _first_event(nats_client, task_id, "approval_pending")
-    request = await _approval_request(nats_client, pending["approval_id"])
-    await _decide(nats_client, request, "alice", "approve")
+    pending = await first_event(nats_client, task_id, "approval_pending")
+    request = await approval_request(nats_client, pending["approval_id"])
+    await decide(nats_client, request, "alice", "approve")
     await asyncio.sleep(1.0)
     assert await _resolutions(nats_client, request["approval_id"]) == []
-    await _decide(nats_client, request, "bob", "approve")
+    await decide(nats_client, request, "bob", "approve")
     events = await task_events(nats_client, task_id)
     assert events[-1]["kind"] == "completed"
     assert [e["by"] for e in events if e["kind"] == "approval_resolved"] == ["bob"]

@@ -9,9 +9,8 @@ from typing import Any
 
 from agentbus.runtime.service import BusService
 from agentbus.trace_exporter.settings import TraceExporterSettings
-from helpers import new_task_id, publish_submission, submission, task_events
+from helpers import approval_request, decide, first_event, new_task_id, publish_submission, submission, task_events
 from nats.aio.client import Client as NatsClient
-from test_approval_flow import _approval_request, _decide, _first_event
 
 
 def _traces_file(suite: list[BusService]) -> Path:
@@ -37,8 +36,8 @@ async def test_an_approved_run_is_one_connected_trace_with_every_kind_of_span(
     task_id = new_task_id("traced")
     text = f'Incident {task_id}: create_ticket(title="disk full", priority="high")'
     await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="carol"))
-    pending = await _first_event(nats_client, task_id, "approval_pending")
-    await _decide(nats_client, await _approval_request(nats_client, pending["approval_id"]), "bob", "approve")
+    pending = await first_event(nats_client, task_id, "approval_pending")
+    await decide(nats_client, await approval_request(nats_client, pending["approval_id"]), "bob", "approve")
     assert (await task_events(nats_client, task_id))[-1]["kind"] == "completed"
 
     expected_kinds = {"task", "agent_step", "generation", "tool", "approval_wait"}

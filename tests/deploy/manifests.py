@@ -9,7 +9,6 @@ import functools
 import importlib
 import inspect
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 import yaml
 from agentbus.contracts.registry import Service
 from agentbus.runtime.settings import ServiceSettings
+from agentbus.testing import skip_outside_ci
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
@@ -121,10 +121,7 @@ def kubectl() -> str:
     """The kubectl binary, or a skip; in CI (CI=true) a missing kubectl fails instead of skipping."""
     path = shutil.which("kubectl")
     if path is None:
-        message = "kubectl not found on PATH: the Kustomize overlays cannot be rendered (kubectl kustomize)"
-        if os.environ.get("CI", "").lower() in {"true", "1", "yes"}:
-            pytest.fail(f"{message}. CI must install kubectl (>= 1.27, kustomize v5).", pytrace=False)
-        pytest.skip(message)
+        skip_outside_ci("kubectl (>= 1.27, kustomize v5) not found on PATH: the Kustomize overlays cannot be rendered")
     return path
 
 

@@ -208,7 +208,8 @@ def test_cancel_while_generating_aborts_the_request_on_its_deployment() -> None:
     state = domain.start(SUBMISSION, SPEC, CATALOG, ROUTER).state
     cancelled = domain.cancel(state, TaskCancelRequested(task_id="t1", tenant="acme", reason="stop"))
     assert cancelled is not None
-    assert [a.request_id for a in cancelled.aborts] == [state.awaiting_request_id]
+    assert cancelled.abort is not None
+    assert cancelled.abort.request_id == state.awaiting_request_id
     assert cancelled.abort_model == state.requested_model
 
 

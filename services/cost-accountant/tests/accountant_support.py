@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from agentbus.cost_accountant.adapters.sql_store import SqlAccountantStore, create_engine, migrate
 from agentbus.cost_accountant.budgets import BudgetConfig, BudgetPolicy
+from agentbus.testing import skip_outside_ci
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -32,9 +32,7 @@ async def database(kind: str, tmp_path: Path) -> AsyncIterator[tuple[str, str | 
             await connection.execute(text(f"CREATE SCHEMA {schema}"))
     except Exception as exc:
         await admin.dispose()
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"Postgres unavailable at {POSTGRES_URL}: {exc}")
+        skip_outside_ci(f"Postgres unavailable at {POSTGRES_URL}: {exc}")
     try:
         yield POSTGRES_URL, schema
     finally:

@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from agentbus.contracts.approvals import arguments_sha256
+from agentbus.testing import skip_outside_ci
 from agentbus.tool_executor.adapters.sql_store import SqlApprovalStore, tickets
 from agentbus.tool_executor.domain import (
     ApprovalRecord,
@@ -48,9 +49,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             await conn.exec_driver_sql(f'CREATE DATABASE "{database}"')
     except (OSError, sa.exc.SQLAlchemyError) as exc:
         await admin.dispose()
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"postgres unavailable: {exc}")
+        skip_outside_ci(f"postgres unavailable: {exc}")
     try:
         sql = SqlApprovalStore(f"{POSTGRES_URL.rsplit('/', 1)[0]}/{database}")
         await sql.create_tables()

@@ -8,8 +8,9 @@ Loaded as a pytest plugin (entry point `agentbus`). Fixtures:
 
 `running_nats_server(store_dir, users=...)` starts a server of one's own, optionally requiring
 authentication and enforcing per-user permissions; `nats_server_or_skip` does the same for a fixture.
+`skip_outside_ci(reason)` skips a test whose server is missing, and fails it under CI=true.
 """
 
-from agentbus.testing.plugin import nats_server_or_skip, running_nats_server
+from agentbus.testing.plugin import nats_server_or_skip, running_nats_server, skip_outside_ci
 
-__all__ = ["nats_server_or_skip", "running_nats_server"]
+__all__ = ["nats_server_or_skip", "running_nats_server", "skip_outside_ci"]

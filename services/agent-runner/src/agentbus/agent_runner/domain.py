@@ -8,7 +8,7 @@ input twice produces nothing the second time.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -156,8 +156,8 @@ class Transition:
     events: list[TaskEvent] = field(default_factory=list)
     llm_request: LlmRequest | None = None
     tool_calls: list[ToolCallRequested] = field(default_factory=list)
-    aborts: list[LlmAbort] = field(default_factory=list)
-    abort_model: str | None = None
+    abort: LlmAbort | None = None
+    abort_model: str | None = None  # the deployment whose workers must drop `abort`
 
 
 def request_id(task_id: str, step: int) -> str:
@@ -443,7 +443,7 @@ def cancel(state: RunState, request: TaskCancelRequested) -> Transition | None:
     if state.awaiting_request_id is None or state.requested_model is None:
         return ended
     abort = LlmAbort(request_id=state.awaiting_request_id, task_id=state.task_id)
-    return Transition(ended.state, ended.events, aborts=[abort], abort_model=state.requested_model)
+    return replace(ended, abort=abort, abort_model=state.requested_model)
 
 
 def deny_budget(transition: Transition, verdict: BudgetReserveReply) -> Transition:
@@ -467,7 +467,7 @@ def with_cost(transition: Transition, cost_usd: float) -> Transition:
         event.model_copy(update={"cost_usd": cost_usd}) if isinstance(event, TaskCompleted | TaskFailed) else event
         for event in transition.events
     ]
-    return Transition(transition.state, events, transition.llm_request, transition.tool_calls, transition.aborts)
+    return replace(transition, events=events)
 
 
 def cancel_before_start(request: TaskCancelRequested) -> Transition:

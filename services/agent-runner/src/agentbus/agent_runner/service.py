@@ -200,13 +200,20 @@ class RunnerService:
     def _reservations(self, transition: Transition) -> list[BudgetReserveRequest]:
         state = transition.state
 
-        def reservation(reservation_id: str, kind: Literal["llm", "tool"]) -> BudgetReserveRequest:
+        def reservation(
+            reservation_id: str, kind: Literal["llm", "tool"], *, model: str | None = None, tool: str | None = None
+        ) -> BudgetReserveRequest:
+            request = transition.llm_request if kind == "llm" else None
             return BudgetReserveRequest(
                 reservation_id=reservation_id,
                 kind=kind,
                 tenant=state.tenant,
                 task_id=state.task_id,
                 agent=state.agent,
+                model=model,
+                tool=tool,
+                estimated_prompt_tokens=_estimated_prompt_tokens(request) if request else 0,
+                estimated_completion_tokens=request.max_tokens if request else 0,
                 task_budget_usd=state.budget_usd,
                 submitted_by=state.submitted_by,
             )
@@ -214,18 +221,9 @@ class RunnerService:
         reservations = []
         if transition.llm_request is not None:
             request = transition.llm_request
-            reservations.append(
-                reservation(f"llm:{request.request_id}", "llm").model_copy(
-                    update={
-                        "model": request.model,
-                        "estimated_prompt_tokens": _estimated_prompt_tokens(request),
-                        "estimated_completion_tokens": request.max_tokens,
-                    }
-                )
-            )
+            reservations.append(reservation(f"llm:{request.request_id}", "llm", model=request.model))
         reservations.extend(
-            reservation(f"tool:{call.call_id}", "tool").model_copy(update={"tool": call.tool})
-            for call in transition.tool_calls
+            reservation(f"tool:{call.call_id}", "tool", tool=call.tool) for call in transition.tool_calls
         )
         return reservations
 
@@ -311,15 +309,14 @@ class RunnerService:
                 )
             )
         items.extend(self._tool_call_item(call, step_trace) for call in transition.tool_calls)
-        if transition.abort_model is not None:
-            items.extend(
+        if transition.abort is not None and transition.abort_model is not None:
+            items.append(
                 OutboxItem(
                     subject=LLM_ABORT.format(model=transition.abort_model),
-                    msg_id=f"abort:{abort.request_id}",
-                    payload=abort.model_dump_json(),
+                    msg_id=f"abort:{transition.abort.request_id}",
+                    payload=transition.abort.model_dump_json(),
                     core=True,
                 )
-                for abort in transition.aborts
             )
         return items
 
