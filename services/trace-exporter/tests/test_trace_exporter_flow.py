@@ -235,8 +235,12 @@ async def test_a_task_becomes_one_connected_trace_that_langfuse_can_read(
 
     posted = receiver.requests[0]
     assert posted.path == OTLP_BASE_PATH + "/v1/traces"
-    assert posted.headers["Content-Type"] == "application/x-protobuf"
-    assert posted.headers["Authorization"] == "Basic " + base64.b64encode(b"pk-lf-test:sk-lf-test").decode()
+    assert posted.header("Content-Type") == "application/x-protobuf"
+    assert posted.header("Authorization") == "Basic " + base64.b64encode(b"pk-lf-test:sk-lf-test").decode()
+    # Langfuse's ingestion path for OTLP data sent as its own SDK sends it, and a gzip body it decompresses.
+    assert posted.header("x-langfuse-ingestion-version") == "4"
+    assert posted.header("Content-Encoding") == "gzip"
+    assert posted.wire_bytes < posted.body_bytes
 
 
 async def test_spans_wait_unacked_while_the_backend_is_down_and_arrive_once_when_it_returns(

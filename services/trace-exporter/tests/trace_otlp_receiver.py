@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,10 +59,22 @@ class ReceivedRequest:
     headers: dict[str, str]
     status: int
     span_names: list[str]
+    wire_bytes: int
+    """The body's size as it came over the wire (compressed, when it was)."""
+    body_bytes: int
+    """The size of the protobuf request it carried."""
+
+    def header(self, name: str) -> str | None:
+        """A request header, by its case-insensitive name."""
+        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
 
 
 class OtlpReceiver:
-    """ThreadingHTTPServer on a free port. `down` makes it answer 503; `reject_names` makes it answer 400."""
+    """ThreadingHTTPServer on a free port. `down` makes it answer 503; `reject_names` makes it answer 400.
+
+    A body sent with `Content-Encoding: gzip` is decompressed first, as an OTLP/HTTP receiver does; any other
+    encoding is answered 415.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -75,9 +88,16 @@ class OtlpReceiver:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                wire = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                encoding = self.headers.get("Content-Encoding", "identity").lower()
+                if encoding not in {"identity", "gzip"}:
+                    self.send_response(415)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = gzip.decompress(wire) if encoding == "gzip" else wire
                 request = ExportTraceServiceRequest.FromString(body)
-                status = receiver._accept(self.path, dict(self.headers), request)
+                status = receiver._accept(self.path, dict(self.headers), request, len(wire), len(body))
                 payload = ExportTraceServiceResponse().SerializeToString() if status == 200 else b"unavailable"
                 self.send_response(status)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -92,7 +112,9 @@ class OtlpReceiver:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def _accept(self, path: str, headers: dict[str, str], request: ExportTraceServiceRequest) -> int:
+    def _accept(
+        self, path: str, headers: dict[str, str], request: ExportTraceServiceRequest, wire_bytes: int, body_bytes: int
+    ) -> int:
         decoded = [
             ReceivedSpan(
                 service=next(plain(a.value) for a in rs.resource.attributes if a.key == "service.name"),
@@ -112,7 +134,7 @@ class OtlpReceiver:
             else:
                 status = 200
                 self.spans.extend(decoded)
-            self.requests.append(ReceivedRequest(path, headers, status, names))
+            self.requests.append(ReceivedRequest(path, headers, status, names, wire_bytes, body_bytes))
         return status
 
     @property

@@ -5,8 +5,9 @@ This service reads them with the durable consumer `trace-exporter-spans` and exp
 
 - by default appended to a local JSONL file (`AGENTBUS_TRACES_JSONL_PATH`, one span per line);
 - with `AGENTBUS_TRACES_OTLP_ENDPOINT` (e.g. `http://langfuse:3000/api/public/otel`), POSTed to
-  `<endpoint>/v1/traces` as protobuf `ExportTraceServiceRequest`s with HTTP basic auth
-  (`AGENTBUS_TRACES_LANGFUSE_PUBLIC_KEY` : `AGENTBUS_TRACES_LANGFUSE_SECRET_KEY`).
+  `<endpoint>/v1/traces` as gzip-compressed protobuf `ExportTraceServiceRequest`s with HTTP basic auth
+  (`AGENTBUS_TRACES_LANGFUSE_PUBLIC_KEY` : `AGENTBUS_TRACES_LANGFUSE_SECRET_KEY`) and the header
+  `x-langfuse-ingestion-version: 4`, without which Langfuse Cloud routes OTLP data onto a delayed path.
 
 The trace of a task is the trace id its `traceparent` carries across every hop. Each exported span carries
 Langfuse's attributes (see `domain.py`): the trace is named after the agent (`agentbus.agent`), its session

@@ -27,7 +27,10 @@ def create_sink(settings: TraceExporterSettings) -> TraceSink:
     if settings.langfuse_public_key is not None and settings.langfuse_secret_key is not None:
         authorization = basic_auth(settings.langfuse_public_key, settings.langfuse_secret_key.get_secret_value())
     return OtlpHttpTraceSink(
-        settings.otlp_endpoint, authorization=authorization, timeout_seconds=settings.otlp_timeout_seconds
+        settings.otlp_endpoint,
+        authorization=authorization,
+        timeout_seconds=settings.otlp_timeout_seconds,
+        compress=settings.otlp_gzip,
     )
 
 

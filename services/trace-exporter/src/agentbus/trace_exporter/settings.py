@@ -41,6 +41,7 @@ class TraceExporterSettings(ServiceSettings):
         default=None, description="Langfuse secret key (basic auth password)."
     )
     otlp_timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one export request.")
+    otlp_gzip: bool = Field(default=True, description="Send export requests gzip-compressed (Content-Encoding: gzip).")
     redact_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_REDACT_PATTERNS),
         description="Regular expressions whose matches in exported text are replaced by [REDACTED] (JSON list).",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import gzip
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -17,6 +19,11 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 TRACES_PATH = "/v1/traces"
 SCOPE_NAME = "agentbus"
 PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
+LANGFUSE_INGESTION_VERSION_HEADER = "x-langfuse-ingestion-version"
+LANGFUSE_INGESTION_VERSION = "4"
+"""Langfuse routes OTLP data without this header (as its own SDK sends it) onto a delayed path (up to ~10 min)."""
+GZIP_LEVEL = 6
+_GZIP_OFF_LOOP_BYTES = 256 * 1024  # larger bodies are compressed on a worker thread, off the event loop
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Statuses after which the same request may succeed later. 401/403 are here too: wrong keys are fixed by
 # an operator, and until then the spans are better waiting in JetStream than dead-lettered.
@@ -94,8 +101,20 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+async def gzipped(body: bytes) -> bytes:
+    """The body gzip-compressed (large ones on a worker thread)."""
+    if len(body) >= _GZIP_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(gzip.compress, body, GZIP_LEVEL)
+    return gzip.compress(body, GZIP_LEVEL)
+
+
 class OtlpHttpTraceSink:
-    """POSTs protobuf ExportTraceServiceRequests to `<endpoint>/v1/traces`, e.g. Langfuse's /api/public/otel."""
+    """POSTs protobuf ExportTraceServiceRequests to `<endpoint>/v1/traces`, e.g. Langfuse's /api/public/otel.
+
+    Every request carries Langfuse's ingestion version header and, unless `compress` is off, a gzip body
+    (`Content-Encoding: gzip`, which OTLP/HTTP receivers and Langfuse accept): span attributes are
+    repetitive text, and compressed batches are several times smaller on the wire.
+    """
 
     name = "otlp"
 
@@ -105,16 +124,25 @@ class OtlpHttpTraceSink:
         *,
         authorization: str | None = None,
         timeout_seconds: float = 10.0,
+        compress: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = traces_url(endpoint)
-        headers = {"Content-Type": PROTOBUF_CONTENT_TYPE}
+        self.compress = compress
+        headers = {
+            "Content-Type": PROTOBUF_CONTENT_TYPE,
+            LANGFUSE_INGESTION_VERSION_HEADER: LANGFUSE_INGESTION_VERSION,
+        }
+        if compress:
+            headers["Content-Encoding"] = "gzip"
         if authorization is not None:
             headers["Authorization"] = authorization
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout_seconds, transport=transport)
 
     async def export(self, spans: Sequence[ExportSpan]) -> None:
         body = encode_request(spans).SerializeToString()
+        if self.compress:
+            body = await gzipped(body)
         try:
             response = await self._client.post(self.url, content=body)
         except httpx.HTTPError as exc:
