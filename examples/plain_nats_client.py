@@ -1,43 +1,74 @@
 """Submit a task and follow its events with plain nats-py: no agentbus import, only the wire contract.
 
-uv run agentbus up            # in one terminal
-uv run python examples/plain_nats_client.py nats://127.0.0.1:4222
+    uv run agentbus up      # in another terminal: it writes ./.agentbus/env and ./.agentbus/credentials/
+    uv run python examples/plain_nats_client.py nats://127.0.0.1:4222 .agentbus/credentials/submitter-acme-app.json
+
+Without a credentials file it connects anonymously (a server that enforces no identities) as `anonymous`.
 """
 
 import asyncio
 import json
 import sys
 import uuid
+from pathlib import Path
 
 import nats
-from nats.js.api import DeliverPolicy
 
 TERMINAL = {"rejected", "completed", "failed", "cancelled", "budget_exceeded"}
+TENANT = "acme"
 
 
-async def main(url: str) -> int:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    task_id = f"example-{uuid.uuid4().hex[:8]}"
-    events = await js.subscribe(
-        f"agentbus.tasks.events.acme.{task_id}", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+async def main(url: str, credential: dict) -> int:
+    # The credentials `agentbus up` wrote: user `submitter-<name>`, its password and its own inbox prefix
+    # (replies to this user arrive only there, so no other user can read them).
+    user = credential.get("user")
+    submitter = user.removeprefix("submitter-") if user else "anonymous"
+    nc = await nats.connect(
+        url,
+        user=user,
+        password=credential.get("password"),
+        inbox_prefix=credential.get("inbox_prefix", f"_INBOX_{user}" if user else "_INBOX"),
     )
+    task_id = f"example-{uuid.uuid4().hex[:8]}"
+    # Subscribe to the task's events before submitting it, so no event can be missed.
+    live = await nc.subscribe(f"agentbus.tasks.events.{TENANT}.{task_id}")
     task = {
         "schema_version": 1,
         "task_id": task_id,
-        "tenant": "acme",
+        "tenant": TENANT,
         "agent": "assistant",
         "input": "What is calculator(19*23)?",
     }
-    # Nats-Msg-Id = task_id: publishing the same task again is deduplicated and runs nothing new.
-    await js.publish("agentbus.tasks.submit.acme", json.dumps(task).encode(), headers={"Nats-Msg-Id": task_id})
+    # The subject names the submitter (the server lets each user publish only as itself); Nats-Msg-Id = task_id.
+    await nc.jetstream().publish(
+        f"agentbus.tasks.submit.{TENANT}.{submitter}", json.dumps(task).encode(), headers={"Nats-Msg-Id": task_id}
+    )
+
+    async def stored_events(from_seq: int) -> list[dict]:
+        # What the stream holds, from the runner: for anything the live subscription missed.
+        request = json.dumps({"from_seq": from_seq}).encode()
+        reply = await nc.request(f"agentbus.tasks.replay.{TENANT}.{task_id}", request, timeout=10)
+        return json.loads(reply.data)["events"]
+
+    next_seq = 1
     while True:
-        event = json.loads((await events.next_msg(timeout=60)).data)
-        print(event["seq"], event["kind"], event.get("output") or event.get("error") or "")
-        if event["kind"] in TERMINAL:
-            await nc.close()
-            return 0 if event["kind"] == "completed" else 1
+        try:
+            batch = [json.loads((await live.next_msg(timeout=5)).data)]
+            if batch[0]["kind"] != "token" and batch[0]["seq"] > next_seq:
+                batch = await stored_events(next_seq)  # a gap: read what came before it first
+        except nats.errors.TimeoutError:
+            batch = await stored_events(next_seq)  # quiet for a while: a reconnect may have dropped an event
+        for event in batch:
+            if event["kind"] == "token" or event["seq"] < next_seq:
+                continue
+            next_seq = event["seq"] + 1
+            print(event["seq"], event["kind"], event.get("output") or event.get("error") or "")
+            if event["kind"] in TERMINAL:
+                await nc.close()
+                return 0 if event["kind"] == "completed" else 1
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "nats://127.0.0.1:4222")))
+    url = sys.argv[1] if len(sys.argv) > 1 else "nats://127.0.0.1:4222"
+    credential = json.loads(Path(sys.argv[2]).read_text()) if len(sys.argv) > 2 else {}
+    sys.exit(asyncio.run(main(url, credential)))

@@ -29,10 +29,15 @@ def submission(task_id: str, tenant: str = "acme", agent: str = "echo", text: st
     return json.dumps({"task_id": task_id, "tenant": tenant, "agent": agent, "input": text, **extra}).encode()
 
 
-async def publish_submission(nc: NatsClient, payload: bytes, tenant: str = "acme", msg_id: str | None = None) -> bool:
-    """Publish raw bytes on the submit subject; True if JetStream called it a duplicate."""
+SUBMITTER = "acme-app"
+
+
+async def publish_submission(
+    nc: NatsClient, payload: bytes, tenant: str = "acme", msg_id: str | None = None, submitter: str = SUBMITTER
+) -> bool:
+    """Publish raw bytes on the submit subject as `submitter`; True if JetStream called it a duplicate."""
     headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-    ack = await nc.jetstream().publish(f"agentbus.tasks.submit.{tenant}", payload, headers=headers)
+    ack = await nc.jetstream().publish(f"agentbus.tasks.submit.{tenant}.{submitter}", payload, headers=headers)
     return bool(ack.duplicate)
 
 

@@ -29,7 +29,7 @@ async def test_an_approved_high_priority_ticket_is_created_once_and_the_run_comp
 ) -> None:
     task_id = new_task_id("approve")
     text = 'create_ticket(title="db down", priority="high")'
-    await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="carol"))
+    await publish_submission(nats_client, submission(task_id, agent="ops", text=text), submitter="carol")
     pending = await first_event(nats_client, task_id, "approval_pending")
     request = await approval_request(nats_client, pending["approval_id"])
     assert request["tool"] == "create_ticket"
@@ -56,7 +56,7 @@ async def test_a_denied_call_never_runs_and_the_model_is_told_why(
 ) -> None:
     task_id = new_task_id("deny")
     text = 'create_ticket(title="rotate keys", priority="high")'
-    await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="carol"))
+    await publish_submission(nats_client, submission(task_id, agent="ops", text=text), submitter="carol")
     pending = await first_event(nats_client, task_id, "approval_pending")
     request = await approval_request(nats_client, pending["approval_id"])
     await decide(nats_client, request, "bob", "deny", reason="not during the freeze")
@@ -71,7 +71,7 @@ async def test_a_self_approval_is_refused_and_the_call_keeps_waiting(
 ) -> None:
     task_id = new_task_id("self")
     text = 'create_ticket(title="my own", priority="high")'
-    await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="alice"))
+    await publish_submission(nats_client, submission(task_id, agent="ops", text=text), submitter="alice")
     pending = await first_event(nats_client, task_id, "approval_pending")
     request = await approval_request(nats_client, pending["approval_id"])
     await decide(nats_client, request, "alice", "approve")
@@ -86,7 +86,7 @@ async def test_a_self_approval_is_refused_and_the_call_keeps_waiting(
 async def test_a_low_priority_ticket_needs_no_approval(suite: list[BusService], nats_client: NatsClient) -> None:
     task_id = new_task_id("low")
     text = 'create_ticket(title="typo on the status page", priority="low")'
-    await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="carol"))
+    await publish_submission(nats_client, submission(task_id, agent="ops", text=text), submitter="carol")
     events = await task_events(nats_client, task_id)
     assert [e["kind"] for e in events] == ["accepted", "step", "step", "completed"]
     assert "typo on the status page" in events[-1]["output"]
@@ -97,7 +97,7 @@ async def test_invalid_arguments_go_back_to_the_model_as_a_readable_error(
 ) -> None:
     task_id = new_task_id("invalid")
     text = 'create_ticket(title="x", priority="urgent")'
-    await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="carol"))
+    await publish_submission(nats_client, submission(task_id, agent="ops", text=text), submitter="carol")
     events = await task_events(nats_client, task_id)
     assert [e["kind"] for e in events] == ["accepted", "step", "step", "completed"]
     assert "invalid_arguments" in events[-1]["output"] or "urgent" in events[-1]["output"]

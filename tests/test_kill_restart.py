@@ -167,7 +167,7 @@ async def test_cancel_during_a_step_ends_the_task_and_its_late_result_is_ignored
         await publish_submission(own_client, submission(task_id), msg_id=task_id)
         await _wait_for_event(own_client, task_id, "accepted", 1)
         cancel = json.dumps({"task_id": task_id, "tenant": "acme", "reason": "changed my mind"}).encode()
-        await own_client.jetstream().publish("agentbus.tasks.cancel.acme", cancel)
+        await own_client.jetstream().publish("agentbus.tasks.cancel.acme.acme-app", cancel)
         await _wait_for_event(own_client, task_id, "cancelled", 2)
         engine.release.set()
         events = await task_events(own_client, task_id, settle=1.5)

@@ -44,7 +44,7 @@ async def test_plain_nats_client_submits_and_receives_accepted_to_completed(
         "input": "What is calculator(6*7) and how many words in word_count(to be or not to be)?",
     }
     ack = await js.publish(
-        "agentbus.tasks.submit.acme", json.dumps(submission).encode(), headers={"Nats-Msg-Id": task_id}
+        "agentbus.tasks.submit.acme.acme-app", json.dumps(submission).encode(), headers={"Nats-Msg-Id": task_id}
     )
     assert not ack.duplicate
     events = await _events_until_terminal(js, "acme", task_id)

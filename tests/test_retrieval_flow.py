@@ -38,7 +38,7 @@ async def test_the_support_agent_answers_with_citations_from_its_own_tenant_only
 
     task_id = new_task_id("support")
     text = 'search_knowledge_base(query="how long do refunds take")'
-    await publish_submission(nats_client, submission(task_id, agent="support", text=text, submitted_by="carol"))
+    await publish_submission(nats_client, submission(task_id, agent="support", text=text), submitter="carol")
     events = await task_events(nats_client, task_id, timeout=60)
     assert [e["kind"] for e in events] == ["accepted", "step", "step", "completed"]
     completed = events[-1]

@@ -93,7 +93,7 @@ async def test_cancel_stops_a_running_task_and_a_late_cancel_changes_nothing(
     js = nats_client.jetstream()
     task_id = new_task_id("cancel")
     # Cancel first: a cancellation that overtakes its submission keeps the task from ever running.
-    await js.publish("agentbus.tasks.cancel.acme", json.dumps({"task_id": task_id, "tenant": "acme"}).encode())
+    await js.publish("agentbus.tasks.cancel.acme.acme-app", json.dumps({"task_id": task_id, "tenant": "acme"}).encode())
     [cancelled] = await task_events(nats_client, task_id)
     assert cancelled["kind"] == "cancelled"
     await publish_submission(nats_client, submission(task_id), msg_id=task_id)
@@ -101,7 +101,7 @@ async def test_cancel_stops_a_running_task_and_a_late_cancel_changes_nothing(
     done = new_task_id("done")
     await publish_submission(nats_client, submission(done), msg_id=done)
     await task_events(nats_client, done)
-    await js.publish("agentbus.tasks.cancel.acme", json.dumps({"task_id": done, "tenant": "acme"}).encode())
+    await js.publish("agentbus.tasks.cancel.acme.acme-app", json.dumps({"task_id": done, "tenant": "acme"}).encode())
     events = await task_events(nats_client, task_id, settle=1.0)
     assert [e["kind"] for e in events] == ["cancelled"]
     assert [e["kind"] for e in await task_events(nats_client, done, settle=1.0)] == ["accepted", "step", "completed"]
@@ -114,7 +114,7 @@ async def test_a_cancel_from_another_tenant_is_refused(nats_client: NatsClient) 
     await task_events(nats_client, task_id)
     dead = await js.subscribe("agentbus.deadletter.AGENTBUS_TASKS.agent-runner-cancellations")
     # The payload claims acme while the subject says globex: the subject is the authenticated tenant.
-    await js.publish("agentbus.tasks.cancel.globex", json.dumps({"task_id": task_id, "tenant": "acme"}).encode())
+    await js.publish("agentbus.tasks.cancel.globex.globex-app", json.dumps({"task_id": task_id, "tenant": "acme"}).encode())
     letter = DeadLetter.model_validate_json((await dead.next_msg(timeout=10)).data)
     await dead.unsubscribe()
     assert letter.error.code == "tenant_mismatch"

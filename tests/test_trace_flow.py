@@ -35,7 +35,7 @@ async def test_an_approved_run_is_one_connected_trace_with_every_kind_of_span(
 ) -> None:
     task_id = new_task_id("traced")
     text = f'Incident {task_id}: create_ticket(title="disk full", priority="high")'
-    await publish_submission(nats_client, submission(task_id, agent="ops", text=text, submitted_by="carol"))
+    await publish_submission(nats_client, submission(task_id, agent="ops", text=text), submitter="carol")
     pending = await first_event(nats_client, task_id, "approval_pending")
     await decide(nats_client, await approval_request(nats_client, pending["approval_id"]), "bob", "approve")
     assert (await task_events(nats_client, task_id))[-1]["kind"] == "completed"

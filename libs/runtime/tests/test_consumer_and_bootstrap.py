@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 import urllib.error
 import urllib.request
 import uuid
@@ -12,10 +13,16 @@ from dataclasses import replace
 import pytest
 from agentbus.contracts import registry
 from agentbus.contracts.deadletter import DeadLetter
-from agentbus.contracts.registry import ConsumerSpec
+from agentbus.contracts.registry import DEAD_LETTERS, ConsumerSpec
 from agentbus.runtime.bootstrap import apply_topology, consumer_config
-from agentbus.runtime.consumer import RETRIES_EXHAUSTED_CODE, AckPolicy, ConsumerRunner, Delivery
-from agentbus.runtime.errors import RetryableError, TerminalError
+from agentbus.runtime.consumer import (
+    RETRIES_EXHAUSTED_CODE,
+    AckPolicy,
+    ConsumerRunner,
+    Delivery,
+    dependency_retry_delay,
+)
+from agentbus.runtime.errors import DependencyUnavailableError, RetryableError, TerminalError
 from agentbus.runtime.http import HealthServer
 from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.server import NatsServerProcess
@@ -137,25 +144,66 @@ async def test_unexpected_exceptions_are_retried_not_terminated(
     assert attempts == [1, 2]
 
 
+async def test_a_dependency_outage_is_waited_for_past_max_deliver_and_never_dead_lettered(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    spec = replace(
+        await _consumer_on_fresh_stream(nats_client, max_deliver=2),
+        dependency_retry_first_seconds=0.02,
+        dependency_retry_max_seconds=0.05,
+    )
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def waiting_for_the_accountant(delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        if len(attempts) < 6:
+            raise DependencyUnavailableError("the cost-accountant did not answer")
+        done.set()
+
+    metrics = ConsumerMetrics(CollectorRegistry())
+    runner = ConsumerRunner(
+        nats_client.jetstream(), spec, waiting_for_the_accountant, ack_policy=AckPolicy.ACK, metrics=metrics
+    )
+    await nats_client.jetstream().publish(f"{spec.stream}.x", b"m")
+    await _run_until(runner, done)
+    assert attempts == [1, 2, 3, 4, 5, 6], "delivered past max_deliver while the dependency was away"
+    letters = await nats_client.jetstream().stream_info(
+        DEAD_LETTERS.name, subjects_filter=f"agentbus.deadletter.{spec.stream}.>"
+    )
+    assert letters.state.subjects in (None, {}), "nothing was dead-lettered"
+
+
+def test_dependency_retries_back_off_exponentially_with_jitter() -> None:
+    spec = replace(registry.RUNNER_SUBMISSIONS, dependency_retry_first_seconds=0.5, dependency_retry_max_seconds=30)
+    rng = random.Random(7)
+    delays = [dependency_retry_delay(spec, n, rng) for n in range(1, 10)]
+    ceilings = [min(30.0, 0.5 * 2 ** (n - 1)) for n in range(1, 10)]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    assert delays[-1] >= 15.0
+
+
 async def test_bootstrap_is_idempotent_and_updates_changed_consumers(
     bootstrapped_nats: NatsServerProcess, nats_client: NatsClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     js = nats_client.jetstream()
     again = await apply_topology(js)
-    assert {c.action for c in again if c.kind != "kv"} == {"updated"}
+    assert {c.action for c in again if c.kind != "kv"} == {"unchanged"}, "nothing changed, nothing is updated"
     assert all(c.action == "exists" for c in again if c.kind == "kv")
 
-    changed = replace(registry.RUNNER_SUBMISSIONS, max_deliver=9, ack_wait_seconds=45)
+    changed = replace(registry.RUNNER_SUBMISSIONS, max_ack_pending=77, ack_wait_seconds=45)
     monkeypatch.setattr(
         registry, "STATIC_CONSUMERS", (changed, registry.RUNNER_CANCELLATIONS, registry.RUNNER_LLM_RESULTS)
     )
-    await apply_topology(js)
+    applied = await apply_topology(js)
+    assert [c.action for c in applied if c.name == changed.durable] == ["updated"]
     info = await js.consumer_info(changed.stream, changed.durable)
-    assert (info.config.max_deliver, info.config.ack_wait) == (9, 45)
+    assert (info.config.max_ack_pending, info.config.ack_wait) == (77, 45)
+    assert info.config.max_deliver == -1, "the consumer runtime, not the server, decides when to give up"
     monkeypatch.undo()
     await apply_topology(js)
     info = await js.consumer_info(changed.stream, changed.durable)
-    assert info.config.max_deliver == registry.RUNNER_SUBMISSIONS.max_deliver
+    assert info.config.ack_wait == registry.RUNNER_SUBMISSIONS.ack_wait_seconds
 
 
 async def test_health_endpoints_answer_liveness_readiness_and_metrics() -> None:

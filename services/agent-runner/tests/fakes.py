@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from agentbus.agent_runner.ports import OutboxItem, RevisionConflictError, RunExistsError, RunRecord
+from agentbus.agent_runner.ports import (
+    BudgetTaskClosedError,
+    BudgetUnavailableError,
+    OutboxItem,
+    RevisionConflictError,
+    RunExistsError,
+    RunRecord,
+)
+from agentbus.contracts.budget import BudgetReserveReply, BudgetReserveRequest
 
 
 class FakeRunStore:
@@ -46,3 +54,46 @@ class FakePublisher:
         self.attempts += 1
         if item.msg_id not in {p.msg_id for p in self.published}:
             self.published.append(item)
+
+
+class FakeBudgetGate:
+    """The accountant: can be down (no answer), deny every reservation, and remembers what it was asked."""
+
+    def __init__(self, cost_usd: float = 0.0) -> None:
+        self.down = False
+        self.deny = False
+        self.cost_usd = cost_usd
+        self.reserved: list[str] = []
+        self.closed: list[str] = []
+        self.cost_queries: list[list[str]] = []
+
+    def _check(self) -> None:
+        if self.down:
+            raise BudgetUnavailableError("the cost-accountant did not answer")
+
+    async def reserve(self, request: BudgetReserveRequest) -> BudgetReserveReply:
+        self._check()
+        if request.task_id in self.closed:
+            raise BudgetTaskClosedError(request.task_id)
+        if self.deny:
+            return BudgetReserveReply(
+                reservation_id=request.reservation_id,
+                allowed=False,
+                budget=f"task:{request.task_id}",
+                limit_usd=0.01,
+                spent_usd=0.01,
+                requested_usd=0.002,
+            )
+        if request.reservation_id not in self.reserved:
+            self.reserved.append(request.reservation_id)
+        return BudgetReserveReply(reservation_id=request.reservation_id, allowed=True)
+
+    async def close(self, tenant: str, task_id: str) -> None:
+        self._check()
+        if task_id not in self.closed:
+            self.closed.append(task_id)
+
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float:
+        self._check()
+        self.cost_queries.append(list(usage_ids))
+        return self.cost_usd

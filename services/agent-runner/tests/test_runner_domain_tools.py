@@ -13,6 +13,7 @@ from agentbus.contracts.budget import BudgetReserveReply
 from agentbus.contracts.common import ErrorInfo, TokenUsage
 from agentbus.contracts.llm import ChatMessage, LlmResult, ToolCall, ToolSpec
 from agentbus.contracts.rag import RetrievedChunk
+from agentbus.contracts.runs import RunTimer
 from agentbus.contracts.tasks import (
     TaskApprovalPending,
     TaskApprovalResolved,
@@ -218,24 +219,121 @@ def test_a_denied_reservation_ends_the_run_with_budget_exceeded_after_the_steps_
     transition = domain.apply_tool_update(state, _update(state, "result", content="ok"), ROUTER)
     assert transition is not None
     assert transition.llm_request is not None
-    verdict = BudgetReserveReply(reservation_id="x", allowed=False, budget="task", limit_usd=0.5, spent_usd=0.49)
-    denied = domain.deny_budget(transition, verdict)
+    verdict = BudgetReserveReply(
+        reservation_id="x", allowed=False, budget="task", limit_usd=0.5, spent_usd=0.49, requested_usd=0.02
+    )
+    denied = domain.deny_budget(transition.state, verdict)
+    assert denied is not None
     assert denied.llm_request is None
+    assert denied.close_budget
     assert denied.state.status is RunStatus.BUDGET_EXCEEDED
     event = denied.events[-1]
     assert isinstance(event, TaskBudgetExceeded)
-    assert (event.seq, event.budget, event.limit_usd, event.spent_usd) == (3, "task", 0.5, 0.49)
+    assert (event.seq, event.budget, event.limit_usd, event.spent_usd, event.requested_usd) == (
+        3,
+        "task",
+        0.5,
+        0.49,
+        0.02,
+    )
 
 
-def test_the_priced_cost_lands_on_the_terminal_event() -> None:
-    state = domain.start(SUBMISSION, SPEC, CATALOG, ROUTER).state
-    answered = domain.apply_llm_result(state, _result(state, ChatMessage(role="assistant", content="hi")), CATALOG)
+def test_the_priced_cost_lands_on_the_terminal_event_and_the_run_knows_every_usage_record() -> None:
+    state = _waiting_for_ticket()
+    after_tool = domain.apply_tool_update(
+        state, _update(state, "result", content="ok", usage_ids=["tool:t1.1.1"]), ROUTER
+    )
+    assert after_tool is not None
+    waiting = after_tool.state
+    answer = _result(waiting, ChatMessage(role="assistant", content="hi")).model_copy(
+        update={"usage_id": f"llm:{waiting.awaiting_request_id}"}
+    )
+    answered = domain.apply_llm_result(waiting, answer, CATALOG, ROUTER)
     assert answered is not None
-    assert answered.state.llm_usage_ids == [f"llm:{state.awaiting_request_id}"]
-    priced = domain.with_cost(answered, 0.0125)
-    completed = priced.events[-1]
+    assert answered.state.usage_ids == ["tool:t1.1.1", f"llm:{waiting.awaiting_request_id}"]
+    completed = domain.with_cost(answered.events[-1], 0.0125)
     assert isinstance(completed, TaskCompleted)
     assert completed.cost_usd == 0.0125
+
+
+def test_an_ending_run_withdraws_its_calls_closes_its_budget_and_aborts_its_step() -> None:
+    from agentbus.contracts.tasks import TaskCancelRequested
+
+    waiting = _waiting_for_ticket()
+    cancelled = domain.cancel(waiting, TaskCancelRequested(task_id="t1", tenant="acme"), "carol")
+    assert cancelled is not None
+    assert [w.call_id for w in cancelled.withdrawals] == ["t1.1.1"]
+    assert cancelled.close_budget
+    assert cancelled.events[-1].kind == "cancelled"
+    generating = domain.start(SUBMISSION, SPEC, CATALOG, ROUTER).state
+    failed = domain.fail_internal(generating, "the worker gave up")
+    assert failed is not None
+    assert failed.abort is not None
+    assert failed.abort.request_id == generating.awaiting_request_id
+    assert failed.withdrawals == []
+
+
+def test_the_deadline_ends_a_waiting_run_once() -> None:
+    from datetime import timedelta
+
+    waiting = _waiting_for_ticket()
+    assert waiting.deadline_at is not None
+    assert waiting.started_at is not None
+    assert waiting.deadline_at - waiting.started_at == timedelta(seconds=domain.DEFAULT_TIMING.default_deadline_seconds)
+    assert domain.expire(waiting, waiting.deadline_at - timedelta(seconds=1)) is None
+    expired = domain.expire(waiting, waiting.deadline_at)
+    assert expired is not None
+    failed = expired.events[-1]
+    assert failed.kind == "failed"
+    assert failed.error.code == "deadline_exceeded"
+    assert [w.call_id for w in expired.withdrawals] == ["t1.1.1"]
+    assert domain.expire(expired.state, waiting.deadline_at) is None
+
+
+def test_a_submission_or_agent_deadline_overrides_the_default() -> None:
+    from datetime import timedelta
+
+    spec = SPEC.model_copy(update={"timeout_seconds": 30.0})
+    by_agent = domain.start(SUBMISSION, spec, CATALOG, ROUTER).state
+    assert by_agent.deadline_at is not None
+    assert by_agent.started_at is not None
+    assert by_agent.deadline_at - by_agent.started_at == timedelta(seconds=30)
+    submission = SUBMISSION.model_copy(update={"deadline_seconds": 5.0})
+    by_submission = domain.start(submission, spec, CATALOG, ROUTER)
+    assert by_submission.state.deadline_at is not None
+    assert by_submission.state.started_at is not None
+    assert by_submission.state.deadline_at - by_submission.state.started_at == timedelta(seconds=5)
+    assert by_submission.wake is not None
+    assert (by_submission.wake.kind, by_submission.wake.due_at) == ("deadline", by_submission.state.deadline_at)
+
+
+def test_a_wake_up_redrives_a_step_that_still_waits_and_sleeps_again_otherwise() -> None:
+    from datetime import timedelta
+
+    timing = domain.RunTiming(default_deadline_seconds=3600, redrive_seconds=10, max_redrive_seconds=40)
+    started = domain.start(SUBMISSION, SPEC, CATALOG, ROUTER, timing=timing)
+    assert started.wake is not None
+    assert started.wake.kind == "step"
+    assert started.wake.step == 1
+    assert started.state.started_at is not None
+    now = started.state.started_at + timedelta(seconds=10)
+    redriven = domain.wake(started.state, started.wake, now, timing)
+    assert redriven is not None
+    assert redriven.redrive == 1
+    assert redriven.llm_request is not None
+    assert redriven.llm_request.request_id == started.state.awaiting_request_id
+    assert redriven.wake is not None
+    assert redriven.wake.due_at == now + timedelta(seconds=20)
+    moved_on = started.wake.model_copy(update={"step": 0})
+    asleep = domain.wake(started.state, moved_on, now, timing)
+    assert asleep is not None
+    assert (asleep.redrive, asleep.llm_request, asleep.events) == (0, None, [])
+    waiting = _waiting_for_ticket()
+    assert waiting.started_at is not None
+    timer = RunTimer(task_id="t1", tenant="acme", due_at=now, kind="step", step=waiting.step)
+    calls = domain.wake(waiting, timer, waiting.started_at + timedelta(seconds=61))
+    assert calls is not None
+    assert [(c.call_id, c.arguments) for c in calls.tool_calls] == [("t1.1.1", {"priority": "high"})]
 
 
 def test_streaming_agents_ask_for_token_events_anchored_at_the_last_event() -> None:

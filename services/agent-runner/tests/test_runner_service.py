@@ -1,27 +1,57 @@
-"""Use cases over in-memory ports: crash recovery of the outbox and idempotency."""
+"""Use cases over in-memory ports: crash recovery of the outbox, idempotency, and the accountant's absence."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from agentbus.agent_runner.adapters.nats_budget_gate import UnlimitedBudgetGate
-from agentbus.agent_runner.service import RunnerMetrics, RunnerService
+from agentbus.agent_runner.service import RunnerMetrics, RunnerService, run_key
 from agentbus.agent_runner.specs import AgentSpec
 from agentbus.agent_runner.tools import BuiltinToolbox
-from agentbus.contracts.tasks import TaskSubmitted
-from fakes import CrashError, FakePublisher, FakeRunStore
+from agentbus.contracts.llm import ChatMessage, LlmResult
+from agentbus.contracts.tasks import TaskCancelRequested, TaskSubmitted
+from agentbus.runtime.errors import DependencyUnavailableError
+from fakes import CrashError, FakeBudgetGate, FakePublisher, FakeRunStore
 from prometheus_client import CollectorRegistry
 
 SPEC = AgentSpec(name="echo", model="scripted", system_prompt="Restate.", max_steps=1)
+KEY = run_key("acme", "t1")
 
 
-def _service(store: FakeRunStore, publisher: FakePublisher) -> RunnerService:
+def _service(store: FakeRunStore, publisher: FakePublisher, budget: FakeBudgetGate | None = None) -> RunnerService:
     return RunnerService(
-        store, publisher, {"echo": SPEC}, BuiltinToolbox(), RunnerMetrics(CollectorRegistry()), UnlimitedBudgetGate()
+        store,
+        publisher,
+        {"echo": SPEC},
+        BuiltinToolbox(),
+        RunnerMetrics(CollectorRegistry()),
+        budget or FakeBudgetGate(),
     )
 
 
-def _submission(task_id: str = "t1", agent: str = "echo") -> TaskSubmitted:
-    return TaskSubmitted(task_id=task_id, tenant="acme", agent=agent, input="hello")
+def _submission(task_id: str = "t1", agent: str = "echo", text: str = "hello") -> TaskSubmitted:
+    return TaskSubmitted(task_id=task_id, tenant="acme", agent=agent, input=text, submitted_by="app")
+
+
+def _sent(publisher: FakePublisher) -> list[str]:
+    """What went out, without the run's wake-up schedule."""
+    return [p.msg_id for p in publisher.published if not p.msg_id.startswith("wake:")]
+
+
+def _kinds(publisher: FakePublisher) -> list[str]:
+    return [json.loads(p.payload)["kind"] for p in publisher.published if p.msg_id.startswith("event:")]
+
+
+def _answer(text: str = "done") -> LlmResult:
+    return LlmResult(
+        request_id="t1.step-1",
+        task_id="t1",
+        tenant="acme",
+        model="scripted",
+        step=1,
+        message=ChatMessage(role="assistant", content=text),
+        usage_id="llm:t1.step-1",
+    )
 
 
 async def test_same_task_id_twice_starts_one_run() -> None:
@@ -29,7 +59,16 @@ async def test_same_task_id_twice_starts_one_run() -> None:
     service = _service(store, publisher)
     await service.submit(_submission(), None)
     await service.submit(_submission(), None)
-    assert [p.msg_id for p in publisher.published] == ["event:t1:1", "llm:t1.step-1"]
+    assert _sent(publisher) == ["event:t1:1", "llm:t1.step-1"]
+    assert any(p.msg_id.startswith("wake:") and p.headers for p in publisher.published), "the deadline is armed"
+
+
+async def test_two_tenants_may_use_one_task_id() -> None:
+    store, publisher = FakeRunStore(), FakePublisher()
+    service = _service(store, publisher)
+    await service.submit(_submission(), None)
+    await service.submit(_submission().model_copy(update={"tenant": "globex"}), None)
+    assert set(store.records) == {"acme.t1", "globex.t1"}
 
 
 async def test_crash_between_store_and_publish_is_recovered_by_the_redelivery() -> None:
@@ -38,13 +77,13 @@ async def test_crash_between_store_and_publish_is_recovered_by_the_redelivery() 
     service = _service(store, publisher)
     with pytest.raises(CrashError):
         await service.submit(_submission(), None)
-    record, _ = store.records["t1"]
-    assert len(record.outbox) == 2, "the outbox was stored before publishing"
+    record, _ = store.records[KEY]
+    assert [item.kind for item in record.outbox] == ["publish", "publish", "reserve", "publish"]
 
     publisher.crash_after = None
     await _service(store, publisher).submit(_submission(), None)  # redelivered to a restarted runner
-    assert [p.msg_id for p in publisher.published] == ["event:t1:1", "llm:t1.step-1"]
-    assert store.records["t1"][0].outbox == []
+    assert _sent(publisher) == ["event:t1:1", "llm:t1.step-1"]
+    assert store.records[KEY][0].outbox == []
 
 
 async def test_unknown_agent_is_rejected_and_the_id_stays_taken() -> None:
@@ -55,3 +94,80 @@ async def test_unknown_agent_is_rejected_and_the_id_stays_taken() -> None:
     assert len(publisher.published) == 1
     assert '"kind":"rejected"' in publisher.published[0].payload
     assert "unknown_agent" in publisher.published[0].payload
+
+
+async def test_while_the_accountant_is_away_the_task_is_accepted_and_waits_and_its_id_is_taken() -> None:
+    store, publisher, budget = FakeRunStore(), FakePublisher(), FakeBudgetGate()
+    budget.down = True
+    service = _service(store, publisher, budget)
+    with pytest.raises(DependencyUnavailableError):
+        await service.submit(_submission(text="first"), None)
+    assert _sent(publisher) == ["event:t1:1"], "the client hears `accepted`; the step waits for its reservation"
+    with pytest.raises(DependencyUnavailableError):
+        await service.submit(_submission(text="a different input"), None)
+    budget.down = False
+    await service.submit(_submission(text="a different input"), None)  # the redelivery of the second
+    assert _sent(publisher) == ["event:t1:1", "llm:t1.step-1"]
+    request = json.loads(next(p.payload for p in publisher.published if p.msg_id == "llm:t1.step-1"))
+    assert request["messages"][-1]["content"] == "first", "the first submission owns the task id"
+    assert budget.reserved == ["llm:t1.step-1"]
+
+
+async def test_a_denied_reservation_ends_the_run_before_its_call_and_closes_its_budget() -> None:
+    store, publisher, budget = FakeRunStore(), FakePublisher(), FakeBudgetGate()
+    budget.deny = True
+    await _service(store, publisher, budget).submit(_submission(), None)
+    assert _kinds(publisher) == ["accepted", "budget_exceeded"]
+    assert "llm:t1.step-1" not in _sent(publisher)
+    exceeded = json.loads(_event(publisher, "budget_exceeded"))
+    assert (exceeded["seq"], exceeded["requested_usd"]) == (2, 0.002)
+    assert budget.closed == ["t1"]
+    assert store.records[KEY][0].outbox == []
+
+
+def _event(publisher: FakePublisher, kind: str) -> str:
+    return next(p.payload for p in publisher.published if p.msg_id.startswith("event:") and f'"{kind}"' in p.payload)
+
+
+async def test_a_cancel_ends_the_run_even_while_the_accountant_is_away_and_closes_it_when_back() -> None:
+    store, publisher, budget = FakeRunStore(), FakePublisher(), FakeBudgetGate()
+    service = _service(store, publisher, budget)
+    budget.down = True
+    with pytest.raises(DependencyUnavailableError):
+        await service.submit(_submission(), None)
+    request = TaskCancelRequested(task_id="t1", tenant="acme", reason="no longer needed")
+    with pytest.raises(DependencyUnavailableError):
+        await service.cancel(request, "app", None)  # cancelled is out; closing the budget waits
+    assert _kinds(publisher) == ["accepted", "cancelled"]
+    assert "llm:t1.step-1" not in _sent(publisher), "the step waiting for its reservation is never made"
+    assert json.loads(_event(publisher, "cancelled"))["by"] == "app"
+    budget.down = False
+    await service.cancel(request, "app", None)
+    assert budget.closed == ["t1"]
+    assert store.records[KEY][0].outbox == []
+
+
+async def test_a_completed_run_is_priced_on_all_its_usage_and_its_trace_root_goes_out_with_it() -> None:
+    store, publisher, budget = FakeRunStore(), FakePublisher(), FakeBudgetGate(cost_usd=0.25)
+    service = _service(store, publisher, budget)
+    await service.submit(_submission(), None)
+    await service.advance(_answer(), None)
+    assert _kinds(publisher) == ["accepted", "step", "completed"]
+    assert json.loads(_event(publisher, "completed"))["cost_usd"] == 0.25
+    assert budget.cost_queries == [["llm:t1.step-1"]]
+    root = next(json.loads(p.payload) for p in publisher.published if p.msg_id.startswith("span:"))
+    assert (root["kind"], root["attributes"]["gen_ai.usage.cost"]) == ("task", 0.25)
+    assert budget.closed == ["t1"]
+
+
+async def test_a_run_whose_message_was_given_up_on_fails_and_a_lost_submission_is_answered() -> None:
+    store, publisher = FakeRunStore(), FakePublisher()
+    service = _service(store, publisher)
+    await service.submit(_submission(), None)
+    await service.fail("acme", "t1", "the worker gave up")
+    assert _kinds(publisher) == ["accepted", "failed"]
+    assert json.loads(_event(publisher, "failed"))["error"]["code"] == "internal_error"
+    await service.fail("acme", "t2", "the submission was given up on")
+    assert "acme.t2" not in store.records, "only a given-up submission claims a task id"
+    await service.fail("acme", "t2", "the submission was given up on", claim=True)
+    assert store.records["acme.t2"][0].state.status == "failed"

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
-from agentbus.contracts.common import BusMessage, HumanInput, Identifier, utc_now
-from pydantic import Field
+from agentbus.contracts.common import BusMessage, ErrorInfo, HumanInput, Identifier, utc_now
+from pydantic import BaseModel, ConfigDict, Field
 
 
 def arguments_sha256(arguments: Mapping[str, Any]) -> str:
@@ -63,3 +63,43 @@ class ApprovalResolved(BusMessage):
     outcome: Literal["approved", "denied", "expired"]
     by: Identifier | None = None
     at: datetime = Field(default_factory=utc_now)
+
+
+class ApprovalDecisionVerdict(BusMessage):
+    """What the tool-executor made of one decision, on `agentbus.approvals.verdicts.<tenant>.<approver>`.
+
+    `decision_seq` is the decision's sequence in its stream (the PubAck of the publish), so the approver who
+    sent it can tell its own decision's verdict from any other.
+    """
+
+    approval_id: str
+    decision_seq: int = Field(ge=1)
+    approver: str
+    outcome: Literal["accepted", "refused"]
+    reason_code: str | None = Field(default=None, description="refused: why, as audited.")
+    detail: str | None = None
+    at: datetime = Field(default_factory=utc_now)
+
+
+class ApprovalsListRequest(BusMessage):
+    """List a tenant's approvals (request/reply on `agentbus.approvals.list.<tenant>`)."""
+
+    include_resolved: bool = Field(default=False, description="Also approvals that ended.")
+    approval_id: Identifier | None = Field(default=None, description="Only this approval.")
+    limit: int = Field(default=500, ge=1, le=5000)
+
+
+class ApprovalEntry(BaseModel):
+    """One approval and, once it ended, how."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    request: ApprovalRequested
+    resolution: ApprovalResolved | None = None
+
+
+class ApprovalsListReply(BusMessage):
+    """A tenant's approvals, oldest first."""
+
+    approvals: list[ApprovalEntry] = Field(default_factory=list)
+    error: ErrorInfo | None = None

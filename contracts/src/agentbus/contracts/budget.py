@@ -38,11 +38,13 @@ class BudgetReserveReply(BusMessage):
     budget: str | None = Field(default=None, description="Denials: e.g. 'task', 'agent:<name>', 'tenant:<id>'.")
     limit_usd: float | None = Field(default=None, ge=0)
     spent_usd: float | None = Field(default=None, ge=0, description="Spent and reserved in that budget.")
+    requested_usd: float | None = Field(default=None, ge=0, description="Denials: the estimate that was refused.")
     error: ErrorInfo | None = None
 
 
 class BudgetReleaseRequest(BusMessage):
-    """Give back the unused reservations of a task that ended (request/reply)."""
+    """Close a task that ended (request/reply): its open reservations are given back, and a reservation asked
+    for it afterwards is refused (`task_closed`), so a call decided late can never hold budget again."""
 
     tenant: Identifier
     task_id: Identifier
@@ -54,6 +56,12 @@ class TaskCostRequest(BusMessage):
     tenant: Identifier
     task_id: Identifier
     usage_ids: list[str] = Field(default_factory=list, description="Records that must be in the ledger first.")
+    wait_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=30,
+        description="Answer once every record of `usage_ids` is in the ledger, or after this long at most.",
+    )
 
 
 class TaskCostReply(BusMessage):

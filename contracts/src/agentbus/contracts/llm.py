@@ -81,6 +81,11 @@ class LlmResult(BusMessage):
     ttft_ms: float | None = Field(default=None, ge=0, description="Time to first token, when streamed.")
     gpu_seconds: float = Field(default=0.0, ge=0, description="Accelerator time the request held, for the ledger.")
     node_class: str | None = Field(default=None, description="Worker node class, for GPU pricing.")
+    usage_id: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The usage record of this request, published before the result; None when nothing billable.",
+    )
 
 
 class LlmAbort(BusMessage):

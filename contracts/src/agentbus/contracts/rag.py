@@ -78,3 +78,6 @@ class SearchReply(BusMessage):
 
     chunks: list[RetrievedChunk] = Field(default_factory=list)
     error: ErrorInfo | None = None
+    usage_id: str | None = Field(
+        default=None, description="The usage record this search was billed with (published before the reply)."
+    )

@@ -8,10 +8,18 @@ and tests read their names from here too.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from agentbus.contracts.approvals import ApprovalDecision, ApprovalRequested, ApprovalResolved
+from agentbus.contracts.approvals import (
+    ApprovalDecision,
+    ApprovalDecisionVerdict,
+    ApprovalRequested,
+    ApprovalResolved,
+    ApprovalsListReply,
+    ApprovalsListRequest,
+)
 from agentbus.contracts.budget import (
     BudgetAlert,
     BudgetReleaseRequest,
@@ -25,9 +33,10 @@ from agentbus.contracts.budget import (
 from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.llm import LlmAbort, LlmRequest, LlmResult
 from agentbus.contracts.rag import DocumentsDelete, DocumentsIngest, SearchReply, SearchRequest
+from agentbus.contracts.runs import RunTimer
 from agentbus.contracts.spans import SpanRecorded
-from agentbus.contracts.tasks import TaskCancelRequested, TaskSubmitted
-from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate
+from agentbus.contracts.tasks import TaskCancelRequested, TaskReplayReply, TaskReplayRequest, TaskSubmitted
+from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate, ToolCallWithdrawn
 from agentbus.contracts.usage import UsageRecorded
 from pydantic import BaseModel
 
@@ -41,6 +50,9 @@ class Header(StrEnum):
 
     MSG_ID = "Nats-Msg-Id"
     TRACEPARENT = "traceparent"
+    SCHEDULE = "Nats-Schedule"
+    """A message schedule (`@at <RFC 3339 time>`): the server publishes the message to its target then."""
+    SCHEDULE_TARGET = "Nats-Schedule-Target"
 
 
 class Retention(StrEnum):
@@ -110,11 +122,21 @@ class StreamSpec:
     max_bytes: int = -1
     duplicate_window_seconds: float = 7200.0
     max_msg_size: int = 1024 * 1024
+    allow_msg_schedules: bool = False
+    """Messages may carry a schedule: stored now, published to their target subject when due."""
 
 
 @dataclass(frozen=True)
 class ConsumerSpec:
-    """A durable pull consumer: who reads what, and when a message is given up on."""
+    """A durable pull consumer: who reads what, and when a message is given up on.
+
+    Two kinds of failure are told apart. A dependency that is unavailable (the accountant, a database,
+    NATS itself) is waited for: the message is redelivered with exponential backoff and jitter between
+    `dependency_retry_first_seconds` and `dependency_retry_max_seconds`, for as long as it takes (what
+    bounds a task is its deadline, not a delivery count). Any other failure is retried after
+    `retry_delay_seconds`, and after `max_deliver` deliveries the message goes to the dead-letter stream.
+    The server itself never gives up (its max_deliver is unlimited): the consumer runtime decides.
+    """
 
     durable: str
     stream: str
@@ -126,7 +148,9 @@ class ConsumerSpec:
     max_ack_pending: int = 1000
     backoff_seconds: tuple[float, ...] = field(default=())
     retry_delay_seconds: float = 1.0
-    """Delay of the nak that follows a retryable failure."""
+    """Delay of the nak that follows a failure that is not a dependency outage."""
+    dependency_retry_first_seconds: float = 0.5
+    dependency_retry_max_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -152,12 +176,19 @@ class Service(StrEnum):
 
 # --- streams -------------------------------------------------------------------------------------
 
+# Streams that people and applications publish to keep the shortest de-duplication window the server allows:
+# JetStream de-duplicates across a whole stream, so a message id one identity can predict would let it drop
+# another identity's message. Their consumers are idempotent on the ids inside the messages instead (a task
+# id is taken by its first submission; a decision resolves an approval once).
+PUBLIC_INPUT_DUPLICATE_WINDOW_SECONDS = 0.1
+
 TASKS = StreamSpec(
     name="AGENTBUS_TASKS",
-    subjects=("agentbus.tasks.submit.*", "agentbus.tasks.cancel.*"),
+    subjects=("agentbus.tasks.submit.*.*", "agentbus.tasks.cancel.*.*"),
     retention=Retention.WORK_QUEUE,
     description="Task submissions and cancellations, each consumed once by the agent-runner.",
     max_age_seconds=7 * 86400,
+    duplicate_window_seconds=PUBLIC_INPUT_DUPLICATE_WINDOW_SECONDS,
 )
 TASK_EVENTS = StreamSpec(
     name="AGENTBUS_TASK_EVENTS",
@@ -179,14 +210,16 @@ APPROVAL_DECISIONS = StreamSpec(
     retention=Retention.WORK_QUEUE,
     description="Approvers' decisions, each consumed once by the tool-executor.",
     max_age_seconds=30 * 86400,
+    duplicate_window_seconds=PUBLIC_INPUT_DUPLICATE_WINDOW_SECONDS,
 )
 RAG_INGEST = StreamSpec(
     name="AGENTBUS_RAG_INGEST",
-    subjects=("agentbus.rag.ingest.*", "agentbus.rag.delete.*"),
+    subjects=("agentbus.rag.ingest.*.*", "agentbus.rag.delete.*.*"),
     retention=Retention.WORK_QUEUE,
     description="Document batches to upsert into, or delete from, a tenant's knowledge base.",
     max_age_seconds=7 * 86400,
     max_msg_size=8 * 1024 * 1024,
+    duplicate_window_seconds=PUBLIC_INPUT_DUPLICATE_WINDOW_SECONDS,
 )
 LLM_REQUESTS = StreamSpec(
     name="AGENTBUS_LLM_REQUESTS",
@@ -206,16 +239,16 @@ LLM_RESULTS = StreamSpec(
 )
 USAGE = StreamSpec(
     name="AGENTBUS_USAGE",
-    subjects=("agentbus.usage.*",),
+    subjects=("agentbus.usage.*.*",),
     retention=Retention.LIMITS,
     description="Billable usage from every service, for the cost ledger.",
     max_age_seconds=30 * 86400,
 )
 TOOL_CALLS = StreamSpec(
     name="AGENTBUS_TOOL_CALLS",
-    subjects=("agentbus.tools.calls.*",),
+    subjects=("agentbus.tools.calls.*", "agentbus.tools.withdrawals.*"),
     retention=Retention.WORK_QUEUE,
-    description="Tool calls for the tool-executor.",
+    description="Tool calls for the tool-executor, and withdrawals of calls whose task ended.",
     max_age_seconds=30 * 86400,
     max_msg_size=4 * 1024 * 1024,
 )
@@ -226,6 +259,17 @@ TOOL_UPDATES = StreamSpec(
     description="Approval progress and results of tool calls, back to the agent-runner.",
     max_age_seconds=30 * 86400,
     max_msg_size=4 * 1024 * 1024,
+)
+RUN_TIMERS = StreamSpec(
+    name="AGENTBUS_RUN_TIMERS",
+    subjects=("agentbus.runs.timers.*", "agentbus.runs.schedules.*.*"),
+    retention=Retention.WORK_QUEUE,
+    description=(
+        "Run timers. Each run keeps one schedule (its next wake-up: the deadline or a step re-drive); the server "
+        "publishes it as a timer when due, and the runner acts on it. A new schedule of a run replaces the last."
+    ),
+    max_age_seconds=31 * 86400,
+    allow_msg_schedules=True,
 )
 BUDGET_ALERTS = StreamSpec(
     name="AGENTBUS_BUDGET_ALERTS",
@@ -265,6 +309,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     USAGE,
     TOOL_CALLS,
     TOOL_UPDATES,
+    RUN_TIMERS,
     BUDGET_ALERTS,
     SPANS,
     DEAD_LETTERS,
@@ -272,9 +317,27 @@ STREAMS: tuple[StreamSpec, ...] = (
 
 # --- subjects ------------------------------------------------------------------------------------
 
-TASK_SUBMIT = SubjectSpec("agentbus.tasks.submit.{tenant}", TaskSubmitted, TASKS.name, True, "Submit an agent task.")
+TASK_SUBMIT = SubjectSpec(
+    "agentbus.tasks.submit.{tenant}.{submitter}",
+    TaskSubmitted,
+    TASKS.name,
+    True,
+    "Submit an agent task. The last token is the submitter, bound to the submitter's user by nats-server.",
+)
 TASK_CANCEL = SubjectSpec(
-    "agentbus.tasks.cancel.{tenant}", TaskCancelRequested, TASKS.name, True, "Cancel a running task."
+    "agentbus.tasks.cancel.{tenant}.{submitter}",
+    TaskCancelRequested,
+    TASKS.name,
+    True,
+    "Cancel a running task; the last token is the submitter who cancels.",
+)
+TASK_REPLAY = SubjectSpec(
+    "agentbus.tasks.replay.{tenant}.{task_id}",
+    TaskReplayRequest,
+    None,
+    True,
+    "A task's stored events, from a given seq (request/reply).",
+    reply=TaskReplayReply,
 )
 TASK_EVENT = SubjectSpec(
     "agentbus.tasks.events.{tenant}.{task_id}",
@@ -304,16 +367,45 @@ APPROVAL_RESOLVED = SubjectSpec(
     True,
     "How each approval ended: approved, denied or expired.",
 )
+APPROVAL_VERDICT = SubjectSpec(
+    "agentbus.approvals.verdicts.{tenant}.{approver}",
+    ApprovalDecisionVerdict,
+    None,
+    True,
+    "What the tool-executor made of each decision (accepted, or refused and why), to the approver who sent it.",
+)
+APPROVALS_LIST = SubjectSpec(
+    "agentbus.approvals.list.{tenant}",
+    ApprovalsListRequest,
+    None,
+    True,
+    "A tenant's pending (and, on request, resolved) approvals (request/reply).",
+    reply=ApprovalsListReply,
+)
 RAG_INGEST_DOCUMENTS = SubjectSpec(
-    "agentbus.rag.ingest.{tenant}", DocumentsIngest, RAG_INGEST.name, True, "Upsert documents by id."
+    "agentbus.rag.ingest.{tenant}.{submitter}",
+    DocumentsIngest,
+    RAG_INGEST.name,
+    True,
+    "Upsert documents by id; the last token is the submitter who ingests.",
 )
 LLM_REQUEST = SubjectSpec(
     "agentbus.llm.requests.{model}", LlmRequest, LLM_REQUESTS.name, False, "One LLM step for a model."
 )
 LLM_RESULT = SubjectSpec("agentbus.llm.results.{tenant}", LlmResult, LLM_RESULTS.name, False, "A generated LLM step.")
-USAGE_RECORDED = SubjectSpec("agentbus.usage.{tenant}", UsageRecorded, USAGE.name, False, "A billable usage record.")
+USAGE_RECORDED = SubjectSpec(
+    "agentbus.usage.{partition}.{tenant}",
+    UsageRecorded,
+    USAGE.name,
+    False,
+    "A billable usage record, on its tenant's budget partition (see `budget_partition`).",
+)
 RAG_DELETE_DOCUMENTS = SubjectSpec(
-    "agentbus.rag.delete.{tenant}", DocumentsDelete, RAG_INGEST.name, True, "Delete documents by id."
+    "agentbus.rag.delete.{tenant}.{submitter}",
+    DocumentsDelete,
+    RAG_INGEST.name,
+    True,
+    "Delete documents by id; the last token is the submitter who deletes.",
 )
 RAG_SEARCH = SubjectSpec(
     "agentbus.retrieval.search.{tenant}",
@@ -326,6 +418,23 @@ RAG_SEARCH = SubjectSpec(
 TOOL_CALL = SubjectSpec(
     "agentbus.tools.calls.{tenant}", ToolCallRequested, TOOL_CALLS.name, False, "A tool call to execute."
 )
+TOOL_WITHDRAW = SubjectSpec(
+    "agentbus.tools.withdrawals.{tenant}",
+    ToolCallWithdrawn,
+    TOOL_CALLS.name,
+    False,
+    "A call whose task ended: never run it, expire its pending approval.",
+)
+RUN_SCHEDULE = SubjectSpec(
+    "agentbus.runs.schedules.{tenant}.{task_id}",
+    RunTimer,
+    RUN_TIMERS.name,
+    False,
+    "A run's next wake-up, scheduled (header Nats-Schedule) to be published on its timer subject when due.",
+)
+RUN_TIMER = SubjectSpec(
+    "agentbus.runs.timers.{tenant}", RunTimer, RUN_TIMERS.name, False, "A run's timer, published when due."
+)
 TOOL_UPDATE = SubjectSpec(
     "agentbus.tools.updates.{tenant}",
     ToolCallUpdate,
@@ -337,7 +446,7 @@ LLM_ABORT = SubjectSpec(
     "agentbus.llm.abort.{model}", LlmAbort, None, False, "Stop generating a cancelled task's request (best effort)."
 )
 BUDGET_RESERVE = SubjectSpec(
-    "agentbus.budget.reserve.{tenant}",
+    "agentbus.budget.reserve.{partition}.{tenant}",
     BudgetReserveRequest,
     None,
     False,
@@ -345,15 +454,15 @@ BUDGET_RESERVE = SubjectSpec(
     reply=BudgetReserveReply,
 )
 BUDGET_RELEASE = SubjectSpec(
-    "agentbus.budget.release.{tenant}",
+    "agentbus.budget.release.{partition}.{tenant}",
     BudgetReleaseRequest,
     None,
     False,
-    "Release a finished task's unused reservations (request/reply).",
+    "Close a finished task: release its unused reservations, refuse later ones (request/reply).",
     reply=BudgetReserveReply,
 )
 TASK_COST = SubjectSpec(
-    "agentbus.budget.cost.{tenant}",
+    "agentbus.budget.cost.{partition}.{tenant}",
     TaskCostRequest,
     None,
     False,
@@ -384,9 +493,12 @@ SUBJECTS: tuple[SubjectSpec, ...] = (
     TASK_SUBMIT,
     TASK_CANCEL,
     TASK_EVENT,
+    TASK_REPLAY,
     APPROVAL_PENDING,
     APPROVAL_DECISION,
     APPROVAL_RESOLVED,
+    APPROVAL_VERDICT,
+    APPROVALS_LIST,
     RAG_INGEST_DOCUMENTS,
     LLM_REQUEST,
     LLM_RESULT,
@@ -394,7 +506,10 @@ SUBJECTS: tuple[SubjectSpec, ...] = (
     RAG_DELETE_DOCUMENTS,
     RAG_SEARCH,
     TOOL_CALL,
+    TOOL_WITHDRAW,
     TOOL_UPDATE,
+    RUN_SCHEDULE,
+    RUN_TIMER,
     LLM_ABORT,
     BUDGET_RESERVE,
     BUDGET_RELEASE,
@@ -448,12 +563,40 @@ RUNNER_TOOL_UPDATES = ConsumerSpec(
     ack_wait_seconds=RUNNER_ACK_WAIT_SECONDS,
     max_deliver=5,
 )
+RUNNER_TIMERS = ConsumerSpec(
+    durable="agent-runner-timers",
+    stream=RUN_TIMERS.name,
+    filter_subject=RUN_TIMER.wildcard,
+    service=Service.AGENT_RUNNER,
+    description="Acts on due run timers: ends runs at their deadline, re-drives steps that wait too long.",
+    ack_wait_seconds=RUNNER_ACK_WAIT_SECONDS,
+    max_deliver=5,
+)
+RUNNER_DEAD_LETTERS = ConsumerSpec(
+    durable="agent-runner-dead-letters",
+    stream=DEAD_LETTERS.name,
+    filter_subject=DEAD_LETTER.wildcard,
+    service=Service.AGENT_RUNNER,
+    description="Ends a run with `failed internal_error` when a message it waits on was given up on.",
+    ack_wait_seconds=30.0,
+    max_deliver=5,
+)
 EXECUTOR_CALLS = ConsumerSpec(
     durable="tool-executor-calls",
     stream=TOOL_CALLS.name,
     filter_subject=TOOL_CALL.wildcard,
     service=Service.TOOL_EXECUTOR,
     description="Validates tool calls, asks for approval where policy says so, executes the rest once.",
+    ack_wait_seconds=30.0,
+    max_deliver=5,
+    max_ack_pending=256,
+)
+EXECUTOR_WITHDRAWALS = ConsumerSpec(
+    durable="tool-executor-withdrawals",
+    stream=TOOL_CALLS.name,
+    filter_subject=TOOL_WITHDRAW.wildcard,
+    service=Service.TOOL_EXECUTOR,
+    description="Withdraws calls whose task ended: never runs them, expires their pending approvals.",
     ack_wait_seconds=30.0,
     max_deliver=5,
     max_ack_pending=256,
@@ -488,16 +631,40 @@ RETRIEVER_DELETES = ConsumerSpec(
     max_deliver=4,
     max_ack_pending=16,
 )
-ACCOUNTANT_USAGE = ConsumerSpec(
-    durable="cost-accountant-usage",
-    stream=USAGE.name,
-    filter_subject=USAGE_RECORDED.wildcard,
-    service=Service.COST_ACCOUNTANT,
-    description="Prices usage records into the ledger, once per usage id, and settles reservations.",
-    ack_wait_seconds=30.0,
-    max_deliver=5,
-    max_ack_pending=4096,
-)
+BUDGET_PARTITIONS = 8
+"""Budgets are partitioned by tenant over this many partitions; each partition has exactly one owner (a
+cost-accountant replica) at a time, which decides its reservations in memory. Changing the number moves
+tenants between partitions: stop every accountant first."""
+
+
+def budget_partition(tenant: str) -> str:
+    """The budget partition of a tenant (a subject token): stable across processes and languages (CRC-32)."""
+    return str(zlib.crc32(tenant.encode("utf-8")) % BUDGET_PARTITIONS)
+
+
+def budget_subject(spec: SubjectSpec, tenant: str) -> str:
+    """The subject of a budget request (reserve, release, cost) or usage record for `tenant`'s partition."""
+    return spec.format(partition=budget_partition(tenant), tenant=tenant)
+
+
+ACCOUNTANT_USAGE_DURABLE_PREFIX = "cost-accountant-usage-"
+
+
+def accountant_usage_consumer(partition: int) -> ConsumerSpec:
+    """The usage consumer of one budget partition: read by the partition's owner alone."""
+    return ConsumerSpec(
+        durable=f"{ACCOUNTANT_USAGE_DURABLE_PREFIX}{partition}",
+        stream=USAGE.name,
+        filter_subject=USAGE_RECORDED.pattern.format(partition=partition, tenant="*"),
+        service=Service.COST_ACCOUNTANT,
+        description=f"Prices usage records of budget partition {partition} into the ledger and settles reservations.",
+        ack_wait_seconds=30.0,
+        max_deliver=5,
+        max_ack_pending=4096,
+    )
+
+
+ACCOUNTANT_USAGE: tuple[ConsumerSpec, ...] = tuple(accountant_usage_consumer(p) for p in range(BUDGET_PARTITIONS))
 TRACE_EXPORTER_SPANS = ConsumerSpec(
     durable="trace-exporter-spans",
     stream=SPANS.name,
@@ -537,11 +704,14 @@ STATIC_CONSUMERS: tuple[ConsumerSpec, ...] = (
     RUNNER_CANCELLATIONS,
     RUNNER_LLM_RESULTS,
     RUNNER_TOOL_UPDATES,
+    RUNNER_TIMERS,
+    RUNNER_DEAD_LETTERS,
     EXECUTOR_CALLS,
+    EXECUTOR_WITHDRAWALS,
     EXECUTOR_DECISIONS,
     RETRIEVER_INGEST,
     RETRIEVER_DELETES,
-    ACCOUNTANT_USAGE,
+    *ACCOUNTANT_USAGE,
     TRACE_EXPORTER_SPANS,
 )
 

@@ -21,7 +21,18 @@ class TaskSubmitted(BusMessage):
         default=None, ge=0, description="Spending cap for this task; the agent's default when absent."
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Opaque caller data, echoed nowhere.")
-    submitted_by: Identifier | None = Field(default=None, description="Who submitted: used for approvals.")
+    submitted_by: Identifier | None = Field(
+        default=None,
+        description="Who submitted. Taken from the submitter token of the subject (which nats-server binds to "
+        "the submitter's user); a body value that differs is rejected with `identity_mismatch`.",
+    )
+    deadline_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=30 * 86400,
+        description="Seconds the task may take from acceptance; after that it fails with `deadline_exceeded`. "
+        "The agent's `timeout_seconds` (or the suite's default) when absent.",
+    )
 
 
 class TaskCancelRequested(BusMessage):
@@ -136,15 +147,19 @@ class TaskCancelled(_TaskEventBase):
 
     kind: Literal["cancelled"] = "cancelled"
     reason: str | None = None
+    by: Identifier | None = Field(default=None, description="The submitter who cancelled (the subject's token).")
 
 
 class TaskBudgetExceeded(_TaskEventBase):
     """The run was stopped because a budget would be exceeded. Terminal."""
 
     kind: Literal["budget_exceeded"] = "budget_exceeded"
-    budget: str = Field(description="Which budget: e.g. 'task', 'agent:<name>', 'tenant:<tenant>'.")
-    limit_usd: float = Field(ge=0)
-    spent_usd: float = Field(ge=0)
+    budget: str = Field(description="Which budget: e.g. 'task:<id>', 'agent:<name>', 'tenant:<tenant>'.")
+    limit_usd: float = Field(ge=0, description="The budget's hard limit.")
+    spent_usd: float = Field(ge=0, description="What the budget had spent and held reserved before the call.")
+    requested_usd: float | None = Field(
+        default=None, ge=0, description="The estimated cost of the call that was refused: what it needed."
+    )
 
 
 TaskEvent = Annotated[
@@ -166,3 +181,26 @@ TASK_EVENT_ADAPTER: TypeAdapter[TaskEvent] = TypeAdapter(TaskEvent)
 
 TERMINAL_EVENT_KINDS: frozenset[str] = frozenset({"rejected", "completed", "failed", "cancelled", "budget_exceeded"})
 """After one of these a task's event stream has no further events."""
+
+
+class TaskReplayRequest(BusMessage):
+    """Ask for a task's stored events (request/reply on `agentbus.tasks.replay.<tenant>.<task_id>`).
+
+    Identities that may not create JetStream consumers read a task's history this way: the subject names
+    the tenant, so nats-server decides who may ask.
+    """
+
+    from_seq: int = Field(default=1, ge=1, description="Replay events whose `seq` is at least this.")
+    limit: int = Field(default=1000, ge=1, le=10_000, description="Most events in one reply.")
+
+
+class TaskReplayReply(BusMessage):
+    """A page of a task's stored events, in the order they were published (token events included)."""
+
+    task_id: str
+    tenant: str
+    events: list[TaskEvent] = Field(default_factory=list)
+    complete: bool = Field(default=False, description="The page ends with the task's terminal event.")
+    more: bool = Field(default=False, description="More stored events follow: ask again from `next_seq`.")
+    next_seq: int = Field(default=1, ge=1, description="`from_seq` of the next page.")
+    error: ErrorInfo | None = None

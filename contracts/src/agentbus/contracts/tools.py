@@ -52,4 +52,19 @@ class ToolCallUpdate(BusMessage):
     content: str = Field(default="", description="result: the text the model reads (output or error).")
     error: ErrorInfo | None = Field(default=None, description="result: why it failed, when it did.")
     citations: list[RetrievedChunk] = Field(default_factory=list, description="result: retrieved sources.")
+    usage_ids: list[str] = Field(
+        default_factory=list,
+        description="result: the usage records this call caused (its own, a search's), published before the "
+        "result, so the task's cost can wait for them.",
+    )
+    at: datetime = Field(default_factory=utc_now)
+
+
+class ToolCallWithdrawn(BusMessage):
+    """The task of a call ended (cancelled, deadline, failed): never run it, and expire a pending approval."""
+
+    call_id: str = Field(pattern=CALL_ID_PATTERN)
+    task_id: Identifier
+    tenant: Identifier
+    reason: str = Field(max_length=1000, description="Why, for the approvals' audit trail.")
     at: datetime = Field(default_factory=utc_now)

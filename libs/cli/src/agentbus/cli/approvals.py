@@ -1,35 +1,58 @@
 """`agentbus approvals`: what waits for a human decision, and the decision itself.
 
-Pending approvals are read by replaying stream AGENTBUS_APPROVALS (requests minus resolutions), so the
-commands need nothing but NATS. A decision is published as the approver (with the approver's own NATS
-credentials when the server enforces identities) and carries exactly the arguments hash of the request
-it was shown. Exit codes: 0 sent, 1 refused / unknown / not pending, 2 usage error.
+A tenant's approvals are asked of the tool-executor (`agentbus.approvals.list.<tenant>`, which an
+approver's permissions name); the operator, reading every tenant at once, replays the approvals stream.
+New and resolved approvals are followed on core subscriptions. A decision is published as the approver
+(with the approver's own NATS credentials when the server enforces identities), under a message id nobody
+else can predict, and carries exactly the arguments hash of the request it was shown; the command then
+waits for the executor's verdict on that decision (its stream sequence). Exit codes: 0 accepted, 1 refused /
+unknown / not pending, 2 usage error, 3 no verdict in time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 import click
+import nats.errors
 from agentbus.cli.config import admin_credential, credential_of, resolve_identities, run_nats
 from agentbus.cli.identities import Credential, IdentityError, approver_user
-from agentbus.cli.replay import Replay, replay
-from agentbus.contracts.approvals import ApprovalDecision, ApprovalRequested, ApprovalResolved
+from agentbus.cli.inputs import check_identifier
+from agentbus.cli.replay import replay
+from agentbus.contracts.approvals import (
+    ApprovalDecision,
+    ApprovalDecisionVerdict,
+    ApprovalRequested,
+    ApprovalResolved,
+    ApprovalsListReply,
+    ApprovalsListRequest,
+)
 from agentbus.contracts.common import utc_now
-from agentbus.contracts.registry import APPROVAL_DECISION, APPROVAL_PENDING, APPROVAL_RESOLVED, APPROVALS
+from agentbus.contracts.registry import (
+    APPROVAL_DECISION,
+    APPROVAL_PENDING,
+    APPROVAL_RESOLVED,
+    APPROVAL_VERDICT,
+    APPROVALS,
+    APPROVALS_LIST,
+)
 from agentbus.runtime.publishing import publish_message
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 REPLAY_MESSAGE_TIMEOUT_SECONDS = 5.0
+LIST_TIMEOUT_SECONDS = 10.0
+VERDICT_TIMEOUT_SECONDS = 15.0
 ARGUMENTS_COLUMN_WIDTH = 48
+EXIT_NO_VERDICT = 3
 
 
 @dataclass(frozen=True)
@@ -74,13 +97,6 @@ def _compact(arguments: dict[str, Any], width: int = ARGUMENTS_COLUMN_WIDTH) -> 
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _subjects(tenants: Sequence[str] | None) -> list[tuple[str, str]]:
-    """(pending subject, resolved subject) per tenant; every tenant when `tenants` is None."""
-    if tenants is None:
-        return [(APPROVAL_PENDING.wildcard, APPROVAL_RESOLVED.wildcard)]
-    return [(APPROVAL_PENDING.format(tenant=t), APPROVAL_RESOLVED.format(tenant=t)) for t in tenants]
-
-
 async def _backlog(nc: NatsClient, subject: str) -> list[Msg]:
     """Every message stored on `subject` when the replay started."""
     stored = await replay(nc, APPROVALS.name, subject)
@@ -110,16 +126,43 @@ def _decode_resolution(msg: Msg) -> ApprovalResolved | None:
 
 
 async def load_approvals(nc: NatsClient, tenants: Sequence[str] | None) -> dict[str, Approval]:
-    """Every approval of `tenants` (all when None) in request order, joined with its resolution."""
+    """Every approval of `tenants` in request order, joined with its resolution. Each tenant's are asked of
+    the tool-executor; every tenant's (`tenants` None, the operator) are read from the approvals stream."""
+    if tenants is None:
+        return await _load_from_stream(nc)
+    found: list[Approval] = []
+    for tenant in tenants:
+        request = ApprovalsListRequest(include_resolved=True)
+        try:
+            msg = await nc.request(
+                APPROVALS_LIST.format(tenant=tenant), request.model_dump_json().encode(), timeout=LIST_TIMEOUT_SECONDS
+            )
+        except nats.errors.NoRespondersError as exc:
+            raise click.ClickException("no tool-executor is running to list approvals") from exc
+        except nats.errors.TimeoutError as exc:
+            raise click.ClickException(
+                f"the tool-executor did not list approvals within {LIST_TIMEOUT_SECONDS:g}s"
+            ) from exc
+        try:
+            reply = ApprovalsListReply.model_validate_json(msg.data)
+        except ValidationError as exc:
+            raise click.ClickException(f"unreadable approvals list: {exc.errors()[0]['msg']}") from exc
+        if reply.error is not None:
+            raise click.ClickException(f"listing approvals failed: {reply.error.code}: {reply.error.message}")
+        found += [Approval(entry.request, entry.resolution) for entry in reply.approvals]
+    ordered = sorted(found, key=lambda a: a.request.requested_at)
+    return {a.request.approval_id: a for a in ordered}
+
+
+async def _load_from_stream(nc: NatsClient) -> dict[str, Approval]:
     requests: dict[str, ApprovalRequested] = {}
     resolutions: dict[str, ApprovalResolved] = {}
-    for pending_subject, resolved_subject in _subjects(tenants):
-        for msg in await _backlog(nc, resolved_subject):
-            if (resolution := _decode_resolution(msg)) is not None:
-                resolutions.setdefault(resolution.approval_id, resolution)
-        for msg in await _backlog(nc, pending_subject):
-            if (request := _decode_request(msg)) is not None:
-                requests.setdefault(request.approval_id, request)
+    for msg in await _backlog(nc, APPROVAL_RESOLVED.wildcard):
+        if (resolution := _decode_resolution(msg)) is not None:
+            resolutions.setdefault(resolution.approval_id, resolution)
+    for msg in await _backlog(nc, APPROVAL_PENDING.wildcard):
+        if (request := _decode_request(msg)) is not None:
+            requests.setdefault(request.approval_id, request)
     ordered = sorted(requests.values(), key=lambda r: r.requested_at)
     return {r.approval_id: Approval(r, resolutions.get(r.approval_id)) for r in ordered}
 
@@ -269,9 +312,12 @@ def _decide(
     tenant: str | None,
     nats_url: str | None,
 ) -> None:
+    check_identifier("APPROVAL_ID", approval_id)
+    check_identifier("--as", approver)
+    check_identifier("--tenant", tenant)
     reader = _reader(tenant, approver)
 
-    async def action(nc: NatsClient) -> tuple[ApprovalDecision, str, bool]:
+    async def action(nc: NatsClient) -> ApprovalDecisionVerdict | None:
         approval = _find(await load_approvals(nc, reader.tenants), approval_id, reader.tenants)
         request = approval.request
         if approval.resolution is not None:
@@ -292,18 +338,50 @@ def _decide(
         click.echo(f"{verb} {request.approval_id}: tool {request.tool} for task {request.task_id} ({request.tenant})")
         click.echo(f"  arguments {json.dumps(request.arguments, ensure_ascii=False)}")
         click.echo(f"  arguments_sha256 {request.arguments_sha256}")
-        subject = APPROVAL_DECISION.format(tenant=request.tenant, approver=approver)
-        ack = await publish_message(
-            nc.jetstream(),
-            subject,
-            message,
-            msg_id=f"decision:{request.approval_id}:{approver}:{decision}",
-        )
-        return message, subject, bool(ack.duplicate)
+        # Listen before publishing, so the verdict cannot come before the subscription.
+        verdicts = await nc.subscribe(APPROVAL_VERDICT.format(tenant=request.tenant, approver=approver))
+        try:
+            ack = await publish_message(
+                nc.jetstream(),
+                APPROVAL_DECISION.format(tenant=request.tenant, approver=approver),
+                message,
+                # Random: nobody else can predict it, so nobody can pre-empt this decision as a duplicate.
+                msg_id=f"decision:{uuid.uuid4().hex}",
+            )
+            if ack.duplicate:
+                raise click.ClickException("the server dropped this decision as a duplicate; nothing was decided")
+            return await _verdict_of(verdicts, ack.seq)
+        finally:
+            await verdicts.unsubscribe()
 
-    message, subject, duplicate = run_nats(nats_url, reader.credential, action)
-    suffix = " (duplicate: this decision was sent before)" if duplicate else ""
-    click.echo(f"sent {message.decision} by {message.approver} on {subject}{suffix}")
+    verdict = run_nats(nats_url, reader.credential, action)
+    if verdict is None:
+        click.echo(
+            f"sent {decision} by {approver}, but the tool-executor gave no verdict within "
+            f"{VERDICT_TIMEOUT_SECONDS:g}s (is it running?); `agentbus approvals show {approval_id}` tells later",
+            err=True,
+        )
+        sys.exit(EXIT_NO_VERDICT)
+    if verdict.outcome == "refused":
+        detail = f": {verdict.detail}" if verdict.detail else ""
+        raise click.ClickException(f"the tool-executor refused the decision ({verdict.reason_code}){detail}")
+    click.echo(f"{'approved' if decision == 'approve' else 'denied'} {approval_id} as {approver}: accepted")
+
+
+async def _verdict_of(verdicts: Any, decision_seq: int) -> ApprovalDecisionVerdict | None:
+    """The executor's verdict on the decision stored at `decision_seq`, or None when none came in time."""
+    try:
+        async with asyncio.timeout(VERDICT_TIMEOUT_SECONDS):
+            while True:
+                msg = await verdicts.next_msg(timeout=VERDICT_TIMEOUT_SECONDS)
+                try:
+                    verdict = ApprovalDecisionVerdict.model_validate_json(msg.data)
+                except ValidationError:
+                    continue
+                if verdict.decision_seq == decision_seq:
+                    return verdict
+    except (TimeoutError, nats.errors.TimeoutError):
+        return None
 
 
 approver_option = click.option("--as", "approver", required=True, help="The approver deciding (their credentials).")
@@ -348,43 +426,45 @@ def _describe_resolved(resolution: ApprovalResolved) -> str:
     return f"resolved  {resolution.approval_id} tenant={resolution.tenant} {resolution.outcome}{by}"
 
 
-async def _follow(stream: Replay, describe_message: Callable[[Msg], str | None]) -> None:
-    async for msg in stream.subscription.messages:
-        line = describe_message(msg)
-        if line is not None:
-            click.echo(line)
-
-
 @approvals.command("watch")
 @tenant_option
 @as_reader_option
 @nats_url_option
 def watch(tenant: str | None, approver: str | None, nats_url: str | None) -> None:
     """Print approvals as they are requested and resolved, until Ctrl-C."""
+    check_identifier("--tenant", tenant)
+    check_identifier("--as", approver)
     reader = _reader(tenant, approver)
 
-    def pending_line(msg: Msg) -> str | None:
-        request = _decode_request(msg)
-        return _describe_pending(request) if request else None
-
-    def resolved_line(msg: Msg) -> str | None:
+    def line(msg: Msg) -> str | None:
+        if msg.subject.startswith(APPROVAL_PENDING.pattern.split("{")[0]):
+            request = _decode_request(msg)
+            return _describe_pending(request) if request else None
         resolution = _decode_resolution(msg)
         return _describe_resolved(resolution) if resolution else None
 
     async def action(nc: NatsClient) -> None:
-        streams: list[tuple[Replay, Callable[[Msg], str | None]]] = []
+        subjects = (
+            [APPROVAL_PENDING.wildcard, APPROVAL_RESOLVED.wildcard]
+            if reader.tenants is None
+            else [spec.format(tenant=t) for t in reader.tenants for spec in (APPROVAL_PENDING, APPROVAL_RESOLVED)]
+        )
+        subscriptions = [await nc.subscribe(subject) for subject in subjects]
+        scope = ", ".join(reader.tenants) if reader.tenants else "every tenant"
+        click.echo(f"watching approvals of {scope} (Ctrl-C to stop)", err=True)
         try:
-            for pending_subject, resolved_subject in _subjects(reader.tenants):
-                streams.append((await replay(nc, APPROVALS.name, pending_subject, DeliverPolicy.NEW), pending_line))
-                streams.append((await replay(nc, APPROVALS.name, resolved_subject, DeliverPolicy.NEW), resolved_line))
-            scope = ", ".join(reader.tenants) if reader.tenants else "every tenant"
-            click.echo(f"watching approvals of {scope} (Ctrl-C to stop)", err=True)
-            await asyncio.gather(*(_follow(stream, line) for stream, line in streams))
+            await asyncio.gather(*(_print_lines(subscription.messages, line) for subscription in subscriptions))
         finally:
-            for stream, _ in streams:
-                await stream.close()
+            for subscription in subscriptions:
+                await subscription.unsubscribe()
 
     try:
         run_nats(nats_url, reader.credential, action)
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
+
+
+async def _print_lines(messages: Any, line: Callable[[Msg], str | None]) -> None:
+    async for msg in messages:
+        if (text := line(msg)) is not None:
+            click.echo(text)

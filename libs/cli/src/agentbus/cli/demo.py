@@ -65,12 +65,12 @@ async def _run_samples(suite: Suite) -> bool:
     all_completed = True
     try:
         for agent, text in SAMPLE_TASKS:
-            submission = TaskSubmitted(
-                task_id=f"demo-{uuid.uuid4().hex[:10]}", tenant=TENANT, agent=agent, input=text, submitted_by="carol"
-            )
+            submission = TaskSubmitted(task_id=f"demo-{uuid.uuid4().hex[:10]}", tenant=TENANT, agent=agent, input=text)
             print(f"\n$ agentbus submit --tenant {TENANT} --agent {agent} --wait {text!r}")
-            print(f"  task {submission.task_id} on agentbus.tasks.submit.{TENANT}", flush=True)
-            outcome = await submit_task(nc, submission, on_submitted=lambda _: None, on_event=on_event, wait_seconds=90)
+            print(f"  task {submission.task_id} on agentbus.tasks.submit.{TENANT}.{SUBMITTER}", flush=True)
+            outcome = await submit_task(
+                nc, submission, SUBMITTER, on_submitted=lambda _: None, on_event=on_event, wait_seconds=90
+            )
             all_completed = all_completed and outcome == "completed"
         await asyncio.gather(*decisions)
     finally:

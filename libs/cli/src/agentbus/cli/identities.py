@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 from agentbus.contracts.common import Identifier
+from agentbus.runtime.connection import inbox_prefix_for
 from agentbus.runtime.server import write_private_file
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -151,7 +152,7 @@ class CredentialStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
         credential = Credential(user=user, password=secrets.token_urlsafe(PASSWORD_BYTES))
-        write_private_file(
-            self.path_of(user), json.dumps({"user": credential.user, "password": credential.password}) + "\n"
-        )
+        # The inbox prefix is part of the credential: the server lets this user read replies only there.
+        fields = {"user": credential.user, "password": credential.password, "inbox_prefix": inbox_prefix_for(user)}
+        write_private_file(self.path_of(user), json.dumps(fields) + "\n")
         return credential

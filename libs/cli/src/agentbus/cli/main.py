@@ -15,13 +15,22 @@ import nats.errors
 from agentbus.cli.approvals import approvals
 from agentbus.cli.config import STATE_DIR, admin_credential, run_nats, submitter_credential
 from agentbus.cli.cost import cost_group
+from agentbus.cli.follow import ReplayError, replay_events
 from agentbus.cli.identities import Credential, IdentityError
+from agentbus.cli.inputs import check_identifier, parse_input
 from agentbus.cli.rag import ingest_command, search_command
 from agentbus.cli.replay import replay
-from agentbus.cli.suite import DEFAULT_CONFIG_DIR, DEFAULT_TOOLS_DIR, Suite
-from agentbus.cli.tasks import describe, submit_task
-from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_EVENT, TASK_EVENTS
-from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TaskEvent, TaskSubmitted
+from agentbus.cli.suite import (
+    CONFIGURATION_ERROR_STATUS,
+    DEFAULT_CONFIG_DIR,
+    DEFAULT_TOOLS_DIR,
+    StartupError,
+    Suite,
+    SuiteLockedError,
+)
+from agentbus.cli.tasks import ANONYMOUS_SUBMITTER, describe, submit_task
+from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_CANCEL, TASK_EVENT, TASK_EVENTS
+from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TaskCancelRequested, TaskEvent, TaskSubmitted
 from agentbus.runtime.bootstrap import apply_topology
 from nats.aio.client import Client as NatsClient
 
@@ -97,13 +106,13 @@ def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path, con
     try:
         suite.start()
         click.echo(f"agentbus up: ready; NATS at {suite.nats_url}. Ctrl-C to stop.", err=True)
-        while not stop.wait(0.5):
-            if (dead := suite.exited()) is not None:
-                click.echo(
-                    f"agentbus up: {dead.spec.name} exited ({dead.process.returncode}); see {dead.log_path}",
-                    err=True,
-                )
-                raise SystemExit(1)
+        while not stop.wait(0.2):
+            suite.supervise()
+    except SuiteLockedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except StartupError as exc:
+        click.echo(f"agentbus up: {exc}", err=True)
+        raise SystemExit(CONFIGURATION_ERROR_STATUS) from exc
     except (RuntimeError, IdentityError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
@@ -115,7 +124,7 @@ def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path, con
 @click.option("--agent", required=True)
 @click.option("--task-id", default=None, help="Default: a new random id. Resubmitting an id runs nothing new.")
 @click.option("--budget-usd", type=float, default=None)
-@click.option("--submitted-by", default=None, help="Default: the submitter connecting.")
+@click.option("--deadline", "deadline_seconds", type=float, default=None, help="Seconds the task may take.")
 @click.option("--as", "submitter", default=None, help="Submit as this submitter of the tenant. Default: its first.")
 @click.option("--wait/--no-wait", default=False, help="Print events live until the task ends.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait with --wait.")
@@ -127,7 +136,7 @@ def submit(
     agent: str,
     task_id: str | None,
     budget_usd: float | None,
-    submitted_by: str | None,
+    deadline_seconds: float | None,
     submitter: str | None,
     wait: bool,
     timeout: float,
@@ -137,24 +146,25 @@ def submit(
 ) -> None:
     """Submit TASK_INPUT to an agent. With --wait, exit 0 only when the task completes."""
     credential, submitter = submitter_credential(tenant, submitter)
-    try:
-        submission = TaskSubmitted(
-            task_id=task_id or f"task-{uuid.uuid4().hex[:16]}",
-            tenant=tenant,
-            agent=agent,
-            input=task_input,
-            budget_usd=budget_usd,
-            submitted_by=submitted_by or submitter,
-        )
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    token = submitter or ANONYMOUS_SUBMITTER
+    submission = parse_input(
+        TaskSubmitted,
+        task_id=task_id or f"task-{uuid.uuid4().hex[:16]}",
+        tenant=tenant,
+        agent=agent,
+        input=task_input,
+        budget_usd=budget_usd,
+        deadline_seconds=deadline_seconds,
+    )
 
     async def action(nc: NatsClient) -> str | None:
         return await submit_task(
             nc,
             submission,
+            token,
             on_submitted=lambda duplicate: click.echo(
-                f"submitted {submission.task_id}" + (" (duplicate: this id was submitted before)" if duplicate else ""),
+                f"submitted {submission.task_id} as {token}"
+                + (" (duplicate: this id was submitted before)" if duplicate else ""),
                 err=True,
             ),
             on_event=(lambda event: _print_event(event, as_json)) if wait else None,
@@ -175,20 +185,53 @@ def submit(
 
 @cli.command()
 @click.argument("task_id")
+@click.option("--tenant", required=True)
+@click.option("--reason", default=None, help="Why; kept in the cancelled event.")
+@click.option("--as", "submitter", default=None, help="Cancel as this submitter of the tenant. Default: its first.")
+@nats_url_option
+def cancel(task_id: str, tenant: str, reason: str | None, submitter: str | None, nats_url: str | None) -> None:
+    """Cancel a running task; a task that already ended is left as it is."""
+    credential, submitter = submitter_credential(tenant, submitter)
+    token = submitter or ANONYMOUS_SUBMITTER
+    request = parse_input(TaskCancelRequested, task_id=task_id, tenant=tenant, reason=reason)
+
+    async def action(nc: NatsClient) -> None:
+        await nc.jetstream().publish(
+            TASK_CANCEL.format(tenant=tenant, submitter=token), request.model_dump_json().encode()
+        )
+
+    run_nats(nats_url, credential, action)
+    click.echo(f"cancellation of {task_id} sent as {token}; `agentbus events {task_id} --tenant {tenant}` shows it")
+
+
+@cli.command()
+@click.argument("task_id")
 @click.option("--tenant", default=None, help="The task's tenant (read as its submitter); default: any (as admin).")
 @click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
 @nats_url_option
 def events(task_id: str, tenant: str | None, as_json: bool, nats_url: str | None) -> None:
     """Replay a task's events from seq 1."""
+    check_identifier("TASK_ID", task_id)
+    check_identifier("--tenant", tenant)
 
-    async def action(nc: NatsClient) -> int:
-        subject = TASK_EVENT.pattern.format(tenant=tenant or "*", task_id=task_id)
-        events = await replay(nc, TASK_EVENTS.name, subject)
+    async def from_runner(nc: NatsClient) -> int:
+        assert tenant is not None
+        try:
+            stored = await replay_events(nc, tenant, task_id)
+        except ReplayError as exc:
+            raise click.ClickException(str(exc)) from exc
+        for event in stored:
+            _print_event(event, as_json)
+        return len(stored)
+
+    async def from_stream(nc: NatsClient) -> int:
+        subject = TASK_EVENT.pattern.format(tenant="*", task_id=task_id)
+        stored = await replay(nc, TASK_EVENTS.name, subject)
         count = 0
         try:
-            while count < events.backlog:
+            while count < stored.backlog:
                 try:
-                    msg = await events.subscription.next_msg(timeout=2.0)
+                    msg = await stored.subscription.next_msg(timeout=2.0)
                 except nats.errors.TimeoutError:
                     return count
                 _print_event(TASK_EVENT_ADAPTER.validate_json(msg.data), as_json)
@@ -197,9 +240,13 @@ def events(task_id: str, tenant: str | None, as_json: bool, nats_url: str | None
                     return count
             return count
         finally:
-            await events.close()
+            await stored.close()
 
-    if run_nats(nats_url, _event_reader(tenant), action) == 0:
+    if tenant is not None:
+        found = run_nats(nats_url, _event_reader(tenant), from_runner)
+    else:
+        found = run_nats(nats_url, admin_credential(), from_stream)
+    if found == 0:
         raise click.ClickException(f"no events for task {task_id}")
 
 

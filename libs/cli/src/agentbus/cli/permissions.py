@@ -2,8 +2,16 @@
 
 `SERVICE_ACCESS` is the one table of what every service consumes, produces, asks and answers; the
 permissions of each service user are computed from it and from the registry's consumer specs. People
-and applications get narrower rights: a submitter acts only on its tenants' subjects, an approver reads
-its tenants' approvals and publishes decisions only on its own token.
+and applications get narrower rights: a submitter submits, cancels and ingests only on its own token of
+its tenants' subjects, follows those tenants' task events live (core subscriptions) and asks the runner
+for a task's stored events; an approver follows its tenants' approvals live, asks the executor for the
+pending ones, publishes decisions only on its own token and hears the verdict on its own decisions.
+
+No person or application may use the JetStream API at all. Creating any consumer would let it name a
+push consumer's deliver subject, which nats-server does not check against the creator's permissions
+(nats-io/nats-server#8274): the server would then publish stored messages, on the creator's behalf, to a
+subject the creator may not publish to (another identity's decision subject, a KV key). Replays are
+therefore request/reply on subjects that name the tenant, which permissions can bind.
 
 Every restricted user receives replies only under its own inbox prefix (`inbox_prefix_for`), so none can
 read what the server delivers to another: consumer messages, acks, request replies.
@@ -28,7 +36,8 @@ from agentbus.contracts.registry import (
     APPROVAL_DECISION,
     APPROVAL_PENDING,
     APPROVAL_RESOLVED,
-    APPROVALS,
+    APPROVAL_VERDICT,
+    APPROVALS_LIST,
     BUDGET_ALERT,
     BUDGET_RELEASE,
     BUDGET_RESERVE,
@@ -36,6 +45,7 @@ from agentbus.contracts.registry import (
     DEAD_LETTER,
     EXECUTOR_CALLS,
     EXECUTOR_DECISIONS,
+    EXECUTOR_WITHDRAWALS,
     LLM_ABORT,
     LLM_REQUEST,
     LLM_RESULT,
@@ -44,9 +54,12 @@ from agentbus.contracts.registry import (
     RAG_SEARCH,
     RETRIEVER_DELETES,
     RETRIEVER_INGEST,
+    RUN_SCHEDULE,
     RUNNER_CANCELLATIONS,
+    RUNNER_DEAD_LETTERS,
     RUNNER_LLM_RESULTS,
     RUNNER_SUBMISSIONS,
+    RUNNER_TIMERS,
     RUNNER_TOOL_UPDATES,
     RUNS,
     SPAN,
@@ -54,9 +67,11 @@ from agentbus.contracts.registry import (
     TASK_COST,
     TASK_EVENT,
     TASK_EVENTS,
+    TASK_REPLAY,
     TASK_SUBMIT,
     TOOL_CALL,
     TOOL_UPDATE,
+    TOOL_WITHDRAW,
     TRACE_EXPORTER_SPANS,
     USAGE_RECORDED,
     ConsumerSpec,
@@ -103,9 +118,19 @@ class ServiceAccess:
 SERVICE_ACCESS: tuple[ServiceAccess, ...] = (
     ServiceAccess(
         Service.AGENT_RUNNER,
-        consumes=(RUNNER_SUBMISSIONS, RUNNER_CANCELLATIONS, RUNNER_LLM_RESULTS, RUNNER_TOOL_UPDATES),
-        publishes=(TASK_EVENT, LLM_REQUEST, TOOL_CALL, LLM_ABORT, SPAN),
+        consumes=(
+            RUNNER_SUBMISSIONS,
+            RUNNER_CANCELLATIONS,
+            RUNNER_LLM_RESULTS,
+            RUNNER_TOOL_UPDATES,
+            RUNNER_TIMERS,
+            RUNNER_DEAD_LETTERS,
+        ),
+        publishes=(TASK_EVENT, LLM_REQUEST, TOOL_CALL, TOOL_WITHDRAW, RUN_SCHEDULE, LLM_ABORT, SPAN),
         requests=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST),
+        answers=(TASK_REPLAY,),
+        # Replays of a task's stored events, for identities that may not read the stream themselves.
+        reads=(TASK_EVENTS,),
         buckets=(RUNS,),
     ),
     ServiceAccess(
@@ -118,9 +143,10 @@ SERVICE_ACCESS: tuple[ServiceAccess, ...] = (
     ),
     ServiceAccess(
         Service.TOOL_EXECUTOR,
-        consumes=(EXECUTOR_CALLS, EXECUTOR_DECISIONS),
-        publishes=(TOOL_UPDATE, APPROVAL_PENDING, APPROVAL_RESOLVED, USAGE_RECORDED, SPAN),
+        consumes=(EXECUTOR_CALLS, EXECUTOR_WITHDRAWALS, EXECUTOR_DECISIONS),
+        publishes=(TOOL_UPDATE, APPROVAL_PENDING, APPROVAL_RESOLVED, APPROVAL_VERDICT, USAGE_RECORDED, SPAN),
         requests=(RAG_SEARCH,),
+        answers=(APPROVALS_LIST,),
     ),
     ServiceAccess(
         Service.RETRIEVER,
@@ -130,7 +156,7 @@ SERVICE_ACCESS: tuple[ServiceAccess, ...] = (
     ),
     ServiceAccess(
         Service.COST_ACCOUNTANT,
-        consumes=(ACCOUNTANT_USAGE,),
+        consumes=ACCOUNTANT_USAGE,
         publishes=(BUDGET_ALERT, SPAN),
         answers=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST, COST_REPORT),
     ),
@@ -188,16 +214,6 @@ def _bucket_publish(spec: KeyValueSpec) -> tuple[str, ...]:
     )
 
 
-def _replay_create(stream: str, filter_subject: str) -> str:
-    """Creating a named consumer on `stream` whose filter is exactly `filter_subject`.
-
-    nats-py (and the other official clients) put the name and the filter into the create subject
-    (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), and the server checks the filter against it:
-    a permission on this subject is a permission to read exactly that filter.
-    """
-    return f"{JS_API}.CONSUMER.CREATE.{stream}.*.{filter_subject}"
-
-
 def _unique(subjects: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(subjects))
 
@@ -219,29 +235,38 @@ def service_permissions(service: Service, models: tuple[str, ...] = registry.DEF
 
 
 def submitter_permissions(submitter: str, tenants: Iterable[str]) -> NatsPermissions:
-    """Submit, cancel and ingest for `tenants`, and replay those tenants' task events."""
+    """Submit, cancel and ingest as `submitter` for `tenants`; follow and replay those tenants' task events."""
     publish: list[str] = []
+    subscribe = [_inbox(submitter_user(submitter))]
     for tenant in tenants:
         publish += [
-            TASK_SUBMIT.format(tenant=tenant),
-            TASK_CANCEL.format(tenant=tenant),
-            RAG_INGEST_DOCUMENTS.format(tenant=tenant),
-            RAG_DELETE_DOCUMENTS.format(tenant=tenant),
-            _replay_create(TASK_EVENTS.name, TASK_EVENT.pattern.format(tenant=tenant, task_id="*")),
+            TASK_SUBMIT.format(tenant=tenant, submitter=submitter),
+            TASK_CANCEL.format(tenant=tenant, submitter=submitter),
+            RAG_INGEST_DOCUMENTS.format(tenant=tenant, submitter=submitter),
+            RAG_DELETE_DOCUMENTS.format(tenant=tenant, submitter=submitter),
+            TASK_REPLAY.pattern.format(tenant=tenant, task_id="*"),
+            RAG_SEARCH.format(tenant=tenant),
         ]
-    return NatsPermissions(publish=_unique(publish), subscribe=(_inbox(submitter_user(submitter)),))
+        subscribe.append(TASK_EVENT.pattern.format(tenant=tenant, task_id="*"))
+    return NatsPermissions(publish=_unique(publish), subscribe=_unique(subscribe))
 
 
 def approver_permissions(approver: str, tenants: Iterable[str]) -> NatsPermissions:
-    """Replay `tenants`' pending and resolved approvals; publish decisions only on the approver's own token."""
+    """Follow and list `tenants`' approvals; publish decisions only on the approver's own token and hear the
+    executor's verdict on them."""
     publish: list[str] = []
+    subscribe = [_inbox(approver_user(approver))]
     for tenant in tenants:
         publish += [
             APPROVAL_DECISION.format(tenant=tenant, approver=approver),
-            _replay_create(APPROVALS.name, APPROVAL_PENDING.format(tenant=tenant)),
-            _replay_create(APPROVALS.name, APPROVAL_RESOLVED.format(tenant=tenant)),
+            APPROVALS_LIST.format(tenant=tenant),
         ]
-    return NatsPermissions(publish=_unique(publish), subscribe=(_inbox(approver_user(approver)),))
+        subscribe += [
+            APPROVAL_PENDING.format(tenant=tenant),
+            APPROVAL_RESOLVED.format(tenant=tenant),
+            APPROVAL_VERDICT.format(tenant=tenant, approver=approver),
+        ]
+    return NatsPermissions(publish=_unique(publish), subscribe=_unique(subscribe))
 
 
 def nats_users(

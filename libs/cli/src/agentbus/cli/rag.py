@@ -19,7 +19,10 @@ from typing import Any
 
 import click
 import nats.errors
-from agentbus.cli.config import admin_credential, resolve_nats_url
+from agentbus.cli.config import admin_credential, resolve_nats_url, submitter_credential
+from agentbus.cli.identities import Credential
+from agentbus.cli.inputs import check_identifier, parse_input
+from agentbus.cli.tasks import ANONYMOUS_SUBMITTER
 from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.rag import DocumentsIngest, IngestDocument, MetadataFilter, SearchReply, SearchRequest
 from agentbus.contracts.registry import (
@@ -59,6 +62,10 @@ def _source_files(paths: tuple[Path, ...]) -> list[SourceFile]:
                 document_id = path.relative_to(given).as_posix()
                 files[document_id] = SourceFile(path, document_id)
         elif given.is_file():
+            if given.suffix.lower() not in DOCUMENT_SUFFIXES:
+                raise click.BadParameter(
+                    f"{given}: only {' and '.join(DOCUMENT_SUFFIXES)} files are ingested", param_hint="PATHS"
+                )
             files[given.name] = SourceFile(given, given.name)
         else:
             raise click.BadParameter(f"{given}: no such file or folder", param_hint="PATH")
@@ -124,11 +131,8 @@ def batches(tenant: str, documents: list[IngestDocument]) -> Iterator[DocumentsI
         yield DocumentsIngest(tenant=tenant, documents=batch)
 
 
-async def _connect(url: str | None) -> NatsClient:
+async def _connect(url: str | None, credential: Credential | None) -> NatsClient:
     resolved = resolve_nats_url(url)
-    # Ingestion and search are operator actions on a tenant's knowledge base: the operator's credential
-    # (none when the server enforces no identities).
-    credential = admin_credential()
     try:
         return await connect_nats(
             resolved,
@@ -142,11 +146,19 @@ async def _connect(url: str | None) -> NatsClient:
 
 
 async def _ingest(
-    nc: NatsClient, tenant: str, messages: list[DocumentsIngest], wait: bool, timeout: float
+    nc: NatsClient,
+    operator: NatsClient,
+    tenant: str,
+    submitter: str,
+    messages: list[DocumentsIngest],
+    wait: bool,
+    timeout: float,
 ) -> list[str] | None:
-    """Publish every batch; with `wait`, return the failed batches' reasons, or None on timeout."""
+    """Publish every batch as `submitter` (on `nc`); with `wait`, watch as the operator whether the retriever
+    handled each batch, and return the failed batches' reasons, or None on timeout."""
     js = nc.jetstream()
-    dead_letters = await js.subscribe(
+    watch = operator.jetstream()
+    dead_letters = await watch.subscribe(
         DEAD_LETTER.format(stream=RETRIEVER_INGEST.stream, consumer=RETRIEVER_INGEST.durable),
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.NEW,
@@ -171,7 +183,9 @@ async def _ingest(
                 # The same batch published twice within the stream's duplicate window is stored once.
                 msg_id = f"ingest:{tenant}:{hashlib.sha256(body).hexdigest()[:32]}"
                 ack = await js.publish(
-                    RAG_INGEST_DOCUMENTS.format(tenant=tenant), body, headers={Header.MSG_ID: msg_id}
+                    RAG_INGEST_DOCUMENTS.format(tenant=tenant, submitter=submitter),
+                    body,
+                    headers={Header.MSG_ID: msg_id},
                 )
                 published[ack.seq] = message
                 bar.update(1)
@@ -184,7 +198,7 @@ async def _ingest(
                     while remaining:
                         for seq in sorted(remaining):
                             try:
-                                await js.get_msg(RAG_INGEST.name, seq)
+                                await watch.get_msg(RAG_INGEST.name, seq)
                             except NotFoundError:  # handled and acked: it left the work queue
                                 remaining.discard(seq)
                                 bar.update(1)
@@ -210,6 +224,7 @@ async def _ingest(
     multiple=True,
     help="KEY=VALUE added to every document's metadata (VALUE is JSON when it parses). Repeatable.",
 )
+@click.option("--as", "submitter", default=None, help="Ingest as this submitter of the tenant. Default: its first.")
 @click.option(
     "--nats-url", default=None, help="NATS URL. Default: $AGENTBUS_NATS_URL, then ./.agentbus/env, then :4222."
 )
@@ -220,25 +235,30 @@ def ingest_command(
     timeout: float,
     max_document_bytes: int,
     metadata_pairs: tuple[str, ...],
+    submitter: str | None,
     nats_url: str | None,
 ) -> None:
     """Index the .md and .txt files in PATHS (files or folders) into TENANT's knowledge base.
 
     A document's id is its path relative to the folder given, so ingesting a folder again replaces
     its documents. Every file is checked first: if any is not UTF-8, too large or empty, nothing is sent.
+    Documents are published as a submitter of the tenant (its first unless --as names one), like tasks.
     """
-    try:
-        documents = read_documents(paths, max_document_bytes, _metadata(metadata_pairs))
-        messages = list(batches(tenant, documents))
-    except ValidationError as exc:
-        raise click.BadParameter(str(exc), param_hint="TENANT") from exc
+    check_identifier("TENANT", tenant)
+    credential, submitter = submitter_credential(tenant, submitter)
+    token = submitter or ANONYMOUS_SUBMITTER
+    documents = read_documents(paths, max_document_bytes, _metadata(metadata_pairs))
+    messages = list(batches(tenant, documents))
 
     async def main() -> list[str] | None:
-        nc = await _connect(nats_url)
+        nc = await _connect(nats_url, credential)
+        operator = await _connect(nats_url, admin_credential()) if wait else nc
         try:
-            return await _ingest(nc, tenant, messages, wait, timeout)
+            return await _ingest(nc, operator, tenant, token, messages, wait, timeout)
         finally:
             await nc.close()
+            if operator is not nc:
+                await operator.close()
 
     outcome = asyncio.run(main())
     if not wait:
@@ -317,19 +337,18 @@ def search_command(
     nats_url: str | None,
 ) -> None:
     """Search TENANT's knowledge base for QUERY; print the best chunks with their source and score."""
-    try:
-        request = SearchRequest(
-            tenant=tenant,
-            query=query,
-            top_k=top_k,
-            mode=mode,  # type: ignore[arg-type]
-            filters=[_parse_filter(f) for f in filters],
-        )
-    except ValidationError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    check_identifier("TENANT", tenant)
+    request = parse_input(
+        SearchRequest,
+        tenant=tenant,
+        query=query,
+        top_k=top_k,
+        mode=mode,
+        filters=[_parse_filter(f) for f in filters],
+    )
 
     async def main() -> SearchReply:
-        nc = await _connect(nats_url)
+        nc = await _connect(nats_url, submitter_credential(tenant, None)[0])
         try:
             msg = await nc.request(
                 RAG_SEARCH.format(tenant=tenant), request.model_dump_json().encode(), timeout=timeout

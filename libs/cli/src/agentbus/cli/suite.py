@@ -1,10 +1,18 @@
-"""`agentbus up`: nats-server from the wheel, the topology, and each service as its own process."""
+"""`agentbus up`: nats-server from the wheel, the topology, and each service as its own process, supervised.
+
+A service that dies is started again, with backoff (1 s doubling to 30 s, back to 1 s once it has run for a
+minute), and so is nats-server (same ports, same store). Only a configuration error ends the suite: a
+service that exits with status 2 (a bad agent, tool or config file) stops everything, and its one-line
+reason is shown. One suite runs per state directory: `up.lock` there is held for the suite's life.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -37,12 +45,74 @@ from agentbus.cli.permissions import nats_users
 from agentbus.contracts.registry import DEFAULT_MODELS, Service
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
-from agentbus.runtime.server import NatsServerProcess, NatsUser, free_port, port_is_free
+from agentbus.runtime.server import NatsServerError, NatsServerProcess, NatsUser, free_port, port_is_free
 
 PREFERRED_NATS_PORT = 4222
 PREFERRED_MONITOR_PORT = 8222
 DEFAULT_CONFIG_DIR = Path("config")
 DEFAULT_TOOLS_DIR = Path("tools")
+LOCK_FILE_NAME = "up.lock"
+PIDS_FILE_NAME = "pids.json"
+CONFIGURATION_ERROR_STATUS = 2
+"""A service exits with this when its configuration is bad: restarting it cannot help."""
+RESTART_FIRST_DELAY_SECONDS = 1.0
+RESTART_MAX_DELAY_SECONDS = 30.0
+STABLE_AFTER_SECONDS = 60.0
+"""A service that ran this long starts its next restart from the first delay again."""
+
+
+class SuiteLockedError(RuntimeError):
+    """Another `agentbus up` runs on this state directory."""
+
+
+class StartupError(RuntimeError):
+    """A service cannot start with its configuration; the message is its own one-line reason."""
+
+
+def startup_reason(log_path: Path, service: str) -> str:
+    """The one-line reason a service gave for not starting (`<service>: cannot start: ...`), from its log."""
+    try:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return f"{service} could not start; see {log_path}"
+    for line in reversed(lines):
+        if "cannot start:" in line:
+            return line.strip()
+    return f"{service} could not start; see {log_path}"
+
+
+class SuiteLock:
+    """An exclusive lock on a state directory, held while the file stays open (released if the process dies)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_FILE_NAME
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open to hold the lock
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise SuiteLockedError(
+                f"agentbus up is already running on {self.path.parent} (pid {holder}); stop it first, "
+                "or give this one its own --state-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self._file.close()
+            self._file = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +205,10 @@ class RunningService:
     process: subprocess.Popen[bytes]
     http_port: int
     log_path: Path
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    restart_at: float | None = None
+    """While it is down: when it is started again."""
 
 
 def _describe(identities: Identities) -> str:
@@ -186,6 +260,9 @@ class Suite:
         self.credentials = CredentialStore(self.state_dir / CREDENTIALS_DIR_NAME)
         self.server: NatsServerProcess | None = None
         self.services: list[RunningService] = []
+        self._lock = SuiteLock(self.state_dir)
+        self._server_restart_at: float | None = None
+        self._server_restarts = 0
 
     def credential(self, user: str) -> Credential | None:
         """The credential `user` connects with: None while identities are not enforced."""
@@ -202,6 +279,9 @@ class Suite:
         print(f"agentbus up: {text}", file=self._echo, flush=True)
 
     def start(self, ready_timeout: float = 30.0) -> None:
+        """Start nats-server (unless attached), apply the topology, start every service and wait until each
+        is ready. Raises SuiteLockedError, or StartupError with a service's own reason."""
+        self._lock.acquire()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         env_values = {}
@@ -234,17 +314,84 @@ class Suite:
         self._say(f"streams applied ({len(changes)} streams, consumers and buckets)")
         for spec in implemented_services(self.paths, self.models):
             self.services.append(self._spawn(spec))
+        self._write_pids()
         deadline = time.monotonic() + ready_timeout
         for service in self.services:
             while not _ready(service.http_port):
                 if service.process.poll() is not None:
-                    raise RuntimeError(
-                        f"{service.spec.name} exited with {service.process.returncode}; see {service.log_path}"
+                    if service.process.returncode == CONFIGURATION_ERROR_STATUS:
+                        raise StartupError(startup_reason(service.log_path, service.spec.name))
+                    raise StartupError(
+                        f"{service.spec.name} exited with {service.process.returncode} while starting; "
+                        f"see {service.log_path}"
                     )
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{service.spec.name} not ready after {ready_timeout}s; see {service.log_path}")
+                    raise StartupError(f"{service.spec.name} not ready after {ready_timeout}s; see {service.log_path}")
                 time.sleep(0.1)
             self._say(f"{service.spec.name} ready (pid {service.process.pid}, http :{service.http_port})")
+
+    def supervise(self) -> None:
+        """One round of supervision: restart what died (after its backoff). Raises StartupError when a service
+        exits with a configuration error, which no restart can mend."""
+        now = time.monotonic()
+        self._supervise_server(now)
+        changed = False
+        for index, service in enumerate(self.services):
+            code = service.process.poll()
+            if code is None:
+                continue
+            if code == CONFIGURATION_ERROR_STATUS:
+                raise StartupError(startup_reason(service.log_path, service.spec.name))
+            if service.restart_at is None:
+                ran = now - service.started_at
+                restarts = 0 if ran >= STABLE_AFTER_SECONDS else service.restarts
+                delay = min(RESTART_MAX_DELAY_SECONDS, RESTART_FIRST_DELAY_SECONDS * 2**restarts)
+                service.restarts = restarts + 1
+                service.restart_at = now + delay
+                self._say(
+                    f"{service.spec.name} exited ({code}); restarting in {delay:g}s (restart {service.restarts}); "
+                    f"see {service.log_path}"
+                )
+            elif now >= service.restart_at:
+                restarted = self._spawn(service.spec, service.http_port)
+                restarted.restarts = service.restarts
+                self.services[index] = restarted
+                changed = True
+                self._say(f"{service.spec.name} restarted (pid {restarted.process.pid})")
+        if changed:
+            self._write_pids()
+
+    def _supervise_server(self, now: float) -> None:
+        server = self.server
+        if server is None or server.running:
+            return
+        if self._server_restart_at is None:
+            delay = min(RESTART_MAX_DELAY_SECONDS, RESTART_FIRST_DELAY_SECONDS * 2 ** min(self._server_restarts, 5))
+            self._server_restarts += 1
+            self._server_restart_at = now + delay
+            self._say(f"nats-server exited; restarting in {delay:g}s on the same store and port")
+            return
+        if now < self._server_restart_at:
+            return
+        try:
+            server.start()
+        except NatsServerError as exc:
+            self._server_restart_at = None
+            self._say(f"nats-server did not restart: {exc}")
+            return
+        self._server_restart_at = None
+        self._say(f"nats-server restarted (pid {server.pid}) on {server.url}")
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        """`pids.json` in the state directory: each process of the suite, for operators (and fault drills)."""
+        pids = {service.spec.name: service.process.pid for service in self.services}
+        if self.server is not None and self.server.pid is not None:
+            pids["nats-server"] = self.server.pid
+        path = self.state_dir / PIDS_FILE_NAME
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(pids, indent=2) + "\n", encoding="utf-8")
+        temporary.replace(path)
 
     async def _apply(self) -> list[object]:
         admin = self.credential(ADMIN_USER)
@@ -259,8 +406,8 @@ class Suite:
         finally:
             await nc.close()
 
-    def _spawn(self, spec: ServiceProcessSpec) -> RunningService:
-        http_port = free_port()
+    def _spawn(self, spec: ServiceProcessSpec, http_port: int | None = None) -> RunningService:
+        http_port = http_port or free_port()
         env = dict(os.environ)
         env.update(
             {
@@ -280,10 +427,6 @@ class Suite:
             )
         return RunningService(spec, process, http_port, log_path)
 
-    def exited(self) -> RunningService | None:
-        """A service process that ended on its own, if any."""
-        return next((s for s in self.services if s.process.poll() is not None), None)
-
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM every service (they drain), wait, kill stragglers, then stop nats-server."""
         for service in self.services:
@@ -301,3 +444,4 @@ class Suite:
         if self.server is not None:
             self.server.stop()
             self._say("nats-server stopped")
+        self._lock.release()

@@ -6,46 +6,47 @@ import asyncio
 import json
 from collections.abc import Callable
 
-from agentbus.cli.replay import replay
-from agentbus.contracts.registry import TASK_EVENT, TASK_EVENTS, TASK_SUBMIT, Header
-from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TERMINAL_EVENT_KINDS, TaskEvent, TaskSubmitted
+from agentbus.cli.follow import TaskFollower
+from agentbus.contracts.registry import TASK_SUBMIT, Header
+from agentbus.contracts.tasks import TERMINAL_EVENT_KINDS, TaskEvent, TaskSubmitted
 from nats.aio.client import Client as NatsClient
+
+ANONYMOUS_SUBMITTER = "anonymous"
+"""The submitter token used against a server that enforces no identities, when none is named."""
 
 
 async def submit_task(
     nc: NatsClient,
     submission: TaskSubmitted,
+    submitter: str,
     *,
     on_submitted: Callable[[bool], None],
     on_event: Callable[[TaskEvent], None] | None,
     wait_seconds: float,
 ) -> str | None:
-    """Publish the submission (Nats-Msg-Id = task id). With `on_event`, follow the task's events from
-    seq 1 until a terminal one and return its kind, or None on timeout. Subscribing before publishing
-    means no event can be missed."""
-    js = nc.jetstream()
-    subject = TASK_EVENT.format(tenant=submission.tenant, task_id=submission.task_id)
-    events = await replay(nc, TASK_EVENTS.name, subject) if on_event else None
-    sub = events.subscription if events else None
-    ack = await js.publish(
-        TASK_SUBMIT.format(tenant=submission.tenant),
-        submission.model_dump_json().encode(),
-        headers={Header.MSG_ID.value: submission.task_id},
-    )
-    on_submitted(bool(ack.duplicate))
-    if sub is None or on_event is None:
-        return None
-    try:
-        async with asyncio.timeout(wait_seconds):
-            while True:
-                event = TASK_EVENT_ADAPTER.validate_json((await sub.next_msg(timeout=wait_seconds)).data)
-                on_event(event)
-                if event.kind in TERMINAL_EVENT_KINDS:
-                    return event.kind
-    except TimeoutError:
-        return None
-    finally:
-        await sub.unsubscribe()
+    """Publish the submission as `submitter` (Nats-Msg-Id = task id). With `on_event`, follow the task's
+    events from seq 1 until a terminal one and return its kind, or None on timeout. Subscribing before
+    publishing means no event can be missed."""
+    follower = TaskFollower(nc, submission.tenant, submission.task_id)
+    async with follower:
+        ack = await nc.jetstream().publish(
+            TASK_SUBMIT.format(tenant=submission.tenant, submitter=submitter),
+            submission.model_dump_json().encode(),
+            headers={Header.MSG_ID.value: submission.task_id},
+        )
+        on_submitted(bool(ack.duplicate))
+        if on_event is None:
+            return None
+        try:
+            async with asyncio.timeout(wait_seconds):
+                # A resubmitted id may have events already: the follower replays from seq 1 first.
+                async for event in follower.events(replay_first=bool(ack.duplicate)):
+                    on_event(event)
+                    if event.kind in TERMINAL_EVENT_KINDS:
+                        return event.kind
+        except TimeoutError:
+            return None
+    return None
 
 
 def describe(event: TaskEvent) -> str:
@@ -68,9 +69,11 @@ def describe(event: TaskEvent) -> str:
         case "rejected" | "failed":
             return f"{head} {event.error.code}: {event.error.message}"
         case "cancelled":
-            return f"{head} {event.reason or ''}"
+            by = f" by {event.by}" if event.by else ""
+            return f"{head}{by} {event.reason or ''}".rstrip()
         case "budget_exceeded":
-            return f"{head} {event.budget}: spent {event.spent_usd} of {event.limit_usd}"
+            needed = f"; the call needed ~${event.requested_usd:.6f}" if event.requested_usd is not None else ""
+            return f"{head} {event.budget}: ${event.spent_usd:.6f} spent or held of ${event.limit_usd:.6f}{needed}"
         case "approval_pending":
             return f"{head} {event.approval_id} tool={event.tool}"
         case "approval_resolved":

@@ -45,6 +45,8 @@ def stream_config(spec: StreamSpec, replicas: int) -> StreamConfig:
         max_bytes=spec.max_bytes,
         max_msg_size=spec.max_msg_size,
         duplicate_window=spec.duplicate_window_seconds,
+        allow_msg_schedules=spec.allow_msg_schedules or None,
+        allow_direct=True,
     )
 
 
@@ -58,31 +60,81 @@ def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=spec.ack_wait_seconds,
-        max_deliver=spec.max_deliver,
+        # The consumer runtime decides when to give up (a dependency outage never counts): the server must
+        # not drop a message on its own after some number of deliveries.
+        max_deliver=-1,
         max_ack_pending=spec.max_ack_pending,
         backoff=list(spec.backoff_seconds) or None,
+    )
+
+
+_STREAM_FIELDS = (
+    "description",
+    "subjects",
+    "retention",
+    "storage",
+    "num_replicas",
+    "max_age",
+    "max_bytes",
+    "max_msg_size",
+    "duplicate_window",
+    "allow_msg_schedules",
+    "allow_direct",
+)
+_CONSUMER_FIELDS = (
+    "description",
+    "filter_subject",
+    "deliver_policy",
+    "ack_policy",
+    "ack_wait",
+    "max_deliver",
+    "max_ack_pending",
+    "backoff",
+)
+
+
+def _differs(current: object, desired: object, fields: tuple[str, ...]) -> bool:
+    """Whether the server's configuration differs from the desired one in a field the registry sets."""
+
+    def normal(value: object) -> object:
+        if isinstance(value, float):
+            return round(value, 6)
+        if isinstance(value, list):
+            return [normal(v) for v in value]
+        return value.value if hasattr(value, "value") else value
+
+    return any(
+        normal(getattr(current, name)) != normal(getattr(desired, name))
+        for name in fields
+        if getattr(desired, name) is not None
     )
 
 
 async def _apply_stream(js: JetStreamContext, spec: StreamSpec, replicas: int) -> AppliedChange:
     config = stream_config(spec, replicas)
     try:
-        await js.stream_info(spec.name)
+        info = await js.stream_info(spec.name)
     except NotFoundError:
         await js.add_stream(config)
         return AppliedChange("stream", spec.name, "created")
+    if not _differs(info.config, config, _STREAM_FIELDS):
+        return AppliedChange("stream", spec.name, "unchanged")
     await js.update_stream(config)
     return AppliedChange("stream", spec.name, "updated")
 
 
 async def _apply_consumer(js: JetStreamContext, spec: ConsumerSpec) -> AppliedChange:
+    config = consumer_config(spec)
     try:
-        await js.consumer_info(spec.stream, spec.durable)
-        action = "updated"
+        info = await js.consumer_info(spec.stream, spec.durable)
     except NotFoundError:
         action = "created"
+    else:
+        if not _differs(info.config, config, _CONSUMER_FIELDS):
+            return AppliedChange("consumer", spec.durable, "unchanged")
+        action = "updated"
     # With `name` set, nats-py uses CONSUMER.CREATE, which the server treats as create-or-update.
-    await js.add_consumer(spec.stream, consumer_config(spec))
+    await js.add_consumer(spec.stream, config)
     return AppliedChange("consumer", spec.durable, action)
 
 

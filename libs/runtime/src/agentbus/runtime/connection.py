@@ -2,13 +2,68 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 import nats
+from agentbus.runtime.logging import get_logger
 from agentbus.runtime.settings import ServiceSettings
 from nats.aio.client import Client as NatsClient
 
 DEFAULT_INBOX_PREFIX = "_INBOX"
+RECONNECT_WAIT_SECONDS = 0.5
+
+_log = get_logger(__name__)
+
+ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+
+class ConnectionStateLog:
+    """Logs a connection's state changes as one structured line each, never a traceback.
+
+    nats-py's default error callback logs every failed reconnect attempt with a multi-line traceback; an
+    outage should instead read as: disconnected, reconnecting (attempt n, next try in s), reconnected.
+    """
+
+    def __init__(self, name: str, forward: ErrorCallback | None = None) -> None:
+        self._name = name
+        self._forward = forward
+        self._down_since: float | None = None
+        self._attempts = 0
+        self.client: NatsClient | None = None
+        """Set once connected: a disconnection while the client closes on purpose is not an outage."""
+
+    async def disconnected(self) -> None:
+        if self.client is not None and (self.client.is_closed or self.client.is_draining):
+            return
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self._attempts = 0
+            _log.warning("nats_disconnected", connection=self._name)
+
+    async def reconnected(self) -> None:
+        down = time.monotonic() - self._down_since if self._down_since is not None else 0.0
+        _log.info("nats_reconnected", connection=self._name, attempts=self._attempts, down_seconds=round(down, 2))
+        self._down_since = None
+        self._attempts = 0
+
+    async def closed(self) -> None:
+        _log.debug("nats_connection_closed", connection=self._name)
+
+    async def error(self, error: Exception) -> None:
+        if self._down_since is not None:
+            self._attempts += 1
+            _log.warning(
+                "nats_reconnecting",
+                connection=self._name,
+                attempt=self._attempts,
+                retry_in_seconds=RECONNECT_WAIT_SECONDS,
+                error=f"{error.__class__.__name__}: {error}",
+            )
+        else:
+            _log.warning("nats_error", connection=self._name, error=f"{error.__class__.__name__}: {error}")
+        if self._forward is not None:
+            await self._forward(error)
 
 
 def inbox_prefix_for(user: str | None) -> str:
@@ -28,26 +83,32 @@ async def connect_nats(
     user: str | None = None,
     password: str | None = None,
     reconnect_forever: bool = True,
-    error_cb: Callable[[Exception], Awaitable[None]] | None = None,
+    error_cb: ErrorCallback | None = None,
 ) -> NatsClient:
     """Connect, and reconnect after a NATS restart: JetStream keeps the messages, so services just resume.
 
     Services reconnect forever. A command-line client (`reconnect_forever=False`) gives up after a few
     tries so that a person sees an error instead of a hang. `error_cb` receives asynchronous errors such
-    as the server's permission violations (a refused publish does not raise at the publisher).
+    as the server's permission violations (a refused publish does not raise at the publisher). State
+    changes (disconnected, reconnecting, reconnected) are logged one line each.
     """
-    return await nats.connect(
+    state = ConnectionStateLog(name, error_cb)
+    state.client = await nats.connect(
         servers=[s.strip() for s in servers.split(",") if s.strip()],
         name=name,
         user=user,
         password=password,
         inbox_prefix=inbox_prefix_for(user),
         connect_timeout=5,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=RECONNECT_WAIT_SECONDS,
         max_reconnect_attempts=-1 if reconnect_forever else 2,
         allow_reconnect=True,
-        error_cb=error_cb,
+        error_cb=state.error,
+        disconnected_cb=state.disconnected,
+        reconnected_cb=state.reconnected,
+        closed_cb=state.closed,
     )
+    return state.client
 
 
 async def connect_service(settings: ServiceSettings, name: str) -> NatsClient:

@@ -1,16 +1,20 @@
 """Durable pull consumers with an explicit ack policy, bounded concurrency and a dead-letter path.
 
-A handler returns normally when the message's effects are done; it raises `RetryableError` (or any
-unexpected exception) to have the message redelivered after a delay, and `TerminalError` when the
-message can never succeed. After the consumer's `max_deliver` deliveries, or on a `TerminalError`, the
-message is copied with its error and origin to the dead-letter stream and then acked, so it is neither
-lost nor redelivered forever. Nothing is ever terminated silently.
+A handler returns normally when the message's effects are done. It raises `DependencyUnavailableError` when
+something it needs is down: the message is redelivered with exponential backoff and jitter, for as long
+as it takes, and never dead-lettered for it (a lost connection to NATS counts as such an outage too). It
+raises `RetryableError` (or any unexpected exception) to have the message redelivered after a delay, and
+`TerminalError` when the message can never succeed. After the consumer's `max_deliver` deliveries of a
+message that keeps failing for other reasons, or on a `TerminalError`, the message is copied with its error
+and origin to the dead-letter stream and then acked, so it is neither lost nor redelivered forever.
+Nothing is ever terminated silently.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ import nats.errors
 from agentbus.contracts.common import ErrorInfo
 from agentbus.contracts.registry import ConsumerSpec, Header
 from agentbus.runtime.deadletter import dead_letter
-from agentbus.runtime.errors import RetryableError, TerminalError
+from agentbus.runtime.errors import DependencyUnavailableError, RetryableError, TerminalError
 from agentbus.runtime.logging import bind_message_context, get_logger
 from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.tracing import TraceContext
@@ -30,6 +34,27 @@ from nats.js import JetStreamContext
 _log = get_logger(__name__)
 
 RETRIES_EXHAUSTED_CODE = "max_deliver_exceeded"
+
+# Errors of nats-py that mean "NATS is not reachable right now", not "this message is bad".
+NATS_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+)
+
+
+def dependency_retry_delay(spec: ConsumerSpec, deliveries: int, rng: random.Random | None = None) -> float:
+    """The nak delay after the n-th delivery failed on an unavailable dependency: exponential from the spec's
+    first delay up to its maximum, with full jitter in the upper half so that waiting consumers do not all
+    come back at once."""
+    growth = 2.0 ** min(max(deliveries - 1, 0), 30)
+    ceiling = min(spec.dependency_retry_max_seconds, spec.dependency_retry_first_seconds * growth)
+    return ceiling * (0.5 + 0.5 * (rng or random).random())
 
 
 class AckPolicy(StrEnum):
@@ -188,6 +213,10 @@ class ConsumerRunner:
             await self._handler(delivery)
         except TerminalError as exc:
             await self._give_up(msg, delivery, ErrorInfo(code=exc.code, message=exc.message))
+        except DependencyUnavailableError as exc:
+            await self._wait_for_dependency(msg, delivery, str(exc))
+        except NATS_OUTAGE_ERRORS as exc:
+            await self._wait_for_dependency(msg, delivery, f"NATS: {exc.__class__.__name__}")
         except RetryableError as exc:
             await self._retry_or_give_up(msg, delivery, exc, exc.delay_seconds)
         except Exception as exc:
@@ -214,6 +243,21 @@ class ConsumerRunner:
                 if now - since >= interval:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
+
+    async def _wait_for_dependency(self, msg: Msg, delivery: Delivery, reason: str) -> None:
+        delay = dependency_retry_delay(self._spec, delivery.deliveries)
+        # One line per failed attempt, no traceback: an outage is a state, not a bug.
+        _log.warning(
+            "dependency_unavailable",
+            consumer=self._spec.durable,
+            reason=reason,
+            deliveries=delivery.deliveries,
+            retry_in_seconds=round(delay, 2),
+        )
+        # The nak itself may fail while NATS is away: the server then redelivers after ack_wait.
+        with contextlib.suppress(*NATS_OUTAGE_ERRORS):
+            await msg.nak(delay=delay)
+        self._metrics.handled.labels(self._spec.durable, "waiting").inc()
 
     async def _retry_or_give_up(self, msg: Msg, delivery: Delivery, exc: Exception, delay: float | None) -> None:
         if delivery.deliveries >= self._spec.max_deliver:

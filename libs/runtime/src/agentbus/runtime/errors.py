@@ -14,6 +14,17 @@ class RetryableError(Exception):
         self.delay_seconds = delay_seconds
 
 
+class DependencyUnavailableError(RetryableError):
+    """Something the handler needs is down (a peer service, a database, NATS itself): wait for it.
+
+    Never a reason to give up on the message: it is redelivered with exponential backoff and jitter for as
+    long as it takes, without counting towards the consumer's `max_deliver`.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
 class TerminalError(Exception):
     """The message can never be processed (malformed, violates the contract): dead-letter it now."""
 

@@ -150,6 +150,11 @@ class NatsServerProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def running(self) -> bool:
+        """Whether the server process was started and has not exited."""
+        return self._process is not None and self._process.poll() is None
+
     def write_config(self) -> Path:
         """Write the server's config file under the store directory and return its path."""
         self.store_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from agentbus.agent_runner.adapters.jetstream_publisher import JetStreamPublisher
 from agentbus.agent_runner.adapters.nats_budget_gate import NatsBudgetGate, UnlimitedBudgetGate
+from agentbus.agent_runner.adapters.nats_event_log import NatsEventLog
 from agentbus.agent_runner.adapters.nats_kv_run_store import NatsKvRunStore
+from agentbus.agent_runner.domain import RunTiming
 from agentbus.agent_runner.handlers import RunnerHandlers
 from agentbus.agent_runner.ports import BudgetGate
 from agentbus.agent_runner.service import RunnerMetrics, RunnerService
@@ -13,14 +15,18 @@ from agentbus.agent_runner.specs import load_agent_specs
 from agentbus.agent_runner.tools import ToolCatalog
 from agentbus.contracts.registry import (
     RUNNER_CANCELLATIONS,
+    RUNNER_DEAD_LETTERS,
     RUNNER_LLM_RESULTS,
     RUNNER_SUBMISSIONS,
+    RUNNER_TIMERS,
     RUNNER_TOOL_UPDATES,
     RUNS,
+    TASK_REPLAY,
     Service,
 )
 from agentbus.runtime.consumer import AckPolicy, ConsumerRunner
 from agentbus.runtime.metrics import ConsumerMetrics
+from agentbus.runtime.replies import ReplyServer
 from agentbus.runtime.routing import RoutingTable, load_routing_table
 from agentbus.runtime.service import BusService
 from agentbus.runtime.spans import SpanEmitter
@@ -30,35 +36,21 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 
-def create_app(settings: RunnerSettings) -> BusService:
-    """Build the runner. Specs load here, so a bad agent, tool or routing file stops start-up naming it."""
-    remote_tools = load_tool_definitions(settings.tools_dir) if settings.tools_dir.is_dir() else {}
-    catalog = ToolCatalog({name: definition.spec() for name, definition in remote_tools.items()})
-    agents = load_agent_specs(settings.agents_dir, catalog.names)
-    router = load_routing_table(settings.routing_file) if settings.routing_file.is_file() else RoutingTable.empty()
-    registry = CollectorRegistry()
-    runner_metrics = RunnerMetrics(registry)
-    spans = SpanEmitter(Service.AGENT_RUNNER)
+class RunnerApp(BusService):
+    """The runner's consumers, and the replay responder for identities that may not read streams."""
 
-    async def wiring(nc: NatsClient, js: JetStreamContext, metrics: ConsumerMetrics) -> list[ConsumerRunner]:
-        budget: BudgetGate = (
-            NatsBudgetGate(
-                nc, timeout_seconds=settings.budget_timeout_seconds, cost_wait_seconds=settings.cost_wait_seconds
-            )
-            if settings.budgets_enabled
-            else UnlimitedBudgetGate()
-        )
-        service = RunnerService(
-            NatsKvRunStore(await js.key_value(RUNS.bucket)),
-            JetStreamPublisher(js, nc),
-            agents,
-            catalog,
-            runner_metrics,
-            budget,
-            router,
-            spans,
-        )
+    def __init__(self, settings: RunnerSettings, build: RunnerBuild, registry: CollectorRegistry, spans: SpanEmitter):
+        super().__init__(Service.AGENT_RUNNER, settings, self._wire, registry, spans=spans)
+        self._config = settings
+        self._build = build
+        self._replies: ReplyServer | None = None
+        self.add_health_check(lambda: self._replies is not None and self._replies.serving)
+
+    async def _wire(self, nc: NatsClient, js: JetStreamContext, metrics: ConsumerMetrics) -> list[ConsumerRunner]:
+        service = await self._build(nc, js)
         handlers = RunnerHandlers(service)
+        self._replies = ReplyServer(nc, Service.AGENT_RUNNER.value, concurrency=self._config.request_concurrency)
+        await self._replies.serve(TASK_REPLAY.wildcard, handlers.on_replay_request)
         # Plain ACK: every transition is idempotent (compare-and-set state, deduplicated publishes),
         # so a lost ack only causes a harmless redelivery.
         return [
@@ -68,15 +60,67 @@ def create_app(settings: RunnerSettings) -> BusService:
                 handler,
                 ack_policy=AckPolicy.ACK,
                 metrics=metrics,
-                concurrency=settings.consumer_concurrency,
-                batch=settings.fetch_batch,
+                concurrency=self._config.consumer_concurrency,
+                batch=self._config.fetch_batch,
             )
             for spec, handler in (
                 (RUNNER_SUBMISSIONS, handlers.on_task_submitted),
                 (RUNNER_CANCELLATIONS, handlers.on_task_cancel_requested),
                 (RUNNER_LLM_RESULTS, handlers.on_llm_result),
                 (RUNNER_TOOL_UPDATES, handlers.on_tool_update),
+                (RUNNER_TIMERS, handlers.on_run_timer),
+                (RUNNER_DEAD_LETTERS, handlers.on_dead_letter),
             )
         ]
 
-    return BusService(Service.AGENT_RUNNER, settings, wiring, registry, spans=spans)
+    async def stop(self) -> None:
+        if self._replies is not None:
+            await self._replies.stop(self._config.drain_timeout_seconds)
+        await super().stop()
+
+
+class RunnerBuild:
+    """Builds the use cases once connected (the store, publisher and budget gate need the connection)."""
+
+    def __init__(self, settings: RunnerSettings, spans: SpanEmitter, metrics: RunnerMetrics) -> None:
+        remote_tools = load_tool_definitions(settings.tools_dir) if settings.tools_dir.is_dir() else {}
+        self._catalog = ToolCatalog({name: definition.spec() for name, definition in remote_tools.items()})
+        self._agents = load_agent_specs(settings.agents_dir, self._catalog.names)
+        self._router = (
+            load_routing_table(settings.routing_file) if settings.routing_file.is_file() else RoutingTable.empty()
+        )
+        self._settings = settings
+        self._spans = spans
+        self._metrics = metrics
+
+    async def __call__(self, nc: NatsClient, js: JetStreamContext) -> RunnerService:
+        settings = self._settings
+        budget: BudgetGate = (
+            NatsBudgetGate(
+                nc, timeout_seconds=settings.budget_timeout_seconds, cost_wait_seconds=settings.cost_wait_seconds
+            )
+            if settings.budgets_enabled
+            else UnlimitedBudgetGate()
+        )
+        return RunnerService(
+            NatsKvRunStore(await js.key_value(RUNS.bucket)),
+            JetStreamPublisher(js, nc),
+            self._agents,
+            self._catalog,
+            self._metrics,
+            budget,
+            self._router,
+            self._spans,
+            timing=RunTiming(
+                default_deadline_seconds=settings.default_deadline_seconds, redrive_seconds=settings.redrive_seconds
+            ),
+            events=NatsEventLog(js),
+        )
+
+
+def create_app(settings: RunnerSettings) -> RunnerApp:
+    """Build the runner. Specs load here, so a bad agent, tool or routing file stops start-up naming it."""
+    registry = CollectorRegistry()
+    spans = SpanEmitter(Service.AGENT_RUNNER)
+    build = RunnerBuild(settings, spans, RunnerMetrics(registry))
+    return RunnerApp(settings, build, registry, spans)

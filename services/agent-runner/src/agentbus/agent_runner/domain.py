@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -18,6 +18,7 @@ from agentbus.contracts.budget import BudgetReserveReply
 from agentbus.contracts.common import ErrorInfo, TokenUsage, utc_now
 from agentbus.contracts.llm import ChatMessage, LlmAbort, LlmRequest, LlmResult, ToolCall, ToolSpec
 from agentbus.contracts.rag import RetrievedChunk
+from agentbus.contracts.runs import RunTimer
 from agentbus.contracts.tasks import (
     TaskAccepted,
     TaskApprovalPending,
@@ -33,11 +34,32 @@ from agentbus.contracts.tasks import (
     TaskSubmitted,
     ToolCallSummary,
 )
-from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate
+from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate, ToolCallWithdrawn
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_FALLBACKS = 3
 """Most fallback models one step tries after its model failed, so a cycle in routing cannot loop."""
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """How long runs may take, and how soon a run that waits is re-driven.
+
+    Every run has a deadline (the submission's `deadline_seconds`, else the agent's `timeout_seconds`, else
+    `default_deadline_seconds`). A run that still waits on the same step at its next wake-up has what it
+    waits for published again (idempotently), first after `redrive_seconds`, then at doubling intervals up
+    to `max_redrive_seconds`: nothing depends on a redelivery arriving.
+    """
+
+    default_deadline_seconds: float = 3600.0
+    redrive_seconds: float = 60.0
+    max_redrive_seconds: float = 3600.0
+
+    def redrive_after(self, redrives: int) -> timedelta:
+        return timedelta(seconds=min(self.max_redrive_seconds, self.redrive_seconds * 2 ** min(redrives, 30)))
+
+
+DEFAULT_TIMING = RunTiming()
 
 
 class RunStatus(StrEnum):
@@ -56,8 +78,11 @@ class ErrorCode(StrEnum):
     SCHEMA_VIOLATION = "schema_violation"
     TENANT_MISMATCH = "tenant_mismatch"
     UNKNOWN_AGENT = "unknown_agent"
+    IDENTITY_MISMATCH = "identity_mismatch"
     STEP_LIMIT = "step_limit_exceeded"
     LLM_ERROR = "llm_error"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL_ERROR = "internal_error"
 
 
 class PendingToolCall(BaseModel):
@@ -105,7 +130,11 @@ class RunState(BaseModel):
     pending_message: ChatMessage | None = Field(default=None, description="Assistant message whose tools run.")
     pending_calls: list[PendingToolCall] = Field(default_factory=list)
     citations: list[RetrievedChunk] = Field(default_factory=list)
-    llm_usage_ids: list[str] = Field(default_factory=list, description="Usage records of the generated steps.")
+    usage_ids: list[str] = Field(
+        default_factory=list, description="Usage records the run caused (LLM steps, tools): its cost waits for them."
+    )
+    deadline_at: datetime | None = Field(default=None, description="When the run fails with deadline_exceeded.")
+    redrives: int = Field(default=0, description="Times the current step was re-driven at a wake-up.")
 
     @property
     def terminal(self) -> bool:
@@ -158,6 +187,14 @@ class Transition:
     tool_calls: list[ToolCallRequested] = field(default_factory=list)
     abort: LlmAbort | None = None
     abort_model: str | None = None  # the deployment whose workers must drop `abort`
+    withdrawals: list[ToolCallWithdrawn] = field(default_factory=list)
+    """Calls of a run that ended: the executor must never run them, and expires their pending approvals."""
+    close_budget: bool = False
+    """The run ended: release its reservations and refuse any later ones."""
+    wake: RunTimer | None = None
+    """The run's next wake-up (it replaces the previous one)."""
+    redrive: int = 0
+    """Above 0, `llm_request` and `tool_calls` are what the run already waits for, sent again."""
 
 
 def request_id(task_id: str, step: int) -> str:
@@ -177,8 +214,18 @@ def reject(task_id: str, tenant: str, code: ErrorCode, message: str) -> Transiti
     return Transition(state, [event])
 
 
-def start(submission: TaskSubmitted, spec: AgentSpec, toolbox: Toolbox, router: Router = DIRECT) -> Transition:
-    """Accept a valid submission and ask the model for the first step."""
+def start(
+    submission: TaskSubmitted,
+    spec: AgentSpec,
+    toolbox: Toolbox,
+    router: Router = DIRECT,
+    *,
+    now: datetime | None = None,
+    timing: RunTiming = DEFAULT_TIMING,
+) -> Transition:
+    """Accept a valid submission, arm its deadline and ask the model for the first step."""
+    now = now or utc_now()
+    deadline_seconds = submission.deadline_seconds or spec.timeout_seconds or timing.default_deadline_seconds
     messages = [
         ChatMessage(role="system", content=spec.system_prompt),
         ChatMessage(role="user", content=submission.input),
@@ -197,7 +244,8 @@ def start(submission: TaskSubmitted, spec: AgentSpec, toolbox: Toolbox, router: 
         tools=toolbox.specs(spec.tools),
         stream_tokens=spec.stream_tokens,
         pinned_model=router.pinned_deployment(submission.metadata),
-        started_at=utc_now(),
+        started_at=now,
+        deadline_at=now + timedelta(seconds=deadline_seconds),
     )
     accepted = TaskAccepted(
         task_id=state.task_id,
@@ -208,7 +256,17 @@ def start(submission: TaskSubmitted, spec: AgentSpec, toolbox: Toolbox, router: 
         max_steps=spec.max_steps,
         budget_usd=budget,
     )
-    return _request_next_step(state.model_copy(update={"next_seq": state.next_seq + 1}), [accepted], router)
+    requested = _request_next_step(state.model_copy(update={"next_seq": state.next_seq + 1}), [accepted], router)
+    return replace(requested, wake=_next_wake(requested.state, now, timing))
+
+
+def _next_wake(state: RunState, now: datetime, timing: RunTiming) -> RunTimer:
+    """The run's next wake-up: its deadline, or sooner to re-drive the current step if it still waits then."""
+    assert state.deadline_at is not None
+    redrive_at = now + timing.redrive_after(state.redrives)
+    if state.deadline_at <= redrive_at:
+        return RunTimer(task_id=state.task_id, tenant=state.tenant, due_at=state.deadline_at, kind="deadline")
+    return RunTimer(task_id=state.task_id, tenant=state.tenant, due_at=redrive_at, kind="step", step=state.step)
 
 
 def _request_next_step(state: RunState, events: list[TaskEvent], router: Router) -> Transition:
@@ -247,6 +305,9 @@ def apply_llm_result(
         return None
     usage = state.usage + result.usage
     seq = state.next_seq
+    if result.usage_id is not None:
+        # The worker published the usage record before the result: the run's cost waits for it.
+        state = state.model_copy(update={"usage_ids": [*state.usage_ids, result.usage_id]})
     if result.error is not None or result.message is None:
         fallback = router.fallback(state.attempt_model or state.model)
         if fallback is not None and state.fallbacks < MAX_FALLBACKS:
@@ -267,8 +328,6 @@ def apply_llm_result(
         return _end(state, RunStatus.FAILED, usage, [failed])
 
     message = result.message
-    # The worker publishes a step's usage record before its result, so the ledger will have it.
-    state = state.model_copy(update={"llm_usage_ids": [*state.llm_usage_ids, f"llm:{result.request_id}"]})
     step_event = TaskStep(
         task_id=state.task_id,
         tenant=state.tenant,
@@ -415,40 +474,128 @@ def apply_tool_update(state: RunState, update: ToolCallUpdate, router: Router = 
     elif update.kind == "approval_resolved":
         return None
     citations = state.citations
+    usage_ids = state.usage_ids
     if update.kind == "result":
         if call.result is not None:
             return None
         call = call.model_copy(update={"result": update.content})
         citations = [*citations, *update.citations]
+        usage_ids = [*usage_ids, *(u for u in update.usage_ids if u not in usage_ids)]
     calls = [*state.pending_calls]
     calls[index] = call
     advanced = state.model_copy(
-        update={"pending_calls": calls, "citations": citations, "next_seq": state.next_seq + len(events)}
+        update={
+            "pending_calls": calls,
+            "citations": citations,
+            "usage_ids": usage_ids,
+            "next_seq": state.next_seq + len(events),
+        }
     )
     if all(c.result is not None for c in calls):
         return _continue_after_tools(advanced, events, router)
     return Transition(advanced, events)
 
 
-def cancel(state: RunState, request: TaskCancelRequested) -> Transition | None:
+def cancel(state: RunState, request: TaskCancelRequested, by: str | None = None) -> Transition | None:
     """Stop a running task; None if it already ended. A late LLM result is then ignored.
 
-    A step being generated is aborted in the engine (best effort); a tool waiting for approval stays in
-    the approvals inbox, and its result will be ignored.
+    A step being generated is aborted in the engine (best effort); its tool calls are withdrawn: the
+    executor never runs one that has not started, and expires one waiting for approval.
     """
     if state.terminal:
         return None
-    cancelled = TaskCancelled(task_id=state.task_id, tenant=state.tenant, seq=state.next_seq, reason=request.reason)
-    ended = _end(state, RunStatus.CANCELLED, state.usage, [cancelled])
-    if state.awaiting_request_id is None or state.requested_model is None:
-        return ended
-    abort = LlmAbort(request_id=state.awaiting_request_id, task_id=state.task_id)
-    return replace(ended, abort=abort, abort_model=state.requested_model)
+    cancelled = TaskCancelled(
+        task_id=state.task_id, tenant=state.tenant, seq=state.next_seq, reason=request.reason, by=by
+    )
+    return _end(state, RunStatus.CANCELLED, state.usage, [cancelled], interrupted=True)
 
 
-def deny_budget(transition: Transition, verdict: BudgetReserveReply) -> Transition:
-    """A call the transition would make was refused by a budget: the run stops before making it."""
-    state = transition.state
+def expire(state: RunState, now: datetime) -> Transition | None:
+    """End a run whose deadline passed; None if it ended already or the deadline is still ahead."""
+    if state.terminal or state.deadline_at is None or now < state.deadline_at:
+        return None
+    failed = TaskFailed(
+        task_id=state.task_id,
+        tenant=state.tenant,
+        seq=state.next_seq,
+        error=ErrorInfo(
+            code=ErrorCode.DEADLINE_EXCEEDED,
+            message=f"the task did not finish by its deadline {state.deadline_at.isoformat()}",
+        ),
+        usage=state.usage,
+    )
+    return _end(state, RunStatus.FAILED, state.usage, [failed], interrupted=True)
+
+
+def fail_internal(state: RunState, reason: str) -> Transition | None:
+    """End a run because a message it waited on was given up on (dead-lettered); None if it ended already."""
+    if state.terminal:
+        return None
+    failed = TaskFailed(
+        task_id=state.task_id,
+        tenant=state.tenant,
+        seq=state.next_seq,
+        error=ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message=reason),
+        usage=state.usage,
+    )
+    return _end(state, RunStatus.FAILED, state.usage, [failed], interrupted=True)
+
+
+def wake(state: RunState, timer: RunTimer, now: datetime, timing: RunTiming = DEFAULT_TIMING) -> Transition | None:
+    """A run's timer fired: end it at its deadline, or re-drive a step that still waits, then sleep again.
+
+    Re-driving publishes again what the run waits for (the LLM request, the tool calls without a result)
+    under new message ids: the worker bills a request once per request id and the executor runs a call
+    once per call id, so a re-drive can only help a message that was lost, never repeat an effect.
+    """
+    if state.terminal:
+        return None
+    if (expired := expire(state, now)) is not None:
+        return expired
+    if timer.kind != "step" or timer.step != state.step:
+        # The run moved on since this wake-up was set (or it was set for the deadline): sleep again.
+        return Transition(state, wake=_next_wake(state, now, timing))
+    redrives = state.redrives + 1
+    waiting = state.model_copy(update={"redrives": redrives})
+    request = None
+    if state.awaiting_request_id is not None and state.requested_model is not None:
+        request = _request(state, state.awaiting_request_id, state.requested_model, []).llm_request
+    calls = _unfinished_calls(state)
+    return Transition(
+        waiting,
+        llm_request=request,
+        tool_calls=calls,
+        wake=_next_wake(waiting, now, timing),
+        redrive=redrives,
+    )
+
+
+def _unfinished_calls(state: RunState) -> list[ToolCallRequested]:
+    """The tool calls of the current step still waiting for the executor, as they were requested."""
+    if state.pending_message is None:
+        return []
+    by_id = {call.id: call for call in state.pending_message.tool_calls}
+    return [
+        ToolCallRequested(
+            call_id=pending.call_id,
+            tool_call_id=pending.tool_call_id,
+            task_id=state.task_id,
+            tenant=state.tenant,
+            agent=state.agent,
+            tool=pending.name,
+            arguments=by_id[pending.tool_call_id].arguments,
+            step=state.step,
+            submitted_by=state.submitted_by,
+        )
+        for pending in state.pending_calls
+        if pending.remote and pending.result is None and pending.tool_call_id in by_id
+    ]
+
+
+def deny_budget(state: RunState, verdict: BudgetReserveReply) -> Transition | None:
+    """A call the run was about to make was refused by a budget: the run stops before making it."""
+    if state.terminal:
+        return None
     exceeded = TaskBudgetExceeded(
         task_id=state.task_id,
         tenant=state.tenant,
@@ -456,18 +603,25 @@ def deny_budget(transition: Transition, verdict: BudgetReserveReply) -> Transiti
         budget=verdict.budget or "unknown",
         limit_usd=verdict.limit_usd or 0.0,
         spent_usd=verdict.spent_usd or 0.0,
+        requested_usd=verdict.requested_usd,
     )
-    ended = _end(state, RunStatus.BUDGET_EXCEEDED, state.usage, [exceeded])
-    return Transition(ended.state, [*transition.events, *ended.events])
+    return _end(state, RunStatus.BUDGET_EXCEEDED, state.usage, [exceeded], interrupted=True)
 
 
-def with_cost(transition: Transition, cost_usd: float) -> Transition:
-    """The transition with the run's priced cost on its terminal event."""
-    events: list[TaskEvent] = [
-        event.model_copy(update={"cost_usd": cost_usd}) if isinstance(event, TaskCompleted | TaskFailed) else event
-        for event in transition.events
-    ]
-    return replace(transition, events=events)
+def with_cost(event: TaskEvent, cost_usd: float) -> TaskEvent:
+    """A terminal event with the run's priced cost."""
+    if isinstance(event, TaskCompleted | TaskFailed):
+        return event.model_copy(update={"cost_usd": cost_usd})
+    return event
+
+
+def fail_before_start(task_id: str, tenant: str, reason: str) -> Transition:
+    """A submission was given up on before it started a run: the task id ends failed, its client hears why."""
+    state = RunState(task_id=task_id, tenant=tenant, status=RunStatus.FAILED, next_seq=2)
+    event = TaskFailed(
+        task_id=task_id, tenant=tenant, seq=1, error=ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message=reason)
+    )
+    return Transition(state, [event])
 
 
 def cancel_before_start(request: TaskCancelRequested) -> Transition:
@@ -477,7 +631,11 @@ def cancel_before_start(request: TaskCancelRequested) -> Transition:
     return Transition(state, [event])
 
 
-def _end(state: RunState, status: RunStatus, usage: TokenUsage, events: list[TaskEvent]) -> Transition:
+def _end(
+    state: RunState, status: RunStatus, usage: TokenUsage, events: list[TaskEvent], *, interrupted: bool = False
+) -> Transition:
+    """The run ends: its budget is closed and the tool calls still out are withdrawn. `interrupted`: it ended
+    while waiting for a step, which is aborted in the engine (best effort)."""
     ended = state.model_copy(
         update={
             "status": status,
@@ -488,4 +646,13 @@ def _end(state: RunState, status: RunStatus, usage: TokenUsage, events: list[Tas
             "next_seq": state.next_seq + len(events),
         }
     )
-    return Transition(ended, events)
+    withdrawals = [
+        ToolCallWithdrawn(call_id=call.call_id, task_id=state.task_id, tenant=state.tenant, reason=f"task {status}")
+        for call in state.pending_calls
+        if call.remote and call.result is None
+    ]
+    abort, abort_model = None, None
+    if interrupted and state.awaiting_request_id is not None and state.requested_model is not None:
+        abort = LlmAbort(request_id=state.awaiting_request_id, task_id=state.task_id)
+        abort_model = state.requested_model
+    return Transition(ended, events, abort=abort, abort_model=abort_model, withdrawals=withdrawals, close_budget=True)

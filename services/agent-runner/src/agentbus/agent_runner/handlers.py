@@ -8,28 +8,52 @@ from typing import Any, TypeVar
 
 from agentbus.agent_runner.domain import ErrorCode
 from agentbus.agent_runner.service import RunnerService
-from agentbus.contracts.common import ID_PATTERN
+from agentbus.contracts.common import ID_PATTERN, ErrorInfo
+from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.llm import LlmResult
-from agentbus.contracts.registry import TASK_CANCEL, TASK_SUBMIT, SubjectSpec
-from agentbus.contracts.tasks import TaskCancelRequested, TaskSubmitted
+from agentbus.contracts.registry import (
+    LLM_REQUESTS,
+    LLM_RESULTS,
+    RUN_TIMERS,
+    RUNNER_DEAD_LETTERS,
+    TASK_CANCEL,
+    TASK_REPLAY,
+    TASK_SUBMIT,
+    TASKS,
+    TOOL_CALLS,
+    TOOL_UPDATES,
+    SubjectSpec,
+)
+from agentbus.contracts.runs import RunTimer
+from agentbus.contracts.tasks import TaskCancelRequested, TaskReplayReply, TaskReplayRequest, TaskSubmitted
 from agentbus.contracts.tools import ToolCallUpdate
 from agentbus.runtime.consumer import Delivery
 from agentbus.runtime.errors import TerminalError
+from agentbus.runtime.logging import bind_message_context, get_logger
+from agentbus.runtime.replies import Request
 from pydantic import BaseModel, ValidationError
 
 _ID = re.compile(ID_PATTERN)
 _Model = TypeVar("_Model", bound=BaseModel)
 INVALID_SUBJECT = "invalid_subject"
 
+# Dead letters of these streams carry a message a run waits on: giving one up must end its run.
+_RUN_STREAMS = frozenset(
+    {TASKS.name, LLM_REQUESTS.name, LLM_RESULTS.name, TOOL_CALLS.name, TOOL_UPDATES.name, RUN_TIMERS.name}
+)
 
-def _subject_tenant(spec: SubjectSpec, subject: str) -> str:
+_log = get_logger(__name__)
+
+
+def _subject_tokens(spec: SubjectSpec, subject: str) -> dict[str, str]:
     try:
-        tenant = spec.parse(subject)["tenant"]
+        tokens = spec.parse(subject)
     except ValueError as exc:
         raise TerminalError(INVALID_SUBJECT, str(exc)) from exc
-    if not _ID.fullmatch(tenant):
-        raise TerminalError(INVALID_SUBJECT, f"tenant token {tenant!r} is not a valid identifier")
-    return tenant
+    for name, value in tokens.items():
+        if not _ID.fullmatch(value):
+            raise TerminalError(INVALID_SUBJECT, f"{name} token {value!r} is not a valid identifier")
+    return tokens
 
 
 def _validation_summary(exc: ValidationError) -> str:
@@ -49,10 +73,9 @@ class _UndecodableError(Exception):
         self.task_id = task_id
 
 
-def _decode(model: type[_Model], delivery: Delivery) -> _Model:
-    header_id = delivery.msg_id if delivery.msg_id and _ID.fullmatch(delivery.msg_id) else None
+def _decode(model: type[_Model], data: bytes, header_id: str | None = None) -> _Model:
     try:
-        raw: Any = json.loads(delivery.data)
+        raw: Any = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _UndecodableError(ErrorCode.MALFORMED_JSON, f"payload is not UTF-8 JSON: {exc}", header_id) from exc
     payload_id = raw.get("task_id") if isinstance(raw, dict) else None
@@ -65,14 +88,23 @@ def _decode(model: type[_Model], delivery: Delivery) -> _Model:
         raise _UndecodableError(ErrorCode.SCHEMA_VIOLATION, _validation_summary(exc), task_id) from exc
 
 
+def _delivered(model: type[_Model], delivery: Delivery) -> _Model:
+    try:
+        return _decode(model, delivery.data)
+    except _UndecodableError as bad:
+        raise TerminalError(bad.code, bad.message) from bad
+
+
 class RunnerHandlers:
     def __init__(self, service: RunnerService) -> None:
         self._service = service
 
     async def on_task_submitted(self, delivery: Delivery) -> None:
-        tenant = _subject_tenant(TASK_SUBMIT, delivery.subject)
+        tokens = _subject_tokens(TASK_SUBMIT, delivery.subject)
+        tenant, submitter = tokens["tenant"], tokens["submitter"]
+        header_id = delivery.msg_id if delivery.msg_id and _ID.fullmatch(delivery.msg_id) else None
         try:
-            submission = _decode(TaskSubmitted, delivery)
+            submission = _decode(TaskSubmitted, delivery.data, header_id)
         except _UndecodableError as bad:
             if bad.task_id is None:
                 # No task id anywhere: there is no event stream to answer on, so keep it as a dead letter.
@@ -88,30 +120,97 @@ class RunnerHandlers:
                 delivery.trace,
             )
             return
-        await self._service.submit(submission, delivery.trace)
+        if submission.submitted_by is not None and submission.submitted_by != submitter:
+            # Who submitted is what the server enforced (the subject's token), never what the body claims.
+            await self._service.reject(
+                submission.task_id,
+                tenant,
+                ErrorCode.IDENTITY_MISMATCH,
+                f"submitted_by {submission.submitted_by!r} differs from the submitter {submitter!r} the subject "
+                "names (and nats-server binds to the publishing user)",
+                delivery.trace,
+            )
+            return
+        bind_message_context(submitted_by=submitter)
+        await self._service.submit(submission.model_copy(update={"submitted_by": submitter}), delivery.trace)
 
     async def on_task_cancel_requested(self, delivery: Delivery) -> None:
-        tenant = _subject_tenant(TASK_CANCEL, delivery.subject)
-        try:
-            request = _decode(TaskCancelRequested, delivery)
-        except _UndecodableError as bad:
-            raise TerminalError(bad.code, bad.message) from bad
-        if request.tenant != tenant:
+        tokens = _subject_tokens(TASK_CANCEL, delivery.subject)
+        request = _delivered(TaskCancelRequested, delivery)
+        if request.tenant != tokens["tenant"]:
             raise TerminalError(
-                ErrorCode.TENANT_MISMATCH, f"payload tenant {request.tenant!r} differs from subject's {tenant!r}"
+                ErrorCode.TENANT_MISMATCH,
+                f"payload tenant {request.tenant!r} differs from the subject's {tokens['tenant']!r}",
             )
-        await self._service.cancel(request, delivery.trace)
+        await self._service.cancel(request, tokens["submitter"], delivery.trace)
 
     async def on_tool_update(self, delivery: Delivery) -> None:
-        try:
-            update = _decode(ToolCallUpdate, delivery)
-        except _UndecodableError as bad:
-            raise TerminalError(bad.code, bad.message) from bad
-        await self._service.apply_tool_update(update, delivery.trace)
+        await self._service.apply_tool_update(_delivered(ToolCallUpdate, delivery), delivery.trace)
 
     async def on_llm_result(self, delivery: Delivery) -> None:
+        await self._service.advance(_delivered(LlmResult, delivery), delivery.trace)
+
+    async def on_run_timer(self, delivery: Delivery) -> None:
+        await self._service.wake(_delivered(RunTimer, delivery))
+
+    async def on_dead_letter(self, delivery: Delivery) -> None:
+        """A message given up on that a run waits on ends the run `failed internal_error`, with the reason."""
         try:
-            result = _decode(LlmResult, delivery)
-        except _UndecodableError as bad:
-            raise TerminalError(bad.code, bad.message) from bad
-        await self._service.advance(result, delivery.trace)
+            letter = DeadLetter.model_validate_json(delivery.data)
+        except ValidationError:
+            return  # not a dead letter of ours: nothing to act on
+        if letter.stream not in _RUN_STREAMS or letter.consumer == RUNNER_DEAD_LETTERS.durable:
+            return
+        task_id, tenant = _task_of(letter)
+        if task_id is None or tenant is None:
+            return
+        reason = f"a message of this task was given up on ({letter.stream}/{letter.consumer}): {letter.error.code}: "
+        reason += letter.error.message
+        _log.warning("run_failed_by_dead_letter", task_id=task_id, tenant=tenant, code=letter.error.code)
+        # A submission given up on never started its run: the task id is taken, so its client hears why.
+        await self._service.fail(tenant, task_id, reason[:2000], claim=_is_submission(letter.subject))
+
+    async def on_replay_request(self, request: Request) -> TaskReplayReply:
+        try:
+            tokens = TASK_REPLAY.parse(request.subject)
+        except ValueError as exc:
+            return TaskReplayReply(task_id="", tenant="", error=ErrorInfo(code=INVALID_SUBJECT, message=str(exc)))
+        tenant, task_id = tokens["tenant"], tokens["task_id"]
+        try:
+            replay = TaskReplayRequest.model_validate_json(request.data or b"{}")
+        except ValidationError as exc:
+            error = ErrorInfo(code=ErrorCode.SCHEMA_VIOLATION, message=_validation_summary(exc))
+            return TaskReplayReply(task_id=task_id, tenant=tenant, error=error)
+        return await self._service.replay(tenant, task_id, replay)
+
+
+def _is_submission(subject: str) -> bool:
+    try:
+        TASK_SUBMIT.parse(subject)
+    except ValueError:
+        return False
+    return True
+
+
+def _task_of(letter: DeadLetter) -> tuple[str | None, str | None]:
+    """The task and tenant a dead-lettered message was about, from its payload (or its subject's tenant)."""
+    try:
+        raw = json.loads(letter.payload)
+    except ValueError:
+        return None, None
+    if not isinstance(raw, dict):
+        return None, None
+    task_id, tenant = raw.get("task_id"), raw.get("tenant")
+    if not (isinstance(task_id, str) and _ID.fullmatch(task_id)):
+        return None, None
+    if not (isinstance(tenant, str) and _ID.fullmatch(tenant)):
+        return None, None
+    if letter.stream == TASKS.name:
+        # A submission's tenant is the subject's, whatever the body says.
+        for spec in (TASK_SUBMIT, TASK_CANCEL):
+            try:
+                if spec.parse(letter.subject)["tenant"] != tenant:
+                    return None, None
+            except ValueError:
+                continue
+    return task_id, tenant

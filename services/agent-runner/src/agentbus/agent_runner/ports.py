@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from agentbus.agent_runner.domain import RunState
 from agentbus.contracts.budget import BudgetReserveReply, BudgetReserveRequest
+from agentbus.contracts.tasks import TaskEvent
 from pydantic import BaseModel, ConfigDict, Field
+
+OutboxKind = Literal["publish", "notice", "reserve", "close_budget"]
 
 
 class OutboxItem(BaseModel):
-    """A message a transition must publish. Stored with the state, so a crash cannot lose it."""
+    """Something a transition must do, stored with the state so that a crash cannot lose it. Done in order.
+
+    publish: a JetStream message (deduplicated by `msg_id`). notice: a best-effort core NATS message.
+    reserve: a budget reservation (`payload` is the request) that the items after it wait for: a denial ends
+    the run instead. close_budget: release the run's reservations and refuse later ones.
+    """
 
     model_config = ConfigDict(frozen=True)
 
-    subject: str
-    msg_id: str
-    payload: str
+    kind: OutboxKind = "publish"
+    subject: str = ""
+    msg_id: str = ""
+    payload: str = ""
     traceparent: str | None = None
-    core: bool = Field(default=False, description="A best-effort core NATS notice, not a stream message.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra headers (a message schedule).")
+    price: Literal["event", "span"] | None = Field(
+        default=None, description="A terminal event (or the task span) whose cost is priced when published."
+    )
 
 
 class RunRecord(BaseModel):
@@ -43,11 +55,11 @@ class RevisionConflictError(Exception):
 class RunStore(Protocol):
     """Run records by task id, with compare-and-set on a revision."""
 
-    async def get(self, task_id: str) -> tuple[RunRecord, int] | None: ...
+    async def get(self, key: str) -> tuple[RunRecord, int] | None: ...
 
-    async def create(self, task_id: str, record: RunRecord) -> int: ...
+    async def create(self, key: str, record: RunRecord) -> int: ...
 
-    async def update(self, task_id: str, record: RunRecord, revision: int) -> int: ...
+    async def update(self, key: str, record: RunRecord, revision: int) -> int: ...
 
 
 class Publisher(Protocol):
@@ -57,7 +69,15 @@ class Publisher(Protocol):
 
 
 class BudgetUnavailableError(Exception):
-    """The cost-accountant did not answer: retry the input later."""
+    """The cost-accountant did not answer (or its store is down): wait for it, the input is retried later."""
+
+
+class BudgetTaskClosedError(Exception):
+    """The accountant already closed this task: the run ended under this reservation, so re-read it."""
+
+
+class BudgetRefusedError(Exception):
+    """The accountant refused the request as invalid (it can never succeed): the run fails with the reason."""
 
 
 class BudgetGate(Protocol):
@@ -65,6 +85,17 @@ class BudgetGate(Protocol):
 
     async def reserve(self, request: BudgetReserveRequest) -> BudgetReserveReply: ...
 
-    async def release(self, tenant: str, task_id: str) -> None: ...
+    async def close(self, tenant: str, task_id: str) -> None: ...
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float: ...
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float:
+        """The run's priced cost once every record of `usage_ids` is in the ledger (the accountant waits
+        for them, briefly)."""
+        ...
+
+
+class EventLog(Protocol):
+    """A task's stored public events, for replays."""
+
+    async def events(self, tenant: str, task_id: str, from_seq: int, limit: int) -> tuple[list[TaskEvent], bool]:
+        """Stored events with `seq >= from_seq`, in order, at most `limit`; and whether more follow."""
+        ...

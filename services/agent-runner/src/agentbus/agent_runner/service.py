@@ -1,23 +1,44 @@
-"""The runner's use cases: apply one input to a run, store the result, then publish its messages.
+"""The runner's use cases: apply one input to a run, store the result, then carry out its outbox.
 
-Each transition is stored together with its outgoing messages (an outbox in the run record) before any
-is published, and every later transition first re-publishes a leftover outbox. Publishes carry
-deterministic `Nats-Msg-Id`s, so a repeat is dropped by JetStream. A runner killed at any point
-therefore neither loses a message nor sends one twice, and the event `seq` stays gap-free.
+Each transition is stored together with everything it must do (an outbox in the run record) before any of
+it is done, and every later transition first carries out a leftover outbox. Publishes carry deterministic
+`Nats-Msg-Id`s, so a repeat is dropped by JetStream; budget reservations are idempotent on the call's id. A
+runner killed at any point therefore neither loses a message nor sends one twice, and the event `seq`
+stays gap-free.
+
+A dependency that is down is waited for, never a reason to give up: while the cost-accountant does not
+answer, the input is redelivered with backoff (`DependencyUnavailableError`). The run's id is taken, and its
+`accepted` event out, as soon as the first transition is stored; the call that needs a reservation waits
+in the outbox behind it. Only what ends a run (its deadline, a cancellation, a message given up on) goes
+ahead without the accountant: the waiting call is then dropped, since it will never be made.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from agentbus.agent_runner import domain
-from agentbus.agent_runner.domain import DIRECT, ErrorCode, Router, RunState, RunStatus, Toolbox, Transition
+from agentbus.agent_runner.domain import (
+    DEFAULT_TIMING,
+    DIRECT,
+    ErrorCode,
+    Router,
+    RunState,
+    RunStatus,
+    RunTiming,
+    Toolbox,
+    Transition,
+)
 from agentbus.agent_runner.ports import (
     BudgetGate,
+    BudgetRefusedError,
+    BudgetTaskClosedError,
     BudgetUnavailableError,
+    EventLog,
     OutboxItem,
     Publisher,
     RevisionConflictError,
@@ -27,14 +48,35 @@ from agentbus.agent_runner.ports import (
 )
 from agentbus.agent_runner.specs import AgentSpec
 from agentbus.contracts.budget import BudgetReserveRequest
-from agentbus.contracts.common import utc_now
+from agentbus.contracts.common import ErrorInfo, utc_now
 from agentbus.contracts.llm import LlmRequest, LlmResult
-from agentbus.contracts.registry import LLM_ABORT, LLM_REQUEST, TASK_EVENT, TOOL_CALL, Service
-from agentbus.contracts.tasks import TaskCancelRequested, TaskCompleted, TaskFailed, TaskSubmitted
-from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate
-from agentbus.runtime.errors import RetryableError
+from agentbus.contracts.registry import (
+    LLM_ABORT,
+    LLM_REQUEST,
+    RUN_SCHEDULE,
+    RUN_TIMER,
+    SPAN,
+    TASK_EVENT,
+    TOOL_CALL,
+    TOOL_WITHDRAW,
+    Header,
+    Service,
+)
+from agentbus.contracts.runs import RunTimer
+from agentbus.contracts.spans import SpanRecorded
+from agentbus.contracts.tasks import (
+    TASK_EVENT_ADAPTER,
+    TERMINAL_EVENT_KINDS,
+    TaskCancelRequested,
+    TaskCompleted,
+    TaskReplayReply,
+    TaskReplayRequest,
+    TaskSubmitted,
+)
+from agentbus.contracts.tools import ToolCallUpdate
+from agentbus.runtime.errors import DependencyUnavailableError, RetryableError
 from agentbus.runtime.logging import bind_message_context, get_logger
-from agentbus.runtime.spans import NullSpanEmitter, SpanAttribute, SpanEmitter
+from agentbus.runtime.spans import NullSpanEmitter, SpanAttribute, SpanEmitter, span_msg_id
 from agentbus.runtime.tracing import TraceContext
 from prometheus_client import CollectorRegistry, Counter
 
@@ -50,6 +92,25 @@ class RunnerMetrics:
         self.events = Counter(
             "agentbus_task_events_total", "Task events published, by kind.", ["kind"], registry=registry
         )
+        self.redrives = Counter(
+            "agentbus_run_redrives_total",
+            "Steps re-driven because the run still waited at a wake-up.",
+            registry=registry,
+        )
+
+
+def run_key(tenant: str, task_id: str) -> str:
+    """The key of a run's record: a task id is its tenant's, so two tenants never share a run."""
+    return f"{tenant}.{task_id}"
+
+
+@dataclass(frozen=True)
+class _Done:
+    """What carrying out an outbox ended with: the record as stored, its revision, the priced cost if any."""
+
+    record: RunRecord
+    revision: int
+    cost_usd: float | None
 
 
 class RunnerService:
@@ -63,6 +124,10 @@ class RunnerService:
         budget: BudgetGate,
         router: Router = DIRECT,
         spans: SpanEmitter | None = None,
+        *,
+        timing: RunTiming = DEFAULT_TIMING,
+        events: EventLog | None = None,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -72,9 +137,14 @@ class RunnerService:
         self._budget = budget
         self._router = router
         self._spans = spans or NullSpanEmitter(Service.AGENT_RUNNER)
+        self._timing = timing
+        self._events = events
+        self._clock = clock
+
+    # --- inputs ------------------------------------------------------------------------------------
 
     async def submit(self, submission: TaskSubmitted, trace: TraceContext | None) -> None:
-        """Start a run; a task id seen before (running, ended or rejected) starts nothing."""
+        """Start a run; a task id seen before in the tenant (running, ended or rejected) starts nothing."""
         spec = self._agents.get(submission.agent)
 
         def decide(state: RunState | None) -> Transition | None:
@@ -87,9 +157,9 @@ class RunnerService:
                     ErrorCode.UNKNOWN_AGENT,
                     f"no agent named {submission.agent!r}; known agents: {sorted(self._agents)}",
                 )
-            return domain.start(submission, spec, self._toolbox, self._router)
+            return domain.start(submission, spec, self._toolbox, self._router, now=self._clock(), timing=self._timing)
 
-        await self._transact(submission.task_id, submission.tenant, decide, trace)
+        await self._transact(submission.tenant, submission.task_id, decide, trace)
 
     async def reject(
         self, task_id: str, tenant: str, code: ErrorCode, message: str, trace: TraceContext | None
@@ -99,56 +169,105 @@ class RunnerService:
         def decide(state: RunState | None) -> Transition | None:
             return None if state is not None else domain.reject(task_id, tenant, code, message)
 
-        await self._transact(task_id, tenant, decide, trace)
+        await self._transact(tenant, task_id, decide, trace)
 
-    async def cancel(self, request: TaskCancelRequested, trace: TraceContext | None) -> None:
-        """Cancel a run of the same tenant; a cancellation that arrives first keeps the task from starting."""
+    async def cancel(self, request: TaskCancelRequested, by: str | None, trace: TraceContext | None) -> None:
+        """Cancel a run; a cancellation that arrives first keeps the task from starting."""
 
         def decide(state: RunState | None) -> Transition | None:
             if state is None:
                 return domain.cancel_before_start(request)
-            if state.tenant != request.tenant:
-                _log.warning("cancel_refused_other_tenant", owner=state.tenant)
-                return None
-            return domain.cancel(state, request)
+            return domain.cancel(state, request, by)
 
-        await self._transact(request.task_id, request.tenant, decide, trace)
+        await self._transact(request.tenant, request.task_id, decide, trace, ends_run=True)
 
     async def advance(self, result: LlmResult, trace: TraceContext | None) -> None:
         """Continue a run with a generated step; stale and repeated results change nothing."""
 
         def decide(state: RunState | None) -> Transition | None:
-            if state is None or state.tenant != result.tenant:
+            if state is None:
                 _log.warning("llm_result_for_unknown_run", request_id=result.request_id)
                 return None
             return domain.apply_llm_result(state, result, self._toolbox, self._router)
 
-        await self._transact(result.task_id, result.tenant, decide, trace)
+        await self._transact(result.tenant, result.task_id, decide, trace)
 
     async def apply_tool_update(self, update: ToolCallUpdate, trace: TraceContext | None) -> None:
         """Record approval progress or a tool result; the last result of a step asks for the next step."""
 
         def decide(state: RunState | None) -> Transition | None:
-            if state is None or state.tenant != update.tenant:
+            if state is None:
                 _log.warning("tool_update_for_unknown_run", call_id=update.call_id)
                 return None
             return domain.apply_tool_update(state, update, self._router)
 
-        await self._transact(update.task_id, update.tenant, decide, trace)
+        await self._transact(update.tenant, update.task_id, decide, trace)
 
-    async def _transact(self, task_id: str, tenant: str, decide: Decide, trace: TraceContext | None) -> None:
+    async def wake(self, timer: RunTimer) -> None:
+        """A run's timer fired: end the run at its deadline, or re-drive a step that still waits."""
+        now = self._clock()
+
+        def decide(state: RunState | None) -> Transition | None:
+            return domain.wake(state, timer, now, self._timing) if state is not None else None
+
+        await self._transact(timer.tenant, timer.task_id, decide, None, ends_run=True)
+
+    async def fail(self, tenant: str, task_id: str, reason: str, *, claim: bool = False) -> None:
+        """End a run because a message it depends on was given up on. With `claim`, a task id that has no run
+        yet (its submission was given up on) is taken and ends failed too, so its client hears why."""
+
+        def decide(state: RunState | None) -> Transition | None:
+            if state is None:
+                return domain.fail_before_start(task_id, tenant, reason) if claim else None
+            return domain.fail_internal(state, reason)
+
+        await self._transact(tenant, task_id, decide, None, ends_run=True)
+
+    async def replay(self, tenant: str, task_id: str, request: TaskReplayRequest) -> TaskReplayReply:
+        """A task's stored events from `request.from_seq`, for identities that may not read the stream."""
+        if self._events is None:
+            error = ErrorInfo(code="unavailable", message="this runner does not serve replays")
+            return TaskReplayReply(task_id=task_id, tenant=tenant, error=error)
+        events, more = await self._events.events(tenant, task_id, request.from_seq, request.limit)
+        return TaskReplayReply(
+            task_id=task_id,
+            tenant=tenant,
+            events=events,
+            complete=bool(events) and events[-1].kind in TERMINAL_EVENT_KINDS,
+            more=more,
+            next_seq=events[-1].seq + 1 if events else request.from_seq,
+        )
+
+    # --- the transaction ---------------------------------------------------------------------------
+
+    async def _transact(
+        self, tenant: str, task_id: str, decide: Decide, trace: TraceContext | None, *, ends_run: bool = False
+    ) -> None:
+        """Apply `decide` to the run, then carry out what it stored.
+
+        `ends_run`: the input may end the run without the accountant (deadline, cancel, dead letter); if a
+        leftover call still waits for its reservation, the run ends without making it.
+        """
         bind_message_context(task_id=task_id, tenant=tenant)
+        key = run_key(tenant, task_id)
         for _ in range(_MAX_CONFLICT_RETRIES):
-            current = await self._store.get(task_id)
+            current = await self._store.get(key)
             record, revision = current if current is not None else (None, 0)
             if record is not None and record.outbox:
-                await self._publish(record.outbox)
+                try:
+                    done = await self._carry_out(key, record, revision)
+                except RevisionConflictError:
+                    continue
+                except BudgetUnavailableError as exc:
+                    transition = decide(record.state) if ends_run else None
+                    if transition is None or not transition.state.terminal:
+                        raise DependencyUnavailableError(str(exc)) from exc
+                    _log.warning("run_ends_without_the_accountant", reason=str(exc))
+                else:
+                    record, revision = done.record, done.revision
             transition = decide(record.state if record is not None else None)
             if transition is None:
-                if record is not None and record.outbox:
-                    await self._mark_sent(task_id, record, revision)
                 return
-            transition = await self._settle_budget(transition)
             if record is not None:
                 trace_id, parent_span_id = record.trace_id, record.parent_span_id
             else:
@@ -158,133 +277,87 @@ class RunnerService:
                 state=transition.state,
                 trace_id=trace_id,
                 parent_span_id=parent_span_id,
-                outbox=self._outbox(transition, trace_id),
+                outbox=self._outbox(transition, trace_id, parent_span_id),
             )
             try:
                 if record is None:
-                    revision = await self._store.create(task_id, new_record)
+                    revision = await self._store.create(key, new_record)
                 else:
-                    revision = await self._store.update(task_id, new_record, revision)
+                    revision = await self._store.update(key, new_record, revision)
             except (RunExistsError, RevisionConflictError):
                 continue
-            await self._publish(new_record.outbox)
-            for event in transition.events:
-                self._metrics.events.labels(event.kind).inc()
-            await self._mark_sent(task_id, new_record, revision)
-            self._record_spans(record.state if record is not None else None, transition, new_record)
-            if transition.state.terminal and transition.state.step > 0:
-                await self._release_budget(transition.state)
+            self._stored(record.state if record is not None else None, transition, new_record)
+            try:
+                await self._carry_out(key, new_record, revision)
+            except RevisionConflictError:
+                pass  # a newer transition was stored: it carried out (idempotently) what it found here
+            except BudgetUnavailableError as exc:
+                raise DependencyUnavailableError(str(exc)) from exc
             return
-        raise RetryableError(f"run {task_id} kept changing under {_MAX_CONFLICT_RETRIES} attempts")
+        raise RetryableError(f"run {key} kept changing under {_MAX_CONFLICT_RETRIES} attempts")
 
-    async def _settle_budget(self, transition: Transition) -> Transition:
-        """Reserve every call the transition would make (a denial stops the run), and price a run that ends.
+    def _stored(self, before: RunState | None, transition: Transition, record: RunRecord) -> None:
+        for event in transition.events:
+            self._metrics.events.labels(event.kind).inc()
+        if transition.redrive:
+            self._metrics.redrives.inc()
+            _log.info("step_redriven", step=transition.state.step, redrive=transition.redrive)
+        self._record_step_span(before, transition, record)
 
-        Reservations are keyed by the call's own id, so deciding again after a conflict or a redelivery
-        gets the same verdict rather than reserving twice.
+    async def _carry_out(self, key: str, record: RunRecord, revision: int) -> _Done:
+        """Do the record's outbox in order, then mark it done (compare-and-set).
+
+        A reservation that is denied (or refused as invalid) ends the run instead of the calls behind it:
+        that ending is stored in place of the rest of the outbox and carried out in turn. Raises
+        BudgetUnavailableError while the accountant does not answer, RevisionConflictError when a newer
+        record was stored meanwhile.
         """
-        state = transition.state
+        state = record.state
+        cost: float | None = None
+        for item in record.outbox:
+            if item.kind == "reserve":
+                ending = await self._reserve_or_end(state, item)
+                if ending is not None:
+                    return await self._replace_outbox(key, record, revision, ending)
+            elif item.kind == "close_budget":
+                await self._budget.close(state.tenant, state.task_id)
+            elif item.price is not None:
+                if cost is None:
+                    cost = await self._budget.task_cost(state.tenant, state.task_id, state.usage_ids)
+                await self._publisher.publish(_priced(item, cost))
+            else:
+                await self._publisher.publish(item)
+        cleared = record.model_copy(update={"outbox": []})
+        return _Done(cleared, await self._store.update(key, cleared, revision), cost)
+
+    async def _reserve_or_end(self, state: RunState, item: OutboxItem) -> Transition | None:
+        """Reserve what a call needs; None when allowed, else the transition that ends the run without it."""
         try:
-            for reservation in self._reservations(transition):
-                verdict = await self._budget.reserve(reservation)
-                if not verdict.allowed:
-                    transition = domain.deny_budget(transition, verdict)
-                    break
-            if any(isinstance(event, TaskCompleted | TaskFailed) for event in transition.events):
-                cost = await self._budget.task_cost(state.tenant, state.task_id, transition.state.llm_usage_ids)
-                transition = domain.with_cost(transition, cost)
-        except BudgetUnavailableError as exc:
-            raise RetryableError(str(exc)) from exc
-        return transition
+            verdict = await self._budget.reserve(BudgetReserveRequest.model_validate_json(item.payload))
+        except BudgetTaskClosedError as exc:
+            # The run ended (and closed its budget) since this record was read: read it again.
+            raise RevisionConflictError(str(exc)) from exc
+        except BudgetRefusedError as exc:
+            return domain.fail_internal(state, f"the budget reservation was refused: {exc}")
+        return None if verdict.allowed else domain.deny_budget(state, verdict)
 
-    def _reservations(self, transition: Transition) -> list[BudgetReserveRequest]:
-        state = transition.state
-
-        def reservation(
-            reservation_id: str, kind: Literal["llm", "tool"], *, model: str | None = None, tool: str | None = None
-        ) -> BudgetReserveRequest:
-            request = transition.llm_request if kind == "llm" else None
-            return BudgetReserveRequest(
-                reservation_id=reservation_id,
-                kind=kind,
-                tenant=state.tenant,
-                task_id=state.task_id,
-                agent=state.agent,
-                model=model,
-                tool=tool,
-                estimated_prompt_tokens=_estimated_prompt_tokens(request) if request else 0,
-                estimated_completion_tokens=request.max_tokens if request else 0,
-                task_budget_usd=state.budget_usd,
-                submitted_by=state.submitted_by,
-            )
-
-        reservations = []
-        if transition.llm_request is not None:
-            request = transition.llm_request
-            reservations.append(reservation(f"llm:{request.request_id}", "llm", model=request.model))
-        reservations.extend(
-            reservation(f"tool:{call.call_id}", "tool", tool=call.tool) for call in transition.tool_calls
+    async def _replace_outbox(self, key: str, record: RunRecord, revision: int, ending: Transition | None) -> _Done:
+        if ending is None:  # the stored run had ended already: nothing of its outbox is left to do
+            cleared = record.model_copy(update={"outbox": []})
+            return _Done(cleared, await self._store.update(key, cleared, revision), None)
+        ended = RunRecord(
+            state=ending.state,
+            trace_id=record.trace_id,
+            parent_span_id=record.parent_span_id,
+            outbox=self._outbox(ending, record.trace_id, record.parent_span_id),
         )
-        return reservations
+        revision = await self._store.update(key, ended, revision)
+        self._stored(record.state, ending, ended)
+        return await self._carry_out(key, ended, revision)
 
-    async def _release_budget(self, state: RunState) -> None:
-        # Best effort: a reservation not released here expires in the accountant.
-        try:
-            await self._budget.release(state.tenant, state.task_id)
-        except BudgetUnavailableError as exc:
-            _log.warning("budget_release_failed", error=str(exc))
+    # --- the outbox --------------------------------------------------------------------------------
 
-    def _record_spans(self, before: RunState | None, transition: Transition, record: RunRecord) -> None:
-        """The finished agent step and, when the run ended, the task's root span. Off the hot path."""
-        state = transition.state
-        now = utc_now()
-        trace_id = record.trace_id
-        task_span = task_span_id(state.task_id)
-        step_ended = before is not None and (state.terminal or state.step > before.step)
-        if step_ended and before is not None and before.step >= 1 and before.step_started_at is not None:
-            self._spans.record(
-                name=f"step {before.step}",
-                kind="agent_step",
-                trace=TraceContext(trace_id, step_span_id(state.task_id, before.step)),
-                parent_span_id=task_span,
-                start=before.step_started_at,
-                end=now,
-                task_id=state.task_id,
-                tenant=state.tenant,
-                attributes={"agentbus.step": before.step, SpanAttribute.AGENT: state.agent},
-            )
-        if state.terminal and state.started_at is not None and (before is None or not before.terminal):
-            final = transition.events[-1] if transition.events else None
-            attributes: dict[str, Any] = {
-                SpanAttribute.AGENT: state.agent,
-                "agentbus.status": state.status.value,
-                "agentbus.steps": state.step,
-                SpanAttribute.INPUT_TOKENS: state.usage.prompt_tokens,
-                SpanAttribute.OUTPUT_TOKENS: state.usage.completion_tokens,
-            }
-            if state.submitted_by:
-                attributes[SpanAttribute.USER] = state.submitted_by
-            if isinstance(final, TaskCompleted):
-                attributes[SpanAttribute.OUTPUT] = final.output
-                attributes[SpanAttribute.COST_USD] = final.cost_usd
-            user_input = next((m.content for m in state.messages if m.role == "user"), None)
-            if user_input is not None:
-                attributes[SpanAttribute.INPUT] = user_input
-            self._spans.record(
-                name=state.agent or "task",
-                kind="task",
-                trace=TraceContext(trace_id, task_span),
-                parent_span_id=record.parent_span_id,
-                start=state.started_at,
-                end=now,
-                task_id=state.task_id,
-                tenant=state.tenant,
-                status="ok" if state.status is RunStatus.COMPLETED else "error",
-                status_message=None if state.status is RunStatus.COMPLETED else state.status.value,
-                attributes=attributes,
-            )
-
-    def _outbox(self, transition: Transition, trace_id: str) -> list[OutboxItem]:
+    def _outbox(self, transition: Transition, trace_id: str, parent_span_id: str | None) -> list[OutboxItem]:
         state = transition.state
         # The calls of a step are children of its agent_step span, so the worker's generation and the
         # executor's tool spans hang under the step that asked for them.
@@ -295,49 +368,168 @@ class RunnerService:
                 msg_id=f"event:{state.task_id}:{event.seq}",
                 payload=event.model_dump_json(),
                 traceparent=TraceContext.in_trace(trace_id).traceparent,
+                price="event" if event.kind in {"completed", "failed"} else None,
             )
             for event in transition.events
         ]
+        if transition.wake is not None:
+            items.append(self._wake_item(transition.wake))
+        suffix = f":redrive-{transition.redrive}" if transition.redrive else ""
         if transition.llm_request is not None:
             request = transition.llm_request
+            if not transition.redrive:
+                items.append(self._reservation(state, f"llm:{request.request_id}", "llm", request=request))
             items.append(
                 OutboxItem(
                     subject=LLM_REQUEST.format(model=request.model),
-                    msg_id=f"llm:{request.request_id}",
+                    msg_id=f"llm:{request.request_id}{suffix}",
                     payload=request.model_dump_json(),
                     traceparent=step_trace,
                 )
             )
-        items.extend(self._tool_call_item(call, step_trace) for call in transition.tool_calls)
+        for call in transition.tool_calls:
+            if not transition.redrive:
+                items.append(self._reservation(state, f"tool:{call.call_id}", "tool", tool=call.tool))
+            items.append(
+                OutboxItem(
+                    subject=TOOL_CALL.format(tenant=call.tenant),
+                    msg_id=f"call:{call.call_id}{suffix}",
+                    payload=call.model_dump_json(),
+                    traceparent=step_trace,
+                )
+            )
+        items.extend(
+            OutboxItem(
+                subject=TOOL_WITHDRAW.format(tenant=withdrawal.tenant),
+                msg_id=f"withdraw:{withdrawal.call_id}",
+                payload=withdrawal.model_dump_json(),
+            )
+            for withdrawal in transition.withdrawals
+        )
         if transition.abort is not None and transition.abort_model is not None:
             items.append(
                 OutboxItem(
+                    kind="notice",
                     subject=LLM_ABORT.format(model=transition.abort_model),
                     msg_id=f"abort:{transition.abort.request_id}",
                     payload=transition.abort.model_dump_json(),
-                    core=True,
                 )
             )
+        if transition.close_budget:
+            items.append(OutboxItem(kind="close_budget", msg_id=f"close:{state.task_id}"))
+            if (span := self._task_span(transition, trace_id, parent_span_id)) is not None:
+                items.append(span)
         return items
 
     @staticmethod
-    def _tool_call_item(call: ToolCallRequested, traceparent: str) -> OutboxItem:
+    def _wake_item(timer: RunTimer) -> OutboxItem:
+        due = timer.due_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return OutboxItem(
-            subject=TOOL_CALL.format(tenant=call.tenant),
-            msg_id=f"call:{call.call_id}",
-            payload=call.model_dump_json(),
-            traceparent=traceparent,
+            subject=RUN_SCHEDULE.format(tenant=timer.tenant, task_id=timer.task_id),
+            msg_id=f"wake:{timer.tenant}.{timer.task_id}:{due}",
+            payload=timer.model_dump_json(),
+            headers={
+                Header.SCHEDULE.value: f"@at {due}",
+                Header.SCHEDULE_TARGET.value: RUN_TIMER.format(tenant=timer.tenant),
+            },
         )
 
-    async def _publish(self, outbox: list[OutboxItem]) -> None:
-        # In order: a task's events must enter the stream in seq order.
-        for item in outbox:
-            await self._publisher.publish(item)
+    @staticmethod
+    def _reservation(
+        state: RunState,
+        reservation_id: str,
+        kind: Literal["llm", "tool"],
+        *,
+        request: LlmRequest | None = None,
+        tool: str | None = None,
+    ) -> OutboxItem:
+        reservation = BudgetReserveRequest(
+            reservation_id=reservation_id,
+            kind=kind,
+            tenant=state.tenant,
+            task_id=state.task_id,
+            agent=state.agent,
+            model=request.model if request is not None else None,
+            tool=tool,
+            estimated_prompt_tokens=_estimated_prompt_tokens(request) if request is not None else 0,
+            estimated_completion_tokens=request.max_tokens if request is not None else 0,
+            task_budget_usd=state.budget_usd,
+            submitted_by=state.submitted_by,
+        )
+        return OutboxItem(kind="reserve", msg_id=reservation_id, payload=reservation.model_dump_json())
 
-    async def _mark_sent(self, task_id: str, record: RunRecord, revision: int) -> None:
-        # On a conflict a newer transition was stored; it re-published (deduplicated) what it found pending.
-        with contextlib.suppress(RevisionConflictError):
-            await self._store.update(task_id, record.model_copy(update={"outbox": []}), revision)
+    def _task_span(self, transition: Transition, trace_id: str, parent_span_id: str | None) -> OutboxItem | None:
+        """The task's root span, published with the run's end (not through the best-effort emitter), so every
+        ended task has its trace. Its cost is filled in when the terminal event is priced."""
+        state = transition.state
+        if state.started_at is None:
+            return None
+        final = transition.events[-1] if transition.events else None
+        attributes: dict[str, Any] = {
+            SpanAttribute.AGENT: state.agent,
+            "agentbus.status": state.status.value,
+            "agentbus.steps": state.step,
+            SpanAttribute.INPUT_TOKENS: state.usage.prompt_tokens,
+            SpanAttribute.OUTPUT_TOKENS: state.usage.completion_tokens,
+        }
+        if state.submitted_by:
+            attributes[SpanAttribute.USER] = state.submitted_by
+        if isinstance(final, TaskCompleted):
+            attributes[SpanAttribute.OUTPUT] = final.output
+        user_input = next((m.content for m in state.messages if m.role == "user"), None)
+        if user_input is not None:
+            attributes[SpanAttribute.INPUT] = user_input
+        span_id = task_span_id(state.task_id)
+        span = SpanRecorded(
+            trace_id=trace_id,
+            span_id=span_id,
+            parent_span_id=parent_span_id,
+            name=state.agent or "task",
+            kind="task",
+            service=Service.AGENT_RUNNER.value,
+            task_id=state.task_id,
+            tenant=state.tenant,
+            start=state.started_at,
+            end=final.at if final is not None else self._clock(),
+            status="ok" if state.status is RunStatus.COMPLETED else "error",
+            status_message=None if state.status is RunStatus.COMPLETED else state.status.value,
+            attributes=attributes,
+        )
+        return OutboxItem(
+            subject=SPAN.format(service=Service.AGENT_RUNNER.value),
+            msg_id=span_msg_id(span_id),
+            payload=span.model_dump_json(fallback=str),
+            traceparent=TraceContext(trace_id, span_id).traceparent,
+            price="span",
+        )
+
+    def _record_step_span(self, before: RunState | None, transition: Transition, record: RunRecord) -> None:
+        """The agent step that just finished, through the emitter (off the hot path, best effort)."""
+        state = transition.state
+        step_ended = before is not None and (state.terminal or state.step > before.step)
+        if not (step_ended and before is not None and before.step >= 1 and before.step_started_at is not None):
+            return
+        self._spans.record(
+            name=f"step {before.step}",
+            kind="agent_step",
+            trace=TraceContext(record.trace_id, step_span_id(state.task_id, before.step)),
+            parent_span_id=task_span_id(state.task_id),
+            start=before.step_started_at,
+            end=self._clock(),
+            task_id=state.task_id,
+            tenant=state.tenant,
+            attributes={"agentbus.step": before.step, SpanAttribute.AGENT: state.agent},
+        )
+
+
+def _priced(item: OutboxItem, cost_usd: float) -> OutboxItem:
+    """A terminal event (or the task span) with the run's priced cost."""
+    if item.price == "event":
+        event = domain.with_cost(TASK_EVENT_ADAPTER.validate_json(item.payload), cost_usd)
+        return item.model_copy(update={"payload": event.model_dump_json()})
+    span = SpanRecorded.model_validate_json(item.payload)
+    priced = span.model_copy(update={"attributes": {**span.attributes, SpanAttribute.COST_USD: cost_usd}})
+    return item.model_copy(update={"payload": priced.model_dump_json(fallback=str)})
 
 
 def task_span_id(task_id: str) -> str:

@@ -28,5 +28,20 @@ class RunnerSettings(ServiceSettings):
     )
     budget_timeout_seconds: float = Field(default=2.0, gt=0, description="How long to wait for the accountant.")
     cost_wait_seconds: float = Field(
-        default=5.0, ge=0, description="How long a finishing run waits for its last usage records to be priced."
+        default=5.0,
+        ge=0,
+        le=30,
+        description="How long the accountant may wait for a finishing run's last usage records before pricing it.",
     )
+    default_deadline_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Deadline of a task whose submission and agent name none: then it fails deadline_exceeded.",
+    )
+    redrive_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A run still waiting on the same step this long has it published again (then at doubling "
+        "intervals up to an hour): nothing depends on a redelivery arriving.",
+    )
+    request_concurrency: int = Field(default=16, ge=1, description="Replay requests answered at once.")

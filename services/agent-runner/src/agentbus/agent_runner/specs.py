@@ -23,6 +23,13 @@ class AgentSpec(BaseModel):
     max_steps: int = Field(default=8, ge=1, le=100, description="Most LLM steps one run may take.")
     budget_usd: float | None = Field(default=None, ge=0, description="Default budget of one task.")
     stream_tokens: bool = Field(default=False, description="Stream generated text as `token` events.")
+    timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=30 * 86400,
+        description="Deadline of one task from acceptance (a submission's deadline_seconds overrides it); the "
+        "runner's default when absent.",
+    )
 
 
 class AgentSpecError(ConfigurationError):

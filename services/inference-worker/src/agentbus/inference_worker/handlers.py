@@ -7,7 +7,14 @@ import contextlib
 from datetime import UTC, datetime
 
 from agentbus.contracts.llm import LlmAbort, LlmRequest
-from agentbus.contracts.registry import LLM_RESULT, TASK_EVENT, TASK_EVENTS, USAGE_RECORDED, ConsumerSpec
+from agentbus.contracts.registry import (
+    LLM_RESULT,
+    TASK_EVENT,
+    TASK_EVENTS,
+    USAGE_RECORDED,
+    ConsumerSpec,
+    budget_subject,
+)
 from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TaskToken
 from agentbus.inference_worker.service import InferenceService, StepOutcome
 from agentbus.inference_worker.settings import WorkerSettings
@@ -80,7 +87,7 @@ class WorkerHandlers:
         if outcome.usage is not None:
             await publish_message(
                 self._js,
-                USAGE_RECORDED.format(tenant=request.tenant),
+                budget_subject(USAGE_RECORDED, request.tenant),
                 outcome.usage,
                 msg_id=outcome.usage.usage_id,
                 trace=ctx,

@@ -40,6 +40,13 @@ class StepOutcome:
     result: LlmResult
     usage: UsageRecorded | None
 
+    @classmethod
+    def billed(cls, result: LlmResult, usage: UsageRecorded | None) -> StepOutcome:
+        """The outcome with its result naming its usage record, so the runner waits for exactly that record."""
+        if usage is None:
+            return cls(result, None)
+        return cls(result.model_copy(update={"usage_id": usage.usage_id}), usage)
+
 
 class WorkerMetrics:
     """Queue wait, time to first token, tokens/s, in-flight requests and outcomes, per model."""
@@ -231,7 +238,7 @@ class InferenceService:
             gpu_seconds=gpu_seconds if self._meter_gpu else 0.0,
             node_class=self._node_class,
         )
-        return StepOutcome(result, self._usage(request, generation.usage, result.gpu_seconds))
+        return StepOutcome.billed(result, self._usage(request, generation.usage, result.gpu_seconds))
 
     def interrupted(self, request: LlmRequest, queued_seconds: float = 0.0) -> StepOutcome:
         """The outcome of a final delivery that shutdown cut short: an error the runner can fall back on."""
@@ -266,7 +273,7 @@ class InferenceService:
         result = self._error_result(request, code, message, queued_seconds, gpu_seconds)
         # Tokens of a failed generation are unknown, but the accelerator time it held was spent.
         usage = self._usage(request, TokenUsage(), gpu_seconds) if gpu_seconds > 0 else None
-        return StepOutcome(result, usage)
+        return StepOutcome.billed(result, usage)
 
     def _usage(self, request: LlmRequest, tokens: TokenUsage, gpu_seconds: float) -> UsageRecorded:
         record_id = usage_id(request.request_id)

@@ -14,10 +14,10 @@ class JetStreamPublisher:
         self._nc = nc
 
     async def publish(self, item: OutboxItem) -> None:
-        headers = {Header.MSG_ID.value: item.msg_id}
+        headers = {Header.MSG_ID.value: item.msg_id, **item.headers}
         if item.traceparent:
             headers[Header.TRACEPARENT.value] = item.traceparent
-        if item.core:
+        if item.kind == "notice":
             if self._nc is not None:
                 await self._nc.publish(item.subject, item.payload.encode(), headers=headers)
             return

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from agentbus.agent_runner.ports import BudgetUnavailableError
+from agentbus.agent_runner.ports import BudgetRefusedError, BudgetTaskClosedError, BudgetUnavailableError
 from agentbus.contracts.budget import (
     BudgetReleaseRequest,
     BudgetReserveReply,
@@ -12,69 +10,85 @@ from agentbus.contracts.budget import (
     TaskCostReply,
     TaskCostRequest,
 )
-from agentbus.contracts.registry import BUDGET_RELEASE, BUDGET_RESERVE, TASK_COST
+from agentbus.contracts.common import ErrorInfo
+from agentbus.contracts.registry import BUDGET_RELEASE, BUDGET_RESERVE, TASK_COST, SubjectSpec, budget_subject
 from agentbus.runtime.logging import get_logger
 from nats.aio.client import Client as NatsClient
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
 
 _log = get_logger(__name__)
 
+STORE_UNAVAILABLE = "store_unavailable"
+TASK_CLOSED = "task_closed"
+
 
 class NatsBudgetGate:
-    def __init__(
-        self,
-        nc: NatsClient,
-        *,
-        timeout_seconds: float = 2.0,
-        cost_wait_seconds: float = 5.0,
-        cost_poll_seconds: float = 0.1,
-    ) -> None:
+    """Asks the owner of the tenant's budget partition. No answer (nobody serving the partition, a timeout,
+    NATS away) or an answer that its store is down is `BudgetUnavailableError`: the runner waits for it."""
+
+    def __init__(self, nc: NatsClient, *, timeout_seconds: float = 2.0, cost_wait_seconds: float = 5.0) -> None:
         self._nc = nc
         self._timeout = timeout_seconds
         self._cost_wait = cost_wait_seconds
-        self._cost_poll = cost_poll_seconds
 
-    async def _ask(self, subject: str, request: BaseModel) -> bytes:
+    async def _ask(self, spec: SubjectSpec, tenant: str, request: BaseModel, timeout: float) -> bytes:
+        subject = budget_subject(spec, tenant)
         try:
-            reply = await self._nc.request(subject, request.model_dump_json().encode(), timeout=self._timeout)
-        except (TimeoutError, NatsTimeoutError, NoRespondersError) as exc:
+            reply = await self._nc.request(subject, request.model_dump_json().encode(), timeout=timeout)
+        except (
+            TimeoutError,
+            NatsTimeoutError,
+            NoRespondersError,
+            ConnectionClosedError,
+            ConnectionReconnectingError,
+        ) as exc:
             raise BudgetUnavailableError(f"the cost-accountant did not answer on {subject}") from exc
         return reply.data
 
+    @staticmethod
+    def _check(error: ErrorInfo | None) -> None:
+        if error is None:
+            return
+        if error.code == STORE_UNAVAILABLE:
+            raise BudgetUnavailableError(f"the cost-accountant's store is unavailable: {error.message}")
+        if error.code == TASK_CLOSED:
+            raise BudgetTaskClosedError(error.message)
+        raise BudgetRefusedError(f"{error.code}: {error.message}")
+
     async def reserve(self, request: BudgetReserveRequest) -> BudgetReserveReply:
-        data = await self._ask(BUDGET_RESERVE.format(tenant=request.tenant), request)
+        data = await self._ask(BUDGET_RESERVE, request.tenant, request, self._timeout)
         try:
             verdict = BudgetReserveReply.model_validate_json(data)
         except ValidationError as exc:
             raise BudgetUnavailableError(f"unreadable reservation reply: {exc}") from exc
-        if verdict.error is not None:
-            raise BudgetUnavailableError(
-                f"reservation refused as invalid: {verdict.error.code}: {verdict.error.message}"
-            )
+        self._check(verdict.error)
         return verdict
 
-    async def release(self, tenant: str, task_id: str) -> None:
-        await self._ask(BUDGET_RELEASE.format(tenant=tenant), BudgetReleaseRequest(tenant=tenant, task_id=task_id))
+    async def close(self, tenant: str, task_id: str) -> None:
+        data = await self._ask(
+            BUDGET_RELEASE, tenant, BudgetReleaseRequest(tenant=tenant, task_id=task_id), self._timeout
+        )
+        try:
+            reply = BudgetReserveReply.model_validate_json(data)
+        except ValidationError as exc:
+            raise BudgetUnavailableError(f"unreadable release reply: {exc}") from exc
+        self._check(reply.error)
 
     async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float:
-        """The task's priced cost, waiting briefly for usage records still on their way to the ledger."""
-        request = TaskCostRequest(tenant=tenant, task_id=task_id, usage_ids=usage_ids)
-        deadline = asyncio.get_running_loop().time() + self._cost_wait
-        while True:
-            data = await self._ask(TASK_COST.format(tenant=tenant), request)
-            try:
-                reply = TaskCostReply.model_validate_json(data)
-            except ValidationError as exc:
-                raise BudgetUnavailableError(f"unreadable cost reply: {exc}") from exc
-            if reply.error is not None:
-                raise BudgetUnavailableError(f"cost refused: {reply.error.code}: {reply.error.message}")
-            if not reply.missing_usage_ids or asyncio.get_running_loop().time() >= deadline:
-                if reply.missing_usage_ids:
-                    _log.warning("task_cost_without_late_usage", missing=reply.missing_usage_ids)
-                return reply.cost_usd
-            await asyncio.sleep(self._cost_poll)
+        """The run's priced cost; the accountant answers once every record of `usage_ids` is in its ledger,
+        or after `cost_wait_seconds` with what it has (a record lost on its way is then left out)."""
+        request = TaskCostRequest(tenant=tenant, task_id=task_id, usage_ids=usage_ids, wait_seconds=self._cost_wait)
+        data = await self._ask(TASK_COST, tenant, request, self._cost_wait + self._timeout)
+        try:
+            reply = TaskCostReply.model_validate_json(data)
+        except ValidationError as exc:
+            raise BudgetUnavailableError(f"unreadable cost reply: {exc}") from exc
+        self._check(reply.error)
+        if reply.missing_usage_ids:
+            _log.warning("task_cost_without_late_usage", missing=reply.missing_usage_ids)
+        return reply.cost_usd
 
 
 class UnlimitedBudgetGate:
@@ -83,7 +97,7 @@ class UnlimitedBudgetGate:
     async def reserve(self, request: BudgetReserveRequest) -> BudgetReserveReply:
         return BudgetReserveReply(reservation_id=request.reservation_id, allowed=True)
 
-    async def release(self, tenant: str, task_id: str) -> None:
+    async def close(self, tenant: str, task_id: str) -> None:
         return None
 
     async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float:

@@ -1,4 +1,4 @@
-"""Run records in a JetStream key-value bucket, one key per task, written compare-and-set."""
+"""Run records in a JetStream key-value bucket, one key per run (`<tenant>.<task_id>`), written compare-and-set."""
 
 from __future__ import annotations
 
@@ -11,23 +11,23 @@ class NatsKvRunStore:
     def __init__(self, bucket: KeyValue) -> None:
         self._bucket = bucket
 
-    async def get(self, task_id: str) -> tuple[RunRecord, int] | None:
+    async def get(self, key: str) -> tuple[RunRecord, int] | None:
         try:
-            entry = await self._bucket.get(task_id)
+            entry = await self._bucket.get(key)
         except (KeyNotFoundError, KeyDeletedError):
             return None
         if entry.value is None:
             return None
         return RunRecord.model_validate_json(entry.value), entry.revision or 0
 
-    async def create(self, task_id: str, record: RunRecord) -> int:
+    async def create(self, key: str, record: RunRecord) -> int:
         try:
-            return await self._bucket.create(task_id, record.model_dump_json().encode())
+            return await self._bucket.create(key, record.model_dump_json().encode())
         except KeyWrongLastSequenceError as exc:
-            raise RunExistsError(task_id) from exc
+            raise RunExistsError(key) from exc
 
-    async def update(self, task_id: str, record: RunRecord, revision: int) -> int:
+    async def update(self, key: str, record: RunRecord, revision: int) -> int:
         try:
-            return await self._bucket.update(task_id, record.model_dump_json().encode(), last=revision)
+            return await self._bucket.update(key, record.model_dump_json().encode(), last=revision)
         except KeyWrongLastSequenceError as exc:
-            raise RevisionConflictError(task_id) from exc
+            raise RevisionConflictError(key) from exc
