@@ -13,10 +13,12 @@ from agentbus.retriever.domain import (
     InputError,
     chunk_key,
     chunk_text,
+    fuse,
     literal,
     prepare_documents,
     search_filter,
 )
+from agentbus.retriever.ports import Hit
 from milvus_lite.search.filter.ast import And, CmpOp, FieldRef, StringLit  # type: ignore[import-untyped]
 from milvus_lite.search.filter.parser import parse_expr  # type: ignore[import-untyped]
 from milvus_lite.search.filter.tokens import TokenKind, tokenize  # type: ignore[import-untyped]
@@ -162,3 +164,33 @@ def test_multibyte_text_is_measured_in_utf8_bytes() -> None:
             _ingest(IngestDocument(id="a", text=text)), max_document_bytes=2000, chunk_chars=300, overlap_chars=60
         )
     assert raised.value.code == ErrorCode.DOCUMENT_TOO_LARGE
+
+
+def _hit(document_id: str, score: float, chunk_index: int = 0) -> Hit:
+    return Hit(tenant="acme", document_id=document_id, chunk_index=chunk_index, text="", score=score, metadata={})
+
+
+def test_fusion_weights_normalised_scores_and_merges_chunks_found_by_both() -> None:
+    dense = [_hit("a", 0.80), _hit("b", 0.78), _hit("c", 0.40)]
+    bm25 = [_hit("b", 9.0), _hit("d", 3.0)]
+    fused = fuse(dense, bm25, dense_weight=0.7, limit=10)
+    assert [(h.document_id, round(h.score, 4)) for h in fused] == [
+        ("b", round(0.7 * 0.78 / 0.80 + 0.3, 4)),
+        ("a", 0.7),
+        ("c", 0.35),
+        ("d", round(0.3 * 3 / 9, 4)),
+    ]
+    assert [h.document_id for h in fuse(dense, bm25, dense_weight=1.0, limit=2)] == ["a", "b"]
+    assert [h.document_id for h in fuse(dense, bm25, dense_weight=0.0, limit=2)] == ["b", "d"]
+    # Chunks of one document are distinct candidates.
+    assert len(fuse([_hit("a", 0.9, 0)], [_hit("a", 1.0, 1)], dense_weight=0.5, limit=10)) == 2
+
+
+def test_fusion_of_empty_or_non_positive_lists_keeps_the_other_order() -> None:
+    dense = [_hit("a", 0.5), _hit("b", 0.4)]
+    assert [h.document_id for h in fuse(dense, [], dense_weight=0.2, limit=5)] == ["a", "b"]
+    assert [h.document_id for h in fuse([], dense, dense_weight=0.9, limit=5)] == ["a", "b"]
+    below_zero = fuse([_hit("x", -0.2)], [_hit("y", 2.0)], dense_weight=0.9, limit=5)
+    assert [h.document_id for h in below_zero] == ["y", "x"]
+    with pytest.raises(ValueError, match="dense_weight"):
+        fuse(dense, [], dense_weight=1.5, limit=5)

@@ -20,9 +20,10 @@ from agentbus.contracts.registry import (
     RETRIEVER_INGEST,
     USAGE,
     USAGE_RECORDED,
+    budget_subject,
 )
 from agentbus.contracts.usage import UsageRecorded
-from agentbus.retriever.adapters.milvus import KEY_FIELD
+from agentbus.retriever.adapters.milvus import INGESTED_BY_FIELD, KEY_FIELD
 from agentbus.retriever.app import RetrieverApp
 from agentbus.retriever.domain import CHUNK_INDEX_FIELD, DOCUMENT_FIELD, ErrorCode, tenant_condition
 from nats.aio.client import Client as NatsClient
@@ -52,10 +53,27 @@ INVOICE_DOC = "Invoices are issued on the first working day of each month and ca
 VPN_DOC = "The VPN client needs port 1194/UDP open. If the tunnel drops, check the firewall and restart the client."
 
 
-async def ingest(nc: NatsClient, tenant: str, docs: list[IngestDocument], *, payload_tenant: str | None = None) -> int:
+SUBMITTER = "kb-app"
+
+
+async def ingest(
+    nc: NatsClient,
+    tenant: str,
+    docs: list[IngestDocument],
+    *,
+    payload_tenant: str | None = None,
+    submitter: str = SUBMITTER,
+) -> int:
     message = DocumentsIngest(tenant=payload_tenant or tenant, documents=docs)
-    ack = await nc.jetstream().publish(RAG_INGEST_DOCUMENTS.format(tenant=tenant), message.model_dump_json().encode())
+    subject = RAG_INGEST_DOCUMENTS.format(tenant=tenant, submitter=submitter)
+    ack = await nc.jetstream().publish(subject, message.model_dump_json().encode())
     return ack.seq
+
+
+async def delete(nc: NatsClient, tenant: str, document_ids: list[str], *, submitter: str = SUBMITTER) -> None:
+    message = DocumentsDelete(tenant=tenant, document_ids=document_ids)
+    subject = RAG_DELETE_DOCUMENTS.format(tenant=tenant, submitter=submitter)
+    await nc.jetstream().publish(subject, message.model_dump_json().encode())
 
 
 async def search(nc: NatsClient, tenant: str, payload: dict[str, Any] | bytes) -> SearchReply:
@@ -70,7 +88,7 @@ async def chunk_rows(app: RetrieverApp, tenant: str) -> list[dict[str, Any]]:
         app.index.client.query,
         app.index.collection,
         filter=tenant_condition(tenant),
-        output_fields=[KEY_FIELD, DOCUMENT_FIELD, CHUNK_INDEX_FIELD],
+        output_fields=[KEY_FIELD, DOCUMENT_FIELD, CHUNK_INDEX_FIELD, INGESTED_BY_FIELD],
         limit=1000,
     )
     return rows
@@ -127,11 +145,24 @@ async def test_ingest_search_reingest_without_duplicates_then_delete(
     assert password_chunks == list(range(len(password_chunks)))
     assert len(password_chunks) > 1
 
-    # The same batch again, then a shorter version of one document: no duplicates, no leftovers.
+    assert {r[INGESTED_BY_FIELD] for r in before} == {SUBMITTER}
+
+    # The same batch again, then a shorter version of one document by another submitter: no duplicates,
+    # no leftovers, and each chunk names the submitter who wrote it last.
     await ingest(nats_client, tenant, docs)
-    await ingest(nats_client, tenant, [IngestDocument(id="kb/password.md", text="Passwords are reset by support.")])
+    await ingest(
+        nats_client,
+        tenant,
+        [IngestDocument(id="kb/password.md", text="Passwords are reset by support.")],
+        submitter="helpdesk-bot",
+    )
     await wait_until_consumed(nats_client.jetstream())
     after = await chunk_rows(retriever, tenant)
+    assert {(r[DOCUMENT_FIELD], r[INGESTED_BY_FIELD]) for r in after} == {
+        ("kb/password.md", "helpdesk-bot"),
+        ("kb/invoices.md", SUBMITTER),
+        ("kb/vpn.md", SUBMITTER),
+    }
     assert len({r[KEY_FIELD] for r in after}) == len(after)
     assert [r[CHUNK_INDEX_FIELD] for r in after if r[DOCUMENT_FIELD] == "kb/password.md"] == [0]
     assert len(after) == len(before) - len(password_chunks) + 1
@@ -142,8 +173,7 @@ async def test_ingest_search_reingest_without_duplicates_then_delete(
     )
     assert [c.text for c in reply.chunks if c.document_id == "kb/password.md"] == ["Passwords are reset by support."]
 
-    delete = DocumentsDelete(tenant=tenant, document_ids=["kb/password.md", "kb/never-existed.md"])
-    await nats_client.jetstream().publish(RAG_DELETE_DOCUMENTS.format(tenant=tenant), delete.model_dump_json().encode())
+    await delete(nats_client, tenant, ["kb/password.md", "kb/never-existed.md"])
     await wait_until_consumed(nats_client.jetstream())
     reply = await search(
         nats_client,
@@ -153,10 +183,7 @@ async def test_ingest_search_reingest_without_duplicates_then_delete(
     assert reply.error is None
     assert {c.document_id for c in reply.chunks} == {"kb/invoices.md", "kb/vpn.md"}
 
-    everything = DocumentsDelete(tenant=tenant, document_ids=["kb/invoices.md", "kb/vpn.md"])
-    await nats_client.jetstream().publish(
-        RAG_DELETE_DOCUMENTS.format(tenant=tenant), everything.model_dump_json().encode()
-    )
+    await delete(nats_client, tenant, ["kb/invoices.md", "kb/vpn.md"], submitter="another-app")
     await wait_until_consumed(nats_client.jetstream())
     assert await chunk_rows(retriever, tenant) == []
     gone = await search(nats_client, tenant, {"tenant": tenant, "query": "reset password"})
@@ -316,7 +343,7 @@ async def test_bad_batches_are_dead_lettered_with_their_reason_and_write_nothing
     tenant = new_tenant()
     good = IngestDocument(id="good", text="This document is fine on its own.")
     js = nats_client.jetstream()
-    subject = RAG_INGEST_DOCUMENTS.format(tenant=tenant)
+    subject = RAG_INGEST_DOCUMENTS.format(tenant=tenant, submitter=SUBMITTER)
     cases = [
         (
             await ingest(
@@ -345,6 +372,15 @@ async def test_bad_batches_are_dead_lettered_with_their_reason_and_write_nothing
             "schema_violation",  # the JSON parser refuses a lone surrogate before any model sees it
         ),
         ((await js.publish(subject, b"[]")).seq, "schema_violation"),
+        (
+            (
+                await js.publish(
+                    RAG_INGEST_DOCUMENTS.format(tenant=tenant, submitter="x" * 65),
+                    DocumentsIngest(tenant=tenant, documents=[good]).model_dump_json().encode(),
+                )
+            ).seq,
+            ErrorCode.INVALID_SUBMITTER,  # only server permissions bind the token, so it is checked here too
+        ),
     ]
     for seq, code in cases:
         letter = await dead_letter_for(nats_client, seq)
@@ -359,10 +395,20 @@ async def test_a_search_with_a_request_id_is_billed_once(retriever: RetrieverApp
     await wait_until_consumed(nats_client.jetstream())
     request = {"tenant": tenant, "query": "billing", "request_id": "call-1", "task_id": "task-9"}
     for _ in range(3):
-        assert (await search(nats_client, tenant, request)).error is None
-    assert (await search(nats_client, tenant, {"tenant": tenant, "query": "billing"})).error is None
+        billed = await search(nats_client, tenant, request)
+        assert billed.error is None
+        assert billed.usage_id == f"retrieval:{tenant}:call-1"
+        # Published (and acknowledged by the stream) before the reply that names it.
+        stored = await nats_client.jetstream().get_last_msg(USAGE.name, budget_subject(USAGE_RECORDED, tenant))
+        assert UsageRecorded.model_validate_json(stored.data or b"").usage_id == billed.usage_id
+    unbilled = await search(nats_client, tenant, {"tenant": tenant, "query": "billing"})
+    assert unbilled.error is None
+    assert unbilled.usage_id is None
     sub = await nats_client.jetstream().subscribe(
-        USAGE_RECORDED.format(tenant=tenant), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, stream=USAGE.name
+        budget_subject(USAGE_RECORDED, tenant),
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+        stream=USAGE.name,
     )
     records = []
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from agentbus.contracts.rag import DocumentsIngest, IngestDocument
 from agentbus.retriever.domain import ErrorCode, InputError
-from agentbus.retriever.ports import ChunkRow, EmbeddingError, Hit, SearchMode
+from agentbus.retriever.ports import ChunkRow, EmbeddingError, Hit
 from agentbus.retriever.service import RetrieverMetrics, RetrieverPolicy, RetrieverService
 from agentbus.runtime.errors import RetryableError
 from numpy.typing import NDArray
@@ -46,10 +46,12 @@ class FakeEmbedder:
 
 
 class FakeIndex:
-    def __init__(self, hits: list[Hit]) -> None:
+    def __init__(self, hits: list[Hit], bm25_hits: list[Hit] | None = None) -> None:
         self.hits = hits
+        self.bm25_hits = hits if bm25_hits is None else bm25_hits
         self.rows: list[ChunkRow] = []
         self.expressions: list[str] = []
+        self.bm25_terms: list[str] = []
 
     async def upsert(self, rows: Sequence[ChunkRow]) -> None:
         self.rows.extend(rows)
@@ -58,11 +60,14 @@ class FakeIndex:
         self.expressions.append(expression)
         return 0
 
-    async def search(
-        self, *, mode: SearchMode, query: str, vector: Sequence[float], expression: str, limit: int
-    ) -> list[Hit]:
+    async def search_dense(self, vector: Sequence[float], expression: str, limit: int) -> list[Hit]:
         self.expressions.append(expression)
         return self.hits[:limit]
+
+    async def search_bm25(self, terms: str, expression: str, limit: int) -> list[Hit]:
+        self.expressions.append(expression)
+        self.bm25_terms.append(terms)
+        return self.bm25_hits[:limit]
 
     async def has_any(self, expression: str) -> bool:
         return bool(self.hits)
@@ -81,8 +86,8 @@ def _service(
     return RetrieverService(embedder or FakeEmbedder(), index, policy, metrics), metrics
 
 
-def _hit(tenant: str, document_id: str) -> Hit:
-    return Hit(tenant=tenant, document_id=document_id, chunk_index=0, text="t", score=0.5, metadata={})
+def _hit(tenant: str, document_id: str, score: float = 0.5) -> Hit:
+    return Hit(tenant=tenant, document_id=document_id, chunk_index=0, text="t", score=score, metadata={})
 
 
 def _search(tenant: str, **fields: object) -> bytes:
@@ -92,10 +97,12 @@ def _search(tenant: str, **fields: object) -> bytes:
 async def test_a_hit_of_another_tenant_never_reaches_the_reply() -> None:
     index = FakeIndex([_hit("acme", "mine"), _hit("globex", "theirs"), _hit("acme", "also-mine")])
     service, metrics = _service(index)
-    outcome = await service.search(_search("acme"), "acme")
-    assert [c.document_id for c in outcome.reply.chunks] == ["mine", "also-mine"]
-    assert metrics.foreign_hits._value.get() == 1
-    assert index.expressions == ['tenant == "acme"']
+    for mode, searches in (("dense", 1), ("bm25", 1), ("hybrid", 2)):
+        index.expressions.clear()
+        outcome = await service.search(_search("acme", mode=mode), "acme")
+        assert {c.document_id for c in outcome.reply.chunks} == {"mine", "also-mine"}, mode
+        assert index.expressions == ['tenant == "acme"'] * searches
+    assert metrics.foreign_hits._value.get() == 3
 
 
 async def test_tenants_outside_the_allow_list_are_unknown() -> None:
@@ -104,7 +111,9 @@ async def test_tenants_outside_the_allow_list_are_unknown() -> None:
     assert refused.reply.error is not None
     assert refused.reply.error.code == ErrorCode.UNKNOWN_TENANT
     with pytest.raises(InputError) as raised:
-        await service.ingest(DocumentsIngest(tenant="globex", documents=[IngestDocument(id="a", text="x")]), "globex")
+        await service.ingest(
+            DocumentsIngest(tenant="globex", documents=[IngestDocument(id="a", text="x")]), "globex", "app"
+        )
     assert raised.value.code == ErrorCode.UNKNOWN_TENANT
     assert (await service.search(_search("acme"), "acme")).reply.error is None
 
@@ -114,7 +123,9 @@ async def test_embedding_failures_retry_ingestion_and_fail_searches_clearly() ->
     index = FakeIndex([_hit("acme", "d")])
     service, _ = _service(index, embedder=embedder)
     with pytest.raises(RetryableError):
-        await service.ingest(DocumentsIngest(tenant="acme", documents=[IngestDocument(id="a", text="x")]), "acme")
+        await service.ingest(
+            DocumentsIngest(tenant="acme", documents=[IngestDocument(id="a", text="x")]), "acme", "app"
+        )
     assert index.rows == []
     outcome = await service.search(_search("acme"), "acme")
     assert outcome.reply.error is not None
@@ -137,9 +148,44 @@ async def test_ingestion_writes_every_chunk_with_stable_keys_then_trims_stale_on
     service, _ = _service(index)
     text = "Sentence about a topic. " * 40
     outcome = await service.ingest(
-        DocumentsIngest(tenant="acme", documents=[IngestDocument(id="d", text=text)]), "acme"
+        DocumentsIngest(tenant="acme", documents=[IngestDocument(id="d", text=text)]), "acme", "kb-app"
     )
     assert outcome.chunks == len(index.rows) > 1
+    assert {r.ingested_by for r in index.rows} == {"kb-app"}
+    assert index.rows[0].terms.split()[:3] == ["sentenc", "about", "topic"]
     assert [r.chunk_index for r in index.rows] == list(range(outcome.chunks))
     assert len({r.key for r in index.rows}) == outcome.chunks
     assert index.expressions == [f'tenant == "acme" and ((document_id == "d" and chunk_index >= {outcome.chunks}))']
+
+
+async def test_a_bad_submitter_token_writes_nothing() -> None:
+    index = FakeIndex([])
+    service, _ = _service(index)
+    message = DocumentsIngest(tenant="acme", documents=[IngestDocument(id="d", text="text")])
+    for submitter in ("", "a.b", "x" * 65, "*"):
+        with pytest.raises(InputError) as raised:
+            await service.ingest(message, "acme", submitter)
+        assert raised.value.code == ErrorCode.INVALID_SUBMITTER
+    assert index.rows == []
+
+
+async def test_hybrid_fuses_both_lists_and_bm25_gets_analyzed_terms() -> None:
+    dense = [_hit("acme", "semantic", 0.9), _hit("acme", "both", 0.8), _hit("acme", "weak", 0.2)]
+    bm25 = [_hit("acme", "lexical", 12.0), _hit("acme", "both", 11.0)]
+    index = FakeIndex(dense, bm25)
+    service, _ = _service(index)
+    reply = (await service.search(_search("acme", query="How are the indexes rebuilt?", top_k=3), "acme")).reply
+    # "both" is near the top of both lists, so it beats either list's single best hit.
+    assert [c.document_id for c in reply.chunks] == ["both", "semantic", "lexical"]
+    assert index.bm25_terms == ["index rebuilt"]
+
+
+async def test_a_query_of_stop_words_alone_searches_dense_only() -> None:
+    index = FakeIndex([_hit("acme", "d")])
+    service, _ = _service(index)
+    hybrid = (await service.search(_search("acme", query="what is the"), "acme")).reply
+    assert [c.document_id for c in hybrid.chunks] == ["d"]
+    assert index.bm25_terms == []
+    bm25 = (await service.search(_search("acme", query="what is the", mode="bm25"), "acme")).reply
+    assert bm25.error is None
+    assert bm25.chunks == []

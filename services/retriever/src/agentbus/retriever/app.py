@@ -5,7 +5,14 @@ from __future__ import annotations
 import asyncio
 
 from agentbus.contracts.registry import RAG_SEARCH, RETRIEVER_DELETES, RETRIEVER_INGEST, Service
-from agentbus.retriever.adapters.milvus import MilvusVectorIndex, SchemaMismatchError, connect, ensure_collection
+from agentbus.retriever.adapters.lite_process import LiteServerError
+from agentbus.retriever.adapters.milvus import (
+    MilvusVectorIndex,
+    SchemaMismatchError,
+    ensure_collection,
+    is_lite_uri,
+    open_client,
+)
 from agentbus.retriever.adapters.minilm import MiniLmEmbedder
 from agentbus.retriever.adapters.openai_embeddings import OpenAIEmbedder
 from agentbus.retriever.handlers import RetrieverHandlers
@@ -41,7 +48,7 @@ def create_embedder(settings: RetrieverSettings) -> Embedder:
             batch_size=settings.embedding_batch_size,
             timeout_seconds=settings.embedding_timeout_seconds,
         )
-    return MiniLmEmbedder(batch_size=settings.embedding_batch_size)
+    return MiniLmEmbedder(batch_size=settings.embedding_batch_size, query_cache_size=settings.query_cache_size)
 
 
 async def prepare_index(settings: RetrieverSettings, embedder: Embedder) -> tuple[MilvusVectorIndex, list[str]]:
@@ -51,17 +58,23 @@ async def prepare_index(settings: RetrieverSettings, embedder: Embedder) -> tupl
     except EmbeddingError as exc:
         raise ConfigurationError(f"embedding backend unusable: {exc}") from exc
     try:
-        client = await asyncio.to_thread(connect, settings.milvus_uri, settings.milvus_token)
-        actions = await asyncio.to_thread(ensure_collection, client, settings.collection, embedder.dimension)
-    except SchemaMismatchError as exc:
+        client, lite = await asyncio.to_thread(open_client, settings.milvus_uri, settings.milvus_token)
+    except LiteServerError as exc:
         raise ConfigurationError(str(exc)) from exc
     index = MilvusVectorIndex(
         client,
         settings.collection,
-        candidates_per_k=settings.candidates_per_k,
-        rrf_k=settings.rrf_k,
         threads=settings.index_threads,
+        flush_delay_seconds=settings.milvus_flush_delay_seconds if is_lite_uri(settings.milvus_uri) else None,
+        owned=lite,
     )
+    try:
+        actions = await asyncio.to_thread(ensure_collection, client, settings.collection, embedder.dimension)
+    except BaseException as exc:
+        await index.close()
+        if isinstance(exc, SchemaMismatchError):
+            raise ConfigurationError(str(exc)) from exc
+        raise
     return index, actions
 
 
@@ -94,6 +107,8 @@ class RetrieverApp(BusService):
             max_document_bytes=settings.max_document_bytes,
             max_top_k=settings.max_top_k,
             tenant_allow_list=settings.tenant_allow_list,
+            candidates_per_k=settings.candidates_per_k,
+            dense_weight=settings.hybrid_dense_weight,
         )
         service = RetrieverService(self.embedder, self.index, policy, self.retriever_metrics)
         self.handlers = handlers = RetrieverHandlers(js, service, settings.search_concurrency, self.span_emitter)

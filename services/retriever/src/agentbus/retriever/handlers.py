@@ -6,7 +6,14 @@ import asyncio
 from datetime import UTC, datetime
 
 from agentbus.contracts.rag import DocumentsDelete, DocumentsIngest
-from agentbus.contracts.registry import RAG_DELETE_DOCUMENTS, RAG_INGEST_DOCUMENTS, RAG_SEARCH, USAGE_RECORDED, Header
+from agentbus.contracts.registry import (
+    RAG_DELETE_DOCUMENTS,
+    RAG_INGEST_DOCUMENTS,
+    RAG_SEARCH,
+    USAGE_RECORDED,
+    Header,
+    budget_subject,
+)
 from agentbus.retriever.domain import InputError
 from agentbus.retriever.service import RetrieverService, SearchOutcome
 from agentbus.runtime.consumer import Delivery
@@ -35,10 +42,11 @@ class RetrieverHandlers:
         self._searches: set[asyncio.Task[None]] = set()
 
     async def on_documents_ingest(self, delivery: Delivery) -> None:
-        tenant = RAG_INGEST_DOCUMENTS.parse(delivery.subject)["tenant"]
+        tokens = RAG_INGEST_DOCUMENTS.parse(delivery.subject)
+        tenant, submitter = tokens["tenant"], tokens["submitter"]
         try:
             message = DocumentsIngest.model_validate_json(delivery.data)
-            outcome = await self._service.ingest(message, tenant)
+            outcome = await self._service.ingest(message, tenant, submitter)
         except ValidationError as exc:
             raise TerminalError(SCHEMA_VIOLATION, str(exc)) from exc
         except InputError as exc:
@@ -46,13 +54,15 @@ class RetrieverHandlers:
         _log.info(
             "documents_ingested",
             tenant=tenant,
+            ingested_by=submitter,
             documents=outcome.documents,
             chunks=outcome.chunks,
             stale_chunks_deleted=outcome.stale_chunks_deleted,
         )
 
     async def on_documents_delete(self, delivery: Delivery) -> None:
-        tenant = RAG_DELETE_DOCUMENTS.parse(delivery.subject)["tenant"]
+        tokens = RAG_DELETE_DOCUMENTS.parse(delivery.subject)
+        tenant, submitter = tokens["tenant"], tokens["submitter"]
         try:
             message = DocumentsDelete.model_validate_json(delivery.data)
             deleted = await self._service.delete(message, tenant)
@@ -60,7 +70,13 @@ class RetrieverHandlers:
             raise TerminalError(SCHEMA_VIOLATION, str(exc)) from exc
         except InputError as exc:
             raise TerminalError(exc.code, exc.message) from exc
-        _log.info("documents_deleted", tenant=tenant, documents=len(message.document_ids), chunks=deleted)
+        _log.info(
+            "documents_deleted",
+            tenant=tenant,
+            deleted_by=submitter,
+            documents=len(message.document_ids),
+            chunks=deleted,
+        )
 
     async def on_search_request(self, msg: Msg) -> None:
         """Core-NATS callback: take a slot (waiting when all are busy), then answer in a task of its own."""
@@ -80,24 +96,27 @@ class RetrieverHandlers:
         incoming = TraceContext.parse((msg.headers or {}).get(Header.TRACEPARENT.value))
         started = datetime.now(UTC)
         outcome = await self._service.search(msg.data, tenant)
-        if msg.reply:
-            await msg.respond(outcome.reply.model_dump_json().encode())
-        else:
-            _log.warning("search_without_reply_subject", tenant=tenant)
         ctx = incoming.child() if incoming else None
-        if incoming is not None and ctx is not None:
-            # Only searches that belong to a trace (an agent's tool call) get a span: an untraced search
-            # would otherwise start a one-span trace of its own.
-            self._record_span(ctx, incoming.span_id, started, tenant, outcome)
+        reply = outcome.reply
         if outcome.usage is not None:
-            # After the reply, so billing never delays the answer; the usage id makes a repeat harmless.
+            # Before the reply, which names it: the caller's task waits for exactly this record to be priced,
+            # so its cost is complete. The usage id makes a repeat harmless.
             await publish_message(
                 self._js,
-                USAGE_RECORDED.format(tenant=outcome.usage.tenant),
+                budget_subject(USAGE_RECORDED, outcome.usage.tenant),
                 outcome.usage,
                 msg_id=outcome.usage.usage_id,
                 trace=ctx,
             )
+            reply = reply.model_copy(update={"usage_id": outcome.usage.usage_id})
+        if msg.reply:
+            await msg.respond(reply.model_dump_json().encode())
+        else:
+            _log.warning("search_without_reply_subject", tenant=tenant)
+        if incoming is not None and ctx is not None:
+            # Only searches that belong to a trace (an agent's tool call) get a span: an untraced search
+            # would otherwise start a one-span trace of its own.
+            self._record_span(ctx, incoming.span_id, started, tenant, outcome)
 
     def _record_span(
         self, ctx: TraceContext, parent_span_id: str, started: datetime, tenant: str, outcome: SearchOutcome

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
-
-SearchMode = Literal["hybrid", "dense", "bm25"]
 
 
 class EmbeddingError(Exception):
@@ -40,15 +38,18 @@ class Embedder(Protocol):
 
 @dataclass(frozen=True)
 class ChunkRow:
-    """One chunk as stored: its key, owner, position, text, vector and the document's metadata."""
+    """One chunk as stored: its key, owner, position, text, BM25 terms, vector, the document's metadata,
+    and the submitter whose ingest message wrote it."""
 
     key: str
     tenant: str
     document_id: str
     chunk_index: int
     text: str
+    terms: str
     vector: list[float]
     metadata: dict[str, Any]
+    ingested_by: str
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,13 @@ class VectorIndex(Protocol):
 
     async def delete(self, expression: str) -> int: ...
 
-    async def search(
-        self, *, mode: SearchMode, query: str, vector: Sequence[float], expression: str, limit: int
-    ) -> list[Hit]: ...
+    async def search_dense(self, vector: Sequence[float], expression: str, limit: int) -> list[Hit]:
+        """The `limit` chunks nearest to `vector` (cosine similarity as score), best first."""
+        ...
+
+    async def search_bm25(self, terms: str, expression: str, limit: int) -> list[Hit]:
+        """The `limit` best chunks by BM25 for already analyzed, space-separated `terms`, best first."""
+        ...
 
     async def has_any(self, expression: str) -> bool: ...
 

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
 from agentbus.contracts.common import ErrorInfo
 from agentbus.contracts.rag import DocumentsDelete, DocumentsIngest, RetrievedChunk, SearchReply, SearchRequest
 from agentbus.contracts.usage import UsageRecorded
+from agentbus.retriever.analysis import analyzed_text
 from agentbus.retriever.domain import (
     ErrorCode,
     InputError,
     check_document_id,
+    check_submitter,
     chunk_key,
     documents_filter,
+    fuse,
     prepare_documents,
     search_filter,
     stale_chunks_filter,
     tenant_condition,
 )
-from agentbus.retriever.ports import ChunkRow, Embedder, EmbeddingError, VectorIndex
+from agentbus.retriever.ports import ChunkRow, Embedder, EmbeddingError, Hit, VectorIndex
 from agentbus.runtime.errors import RetryableError
 from agentbus.runtime.logging import get_logger
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -40,6 +44,10 @@ class RetrieverPolicy:
     max_document_bytes: int
     max_top_k: int
     tenant_allow_list: frozenset[str] | None
+    candidates_per_k: int = 4
+    """Hybrid search: dense and BM25 each propose top_k * this many chunks for fusion."""
+    dense_weight: float = 0.7
+    """Hybrid search: the dense list's share of the fused score (see `domain.fuse`)."""
 
 
 @dataclass(frozen=True)
@@ -116,14 +124,16 @@ class RetrieverService:
         if allowed is not None and tenant not in allowed:
             raise InputError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not configured")
 
-    async def ingest(self, message: DocumentsIngest, subject_tenant: str) -> IngestOutcome:
+    async def ingest(self, message: DocumentsIngest, subject_tenant: str, submitter: str) -> IngestOutcome:
         """Chunk, embed and upsert every document, then drop chunks that a shorter new version no longer has.
 
         Idempotent: chunk keys depend on (tenant, document id, position) only, so a redelivered batch
         overwrites the same rows. New chunks are written before stale ones are deleted, so a search never
-        finds a re-ingested document missing. Raises InputError (nothing written) for a bad batch.
+        finds a re-ingested document missing. Every chunk records the `submitter` whose message wrote it.
+        Raises InputError (nothing written) for a bad batch.
         """
         self._check_tenant(message.tenant, subject_tenant)
+        check_submitter(submitter)
         documents = prepare_documents(
             message,
             max_document_bytes=self._policy.max_document_bytes,
@@ -145,8 +155,10 @@ class RetrieverService:
                         document_id=doc.document_id,
                         chunk_index=index,
                         text=chunk,
+                        terms=analyzed_text(chunk),
                         vector=vectors[position].tolist(),
                         metadata=doc.metadata,
+                        ingested_by=submitter,
                     )
                 )
                 position += 1
@@ -207,9 +219,7 @@ class RetrieverService:
             _log.warning("query_embedding_failed", tenant=request.tenant, error=str(exc))
             return _rejection(EMBEDDING_FAILED, str(exc))
         try:
-            hits = await self._index.search(
-                mode=request.mode, query=request.query, vector=vector, expression=expression, limit=request.top_k
-            )
+            hits = await self._ranked(request, vector, expression)
             if not hits and not await self._index.has_any(tenant_condition(request.tenant)):
                 return _rejection(ErrorCode.UNKNOWN_TENANT, f"tenant {request.tenant!r} has no documents")
         except Exception as exc:
@@ -232,3 +242,19 @@ class RetrieverService:
                 )
             )
         return SearchReply(chunks=chunks)
+
+    async def _ranked(self, request: SearchRequest, vector: list[float], expression: str) -> list[Hit]:
+        if request.mode == "dense":
+            return await self._index.search_dense(vector, expression, request.top_k)
+        terms = analyzed_text(request.query)
+        if request.mode == "bm25":
+            # A query of stop words alone has no BM25 terms: nothing matches it lexically.
+            return await self._index.search_bm25(terms, expression, request.top_k) if terms else []
+        candidates = request.top_k * self._policy.candidates_per_k
+        if not terms:
+            return await self._index.search_dense(vector, expression, request.top_k)
+        dense, bm25 = await asyncio.gather(
+            self._index.search_dense(vector, expression, candidates),
+            self._index.search_bm25(terms, expression, candidates),
+        )
+        return fuse(dense, bm25, dense_weight=self._policy.dense_weight, limit=request.top_k)

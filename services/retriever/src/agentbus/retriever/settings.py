@@ -48,9 +48,20 @@ class RetrieverSettings(ServiceSettings):
     candidates_per_k: int = Field(
         default=4, ge=1, le=20, description="Hybrid search: each of dense and BM25 proposes top_k * this many."
     )
-    rrf_k: int = Field(default=60, ge=1, description="Reciprocal rank fusion constant.")
-    search_concurrency: int = Field(default=16, ge=1, description="Searches handled at once.")
-    index_threads: int = Field(default=4, ge=1, description="Threads running Milvus calls off the event loop.")
+    hybrid_dense_weight: float = Field(
+        default=0.7,
+        ge=0.0,
+        le=1.0,
+        description="Hybrid search: the dense list's share of the fused (min-max normalised) score.",
+    )
+    query_cache_size: int = Field(default=4096, ge=0, description="Query embeddings kept (LRU); 0 keeps none.")
+    search_concurrency: int = Field(default=64, ge=1, description="Searches handled at once.")
+    index_threads: int = Field(default=16, ge=1, description="Threads running Milvus calls off the event loop.")
+    milvus_flush_delay_seconds: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="Milvus Lite: seal writes into an indexed segment this long after them (a server seals itself).",
+    )
 
     @model_validator(mode="after")
     def _overlap_below_chunk(self) -> RetrieverSettings:

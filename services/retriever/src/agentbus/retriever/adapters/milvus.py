@@ -1,8 +1,11 @@
 """The vector index on Milvus: a Milvus Lite file by default, a Milvus server by URI.
 
 One collection holds every tenant's chunks, with the tenant as partition key, a dense vector field, and
-a BM25 sparse field computed by Milvus from the chunk text. pymilvus' client is synchronous (and Milvus
-Lite runs inside this process), so every call runs on a small thread pool, never on the event loop.
+a BM25 sparse field computed by Milvus from the chunk's analyzed terms. The retriever always talks to
+Milvus as a client over gRPC: to a server by URI, or to a Milvus Lite file served by a child process
+(`LiteServer`), so Lite's pure-Python engine never competes with the service for its interpreter lock,
+and Lite and a server take the same code path. pymilvus' client is synchronous, so every call runs on a
+small thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -16,69 +19,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agentbus.retriever.adapters.lite_process import LiteServer
 from agentbus.retriever.domain import CHUNK_INDEX_FIELD, DOCUMENT_FIELD, METADATA_FIELD, TENANT_FIELD
-from agentbus.retriever.ports import ChunkRow, Hit, SearchMode
-from pymilvus import (  # type: ignore[import-untyped]
-    AnnSearchRequest,
-    DataType,
-    Function,
-    FunctionType,
-    MilvusClient,
-    RRFRanker,
-)
+from agentbus.retriever.ports import ChunkRow, Hit
+from agentbus.runtime.logging import get_logger
+from pymilvus import DataType, Function, FunctionType, MilvusClient  # type: ignore[import-untyped]
+
+_log = get_logger(__name__)
 
 T = TypeVar("T")
 
 KEY_FIELD = "chunk_key"
 TEXT_FIELD = "text"
+TERMS_FIELD = "terms"
+INGESTED_BY_FIELD = "ingested_by"
 DENSE_FIELD = "dense"
 SPARSE_FIELD = "sparse"
-BM25_FUNCTION = "text_bm25"
+BM25_FUNCTION = "terms_bm25"
 MAX_TEXT_BYTES = 65_535
 PARTITIONS = 16
 OUTPUT_FIELDS = [TENANT_FIELD, DOCUMENT_FIELD, CHUNK_INDEX_FIELD, TEXT_FIELD, METADATA_FIELD]
-# Written out rather than "_english_", which only a Milvus server understands; Milvus Lite takes a list.
-STOP_WORDS = sorted(
-    [
-        "a",
-        "an",
-        "and",
-        "are",
-        "as",
-        "at",
-        "be",
-        "but",
-        "by",
-        "for",
-        "if",
-        "in",
-        "into",
-        "is",
-        "it",
-        "no",
-        "not",
-        "of",
-        "on",
-        "or",
-        "such",
-        "that",
-        "the",
-        "their",
-        "then",
-        "there",
-        "these",
-        "they",
-        "this",
-        "to",
-        "was",
-        "will",
-        "with",
-    ]
-)
-ANALYZER_PARAMS: dict[str, Any] = {
-    "tokenizer": "standard",
-    "filter": ["lowercase", {"type": "stop", "stop_words": STOP_WORDS}],
-}
+# `terms` holds text already analyzed by `agentbus.retriever.analysis` (stems, no stop words, lower case,
+# separated by spaces), so the engine's own analyzer only has to split on spaces: the standard tokenizer
+# does that identically on Milvus Lite and on a Milvus server.
+TERMS_ANALYZER: dict[str, Any] = {"tokenizer": "standard"}
+BM25_K1, BM25_B = 1.2, 0.75
+"""Okapi BM25's textbook constants (Milvus' own defaults are k1 1.5 on Lite, 1.2 on a server)."""
+DEFAULT_FLUSH_DELAY_SECONDS = 0.5
 
 
 class SchemaMismatchError(RuntimeError):
@@ -91,11 +58,28 @@ def is_lite_uri(uri: str) -> bool:
 
 
 def connect(uri: str, token: str | None = None) -> MilvusClient:
-    """A client for `uri`; for a Lite file, its folder is created first."""
+    """A client for `uri`; a Lite file is opened inside this process (its folder is created first).
+
+    For tools and tests that hold the file briefly; the service uses `open_client`.
+    """
     if is_lite_uri(uri):
         Path(uri).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
         return MilvusClient(uri=os.fspath(Path(uri).expanduser()))
     return MilvusClient(uri=uri, token=token or "")
+
+
+def open_client(uri: str, token: str | None = None) -> tuple[MilvusClient, LiteServer | None]:
+    """A client for `uri`; for a Lite file, also the child process that serves it (the caller stops it)."""
+    if not is_lite_uri(uri):
+        return MilvusClient(uri=uri, token=token or ""), None
+    path = Path(uri).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = LiteServer(path)
+    try:
+        return MilvusClient(uri=server.start()), server
+    except BaseException:
+        server.stop()
+        raise
 
 
 def _schema(dimension: int) -> Any:
@@ -104,17 +88,19 @@ def _schema(dimension: int) -> Any:
     schema.add_field(TENANT_FIELD, DataType.VARCHAR, max_length=64, is_partition_key=True)
     schema.add_field(DOCUMENT_FIELD, DataType.VARCHAR, max_length=1024)
     schema.add_field(CHUNK_INDEX_FIELD, DataType.INT64)
+    schema.add_field(TEXT_FIELD, DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
     schema.add_field(
-        TEXT_FIELD, DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True, analyzer_params=ANALYZER_PARAMS
+        TERMS_FIELD, DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True, analyzer_params=TERMS_ANALYZER
     )
     schema.add_field(SPARSE_FIELD, DataType.SPARSE_FLOAT_VECTOR)
     schema.add_field(DENSE_FIELD, DataType.FLOAT_VECTOR, dim=dimension)
     schema.add_field(METADATA_FIELD, DataType.JSON)
+    schema.add_field(INGESTED_BY_FIELD, DataType.VARCHAR, max_length=64)
     schema.add_function(
         Function(
             name=BM25_FUNCTION,
             function_type=FunctionType.BM25,
-            input_field_names=[TEXT_FIELD],
+            input_field_names=[TERMS_FIELD],
             output_field_names=[SPARSE_FIELD],
         )
     )
@@ -128,16 +114,37 @@ def _index_params(client: MilvusClient, missing: set[str]) -> Any:
             field_name=DENSE_FIELD, index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200}
         )
     if SPARSE_FIELD in missing:
-        params.add_index(field_name=SPARSE_FIELD, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        params.add_index(
+            field_name=SPARSE_FIELD,
+            index_type="SPARSE_INVERTED_INDEX",
+            metric_type="BM25",
+            params={"bm25_k1": BM25_K1, "bm25_b": BM25_B},
+        )
     return params
+
+
+EXPECTED_FIELDS = frozenset(
+    {
+        KEY_FIELD,
+        TENANT_FIELD,
+        DOCUMENT_FIELD,
+        CHUNK_INDEX_FIELD,
+        TEXT_FIELD,
+        TERMS_FIELD,
+        SPARSE_FIELD,
+        DENSE_FIELD,
+        METADATA_FIELD,
+        INGESTED_BY_FIELD,
+    }
+)
 
 
 def ensure_collection(client: MilvusClient, collection: str, dimension: int) -> list[str]:
     """Create the chunk collection, or check and complete an existing one. Idempotent.
 
     Returns what was done. An existing collection gets any missing index and is loaded; one whose
-    fields or vector size differ raises SchemaMismatchError (re-embedding every chunk is an explicit
-    migration, never something a start-up does silently).
+    fields, BM25 input or vector size differ raises SchemaMismatchError (re-embedding every chunk is an
+    explicit migration, never something a start-up does silently).
     """
     actions: list[str] = []
     if not client.has_collection(collection):
@@ -147,14 +154,15 @@ def ensure_collection(client: MilvusClient, collection: str, dimension: int) -> 
             index_params=_index_params(client, {DENSE_FIELD, SPARSE_FIELD}),
             num_partitions=PARTITIONS,
         )
-        actions.append(f"created collection {collection} (dense dim {dimension}, BM25 on {TEXT_FIELD})")
+        actions.append(f"created collection {collection} (dense dim {dimension}, BM25 on {TERMS_FIELD})")
     else:
         described = client.describe_collection(collection)
         fields = {f["name"]: f for f in described["fields"]}
-        expected = {KEY_FIELD, TENANT_FIELD, DOCUMENT_FIELD, CHUNK_INDEX_FIELD, TEXT_FIELD, SPARSE_FIELD}
-        expected |= {DENSE_FIELD, METADATA_FIELD}
-        if missing := expected - fields.keys():
-            raise SchemaMismatchError(f"collection {collection} lacks fields {sorted(missing)}")
+        if missing := EXPECTED_FIELDS - fields.keys():
+            raise SchemaMismatchError(
+                f"collection {collection} lacks fields {sorted(missing)} (made by an older retriever); "
+                "use another collection or re-ingest into a new one"
+            )
         existing_dim = int(fields[DENSE_FIELD].get("params", {}).get("dim", 0))
         if existing_dim != dimension:
             raise SchemaMismatchError(
@@ -163,6 +171,10 @@ def ensure_collection(client: MilvusClient, collection: str, dimension: int) -> 
             )
         if not fields[TENANT_FIELD].get("is_partition_key"):
             raise SchemaMismatchError(f"collection {collection}: {TENANT_FIELD} is not its partition key")
+        functions = [f for f in described.get("functions", []) if f.get("name") == BM25_FUNCTION]
+        bm25_inputs = {name for f in functions for name in f.get("input_field_names", [])}
+        if bm25_inputs != {TERMS_FIELD}:
+            raise SchemaMismatchError(f"collection {collection}: BM25 is not computed from {TERMS_FIELD}")
         indexed = {client.describe_index(collection, name)["field_name"] for name in client.list_indexes(collection)}
         if missing_indexes := {DENSE_FIELD, SPARSE_FIELD} - indexed:
             client.create_index(collection, _index_params(client, missing_indexes))
@@ -180,29 +192,55 @@ def _hit(entity: dict[str, Any], score: float) -> Hit:
         document_id=str(entity[DOCUMENT_FIELD]),
         chunk_index=int(entity[CHUNK_INDEX_FIELD]),
         text=str(entity[TEXT_FIELD]),
-        # BM25 distances come back negative from Milvus Lite and positive from a server; larger magnitude
-        # is better in both, and cosine similarities and RRF scores are never negative here.
-        score=abs(float(score)),
+        score=score,
         metadata=dict(entity.get(METADATA_FIELD) or {}),
     )
 
 
 @dataclass
 class MilvusVectorIndex:
-    """The `VectorIndex` port over a pymilvus client, on `threads` worker threads."""
+    """The `VectorIndex` port over a pymilvus client, on `threads` worker threads.
+
+    `flush_delay_seconds` (Milvus Lite only; None for a server, which seals segments itself): Lite keeps
+    unflushed rows in a memtable and rebuilds that memtable's BM25 index on every search, which made a
+    search over a few hundred unflushed chunks cost ~50 ms of CPU. Flushing shortly after writes turns
+    them into a segment whose indexes are built once. Writes (upserts, deletes, flushes) are serialized:
+    Lite's engine allows one writer per collection.
+    """
 
     client: MilvusClient
     collection: str
-    candidates_per_k: int = 4
-    rrf_k: int = 60
     threads: int = 4
+    flush_delay_seconds: float | None = None
+    owned: LiteServer | None = None
+    """A Lite server process this index started and stops on close."""
 
     def __post_init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="milvus")
+        self._writes = asyncio.Lock()
+        self._flush: asyncio.Task[None] | None = None
 
     async def _run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(call, *args, **kwargs))
+
+    def _flush_soon(self) -> None:
+        if self.flush_delay_seconds is not None and self._flush is None:
+            self._flush = asyncio.create_task(self._flush_after(self.flush_delay_seconds))
+
+    async def _flush_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._flush = None
+        try:
+            await self.flush()
+        except Exception:
+            # Unflushed rows stay searchable (only slower); the next write schedules another flush.
+            _log.exception("milvus_flush_failed", collection=self.collection)
+
+    async def flush(self) -> None:
+        """Seal what was written into an indexed segment now."""
+        async with self._writes:
+            await self._run(self.client.flush, self.collection)
 
     async def upsert(self, rows: Sequence[ChunkRow]) -> None:
         records = [
@@ -212,17 +250,25 @@ class MilvusVectorIndex:
                 DOCUMENT_FIELD: r.document_id,
                 CHUNK_INDEX_FIELD: r.chunk_index,
                 TEXT_FIELD: r.text,
+                TERMS_FIELD: r.terms,
                 DENSE_FIELD: r.vector,
                 METADATA_FIELD: r.metadata,
+                INGESTED_BY_FIELD: r.ingested_by,
             }
             for r in rows
         ]
         if records:
-            await self._run(self.client.upsert, self.collection, records)
+            async with self._writes:
+                await self._run(self.client.upsert, self.collection, records)
+            self._flush_soon()
 
     async def delete(self, expression: str) -> int:
-        result = await self._run(self.client.delete, self.collection, filter=expression)
-        return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
+        async with self._writes:
+            result = await self._run(self.client.delete, self.collection, filter=expression)
+        count = int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
+        if count:
+            self._flush_soon()
+        return count
 
     async def has_any(self, expression: str) -> bool:
         rows = await self._run(
@@ -230,52 +276,42 @@ class MilvusVectorIndex:
         )
         return bool(rows)
 
-    async def search(
-        self, *, mode: SearchMode, query: str, vector: Sequence[float], expression: str, limit: int
-    ) -> list[Hit]:
-        return await self._run(self._search_sync, mode, query, list(vector), expression, limit)
+    async def search_dense(self, vector: Sequence[float], expression: str, limit: int) -> list[Hit]:
+        return await self._run(
+            self._search_sync,
+            [list(vector)],
+            DENSE_FIELD,
+            {"metric_type": "COSINE", "params": {"ef": max(64, limit)}},
+            expression,
+            limit,
+        )
 
-    def _search_sync(self, mode: SearchMode, query: str, vector: list[float], expression: str, limit: int) -> list[Hit]:
-        dense_params = {"metric_type": "COSINE", "params": {"ef": max(64, limit * self.candidates_per_k)}}
-        if mode == "dense":
-            results = self.client.search(
-                self.collection,
-                data=[vector],
-                anns_field=DENSE_FIELD,
-                filter=expression,
-                limit=limit,
-                search_params=dense_params,
-                output_fields=OUTPUT_FIELDS,
-            )
-        elif mode == "bm25":
-            results = self.client.search(
-                self.collection,
-                data=[query],
-                anns_field=SPARSE_FIELD,
-                filter=expression,
-                limit=limit,
-                search_params={"metric_type": "BM25"},
-                output_fields=OUTPUT_FIELDS,
-            )
-        else:
-            candidates = limit * self.candidates_per_k
-            requests = [
-                AnnSearchRequest(
-                    data=[vector], anns_field=DENSE_FIELD, param=dense_params, limit=candidates, expr=expression
-                ),
-                AnnSearchRequest(
-                    data=[query],
-                    anns_field=SPARSE_FIELD,
-                    param={"metric_type": "BM25"},
-                    limit=candidates,
-                    expr=expression,
-                ),
-            ]
-            results = self.client.hybrid_search(
-                self.collection, requests, RRFRanker(self.rrf_k), limit=limit, output_fields=OUTPUT_FIELDS
-            )
-        return [_hit(match["entity"], match["distance"]) for match in results[0]] if results else []
+    async def search_bm25(self, terms: str, expression: str, limit: int) -> list[Hit]:
+        return await self._run(self._search_sync, [terms], SPARSE_FIELD, {"metric_type": "BM25"}, expression, limit)
+
+    def _search_sync(
+        self, data: list[Any], field: str, params: dict[str, Any], expression: str, limit: int
+    ) -> list[Hit]:
+        results = self.client.search(
+            self.collection,
+            data=data,
+            anns_field=field,
+            filter=expression,
+            limit=limit,
+            search_params=params,
+            output_fields=OUTPUT_FIELDS,
+        )
+        # BM25 distances come back negative from Milvus Lite and positive from a server; larger magnitude is
+        # better in both. Cosine similarities come back as they are (higher is better).
+        score = (lambda d: abs(float(d))) if field == SPARSE_FIELD else float
+        return [_hit(match["entity"], score(match["distance"])) for match in results[0]] if results else []
 
     async def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+            await self.flush()
         await self._run(self.client.close)
         self._executor.shutdown(wait=False)
+        if self.owned is not None:
+            await asyncio.to_thread(self.owned.stop)

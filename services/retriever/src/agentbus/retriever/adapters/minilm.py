@@ -12,7 +12,8 @@ import asyncio
 import importlib.resources
 import json
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,20 +187,85 @@ class MiniLmEncoder:
         return unit
 
 
+class _Batcher:
+    """Gathers the texts of concurrent callers into one forward pass on one worker thread.
+
+    While a pass runs, new texts wait; the next pass takes all of them (up to `max_texts`). Under load a
+    pass then embeds many short queries at once, which costs little more than one: for a 10-token query
+    the forward pass is mostly per-call overhead, not arithmetic. One caller alone is not delayed.
+    """
+
+    def __init__(self, embed: Callable[[Sequence[str]], Matrix], executor: ThreadPoolExecutor, max_texts: int) -> None:
+        self._embed = embed
+        self._executor = executor
+        self._max_texts = max_texts
+        self._waiting: list[tuple[list[str], asyncio.Future[Matrix]]] = []
+        self._running: asyncio.Task[None] | None = None
+
+    async def embed(self, texts: list[str]) -> Matrix:
+        future: asyncio.Future[Matrix] = asyncio.get_running_loop().create_future()
+        self._waiting.append((texts, future))
+        if self._running is None:
+            self._running = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    def _take(self) -> list[tuple[list[str], asyncio.Future[Matrix]]]:
+        taken: list[tuple[list[str], asyncio.Future[Matrix]]] = []
+        count = 0
+        while self._waiting and (not taken or count + len(self._waiting[0][0]) <= self._max_texts):
+            texts, future = self._waiting.pop(0)
+            taken.append((texts, future))
+            count += len(texts)
+        return taken
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while batch := self._take():
+                texts = [text for part, _ in batch for text in part]
+                try:
+                    vectors = await loop.run_in_executor(self._executor, self._embed, texts)
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for part, future in batch:
+                    if not future.done():
+                        future.set_result(vectors[start : start + len(part)])
+                    start += len(part)
+        finally:
+            self._running = None
+
+
 class MiniLmEmbedder:
-    """The `Embedder` port over `MiniLmEncoder`: batched, length-sorted, off the event loop.
+    """The `Embedder` port over `MiniLmEncoder`: batched, length-sorted, cached, off the event loop.
 
     Texts are sorted by length before batching so a batch pads to similar lengths. Documents and queries
     run on separate worker threads, so a search never waits behind a large ingestion batch; the encoder
-    only reads its weights, and numpy releases the GIL inside its matrix products.
+    only reads its weights, and numpy releases the GIL inside its matrix products. Concurrent requests
+    share forward passes (`_Batcher`): chunks of concurrent ingest messages, and concurrent queries.
+    Query vectors are kept in an LRU cache of `query_cache_size` entries: agents repeat their searches.
     """
 
-    def __init__(self, model_dir: Path | None = None, *, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        *,
+        batch_size: int = 32,
+        query_batch_size: int = 64,
+        query_cache_size: int = 4096,
+    ) -> None:
         self._model_dir = model_dir
         self._batch_size = batch_size
         self._encoder: MiniLmEncoder | None = None
         self._documents = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minilm-documents")
         self._queries = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minilm-queries")
+        self._document_batcher = _Batcher(self.embed_sync, self._documents, max_texts=4 * batch_size)
+        self._query_batcher = _Batcher(self.embed_sync, self._queries, max_texts=query_batch_size)
+        self._cache: OrderedDict[str, Matrix] = OrderedDict()
+        self._cache_size = query_cache_size
 
     @property
     def dimension(self) -> int:
@@ -220,10 +286,11 @@ class MiniLmEmbedder:
         encoder = self.load()
         if not texts:
             return np.zeros((0, MINILM_DIMENSION), dtype=np.float32)
+        size = self._batch_size
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), MINILM_DIMENSION), dtype=np.float32)
-        for start in range(0, len(order), self._batch_size):
-            positions = order[start : start + self._batch_size]
+        for start in range(0, len(order), size):
+            positions = order[start : start + size]
             out[positions] = encoder.encode_batch([texts[i] for i in positions])
         return out
 
@@ -231,12 +298,19 @@ class MiniLmEmbedder:
         await asyncio.get_running_loop().run_in_executor(self._documents, self.load)
 
     async def embed_documents(self, texts: Sequence[str]) -> Matrix:
-        return await asyncio.get_running_loop().run_in_executor(self._documents, self.embed_sync, list(texts))
+        return await self._document_batcher.embed(list(texts))
 
     async def embed_query(self, text: str) -> Matrix:
-        vectors = await asyncio.get_running_loop().run_in_executor(self._queries, self.embed_sync, [text])
-        first: Matrix = vectors[0]
-        return first
+        cached = self._cache.get(text)
+        if cached is not None:
+            self._cache.move_to_end(text)
+            return cached
+        vector: Matrix = (await self._query_batcher.embed([text]))[0]
+        vector.setflags(write=False)  # shared by every caller that hits the cache
+        self._cache[text] = vector
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return vector
 
     async def close(self) -> None:
         self._documents.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,91 @@
+"""The BM25 analyzer: Porter's stemmer as his paper defines it, and what the index is given to rank."""
+
+from __future__ import annotations
+
+import pytest
+from agentbus.retriever.analysis import STOP_WORDS, analyze, analyzed_text, porter_stem
+
+# Examples printed in M. F. Porter, "An algorithm for suffix stripping" (1980), taken through every step.
+PORTER_EXAMPLES = {
+    "caresses": "caress",
+    "ponies": "poni",
+    "ties": "ti",
+    "caress": "caress",
+    "cats": "cat",
+    "feed": "feed",
+    "agreed": "agre",
+    "plastered": "plaster",
+    "bled": "bled",
+    "motoring": "motor",
+    "sing": "sing",
+    "conflated": "conflat",
+    "troubled": "troubl",
+    "sized": "size",
+    "hopping": "hop",
+    "tanned": "tan",
+    "falling": "fall",
+    "hissing": "hiss",
+    "fizzed": "fizz",
+    "failing": "fail",
+    "filing": "file",
+    "happy": "happi",
+    "sky": "sky",
+    "relational": "relat",
+    "conditional": "condit",
+    "rational": "ration",
+    "digitizer": "digit",
+    "vietnamization": "vietnam",
+    "predication": "predic",
+    "operator": "oper",
+    "feudalism": "feudal",
+    "decisiveness": "decis",
+    "hopefulness": "hope",
+    "callousness": "callous",
+    "sensitiviti": "sensit",
+    "triplicate": "triplic",
+    "formative": "form",
+    "electrical": "electr",
+    "goodness": "good",
+    "revival": "reviv",
+    "allowance": "allow",
+    "inference": "infer",
+    "airliner": "airlin",
+    "adjustable": "adjust",
+    "defensible": "defens",
+    "irritant": "irrit",
+    "replacement": "replac",
+    "adjustment": "adjust",
+    "dependent": "depend",
+    "adoption": "adopt",
+    "communism": "commun",
+    "activate": "activ",
+    "angulariti": "angular",
+    "homologous": "homolog",
+    "effective": "effect",
+    "bowdlerize": "bowdler",
+    "probate": "probat",
+    "rate": "rate",
+    "cease": "ceas",
+    "controll": "control",
+    "roll": "roll",
+    "generalizations": "gener",
+    "oscillators": "oscil",
+}
+
+
+@pytest.mark.parametrize(("word", "stem"), PORTER_EXAMPLES.items())
+def test_porter_stems_match_the_paper(word: str, stem: str) -> None:
+    assert porter_stem(word) == stem
+
+
+def test_inflections_of_a_word_share_one_term() -> None:
+    assert len({porter_stem(w) for w in ("index", "indexes", "indexed", "indexing")}) == 1
+    assert porter_stem("connections") == porter_stem("connected") == porter_stem("connect")
+
+
+def test_analysis_lowercases_drops_stop_words_and_keeps_numbers_and_identifiers() -> None:
+    assert analyze("How do I Reset the PASSWORDS of user_42 in 2024?") == ["reset", "password", "user_42", "2024"]
+    assert analyze("what is the") == []
+    assert {"the", "what", "how", "is"} <= STOP_WORDS
+    assert analyzed_text("Résumé files, résumés") == "résumé file résumé"
+    assert analyze("x" * 41 + " kept") == ["kept"]
