@@ -17,7 +17,6 @@ import pytest
 import pytest_asyncio
 from agentbus.agent_runner.app import create_app as create_runner
 from agentbus.agent_runner.settings import RunnerSettings
-from agentbus.cli.approvals import load_approvals
 from agentbus.cli.identities import (
     ADMIN_USER,
     DEFAULT_IDENTITIES_YAML,
@@ -41,11 +40,13 @@ from agentbus.contracts.registry import (
     APPROVAL_DECISION,
     APPROVAL_DECISIONS,
     APPROVAL_PENDING,
+    APPROVAL_VERDICT,
     APPROVALS,
+    APPROVALS_LIST,
     DEAD_LETTER,
     LLM_REQUEST,
     TASK_EVENT,
-    TASK_EVENTS,
+    TASK_REPLAY,
     TASK_SUBMIT,
     Service,
 )
@@ -257,19 +258,18 @@ async def test_a_client_without_credentials_is_not_let_in(bootstrapped: NatsServ
         )
 
 
-async def test_an_approver_reads_its_tenants_approvals_and_decides_only_as_itself(connect: Connect) -> None:
+async def test_an_approver_follows_its_tenants_approvals_and_decides_only_as_itself(connect: Connect) -> None:
     executor: User = await connect(service_user(Service.TOOL_EXECUTOR))
     alice: User = await connect(approver_user("alice"))
     admin: User = await connect(ADMIN_USER)
+    pending = await alice.nc.subscribe(APPROVAL_PENDING.format(tenant="acme"))
     acme_request, globex_request = _request(new_task_id("ap")), _request(new_task_id("ap"), tenant="globex")
     for request in (acme_request, globex_request):
         await executor.nc.jetstream().publish(
             APPROVAL_PENDING.format(tenant=request.tenant), request.model_dump_json().encode()
         )
-
-    visible = await load_approvals(alice.nc, ["acme"])
-    assert visible[acme_request.approval_id].request == acme_request
-    assert globex_request.approval_id not in visible
+    seen = ApprovalRequested.model_validate_json((await pending.next_msg(timeout=5)).data)
+    assert seen == acme_request
 
     own = APPROVAL_DECISION.format(tenant="acme", approver="alice")
     decision = ApprovalDecision(
@@ -280,49 +280,62 @@ async def test_an_approver_reads_its_tenants_approvals_and_decides_only_as_itsel
     )
     ack = await alice.nc.jetstream().publish(own, decision.model_dump_json().encode())
     assert ack.stream == APPROVAL_DECISIONS.name
+    await alice.nc.subscribe(APPROVAL_VERDICT.format(tenant="acme", approver="alice"))
+    with pytest.raises(nats.errors.NoRespondersError):  # allowed to ask; nobody answers on this server
+        await alice.nc.request(APPROVALS_LIST.format(tenant="acme"), b"{}", timeout=2)
     assert await alice.settle() == []
 
-    with pytest.raises(nats.errors.TimeoutError):
-        await replay(alice.nc, APPROVALS.name, APPROVAL_PENDING.format(tenant="globex"), timeout=1)
     other_tenant = APPROVAL_DECISION.format(tenant="globex", approver="alice")
     await alice.nc.publish(other_tenant, decision.model_dump_json().encode())
-    await alice.nc.publish(TASK_SUBMIT.format(tenant="acme"), b"{}")
+    await alice.nc.publish(TASK_SUBMIT.format(tenant="acme", submitter="alice"), b"{}")
+    await alice.nc.publish(APPROVALS_LIST.format(tenant="globex"), b"{}")
+    await alice.nc.subscribe(APPROVAL_PENDING.format(tenant="globex"))
+    await alice.nc.subscribe(APPROVAL_VERDICT.format(tenant="acme", approver="bob"))
+    with pytest.raises(nats.errors.TimeoutError):  # no JetStream API at all: no consumer, no replay
+        await replay(alice.nc, APPROVALS.name, APPROVAL_PENDING.format(tenant="acme"), timeout=1)
     violations = await alice.settle()
-    assert any(APPROVALS.name.lower() in v and "globex" in v for v in violations)
-    assert any(f'"{other_tenant}"' in v for v in violations)
-    assert any(f'"{TASK_SUBMIT.format(tenant="acme")}"' in v for v in violations)
+    for subject in (other_tenant, TASK_SUBMIT.format(tenant="acme", submitter="alice")):
+        assert any(f'publish to "{subject}"' in v for v in violations), subject
+    assert any(f'publish to "{APPROVALS_LIST.format(tenant="globex")}"' in v for v in violations)
+    for subject in (APPROVAL_PENDING.format(tenant="globex"), APPROVAL_VERDICT.format(tenant="acme", approver="bob")):
+        assert any(f'subscription to "{subject}"' in v for v in violations), subject
+    assert any("$js.api.consumer.create" in v.lower() for v in violations)
     assert await _stored_on(admin, APPROVAL_DECISIONS.name, other_tenant) == 0
 
 
-async def test_a_submitter_acts_only_for_its_own_tenant(connect: Connect) -> None:
+async def test_a_submitter_acts_only_as_itself_for_its_own_tenant(connect: Connect) -> None:
     acme: User = await connect(submitter_user("acme-app"))
     admin: User = await connect(ADMIN_USER)
     js = acme.nc.jetstream()
     task = TaskSubmitted(task_id=new_task_id("sub"), tenant="acme", agent="echo", input="hi")
     # Nothing consumes submissions on this server: the work queue keeps them for the test to count.
-    ack = await js.publish(TASK_SUBMIT.format(tenant="acme"), task.model_dump_json().encode())
+    ack = await js.publish(TASK_SUBMIT.format(tenant="acme", submitter="acme-app"), task.model_dump_json().encode())
     assert ack.stream == registry.TASKS.name
-    own_events = await replay(acme.nc, TASK_EVENTS.name, TASK_EVENT.format(tenant="acme", task_id=task.task_id))
-    await own_events.close()
+    await acme.nc.subscribe(TASK_EVENT.format(tenant="acme", task_id=task.task_id))
+    await acme.nc.subscribe(TASK_EVENT.pattern.format(tenant="acme", task_id="*"))
+    with pytest.raises(nats.errors.NoRespondersError):  # allowed to ask; no runner on this server
+        await acme.nc.request(TASK_REPLAY.format(tenant="acme", task_id=task.task_id), b"{}", timeout=2)
     assert await acme.settle() == []
 
-    foreign = TASK_SUBMIT.format(tenant="globex")
+    foreign = TASK_SUBMIT.format(tenant="globex", submitter="acme-app")
+    impersonated = TASK_SUBMIT.format(tenant="acme", submitter="other-app")
+    for subject in (foreign, impersonated):
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.publish(subject, task.model_dump_json().encode(), timeout=1)
+    await acme.nc.publish(TASK_REPLAY.format(tenant="globex", task_id="any"), b"{}")
+    # Nor by listening to what the server delivers to others, nor through any consumer of a stream.
+    for subject in ("_INBOX.>", TASK_EVENT.wildcard, LLM_REQUEST.wildcard, "agentbus.tasks.events.globex.*"):
+        await acme.nc.subscribe(subject)
     with pytest.raises(nats.errors.TimeoutError):
-        await js.publish(foreign, task.model_copy(update={"tenant": "globex"}).model_dump_json().encode(), timeout=1)
-    with pytest.raises(nats.errors.TimeoutError):
-        await replay(acme.nc, TASK_EVENTS.name, TASK_EVENT.format(tenant="globex", task_id="any"), timeout=1)
-    # Nor by listening to what the server delivers to others, nor through an unfiltered replay.
-    await acme.nc.subscribe("_INBOX.>")
-    await acme.nc.subscribe(TASK_EVENT.wildcard)
-    await acme.nc.subscribe(LLM_REQUEST.wildcard)
-    with pytest.raises(nats.errors.TimeoutError):
-        await js.subscribe(TASK_EVENT.format(tenant="globex", task_id="any"), ordered_consumer=True)
+        await js.subscribe(TASK_EVENT.format(tenant="acme", task_id=task.task_id), ordered_consumer=True)
     violations = await acme.settle()
-    assert any(f'publish to "{foreign}"' in v for v in violations)
-    assert any("globex" in v and TASK_EVENTS.name.lower() in v for v in violations)
-    for subject in ("_INBOX.>", TASK_EVENT.wildcard, LLM_REQUEST.wildcard):
-        assert any(f'subscription to "{subject.lower()}"' in v for v in violations), subject
+    for subject in (foreign, impersonated, TASK_REPLAY.format(tenant="globex", task_id="any")):
+        assert any(f'publish to "{subject}"' in v for v in violations), subject
+    for subject in ("_INBOX.>", TASK_EVENT.wildcard, LLM_REQUEST.wildcard, "agentbus.tasks.events.globex.*"):
+        assert any(f'subscription to "{subject.lower()}"' in v.lower() for v in violations), subject
+    assert any("$js.api" in v.lower() for v in violations), "no JetStream API for a submitter"
     assert await _stored_on(admin, registry.TASKS.name, foreign) == 0
+    assert await _stored_on(admin, registry.TASKS.name, impersonated) == 0
 
 
 async def test_each_service_user_can_do_what_its_service_needs(tmp_path: Path, credentials: CredentialStore) -> None:
@@ -370,7 +383,7 @@ async def test_each_service_user_can_do_what_its_service_needs(tmp_path: Path, c
                     await reader.unsubscribe()
                 assert await violations.settle(nc) == [], access.service
                 # ...and nothing beyond: no service submits tasks or decides approvals.
-                await nc.publish(TASK_SUBMIT.format(tenant="permcheck"), b"{}")
+                await nc.publish(TASK_SUBMIT.format(tenant="permcheck", submitter="permcheck"), b"{}")
                 await nc.publish(APPROVAL_DECISION.format(tenant="permcheck", approver="alice"), b"{}")
                 assert len(await violations.settle(nc)) == 2, access.service
             finally:
@@ -411,7 +424,12 @@ async def test_services_under_their_own_users_complete_a_task_a_submitter_sent(
         )
         kinds: list[str] = []
         outcome = await submit_task(
-            acme.nc, task, on_submitted=lambda _: None, on_event=lambda e: kinds.append(e.kind), wait_seconds=60
+            acme.nc,
+            task,
+            "acme-app",
+            on_submitted=lambda _: None,
+            on_event=lambda e: kinds.append(e.kind),
+            wait_seconds=60,
         )
         assert outcome == "completed", kinds
         assert kinds[0] == "accepted"
