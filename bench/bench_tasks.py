@@ -1,10 +1,18 @@
-"""agentbus vs. the floor: task throughput and per-step overhead, side by side, in one run.
+"""The whole suite as users run it vs. the floor: task throughput and per-step overhead, in one run.
 
-Figures, not a test. It starts the embedded suite (nats-server from the wheel, the topology, the
-agent-runner and the inference-worker as separate processes, engine `scripted`: a deterministic offline
-engine, NOT a language model), then starts the floor (bench/floor.py: the same hops, acks and KV writes
-in plain nats-py, as two processes) on the same nats-server with its own streams. It then measures both,
-interleaved, `--repeat` times, and prints medians:
+Figures, not a test. It starts, side by side, three suites as `agentbus up` starts them (nats-server from
+the wheel with identities enforced, the topology, each service its own process, engine `scripted`: a
+deterministic offline engine, NOT a language model) and the floor:
+
+- `suite`: every service, budgets on (each LLM step reserved with the cost-accountant, every run priced);
+- `no-budgets`: every service, the runner's budgets switched off;
+- `runner+worker`: only the agent-runner and the inference-worker (budgets off);
+- `floor`: bench/floor.py, the same hops, acks and KV writes in plain nats-py, as two processes, on the
+  first suite's nats-server with its own streams.
+
+Tasks are submitted over the public subject as a submitter (`agentbus.tasks.submit.bench.bench-app`), and
+completions come from a core subscription to the tenant's events, as any client sees them. It measures the
+systems interleaved, `--repeat` times, and prints medians:
 
 - throughput: N tasks submitted as fast as possible (async publishes); tasks/s = N / (time from the first
   submit to the last `completed` event);
@@ -12,9 +20,7 @@ interleaved, `--repeat` times, and prints medians:
   submit to the `completed` event; overhead per agent step = latency / steps;
 - CPU per task of each process (runner, worker, nats-server) during the one-step throughput runs.
 
-Completion times come from a core subscription on each system's `...tasks.events.<tenant>.>`.
-
-    uv run python bench/bench_tasks.py [--tasks 2000] [--latency-tasks 500] [--repeat 3]
+    uv run python bench/bench_tasks.py [--tasks 1000] [--latency-tasks 300] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -38,15 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from agentbus.cli.identities import ADMIN_USER, submitter_user
 from agentbus.cli.suite import Suite
-from agentbus.contracts.registry import (
-    LLM_REQUESTS,
-    LLM_RESULTS,
-    RUNNER_LLM_RESULTS,
-    RUNNER_SUBMISSIONS,
-    TASKS,
-    inference_consumer,
-)
+from agentbus.contracts import registry
+from agentbus.contracts.registry import Service
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
@@ -55,10 +57,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 FLOOR_SCRIPT = BENCH_DIR / "floor.py"
 TENANT = "bench"
+SUBMITTER = "bench-app"
+IDENTITIES_YAML = f"tenants:\n  {TENANT}:\n    submitters: [{SUBMITTER}]\n"
 MSG_ID = "Nats-Msg-Id"
 TERMINAL = frozenset({"rejected", "completed", "failed", "cancelled", "budget_exceeded"})
-P50_RATIO_GOAL = 2.0
-THROUGHPUT_GOAL = 500.0
+BUDGETS_RATIO_GOAL = 0.8
+FLOOR_RATIO_GOAL = 0.5
+P50_BUDGETS_GOAL = 1.5
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # The floor's names (they must match bench/floor.py, which this file runs as a script).
@@ -98,20 +103,18 @@ WORKLOADS = (ONE_STEP, THREE_STEP)
 
 @dataclass
 class System:
-    """One implementation of the pipeline: where to submit, where events appear, which processes."""
+    """One implementation of the pipeline: its server, where to submit, where events appear, its processes."""
 
     name: str
-    prefix: str
+    url: str
+    submit_subject: str
+    events_subject: str
     consumers: tuple[tuple[str, str], ...]
     pids: dict[str, int]
-
-    @property
-    def submit_subject(self) -> str:
-        return f"{self.prefix}.tasks.submit.{TENANT}"
-
-    @property
-    def events_subject(self) -> str:
-        return f"{self.prefix}.tasks.events.{TENANT}.>"
+    submitter: tuple[str | None, str | None] = (None, None)
+    """(user, password) that submits and follows events."""
+    operator: tuple[str | None, str | None] = (None, None)
+    """(user, password) that watches the consumers drain."""
 
 
 class Completions:
@@ -179,19 +182,28 @@ def say(text: str) -> None:
 # --- measurements ------------------------------------------------------------------------------------
 
 
-async def wait_drained(js: JetStreamContext, system: System, timeout: float = 10.0) -> None:
-    """Wait until none of the system's consumers has a message pending or unacked."""
+async def wait_drained(js: JetStreamContext, system: System, timeout: float = 30.0) -> None:
+    """Wait until none of the system's consumers has a message pending or unacked (spans and usage too, so
+    one system's tail of work does not run into the next one's trial)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         infos = [await js.consumer_info(stream, durable) for stream, durable in system.consumers]
         if all((info.num_pending or 0) + (info.num_ack_pending or 0) == 0 for info in infos):
             return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
     say(f"warning: {system.name} consumers not drained after {timeout}s")
 
 
+@dataclass
+class Connected:
+    """A system's driver connections: `js` submits (as the submitter), `ops` watches consumers (operator)."""
+
+    js: JetStreamContext
+    ops: JetStreamContext
+
+
 async def throughput_trial(
-    js: JetStreamContext, system: System, workload: Workload, n: int, tag: str, completions: Completions
+    connected: Connected, system: System, workload: Workload, n: int, tag: str, completions: Completions
 ) -> tuple[float, dict[str, float]]:
     """Submit `n` tasks as fast as possible; tasks/s and CPU seconds per task of each process."""
     ids = [f"{tag}-{i:06d}" for i in range(n)]
@@ -200,17 +212,18 @@ async def throughput_trial(
     started = time.perf_counter()
     acks: list[asyncio.Future[PubAck]] = []
     for task_id in ids:
-        acks.append(await js.publish_async(system.submit_subject, workload.payload(task_id), headers={MSG_ID: task_id}))
+        payload = workload.payload(task_id)
+        acks.append(await connected.js.publish_async(system.submit_subject, payload, headers={MSG_ID: task_id}))
     await asyncio.gather(*acks)
     finished = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(60.0, n * workload.steps / 20))
     elapsed = max(finished) - started
-    await wait_drained(js, system)
+    await wait_drained(connected.ops, system)
     cpu = {role: (cpu_seconds(pid) - cpu_before[role]) / n for role, pid in system.pids.items()}
     return n / elapsed, cpu
 
 
 async def latency_trial(
-    js: JetStreamContext, system: System, workload: Workload, n: int, tag: str, completions: Completions
+    connected: Connected, system: System, workload: Workload, n: int, tag: str, completions: Completions
 ) -> list[float]:
     """Submit `n` tasks one at a time; each one's submit-to-completed time in seconds."""
     samples = []
@@ -218,27 +231,34 @@ async def latency_trial(
         task_id = f"{tag}-{i:06d}"
         future = completions.expect(task_id)
         started = time.perf_counter()
-        await js.publish(system.submit_subject, workload.payload(task_id), headers={MSG_ID: task_id})
+        await connected.js.publish(system.submit_subject, workload.payload(task_id), headers={MSG_ID: task_id})
         finished = await asyncio.wait_for(future, timeout=30.0)
         samples.append(finished - started)
-    await wait_drained(js, system)
+    await wait_drained(connected.ops, system)
     return samples
 
 
-async def measure(url: str, systems: list[System], args: argparse.Namespace, results: Results, run_id: str) -> None:
-    nc = await nats.connect(url, name="bench-driver")
-    js = nc.jetstream(timeout=10.0)
+async def measure(systems: list[System], args: argparse.Namespace, results: Results, run_id: str) -> None:
     completions = Completions()
+    clients: list[NatsClient] = []
+    connected: dict[str, Connected] = {}
     for system in systems:
+        user, password = system.submitter
+        nc = await nats.connect(
+            system.url, name="bench-driver", user=user, password=password, inbox_prefix=_inbox(user)
+        )
         await nc.subscribe(system.events_subject, cb=completions.on_event, pending_msgs_limit=1_000_000)
+        user, password = system.operator
+        ops = await nats.connect(system.url, name="bench-ops", user=user, password=password)
+        clients += [nc, ops]
+        connected[system.name] = Connected(nc.jetstream(timeout=10.0), ops.jetstream(timeout=10.0))
     try:
         for system in systems:
             say(f"warm-up: {system.name}")
             for workload in WORKLOADS:
-                await throughput_trial(
-                    js, system, workload, args.warmup, f"{run_id}-w-{system.name}-{workload.name}", completions
-                )
-                await latency_trial(js, system, workload, 20, f"{run_id}-wl-{system.name}-{workload.name}", completions)
+                tag = f"{run_id}-w-{system.name}-{workload.name}"
+                await throughput_trial(connected[system.name], system, workload, args.warmup, tag, completions)
+                await latency_trial(connected[system.name], system, workload, 20, f"{tag}-l", completions)
         for repeat in range(args.repeat):
             # Alternate which system goes first, so slow drift of a noisy machine hits both alike.
             order = systems if repeat % 2 == 0 else list(reversed(systems))
@@ -246,43 +266,46 @@ async def measure(url: str, systems: list[System], args: argparse.Namespace, res
                 for workload in WORKLOADS:
                     tag = f"{run_id}-r{repeat}-{system.name}-{workload.name}"
                     await asyncio.sleep(0.5)
-                    rate, cpu = await throughput_trial(js, system, workload, args.tasks, f"{tag}-t", completions)
+                    on = connected[system.name]
+                    rate, cpu = await throughput_trial(on, system, workload, args.tasks, f"{tag}-t", completions)
                     results.add(system.name, f"{workload.name} tasks/s", rate)
                     for role, seconds in cpu.items():
                         results.add(system.name, f"{workload.name} {role} CPU ms/task", seconds * 1000)
                     await asyncio.sleep(0.5)
-                    latencies = await latency_trial(js, system, workload, args.latency_tasks, f"{tag}-l", completions)
+                    latencies = await latency_trial(on, system, workload, args.latency_tasks, f"{tag}-l", completions)
                     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
                     results.add(system.name, f"{workload.name} latency p50 ms", p50 * 1000)
                     results.add(system.name, f"{workload.name} latency p99 ms", p99 * 1000)
                     results.add(system.name, f"{workload.name} per-step p50 ms", p50 * 1000 / workload.steps)
                     results.add(system.name, f"{workload.name} per-step p99 ms", p99 * 1000 / workload.steps)
                     say(
-                        f"repeat {repeat + 1}/{args.repeat} {system.name:8} {workload.name}: "
+                        f"repeat {repeat + 1}/{args.repeat} {system.name:13} {workload.name}: "
                         f"{rate:7.1f} tasks/s; latency p50 {p50 * 1000:6.2f} ms, p99 {p99 * 1000:6.2f} ms"
                     )
     finally:
         completions.forget()
-        await nc.close()
+        for client in clients:
+            await client.close()
+
+
+def _inbox(user: str | None) -> str:
+    return f"_INBOX_{user}" if user else "_INBOX"
 
 
 # --- processes ---------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def floor_processes(url: str, concurrency: int, batch: int) -> Iterator[dict[str, int]]:
+def floor_processes(url: str, concurrency: int, batch: int, env: dict[str, str]) -> Iterator[dict[str, int]]:
     """Create the floor's topology, start its runner and worker, yield their pids, stop them."""
-    subprocess.run([sys.executable, str(FLOOR_SCRIPT), "setup", "--url", url], check=True)
+    env = {**os.environ, **env}
+    subprocess.run([sys.executable, str(FLOOR_SCRIPT), "setup", "--url", url], check=True, env=env)
     processes: dict[str, subprocess.Popen[str]] = {}
     try:
         for role in ("runner", "worker"):
             command = [sys.executable, str(FLOOR_SCRIPT), role, "--url", url]
             command += ["--concurrency", str(concurrency), "--batch", str(batch)]
-            process = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
             processes[role] = process
             assert process.stdout is not None
             if process.stdout.readline().strip() != "ready":
@@ -300,106 +323,155 @@ def floor_processes(url: str, concurrency: int, batch: int) -> Iterator[dict[str
                 process.wait()
 
 
+SYSTEMS = ("suite", "no-budgets", "runner+worker", "floor")
+
+
 def print_table(results: Results, args: argparse.Namespace) -> dict[str, Any]:
-    """The table of medians (ratio = agentbus / floor), the goals, and the same as a dict."""
+    """The table of medians with ratios, the goals of the whole suite, and the same as a dict."""
     metrics = [
-        ("1-step tasks/s", "tasks/s, 1-step tasks (N submitted at once)"),
-        ("3-step tasks/s", "tasks/s, 3-step tasks (N submitted at once)"),
-        ("1-step latency p50 ms", "1-step task latency p50, ms (= per-step overhead)"),
-        ("1-step latency p99 ms", "1-step task latency p99, ms (= per-step overhead)"),
-        ("3-step latency p50 ms", "3-step task latency p50, ms"),
-        ("3-step latency p99 ms", "3-step task latency p99, ms"),
-        ("3-step per-step p50 ms", "3-step overhead per agent step p50, ms"),
-        ("3-step per-step p99 ms", "3-step overhead per agent step p99, ms"),
+        ("1-step tasks/s", "tasks/s, 1-step tasks (N at once)"),
+        ("3-step tasks/s", "tasks/s, 3-step tasks (N at once)"),
+        ("1-step latency p50 ms", "1-step latency p50, ms"),
+        ("1-step latency p99 ms", "1-step latency p99, ms"),
+        ("3-step latency p50 ms", "3-step latency p50, ms"),
+        ("3-step per-step p50 ms", "3-step per-step p50, ms"),
+        ("1-step runner CPU ms/task", "runner CPU per 1-step task, ms"),
+        ("1-step accountant CPU ms/task", "accountant CPU per 1-step task, ms"),
+        ("1-step nats-server CPU ms/task", "nats-server CPU per 1-step task, ms"),
     ]
-    for workload in WORKLOADS:
-        for role in ("runner", "worker", "nats-server", "driver"):
-            metrics.append((f"{workload.name} {role} CPU ms/task", f"{role} CPU per {workload.name} task, ms"))
     width = max(len(label) for _, label in metrics)
     print()
     print(
-        f"medians of {args.repeat} runs; N={args.tasks} tasks per throughput run, "
-        f"{args.latency_tasks} tasks per latency run; ratio = agentbus / floor"
+        f"medians of {args.repeat} runs; N={args.tasks} tasks per throughput run, {args.latency_tasks} per latency run"
     )
-    print(f"{'metric':{width}} | {'agentbus':>9} | {'floor':>9} | {'ratio':>6}")
-    print(f"{'-' * width}-+-{'-' * 9}-+-{'-' * 9}-+-{'-' * 6}")
+    header = f"{'metric':{width}} | " + " | ".join(f"{name:>13}" for name in SYSTEMS)
+    header += " | suite/no-bud | suite/floor"
+    print(header)
+    print("-" * len(header))
     table: dict[str, Any] = {}
     for key, label in metrics:
-        ours, floor = results.median("agentbus", key), results.median("floor", key)
-        ratio = ours / floor if floor else float("nan")
-        print(f"{label:{width}} | {ours:9.2f} | {floor:9.2f} | {ratio:6.2f}")
-        table[key] = {"agentbus": ours, "floor": floor, "ratio": ratio}
-    ratios = [table[k]["ratio"] for k in ("1-step latency p50 ms", "3-step per-step p50 ms")]
-    rate = table["1-step tasks/s"]["agentbus"]
-    latency_ok = all(r <= P50_RATIO_GOAL for r in ratios)
-    rate_ok = rate >= THROUGHPUT_GOAL
+        values = {name: results.median(name, key) for name in SYSTEMS}
+        budgets_ratio = values["suite"] / values["no-budgets"] if values["no-budgets"] else float("nan")
+        floor_ratio = values["suite"] / values["floor"] if values["floor"] else float("nan")
+        cells = " | ".join(f"{values[name]:13.2f}" for name in SYSTEMS)
+        print(f"{label:{width}} | {cells} | {budgets_ratio:12.2f} | {floor_ratio:11.2f}")
+        table[key] = {**values, "suite/no-budgets": budgets_ratio, "suite/floor": floor_ratio}
+    one = table["1-step tasks/s"]
+    p50 = table["1-step latency p50 ms"]
     print()
-    print(
-        f"goal: p50 per-step overhead <= {P50_RATIO_GOAL:.0f}x the floor: "
-        f"{'MET' if latency_ok else 'NOT MET'} (1-step {ratios[0]:.2f}x, 3-step {ratios[1]:.2f}x)"
+    goals = (
+        (f"suite >= {BUDGETS_RATIO_GOAL}x no-budgets (1-step tasks/s)", one["suite/no-budgets"] >= BUDGETS_RATIO_GOAL),
+        (f"suite >= {FLOOR_RATIO_GOAL}x the floor (1-step tasks/s)", one["suite/floor"] >= FLOOR_RATIO_GOAL),
+        (f"1-step p50 with budgets <= {P50_BUDGETS_GOAL}x without", p50["suite/no-budgets"] <= P50_BUDGETS_GOAL),
     )
-    print(f"goal: >= {THROUGHPUT_GOAL:.0f} one-step tasks/s: {'MET' if rate_ok else 'NOT MET'} ({rate:.0f} tasks/s)")
+    for text, met in goals:
+        print(f"goal: {text}: {'MET' if met else 'NOT MET'}")
     return table
 
 
+def _suite(state_dir: Path, only: frozenset[Service] | None, environment: dict[str, str]) -> Suite:
+    state_dir.mkdir(parents=True)
+    (state_dir / "identities.yaml").write_text(IDENTITIES_YAML)
+    return Suite(
+        state_dir,
+        REPO_ROOT / "agents",
+        echo=sys.stderr,
+        enforce_identities=True,
+        config_dir=REPO_ROOT / "config",
+        tools_dir=REPO_ROOT / "tools",
+        only=only,
+        environment=environment,
+    )
+
+
+def _system(name: str, suite: Suite) -> System:
+    assert suite.server is not None
+    assert suite.server.pid is not None
+    roles = {
+        Service.AGENT_RUNNER: "runner",
+        Service.INFERENCE_WORKER: "worker",
+        Service.COST_ACCOUNTANT: "accountant",
+        Service.TOOL_EXECUTOR: "executor",
+        Service.RETRIEVER: "retriever",
+        Service.TRACE_EXPORTER: "traces",
+    }
+    pids = {roles[Service(s.spec.name)]: s.process.pid for s in suite.services}
+    running = {Service(s.spec.name) for s in suite.services}
+    consumers = tuple(
+        (c.stream, c.durable)
+        for c in registry.consumers(suite.models)
+        if c.service in running and c.durable != registry.RUNNER_DEAD_LETTERS.durable
+    )
+    submitter = suite.credential(submitter_user(SUBMITTER))
+    operator = suite.credential(ADMIN_USER)
+    assert submitter is not None
+    assert operator is not None
+    return System(
+        name,
+        suite.nats_url,
+        registry.TASK_SUBMIT.format(tenant=TENANT, submitter=SUBMITTER),
+        registry.TASK_EVENT.pattern.format(tenant=TENANT, task_id="*"),
+        consumers,
+        {**pids, "nats-server": suite.server.pid, "driver": os.getpid()},
+        (submitter.user, submitter.password),
+        (operator.user, operator.password),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="agentbus vs. a raw nats-py floor: tasks/s and per-step overhead.")
-    parser.add_argument("--tasks", type=int, default=2000, help="tasks per throughput run (default 2000)")
-    parser.add_argument("--latency-tasks", type=int, default=500, help="tasks per latency run (default 500)")
+    parser = argparse.ArgumentParser(description="The whole suite vs. a raw nats-py floor: tasks/s and latency.")
+    parser.add_argument("--tasks", type=int, default=1000, help="tasks per throughput run (default 1000)")
+    parser.add_argument("--latency-tasks", type=int, default=300, help="tasks per latency run (default 300)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement (default 3)")
     parser.add_argument("--warmup", type=int, default=200, help="tasks per warm-up run (default 200)")
     parser.add_argument(
-        "--concurrency", type=int, default=64, help="messages in flight per consumer, both systems (default 64)"
+        "--concurrency", type=int, default=64, help="messages in flight per consumer, every system (default 64)"
     )
-    parser.add_argument("--batch", type=int, default=64, help="messages per fetch, both systems (default 64)")
+    parser.add_argument("--batch", type=int, default=64, help="messages per fetch, every system (default 64)")
     parser.add_argument("--json", type=Path, default=None, help="also write every trial's figures here")
     args = parser.parse_args(argv)
     if min(args.tasks, args.latency_tasks, args.repeat, args.warmup, args.concurrency, args.batch) < 1:
         parser.error("every count must be at least 1")
 
-    os.environ.update(
-        {
-            "AGENTBUS_RUNNER_LOG_LEVEL": "WARNING",
-            # The floor has no budget hop: measure the runner's own path (bench_accountant measures budgets).
-            "AGENTBUS_RUNNER_BUDGETS_ENABLED": "false",
-            "AGENTBUS_WORKER_LOG_LEVEL": "WARNING",
-            "AGENTBUS_RUNNER_CONSUMER_CONCURRENCY": str(args.concurrency),
-            "AGENTBUS_RUNNER_FETCH_BATCH": str(args.batch),
-            "AGENTBUS_WORKER_MAX_CONCURRENCY": str(args.concurrency),
-            "AGENTBUS_WORKER_FETCH_BATCH": str(args.batch),
-        }
-    )
+    tuning = {
+        "AGENTBUS_RUNNER_CONSUMER_CONCURRENCY": str(args.concurrency),
+        "AGENTBUS_RUNNER_FETCH_BATCH": str(args.batch),
+        "AGENTBUS_WORKER_MAX_CONCURRENCY": str(args.concurrency),
+        "AGENTBUS_WORKER_FETCH_BATCH": str(args.batch),
+    }
+    for service in ("RUNNER", "WORKER", "EXECUTOR", "ACCOUNTANT", "RETRIEVER", "TRACES"):
+        tuning[f"AGENTBUS_{service}_LOG_LEVEL"] = "WARNING"
     run_id = f"b{int(time.time())}"
     results = Results()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="agentbus-bench-") as state_dir:
-        suite = Suite(Path(state_dir), REPO_ROOT / "agents", echo=sys.stderr)
-        suite.start()
-        try:
-            assert suite.server is not None
-            assert suite.server.pid is not None
-            server_pid = suite.server.pid
-            runner_pid, worker_pid = (s.process.pid for s in suite.services)
-            agentbus = System(
-                "agentbus",
-                "agentbus",
-                (
-                    (TASKS.name, RUNNER_SUBMISSIONS.durable),
-                    (LLM_RESULTS.name, RUNNER_LLM_RESULTS.durable),
-                    (LLM_REQUESTS.name, inference_consumer("scripted").durable),
-                ),
-                {"runner": runner_pid, "worker": worker_pid, "nats-server": server_pid, "driver": os.getpid()},
-            )
-            with floor_processes(suite.nats_url, args.concurrency, args.batch) as floor_pids:
-                floor = System(
-                    "floor",
-                    FLOOR_PREFIX,
-                    FLOOR_CONSUMERS,
-                    {**floor_pids, "nats-server": server_pid, "driver": os.getpid()},
-                )
-                asyncio.run(measure(suite.nats_url, [agentbus, floor], args, results, run_id))
-        finally:
-            suite.stop()
+    with tempfile.TemporaryDirectory(prefix="agentbus-bench-") as temporary, contextlib.ExitStack() as stack:
+        root = Path(temporary)
+        suites = {
+            "suite": _suite(root / "suite", None, tuning),
+            "no-budgets": _suite(root / "no-budgets", None, {**tuning, "AGENTBUS_RUNNER_BUDGETS_ENABLED": "false"}),
+            "runner+worker": _suite(
+                root / "runner-worker", frozenset({Service.AGENT_RUNNER, Service.INFERENCE_WORKER}), tuning
+            ),
+        }
+        for suite in suites.values():
+            stack.callback(suite.stop)
+            suite.start(ready_timeout=120)
+        systems = [_system(name, suite) for name, suite in suites.items()]
+        first = systems[0]
+        operator_user, operator_password = first.operator
+        credentials = {"BENCHFLOOR_NATS_USER": operator_user or "", "BENCHFLOOR_NATS_PASSWORD": operator_password or ""}
+        floor_pids = stack.enter_context(floor_processes(first.url, args.concurrency, args.batch, credentials))
+        floor = System(
+            "floor",
+            first.url,
+            f"{FLOOR_PREFIX}.tasks.submit.{TENANT}",
+            f"{FLOOR_PREFIX}.tasks.events.{TENANT}.>",
+            FLOOR_CONSUMERS,
+            {**floor_pids, "nats-server": first.pids["nats-server"], "driver": os.getpid()},
+            first.operator,
+            first.operator,
+        )
+        asyncio.run(measure([*systems, floor], args, results, run_id))
     say(f"measured in {time.monotonic() - started:.0f} s")
     print(
         f"machine: {os.cpu_count()} vCPU, Python {platform.python_version()}, {platform.platform()}; "

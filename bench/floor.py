@@ -7,10 +7,12 @@ inference-worker do for a task (see services/agent-runner/.../service.py `_trans
 
     client      publish submit (Nats-Msg-Id)
     runner      fetch submit -> KV get -> KV create (state + outbox) -> publish `accepted` event
-                -> publish LLM request -> KV update (outbox cleared) -> ack
+                -> publish the run's wake-up (its deadline timer) -> publish LLM request
+                -> KV update (outbox cleared) -> ack
     worker      fetch request -> publish usage -> publish result -> ack            (each publish with Nats-Msg-Id)
     runner      fetch result -> KV get -> KV update (state + outbox) -> publish `step` event
-                -> publish next request, or publish `completed` event -> KV update (outbox cleared) -> ack
+                -> publish next request, or publish `completed` event and the task's root span
+                -> KV update (outbox cleared) -> ack
 
 The runner and the worker run as separate processes, each pulling from durable consumers with the same
 concurrency model as agentbus (`concurrency` messages in flight, fetches of up to `batch`). What the floor
@@ -19,6 +21,7 @@ metrics, trace-context handling, the in-progress heartbeat, and the scripted eng
 "worker" answers by rule; it is not a language model and not the scripted engine either).
 
 Usage (bench_tasks.py does this):  python bench/floor.py {setup|runner|worker} --url nats://...
+On a server that enforces identities, BENCHFLOOR_NATS_USER and BENCHFLOOR_NATS_PASSWORD name the user.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -55,6 +59,8 @@ EVENTS_STREAM = "BENCHFLOOR_TASK_EVENTS"
 REQUESTS_STREAM = "BENCHFLOOR_LLM_REQUESTS"
 RESULTS_STREAM = "BENCHFLOOR_LLM_RESULTS"
 USAGE_STREAM = "BENCHFLOOR_USAGE"
+TIMERS_STREAM = "BENCHFLOOR_TIMERS"
+SPANS_STREAM = "BENCHFLOOR_SPANS"
 RUNS_BUCKET = "BENCHFLOOR_RUNS"
 RUNNER_SUBMISSIONS = "benchfloor-runner-submissions"
 RUNNER_RESULTS = "benchfloor-runner-llm-results"
@@ -82,7 +88,7 @@ def _dumps(value: Any) -> bytes:
 async def setup(url: str) -> None:
     """Create the floor's streams, consumers and bucket, configured like agentbus's (file storage,
     the same duplicate windows and consumer limits)."""
-    nc = await nats.connect(url)
+    nc = await _connect(url, "benchfloor-setup")
     js = nc.jetstream()
     streams = (
         (SUBMIT_STREAM, f"{PREFIX}.tasks.submit.*", RetentionPolicy.WORK_QUEUE, 7 * 86400.0),
@@ -90,6 +96,8 @@ async def setup(url: str) -> None:
         (REQUESTS_STREAM, f"{PREFIX}.llm.requests.*", RetentionPolicy.WORK_QUEUE, 86400.0),
         (RESULTS_STREAM, f"{PREFIX}.llm.results.*", RetentionPolicy.WORK_QUEUE, 86400.0),
         (USAGE_STREAM, f"{PREFIX}.usage.*", RetentionPolicy.LIMITS, 30 * 86400.0),
+        (TIMERS_STREAM, f"{PREFIX}.runs.schedules.*.*", RetentionPolicy.LIMITS, 86400.0),
+        (SPANS_STREAM, f"{PREFIX}.spans.*", RetentionPolicy.LIMITS, 86400.0),
     )
     for name, subject, retention, max_age in streams:
         config = StreamConfig(
@@ -129,6 +137,12 @@ async def setup(url: str) -> None:
     except NotFoundError:
         await js.create_key_value(bucket=RUNS_BUCKET, history=1, storage=StorageType.FILE)
     await nc.close()
+
+
+async def _connect(url: str, name: str) -> NatsClient:
+    user = os.environ.get("BENCHFLOOR_NATS_USER") or None
+    password = os.environ.get("BENCHFLOOR_NATS_PASSWORD") or None
+    return await nats.connect(url, name=name, user=user, password=password)
 
 
 # --- the pull loop (what agentbus's ConsumerRunner does, minus metrics/logging/heartbeats) ---------
@@ -279,7 +293,13 @@ class FloorRunner:
                 "status": "running",
                 "traceparent": traceparent,
             }
-            return state, [self._event(state, "accepted", agent=state["agent"], model=MODEL), self._request(state)]
+            accepted = self._event(state, "accepted", agent=state["agent"], model=MODEL)
+            wake = {
+                "subject": f"{PREFIX}.runs.schedules.{state['tenant']}.{state['task_id']}",
+                "msg_id": f"wake:{state['task_id']}:1",
+                "payload": json.dumps({"task_id": state["task_id"], "kind": "deadline"}),
+            }
+            return state, [accepted, wake, self._request(state)]
 
         await self._transact(submission["task_id"], decide)
         await msg.ack()
@@ -298,6 +318,14 @@ class FloorRunner:
                 state["status"] = "completed"
                 state["awaiting"] = None
                 outbox.append(self._event(state, "completed", output=result["content"], steps=state["step"]))
+                span = {"task_id": state["task_id"], "kind": "task", "steps": state["step"]}
+                outbox.append(
+                    {
+                        "subject": f"{PREFIX}.spans.runner",
+                        "msg_id": f"span:{state['task_id']}",
+                        "payload": json.dumps(span, separators=(",", ":")),
+                    }
+                )
             return state, outbox
 
         await self._transact(result["task_id"], decide)
@@ -358,7 +386,7 @@ class FloorWorker:
 
 
 async def serve(role: str, url: str, concurrency: int, batch: int) -> None:
-    nc: NatsClient = await nats.connect(url, name=f"benchfloor-{role}")
+    nc: NatsClient = await _connect(url, f"benchfloor-{role}")
     js = nc.jetstream()
     loops: list[asyncio.Task[None]] = []
     if role == "runner":

@@ -161,10 +161,14 @@ class SuitePaths:
         return f"sqlite+aiosqlite:///{self.state_dir / name}"
 
 
-def implemented_services(paths: SuitePaths, models: tuple[str, ...]) -> list[ServiceProcessSpec]:
-    """Every service of `SUITE_SERVICES` that can run here, with the settings `up` gives it: inputs from
-    the agents, config and tools folders, every store under the state directory."""
-    runnable = {service for service, module, _ in SUITE_SERVICES if is_runnable(module)}
+def implemented_services(
+    paths: SuitePaths, models: tuple[str, ...], only: frozenset[Service] | None = None
+) -> list[ServiceProcessSpec]:
+    """Every service of `SUITE_SERVICES` that can run here (of `only`, when given), with the settings `up`
+    gives it: inputs from the agents, config and tools folders, every store under the state directory."""
+    runnable = {
+        service for service, module, _ in SUITE_SERVICES if is_runnable(module) and (only is None or service in only)
+    }
     config, state = paths.config_dir, paths.state_dir
     extra_env: dict[Service, dict[str, str]] = {
         Service.AGENT_RUNNER: {
@@ -248,8 +252,13 @@ class Suite:
         enforce_identities: bool = False,
         config_dir: Path = DEFAULT_CONFIG_DIR,
         tools_dir: Path = DEFAULT_TOOLS_DIR,
+        *,
+        only: frozenset[Service] | None = None,
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.paths = SuitePaths.resolve(state_dir, agents_dir, config_dir, tools_dir)
+        self._only = only
+        self._environment = environment or {}
         self.state_dir = self.paths.state_dir
         self.agents_dir = self.paths.agents_dir
         self.models = models
@@ -312,7 +321,7 @@ class Suite:
         self._say(f"wrote {env_path}")
         changes = asyncio.run(self._apply())
         self._say(f"streams applied ({len(changes)} streams, consumers and buckets)")
-        for spec in implemented_services(self.paths, self.models):
+        for spec in implemented_services(self.paths, self.models, self._only):
             self.services.append(self._spawn(spec))
         self._write_pids()
         deadline = time.monotonic() + ready_timeout
@@ -408,7 +417,7 @@ class Suite:
 
     def _spawn(self, spec: ServiceProcessSpec, http_port: int | None = None) -> RunningService:
         http_port = http_port or free_port()
-        env = dict(os.environ)
+        env = {**os.environ, **self._environment}
         env.update(
             {
                 f"{spec.env_prefix}NATS_URL": self.nats_url,
