@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 UV ?= uv
 
-.PHONY: help install test check lint format typecheck schemas docs demo up bench
+.PHONY: help install test check lint format typecheck schemas docs demo up bench chaos
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,3 +39,6 @@ up: install ## Run the embedded suite until Ctrl-C
 
 bench: install ## Benchmarks against raw nats-py on the same server (figures, not tests)
 	$(UV) run python bench/bench_tasks.py
+
+chaos: install ## 10 chaos runs of 200 tasks and 30+ faults each (kills, pauses, outages); prints the invariants
+	$(UV) run python tests/chaos.py --runs 10 --tasks 200 --faults 30

@@ -72,6 +72,7 @@ def _query(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         return db.execute(sql, args).fetchall()
 
 
+@pytest.mark.timeout(300)
 async def test_tasks_wait_out_a_30_second_accountant_outage_and_all_complete_after_it(
     suite: Suite, client: NatsClient
 ) -> None:
