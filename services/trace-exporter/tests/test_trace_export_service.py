@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 
 import pytest
 from agentbus.contracts.spans import SpanRecorded
 from agentbus.runtime.tracing import TraceContext
-from agentbus.trace_exporter.domain import Redactor
+from agentbus.trace_exporter.domain import ExportSpan, Redactor
+from agentbus.trace_exporter.ports import SpanKey
 from agentbus.trace_exporter.service import ExporterMetrics, ExportPolicy, SpanExportService, SpanRejected
 from prometheus_client import CollectorRegistry
 from trace_fakes import FakeLedger, FakeSink, RecordingSleep
@@ -47,9 +48,16 @@ class Harness:
         return await asyncio.gather(*(self.service.export(s) for s in spans), return_exceptions=True)
 
 
+QUICK = ExportPolicy(batch_size=4, flush_interval_seconds=0.01, claim_recheck_seconds=0.01)
+
+
+def _key(span: SpanRecorded) -> SpanKey:
+    return span.trace_id, span.span_id
+
+
 @pytest.fixture
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    sink, policy = getattr(request, "param", (FakeSink(), ExportPolicy(batch_size=4, flush_interval_seconds=0.01)))
+    sink, policy = getattr(request, "param", (FakeSink(), QUICK))
     h = Harness(sink, policy)
     await h.service.start()
     yield h
@@ -130,6 +138,7 @@ async def test_a_refused_span_is_found_and_rejected_without_costing_its_batch(ha
     assert [r for i, r in enumerate(results) if i != 2] == [None] * 4
     assert {s.span_id for s in harness.sink.exported} == {s.span_id for s in good}
     assert (bad.trace_id, bad.span_id) not in harness.ledger.ids
+    assert harness.ledger.released == {(bad.trace_id, bad.span_id)}, "a refused span's claim is given up"
     assert harness.registry.get_sample_value("agentbus_trace_spans_rejected_total") == 1
 
 
@@ -139,3 +148,68 @@ async def test_stop_closes_the_sink_and_the_ledger_and_refuses_new_spans(harness
     assert not harness.ledger.opened
     with pytest.raises(RuntimeError, match="not running"):
         await harness.service.export(_spans(1)[0])
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_a_span_another_replica_is_exporting_waits_for_it_and_is_never_exported_here(harness: Harness) -> None:
+    [span] = _spans(1)
+    loop = asyncio.get_running_loop()
+    harness.ledger.others[_key(span)] = loop.time() + 60
+    pending = asyncio.ensure_future(harness.service.export(span))
+    await _until(lambda: (harness.registry.get_sample_value("agentbus_trace_spans_claimed_elsewhere_total") or 0) >= 3)
+    assert not pending.done(), "the message must not be acked while the other replica may still fail"
+    # The other replica records the span as exported: this replica's copy is then acked, not exported.
+    harness.ledger.ids.add(_key(span))
+    await asyncio.wait_for(pending, 5)
+    assert harness.sink.exported == []
+
+
+async def test_a_lapsed_claim_of_another_replica_is_taken_over(harness: Harness) -> None:
+    [span] = _spans(1)
+    harness.ledger.others[_key(span)] = asyncio.get_running_loop().time() + 0.05
+    await asyncio.wait_for(harness.service.export(span), 5)
+    assert [s.span_id for s in harness.sink.exported] == [span.span_id]
+    assert _key(span) in harness.ledger.ids
+
+
+def _taken_by_another_replica(harness: Harness) -> Callable[[Sequence[ExportSpan]], None]:
+    """On the first failed attempt, the claims lapse and another replica takes them (a long outage)."""
+
+    def take(spans: Sequence[ExportSpan]) -> None:
+        if harness.sink.attempts == 1:
+            for s in spans:
+                harness.ledger.claims.discard((s.trace_id, s.span_id))
+                harness.ledger.others[(s.trace_id, s.span_id)] = asyncio.get_running_loop().time() + 60
+
+    return take
+
+
+@pytest.mark.parametrize("harness", [(FakeSink(outages=2), QUICK)], indirect=True)
+async def test_spans_whose_claim_went_to_another_replica_during_an_outage_are_not_exported_here(
+    harness: Harness,
+) -> None:
+    harness.sink.on_attempt = _taken_by_another_replica(harness)
+    spans = _spans(3)
+    pending = asyncio.gather(*(harness.service.export(s) for s in spans))
+    await _until(lambda: harness.ledger.renewals >= 1)
+    await _until(lambda: (harness.registry.get_sample_value("agentbus_trace_spans_claimed_elsewhere_total") or 0) >= 3)
+    assert not pending.done()
+    harness.ledger.ids.update(_key(s) for s in spans)
+    assert await asyncio.wait_for(pending, 5) == [None] * 3
+    assert harness.sink.attempts == 1, "renewed before the retry, found taken, and never sent again"
+    assert harness.sink.exported == []
+
+
+@pytest.mark.parametrize("harness", [(FakeSink(outages=10**9), QUICK)], indirect=True)
+async def test_stop_gives_up_the_claims_of_spans_it_did_not_export(harness: Harness) -> None:
+    spans = _spans(2)
+    pending = asyncio.gather(*(harness.service.export(s) for s in spans), return_exceptions=True)
+    await _until(lambda: harness.sink.attempts >= 2)
+    await harness.service.stop()
+    assert harness.ledger.released == {_key(s) for s in spans}
+    assert all(isinstance(r, asyncio.CancelledError) for r in await pending)

@@ -352,3 +352,100 @@ async def test_bad_span_messages_are_dead_lettered_with_their_reason(
     assert letters[garbage_ack.seq].error.code == "schema_violation"
     assert letters[poison_ack.seq].error.code == "export_rejected"
     assert "400" in letters[poison_ack.seq].error.message
+
+
+# --- two replicas sharing one ledger ---------------------------------------------------------------------
+
+
+def _replica_settings(nats_url: str, tmp_path: Path, receiver: OtlpReceiver, ledger_url: str, name: str) -> Any:
+    """A replica of its own: its own working folder (no SQLite file in common), the shared ledger database."""
+    folder = tmp_path / name
+    folder.mkdir()
+    return _settings(
+        nats_url,
+        folder,
+        otlp_endpoint=receiver.endpoint,
+        langfuse_public_key=PUBLIC_KEY,
+        langfuse_secret_key=SECRET_KEY,
+        database_url=ledger_url,
+        claim_recheck_seconds=0.05,
+    )
+
+
+def _counter(app: TraceExporterApp, name: str, labels: dict[str, str] | None = None) -> float:
+    return app.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+async def _publish_copies(js: JetStreamContext, service: str, count: int, copies: int) -> list[str]:
+    """`count` spans, each published `copies` times as distinct messages (as after a publisher's retry that
+    JetStream did not de-duplicate): every copy is delivered, to whichever replica pulls it."""
+    trace = TraceContext.new()
+    ids = []
+    subject = SPAN.format(service=service)
+    for i in range(count):
+        ctx = trace.child()
+        span = SpanRecorded(
+            trace_id=ctx.trace_id,
+            span_id=ctx.span_id,
+            parent_span_id=trace.span_id,
+            name=f"step {i}",
+            kind="agent_step",
+            service=service,
+            task_id="task-copies",
+            tenant="acme",
+            start=T0,
+            end=T0,
+        )
+        ids.append(ctx.span_id)
+        for _ in range(copies):
+            await js.publish(subject, span.model_dump_json().encode())
+    return ids
+
+
+async def test_two_replicas_export_every_span_once_even_when_each_span_comes_twice(
+    span_bus: NatsClient, receiver: OtlpReceiver, nats_url: str, tmp_path: Path, ledger_url: str
+) -> None:
+    js = span_bus.jetstream()
+    receiver.delay_seconds = 0.02  # a backend that takes its time, so both replicas hold spans at once
+    replicas = [
+        await _running(_replica_settings(nats_url, tmp_path, receiver, ledger_url, name)) for name in ("a", "b")
+    ]
+    try:
+        ids = await _publish_copies(js, "agent-runner", 200, copies=2)
+        spans = spans_by_id(await _received(receiver, 200))
+        await _all_acked(js)
+    finally:
+        for app in replicas:
+            await app.stop()
+    assert set(spans) == set(ids)
+    assert len(receiver.accepted()) == 200, "a span was exported twice"
+    exported = [_counter(app, "agentbus_trace_spans_exported_total", {"sink": "otlp"}) for app in replicas]
+    assert sum(exported) == 200
+    assert all(n > 0 for n in exported), f"both replicas should have exported spans: {exported}"
+
+
+async def test_spans_one_replica_exported_are_not_exported_again_when_redelivered_to_the_other(
+    span_bus: NatsClient, receiver: OtlpReceiver, nats_url: str, tmp_path: Path, ledger_url: str
+) -> None:
+    js = span_bus.jetstream()
+    first = await _emit(js, "agent-runner", 40)
+    a = await _running(_replica_settings(nats_url, tmp_path, receiver, ledger_url, "a"))
+    try:
+        await _received(receiver, 40)
+        await _all_acked(js)
+    finally:
+        await a.stop()
+
+    # Every message comes again, as after lost acks, and this time replica b alone is there to take them.
+    await recreate_span_consumer(span_bus)
+    b = await _running(_replica_settings(nats_url, tmp_path, receiver, ledger_url, "b"))
+    try:
+        await _all_acked(js)
+        later = await _emit(js, "inference-worker", 5)
+        spans = spans_by_id(await _received(receiver, 45))
+        await _all_acked(js)
+    finally:
+        await b.stop()
+    assert set(spans) == set(first) | set(later)
+    assert _counter(b, "agentbus_trace_spans_skipped_total") == 40
+    assert _counter(b, "agentbus_trace_spans_exported_total", {"sink": "otlp"}) == 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,7 +71,8 @@ class ReceivedRequest:
 
 
 class OtlpReceiver:
-    """ThreadingHTTPServer on a free port. `down` makes it answer 503; `reject_names` makes it answer 400.
+    """ThreadingHTTPServer on a free port. `down` makes it answer 503; `reject_names` makes it answer 400;
+    `delay_seconds` makes it take that long over each request.
 
     A body sent with `Content-Encoding: gzip` is decompressed first, as an OTLP/HTTP receiver does; any other
     encoding is answered 415.
@@ -79,6 +81,7 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.down = False
+        self.delay_seconds = 0.0
         self.reject_names: set[str] = set()
         self.requests: list[ReceivedRequest] = []
         self.spans: list[ReceivedSpan] = []
@@ -96,6 +99,8 @@ class OtlpReceiver:
                     self.end_headers()
                     return
                 body = gzip.decompress(wire) if encoding == "gzip" else wire
+                if receiver.delay_seconds:
+                    time.sleep(receiver.delay_seconds)  # a slow backend; each request has its own thread
                 request = ExportTraceServiceRequest.FromString(body)
                 status = receiver._accept(self.path, dict(self.headers), request, len(wire), len(body))
                 payload = ExportTraceServiceResponse().SerializeToString() if status == 200 else b"unavailable"

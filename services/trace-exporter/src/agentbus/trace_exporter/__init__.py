@@ -29,13 +29,18 @@ Delivery guarantees:
   in the stream AGENTBUS_SPANS, which keeps them for 7 days or up to 1 GiB, whichever comes first (then the
   oldest are discarded): an outage shorter than that loses no span. The consumer's max_deliver (20 000)
   outlasts that retention, so an outage never dead-letters spans.
-- Never exported twice. Before exporting, span ids are looked up in a ledger (a small SQLite file,
-  `AGENTBUS_TRACES_LEDGER_PATH`) that outlives the process; after an export the ids are committed to it
-  before any message is acked. A redelivery (a lost ack, a restart, a re-published span) finds its id and is
-  acked without exporting. Ids are remembered for 8 days, longer than the stream keeps a span.
-  What remains: an export request that the backend stored but whose answer never arrived (a timeout) is
-  sent again; Langfuse upserts observations by span id, so that repeat changes nothing there. The ledger
-  is local to one process: run one exporter replica (KEDA may still scale it to zero).
+- Never exported twice, however many replicas run. Every replica keeps its ledger in one shared SQL
+  database (`AGENTBUS_TRACES_DATABASE_URL`, PostgreSQL in a cluster; without it a SQLite file,
+  `AGENTBUS_TRACES_LEDGER_PATH`, which exporters on one machine may share). Before exporting a batch, a
+  replica claims its spans there (a lease of `AGENTBUS_TRACES_CLAIM_LEASE_SECONDS`, renewed before every
+  retry); it exports only the spans it claimed, and records them as exported before any message is acked.
+  A span exported before, by any replica, is acked without exporting (a lost ack, a restart, a redelivery
+  to the other replica, a re-published span); a span another replica holds a live claim on waits, unacked,
+  until that replica recorded it or its claim lapsed (a replica that died): then it is taken over. Ids are
+  remembered for 8 days, longer than the stream keeps a span.
+  What remains: an export request that the backend stored but whose answer never arrived (a timeout), or a
+  replica killed between its export and its record, sends those spans again; Langfuse upserts observations
+  by span id, so that repeat changes nothing there.
 - Bad input is dead-lettered with its reason: a message that is not a valid span (`schema_violation`) or
   a span the backend refuses for good, e.g. HTTP 400/413 (`export_rejected`, found by exporting the
   refused batch span by span). Wrong keys (401/403) are retried, not dead-lettered: an operator fixes them.

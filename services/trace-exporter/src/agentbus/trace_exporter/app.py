@@ -7,7 +7,7 @@ from agentbus.runtime.consumer import AckPolicy, ConsumerRunner
 from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.service import BusService
 from agentbus.trace_exporter.adapters.jsonl import JsonlTraceSink
-from agentbus.trace_exporter.adapters.ledger import SqliteExportLedger
+from agentbus.trace_exporter.adapters.ledger import SqlExportLedger
 from agentbus.trace_exporter.adapters.otlp import OtlpHttpTraceSink, basic_auth
 from agentbus.trace_exporter.domain import Redactor
 from agentbus.trace_exporter.handlers import ExporterHandlers
@@ -44,8 +44,8 @@ class TraceExporterApp(BusService):
         concurrency = max(settings.consumer_concurrency, 2 * settings.batch_size)
 
         async def wiring(nc: NatsClient, js: JetStreamContext, metrics: ConsumerMetrics) -> list[ConsumerRunner]:
-            # Plain ACK: the ledger is written before the ack, so a lost ack only means a redelivery that
-            # the ledger turns into a no-op.
+            # Plain ACK: the ledger is written before the ack, so a lost ack only means a redelivery (to
+            # any replica) that the shared ledger turns into a no-op.
             return [
                 ConsumerRunner(
                     js,
@@ -72,11 +72,11 @@ class TraceExporterApp(BusService):
 def create_app(
     settings: TraceExporterSettings, sink: TraceSink | None = None, ledger: ExportLedger | None = None
 ) -> TraceExporterApp:
-    """Build the exporter: the configured sink, the SQLite ledger, and the durable consumer of span events."""
+    """Build the exporter: the configured sink, the shared SQL ledger, and the durable consumer of span events."""
     registry = CollectorRegistry()
     exporter = SpanExportService(
         sink or create_sink(settings),
-        ledger or SqliteExportLedger(settings.ledger_path),
+        ledger or SqlExportLedger(settings.ledger_url),
         Redactor(settings.redact_patterns, settings.max_field_chars),
         ExporterMetrics(registry),
         ExportPolicy(
@@ -85,6 +85,8 @@ def create_app(
             first_backoff_seconds=settings.first_backoff_seconds,
             max_backoff_seconds=settings.max_backoff_seconds,
             ledger_retention_seconds=settings.ledger_retention_hours * 3600.0,
+            claim_lease_seconds=settings.claim_lease_seconds,
+            claim_recheck_seconds=settings.claim_recheck_seconds,
         ),
         environment=settings.environment,
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from agentbus.trace_exporter.domain import ExportSpan
@@ -37,23 +38,51 @@ class TraceSink(Protocol):
         ...
 
 
+SpanKey = tuple[str, str]
+"""(trace id, span id): what identifies a span across replicas and redeliveries."""
+
+
+@dataclass(frozen=True)
+class SpanClaims:
+    """What the ledger says about the spans of a batch."""
+
+    mine: frozenset[SpanKey]
+    """Claimed by this exporter now: export them."""
+    exported: frozenset[SpanKey]
+    """Exported before (by any replica): ack without exporting."""
+    elsewhere: frozenset[SpanKey]
+    """Another replica holds a live claim on them: wait until it exported them or its claim lapsed."""
+
+
 class ExportLedger(Protocol):
-    """The ids of spans already exported. It outlives the process, so a redelivered span is skipped."""
+    """Which spans were exported, and which replica is exporting which, shared by every exporter replica.
+
+    A span is exported only under a claim, and recorded as exported before its message is acked, so neither a
+    redelivery (to any replica) nor two replicas holding copies of one span export it twice.
+    """
 
     async def open(self) -> None:
         """Create or open the record."""
         ...
 
-    async def exported(self, span_ids: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Which of these (trace_id, span_id) pairs were exported before."""
+    async def claim(self, keys: Collection[SpanKey], lease_seconds: float) -> SpanClaims:
+        """Claim every unexported span of `keys` that no other replica holds a live claim on, until the lease ends."""
         ...
 
-    async def record(self, span_ids: Iterable[tuple[str, str]]) -> None:
-        """Remember these (trace_id, span_id) pairs as exported (durably, before the messages are acked)."""
+    async def renew(self, keys: Collection[SpanKey], lease_seconds: float) -> set[SpanKey]:
+        """Extend this exporter's claims on `keys`; returns those it still holds (a lapsed one may be taken)."""
+        ...
+
+    async def record(self, keys: Collection[SpanKey]) -> None:
+        """Remember these spans as exported (durably, before the messages are acked)."""
+        ...
+
+    async def release(self, keys: Collection[SpanKey]) -> None:
+        """Give up this exporter's claims on spans it did not export, so another replica may take them at once."""
         ...
 
     async def forget_older_than(self, seconds: float) -> int:
-        """Forget ids recorded more than `seconds` ago; returns how many."""
+        """Forget spans last touched more than `seconds` ago; returns how many."""
         ...
 
     async def close(self) -> None:

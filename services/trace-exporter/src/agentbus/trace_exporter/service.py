@@ -1,15 +1,24 @@
-"""The export use case: batch spans, skip those exported before, export the rest, remember them, then release.
+"""The export use case: batch spans, claim them in the shared ledger, export what this replica claimed, record
+it as exported, then release the callers.
 
 Callers (one per delivered span message) await `export(span)`; it returns once the span is safely exported
-(or was before), so the message is acked only then. While the backend is down the current batch is retried
-with exponential backoff capped at `max_backoff_seconds`, and every caller keeps waiting: nothing is acked,
-the consumer stops pulling once its in-flight limit is reached, and the spans wait in JetStream.
+(by this replica, or by any replica before), so the message is acked only then. While the backend is down the
+current batch is retried with exponential backoff capped at `max_backoff_seconds`, and every caller keeps
+waiting: nothing is acked, the consumer stops pulling once its in-flight limit is reached, and the spans wait
+in JetStream.
+
+Replicas share the ledger. A span claimed by another replica (a duplicate message, or a redelivery while
+the first holder still works on it) is not exported here: its caller waits, and the span is looked at again
+every `claim_recheck_seconds` until the other replica recorded it exported (then it is acked) or its claim
+lapsed (then this replica takes it). Claims are renewed before every retry; one whose lease lapsed during
+an outage and was taken by another replica is never exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -19,14 +28,15 @@ from typing import TypeVar
 from agentbus.contracts.spans import SpanRecorded
 from agentbus.runtime.logging import get_logger
 from agentbus.trace_exporter.domain import ExportSpan, Redactor, TraceDirectory, to_export_span
-from agentbus.trace_exporter.ports import BackendUnavailable, ExportLedger, SpansRejected, TraceSink
+from agentbus.trace_exporter.ports import BackendUnavailable, ExportLedger, SpanKey, SpansRejected, TraceSink
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 _log = get_logger(__name__)
 _T = TypeVar("_T")
 
-SpanKey = tuple[str, str]
+_Pending = tuple[SpanRecorded, asyncio.Future[None]]
 _LEDGER_PRUNE_INTERVAL_SECONDS = 3600.0
+_RELEASE_TIMEOUT_SECONDS = 5.0
 
 
 class SpanRejected(Exception):  # noqa: N818 - the backend's verdict on one span
@@ -45,6 +55,11 @@ class ExporterMetrics:
         )
         self.rejected = Counter(
             "agentbus_trace_spans_rejected_total", "Spans the backend refused for good.", registry=registry
+        )
+        self.claimed_elsewhere = Counter(
+            "agentbus_trace_spans_claimed_elsewhere_total",
+            "Times a span was found claimed by another exporter replica and waited for.",
+            registry=registry,
         )
         self.failures = Counter(
             "agentbus_trace_export_failures_total",
@@ -66,6 +81,10 @@ class ExportPolicy:
     first_backoff_seconds: float = 0.5
     max_backoff_seconds: float = 60.0
     ledger_retention_seconds: float = 8 * 86400.0
+    claim_lease_seconds: float = 60.0
+    """How long a claim on a span lasts unless renewed; it must outlast one export request."""
+    claim_recheck_seconds: float = 1.0
+    """How often a span claimed by another replica is looked at again."""
 
 
 class SpanExportService:
@@ -90,9 +109,11 @@ class SpanExportService:
         self._environment = environment
         self._sleep = sleep
         self._directory = TraceDirectory()
-        self._queue: deque[tuple[SpanRecorded, asyncio.Future[None]]] = deque()
+        self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._held: set[SpanKey] = set()
+        self._deferred: dict[asyncio.TimerHandle, list[_Pending]] = {}
         self._last_prune = 0.0
         self.backend_up = True
 
@@ -103,15 +124,26 @@ class SpanExportService:
         self._task = asyncio.create_task(self._run(), name="trace-export")
 
     async def stop(self) -> None:
-        """Stop exporting. Spans still waiting stay unacked and are redelivered later."""
+        """Stop exporting. Spans still waiting stay unacked and are redelivered later; this replica's claims
+        on spans it did not export are released, so another replica may take them at once."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for handle, items in self._deferred.items():
+            handle.cancel()
+            self._queue.extend(items)
+        self._deferred.clear()
         while self._queue:
             _, waiter = self._queue.popleft()
             waiter.cancel()
+        if self._held:
+            try:
+                await asyncio.wait_for(self._ledger.release(self._held), _RELEASE_TIMEOUT_SECONDS)
+            except Exception as exc:  # their leases lapse on their own
+                _log.warning("trace_ledger_release_failed", spans=len(self._held), error=repr(exc))
+            self._held.clear()
         await self._sink.close()
         await self._ledger.close()
 
@@ -145,6 +177,11 @@ class SpanExportService:
             if batch:
                 try:
                     await self._flush(batch)
+                except asyncio.CancelledError:
+                    # Stopping mid-batch: its messages stay unacked and are redelivered.
+                    for _, waiter in batch:
+                        waiter.cancel()
+                    raise
                 except Exception as exc:
                     # A bug, not an outage: fail these spans (their messages are retried later), keep running.
                     _log.exception("trace_export_batch_failed", spans=len(batch))
@@ -153,7 +190,7 @@ class SpanExportService:
                             waiter.set_exception(RuntimeError(f"exporting the batch failed: {exc!r}"))
             await self._maybe_prune()
 
-    async def _flush(self, batch: list[tuple[SpanRecorded, asyncio.Future[None]]]) -> None:
+    async def _flush(self, batch: list[_Pending]) -> None:
         spans: dict[SpanKey, SpanRecorded] = {}
         waiters: dict[SpanKey, list[asyncio.Future[None]]] = {}
         for span, waiter in batch:
@@ -161,20 +198,31 @@ class SpanExportService:
             spans.setdefault(key, span)
             waiters.setdefault(key, []).append(waiter)
 
-        done_before = await self._retrying("ledger lookup", lambda: self._ledger.exported(spans))
-        self._metrics.skipped.inc(len(done_before))
+        lease = self._policy.claim_lease_seconds
+        claims = await self._retrying("ledger claim", lambda: self._ledger.claim(spans.keys(), lease))
+        self._held |= claims.mine
+        self._metrics.skipped.inc(len(claims.exported))
+        self._metrics.claimed_elsewhere.inc(len(claims.elsewhere))
         prepared = [
             to_export_span(span, self._directory.learn(span), self._redactor, self._environment)
             for key, span in spans.items()
-            if key not in done_before
+            if key in claims.mine
         ]
-        rejected = await self._export(prepared) if prepared else {}
-        exported = [(s.trace_id, s.span_id) for s in prepared if (s.trace_id, s.span_id) not in rejected]
-        # Recorded before any message is acked: a redelivery after this point finds the span in the ledger.
+        rejected, lost = await self._export(prepared, fresh=True) if prepared else ({}, set())
+        exported = [(s.trace_id, s.span_id) for s in prepared if (s.trace_id, s.span_id) not in rejected.keys() | lost]
+        # Recorded before any message is acked: a redelivery to any replica finds the span exported.
         await self._retrying("ledger write", lambda: self._ledger.record(exported))
+        self._held.difference_update(exported)
+        if rejected:
+            await self._retrying("ledger release", lambda: self._ledger.release(rejected.keys()))
+            self._held.difference_update(rejected)
         self._metrics.exported.labels(self._sink.name).inc(len(exported))
         self._metrics.rejected.inc(len(rejected))
+        wait_again = claims.elsewhere | lost
+        self._defer([(spans[key], waiter) for key in wait_again for waiter in waiters[key]])
         for key, key_waiters in waiters.items():
+            if key in wait_again:
+                continue
             for waiter in key_waiters:
                 if waiter.done():
                     continue
@@ -183,21 +231,48 @@ class SpanExportService:
                 else:
                     waiter.set_result(None)
 
-    async def _export(self, spans: list[ExportSpan]) -> dict[SpanKey, str]:
-        """Export `spans` until the backend takes them; the spans it refuses for good, with the reason."""
+    def _defer(self, items: list[_Pending]) -> None:
+        """Look at these spans again after `claim_recheck_seconds`: another replica holds them meanwhile."""
+        if not items:
+            return
+
+        def requeue() -> None:
+            waiting = [(span, waiter) for span, waiter in self._deferred.pop(handle, []) if not waiter.done()]
+            if waiting:
+                self._queue.extend(waiting)
+                self._wakeup.set()
+
+        handle = asyncio.get_running_loop().call_later(self._policy.claim_recheck_seconds, requeue)
+        self._deferred[handle] = items
+
+    async def _export(self, spans: list[ExportSpan], *, fresh: bool) -> tuple[dict[SpanKey, str], set[SpanKey]]:
+        """Export `spans` until the backend takes them. Returns the spans it refuses for good (with the reason),
+        and those whose claim lapsed and went to another replica before they could be exported here."""
         delay = self._policy.first_backoff_seconds
+        lost: set[SpanKey] = set()
         while True:
+            if not fresh:
+                keys = {(s.trace_id, s.span_id) for s in spans}
+                held = await self._retrying("ledger renew", functools.partial(self._renew, keys))
+                lost |= keys - held
+                self._held.difference_update(keys - held)
+                spans = [s for s in spans if (s.trace_id, s.span_id) in held]
+                if not spans:
+                    return {}, lost
+            fresh = False
             try:
                 await self._sink.export(spans)
             except SpansRejected as exc:
                 if len(spans) == 1:
                     _log.error("span_rejected", span_id=spans[0].span_id, trace_id=spans[0].trace_id, reason=str(exc))
-                    return {(spans[0].trace_id, spans[0].span_id): str(exc)}
+                    return {(spans[0].trace_id, spans[0].span_id): str(exc)}, lost
                 # One bad span must not cost its batch: find it by exporting the spans one by one.
                 rejected: dict[SpanKey, str] = {}
                 for span in spans:
-                    rejected |= await self._export([span])
-                return rejected
+                    one_rejected, one_lost = await self._export([span], fresh=False)
+                    rejected |= one_rejected
+                    lost |= one_lost
+                return rejected, lost
             except BackendUnavailable as exc:
                 wait = min(exc.retry_after_seconds or delay, self._policy.max_backoff_seconds)
                 self._set_backend_up(False)
@@ -209,7 +284,10 @@ class SpanExportService:
                 delay = min(delay * 2, self._policy.max_backoff_seconds)
             else:
                 self._set_backend_up(True)
-                return {}
+                return {}, lost
+
+    async def _renew(self, keys: set[SpanKey]) -> set[SpanKey]:
+        return await self._ledger.renew(keys, self._policy.claim_lease_seconds)
 
     async def _retrying(self, what: str, operation: Callable[[], Awaitable[_T]]) -> _T:
         delay = self._policy.first_backoff_seconds

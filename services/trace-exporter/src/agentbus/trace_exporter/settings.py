@@ -57,7 +57,28 @@ class TraceExporterSettings(ServiceSettings):
     first_backoff_seconds: float = Field(default=0.5, gt=0, description="First retry delay after a failed export.")
     ledger_path: Path = Field(
         default=Path(".agentbus/trace-exporter-ledger.sqlite3"),
-        description="SQLite file recording exported span ids, so a redelivered span is never exported twice.",
+        description=(
+            "SQLite file of the exported-span ledger when no database_url is set: enough for exporters on one "
+            "machine (they may share it)."
+        ),
+    )
+    database_url: str | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy async URL of the exported-span ledger shared by every replica, e.g. "
+            "postgresql+asyncpg://user:password@host:5432/trace_exporter. None: the SQLite file at ledger_path."
+        ),
+    )
+    claim_lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "How long a replica's claim on the spans it exports lasts unless renewed (before each retry); after "
+            "a crash, another replica takes the spans over once it lapsed. At least twice otlp_timeout_seconds."
+        ),
+    )
+    claim_recheck_seconds: float = Field(
+        default=1.0, gt=0, description="How often a span another replica is exporting is looked at again."
     )
     ledger_retention_hours: float = Field(
         default=8 * 24.0,
@@ -82,4 +103,12 @@ class TraceExporterSettings(ServiceSettings):
             raise ValueError("set both langfuse_public_key and langfuse_secret_key, or neither")
         if self.first_backoff_seconds > self.max_backoff_seconds:
             raise ValueError("first_backoff_seconds must not exceed max_backoff_seconds")
+        if self.claim_lease_seconds < 2 * self.otlp_timeout_seconds:
+            # A claim renewed just before a request must still hold when the request times out.
+            raise ValueError("claim_lease_seconds must be at least twice otlp_timeout_seconds")
         return self
+
+    @property
+    def ledger_url(self) -> str:
+        """The exported-span ledger's database: database_url, or the SQLite file at ledger_path."""
+        return self.database_url or f"sqlite+aiosqlite:///{self.ledger_path}"

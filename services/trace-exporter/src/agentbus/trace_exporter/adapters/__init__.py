@@ -1,1 +1,1 @@
-"""Adapters of the exporter's ports: OTLP/HTTP, JSONL and the SQLite ledger."""
+"""Adapters of the exporter's ports: OTLP/HTTP, JSONL and the SQL ledger shared by replicas."""
