@@ -1,18 +1,16 @@
 # syntax=docker/dockerfile:1.7
 # inference-worker with vLLM in its own process (AGENTBUS_WORKER_ENGINE=vllm), for NVIDIA GPU nodes:
 #   docker build -f docker/inference-worker-gpu.Dockerfile -t agentbus/inference-worker-gpu .
-# The worker package comes from the committed lock like every image here; vLLM is installed on top, pinned
-# to the 0.33 series the vllm engine is written against, with the CUDA build of torch it requires (from
-# its wheels: the host needs only the NVIDIA driver). Several GB; x86_64 only.
+# Everything comes from the committed lock, vLLM included: the worker's `gpu` extra pins vLLM 0.33 with the
+# CUDA build of torch it requires (from its wheels: the host needs only the NVIDIA driver) and the numpy
+# the whole workspace is tested with. Nothing is installed on top of the lock. Several GB; x86_64 only.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.9
-ARG VLLM_VERSION=0.33.*
 
 FROM ${UV_IMAGE} AS uv
 
 FROM ${PYTHON_IMAGE} AS build
-ARG VLLM_VERSION
 COPY --from=uv /uv /usr/local/bin/uv
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
@@ -24,9 +22,9 @@ COPY contracts ./contracts
 COPY libs ./libs
 COPY services ./services
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable --package agentbus-inference-worker
-RUN --mount=type=cache,target=/root/.cache/uv \
-    uv pip install --python /opt/venv/bin/python "vllm==${VLLM_VERSION}"
+    uv sync --frozen --no-dev --no-editable --package agentbus-inference-worker --extra gpu
+# The build log records what the image runs (the lock's versions).
+RUN /opt/venv/bin/python -c "import importlib.metadata as m; print(*(f'{p}=={m.version(p)}' for p in ('vllm', 'torch', 'numpy')))"
 
 FROM ${PYTHON_IMAGE}
 # Triton compiles small launcher stubs with the system C compiler the first time a kernel runs.
