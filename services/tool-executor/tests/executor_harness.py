@@ -13,19 +13,30 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agentbus.contracts.approvals import arguments_sha256
+from agentbus.contracts.approvals import (
+    ApprovalDecisionVerdict,
+    ApprovalsListReply,
+    ApprovalsListRequest,
+    arguments_sha256,
+)
 from agentbus.contracts.registry import (
     APPROVAL_DECISION,
     APPROVAL_PENDING,
     APPROVAL_RESOLVED,
+    APPROVAL_VERDICT,
+    APPROVALS_LIST,
     RUNNER_TOOL_UPDATES,
     TOOL_CALL,
+    TOOL_WITHDRAW,
     USAGE_RECORDED,
+    budget_subject,
 )
-from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate
+from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate, ToolCallWithdrawn
 from agentbus.tool_executor.app import ToolExecutorApp
 from agentbus.tool_executor.settings import ExecutorSettings
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -201,6 +212,57 @@ def sha(call: ToolCallRequested) -> str:
     return arguments_sha256(call.arguments)
 
 
+async def publish_withdrawal(nc: NatsClient, call: ToolCallRequested, reason: str = "task cancelled") -> None:
+    """Withdraw a call as the runner does when its task ends."""
+    withdrawal = ToolCallWithdrawn(call_id=call.call_id, task_id=call.task_id, tenant=call.tenant, reason=reason)
+    await nc.jetstream().publish(
+        TOOL_WITHDRAW.format(tenant=call.tenant),
+        withdrawal.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": f"withdraw:{call.call_id}"},
+    )
+
+
+async def list_approvals(nc: NatsClient, tenant: str, **request: Any) -> ApprovalsListReply:
+    """Ask the executor for a tenant's approvals, as an approver does."""
+    body = ApprovalsListRequest(**request).model_dump_json().encode()
+    reply = await nc.request(APPROVALS_LIST.format(tenant=tenant), body, timeout=10)
+    return ApprovalsListReply.model_validate_json(reply.data)
+
+
+class Verdicts:
+    """The verdicts on a tenant's decisions, heard live on the approvers' verdict subjects, by decision seq."""
+
+    def __init__(self, nc: NatsClient, tenant: str) -> None:
+        self._nc = nc
+        self._subject = APPROVAL_VERDICT.format(tenant=tenant, approver="*")
+        self.heard: list[tuple[str, ApprovalDecisionVerdict]] = []
+        self._changed = asyncio.Event()
+        self._sub: Subscription | None = None
+
+    async def __aenter__(self) -> Verdicts:
+        self._sub = await self._nc.subscribe(self._subject, cb=self._on_verdict)
+        await self._nc.flush()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def _on_verdict(self, msg: Msg) -> None:
+        self.heard.append((msg.subject, ApprovalDecisionVerdict.model_validate_json(msg.data)))
+        self._changed.set()
+
+    def of(self, decision_seq: int) -> list[ApprovalDecisionVerdict]:
+        return [verdict for _, verdict in self.heard if verdict.decision_seq == decision_seq]
+
+    async def wait_for(self, decision_seq: int, count: int = 1, timeout: float = 20.0) -> ApprovalDecisionVerdict:
+        async with asyncio.timeout(timeout):
+            while len(self.of(decision_seq)) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.of(decision_seq)[-1]
+
+
 class RunnerStandIn:
     """Reads ToolCallUpdates from the runner's durable consumer, as the runner would, grouped by call id."""
 
@@ -276,7 +338,7 @@ async def resolutions(nc: NatsClient, tenant: str) -> list[dict[str, Any]]:
 
 
 async def usage_records(nc: NatsClient, tenant: str) -> list[dict[str, Any]]:
-    return await stream_payloads(nc, USAGE_RECORDED.format(tenant=tenant))
+    return await stream_payloads(nc, budget_subject(USAGE_RECORDED, tenant))
 
 
 async def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> None:

@@ -8,16 +8,13 @@ from typing import Any
 import pytest
 from agentbus.contracts.approvals import arguments_sha256
 from agentbus.runtime.tool_registry import ApprovalPolicy, ToolDefinition
-from agentbus.tool_executor.domain import (
-    ApprovalRecord,
-    ApprovalStatus,
+from agentbus.tool_executor.domain import ApprovalRecord, ApprovalStatus, approval_id_for, argument_errors
+from agentbus.tool_executor.policy import (
     ApproverDirectory,
     DecisionFacts,
     Refusal,
     RuleError,
-    approval_id_for,
     approval_need,
-    argument_errors,
     check_decision,
     compile_policy,
     evaluate,
@@ -218,6 +215,7 @@ def test_a_valid_decision_passes_every_check() -> None:
         ({"now": NOW + timedelta(hours=1)}, Refusal.EXPIRED),
         ({"approver_allowed": False}, Refusal.NOT_ALLOWED),
         ({"submitted_by": "alice"}, Refusal.SELF_APPROVAL),
+        ({"submitted_by": None}, Refusal.SUBMITTER_UNKNOWN),
         ({"arguments_sha256": "0" * 64}, Refusal.ARGUMENTS_MISMATCH),
     ],
 )
@@ -230,6 +228,24 @@ def test_each_refusal(changes: dict[str, Any], refusal: Refusal) -> None:
 def test_self_approval_is_allowed_where_the_policy_says_so_and_self_denial_always() -> None:
     assert check_decision(_facts(submitted_by="alice", allow_self_approval=True)) is None
     assert check_decision(_facts(submitted_by="alice", decision="deny")) is None
+
+
+def test_an_unknown_submitter_never_counts_as_someone_else() -> None:
+    refused = check_decision(_facts(submitted_by=None))
+    assert refused is not None
+    assert refused[0] is Refusal.SUBMITTER_UNKNOWN
+    assert check_decision(_facts(submitted_by=None, allow_self_approval=True)) is None
+    assert check_decision(_facts(submitted_by=None, decision="deny")) is None, "denying is always allowed"
+
+
+def test_the_identity_checked_is_the_subjects_never_the_bodys() -> None:
+    # The body claims bob, the subject (bound to the sender by nats-server) says alice, who submitted the task.
+    refused = check_decision(_facts(subject_approver="alice", approver="bob", submitted_by="alice"))
+    assert refused is not None
+    assert refused[0] is Refusal.APPROVER_MISMATCH
+    self_approval = check_decision(_facts(subject_approver="alice", approver="alice", submitted_by="alice"))
+    assert self_approval is not None
+    assert self_approval[0] is Refusal.SELF_APPROVAL
 
 
 def test_argument_errors_are_readable_and_bounded() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from agentbus.contracts.rag import RetrievedChunk, SearchReply
 from agentbus.contracts.registry import DEAD_LETTER, EXECUTOR_CALLS, EXECUTOR_DECISIONS, RAG_SEARCH
-from agentbus.tool_executor.adapters.sql_store import tickets
+from agentbus.tool_executor.adapters.schema import tickets
 from agentbus.tool_executor.app import ToolExecutorApp
 from agentbus.tool_executor.domain import ApprovalStatus, approval_id_for
 from agentbus.tool_executor.service import DecisionOutcome
@@ -34,9 +34,8 @@ from nats.aio.msg import Msg
 
 
 async def _ticket_count(app: ToolExecutorApp, call_id: str) -> int:
-    async with app.store.engine.connect() as conn:
-        query = sa.select(sa.func.count()).select_from(tickets).where(tickets.c.call_id == call_id)
-        return int((await conn.execute(query)).scalar_one())
+    [row] = await app.store.query(sa.select(sa.func.count()).select_from(tickets).where(tickets.c.call_id == call_id))
+    return int(row[0])
 
 
 def _refused(app: ToolExecutorApp, reason: str) -> float:
@@ -287,10 +286,10 @@ async def test_a_redelivered_decision_finishes_what_it_started_and_runs_nothing_
     call = make_call("append_marker", {"path": str(marker), "sleep": 0}, tenant=tenant)
     await publish_call(own_client, call)
     await runner.wait_for(call.call_id, "approval_pending")
-    assert executor.executor is not None
+    assert executor.use_cases is not None
     payload = decision_payload(approval_id_for(call.call_id), "alice", "approve", sha(call))
-    first = await executor.executor.handle_decision(tenant, "alice", payload, 10**9)
-    again = await executor.executor.handle_decision(tenant, "alice", payload, 10**9)
+    first = await executor.use_cases.decide(tenant, "alice", payload, 10**9)
+    again = await executor.use_cases.decide(tenant, "alice", payload, 10**9)
     assert (first.outcome, again.outcome) == (DecisionOutcome.ACCEPTED, DecisionOutcome.REPLAYED)
     assert (await runner.wait_for(call.call_id, "result")).ok
     assert len(marker.read_text().splitlines()) == 1

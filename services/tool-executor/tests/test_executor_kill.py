@@ -4,7 +4,7 @@ and restart it: no approved call is lost, none runs twice, none runs without a v
 The process stops at a named point through its test-only fault setting (AGENTBUS_EXECUTOR_FAULT_PAUSE_AT),
 which writes a marker file when reached; the test then kills it there. The executor's consumers get a short
 ack_wait on this test server, so the messages the killed process held come back within seconds, and each
-test waits until both consumers have nothing pending or unacked: every redelivery has been seen.
+test waits until its consumers have nothing pending or unacked: every redelivery has been seen.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from agentbus.contracts.registry import EXECUTOR_CALLS, EXECUTOR_DECISIONS
+from agentbus.contracts.registry import EXECUTOR_CALLS, EXECUTOR_DECISIONS, EXECUTOR_WITHDRAWALS
 from agentbus.runtime.bootstrap import consumer_config
 from agentbus.runtime.server import NatsServerProcess, free_port
-from agentbus.tool_executor.adapters.sql_store import SqlApprovalStore, tickets
+from agentbus.tool_executor.adapters.schema import tickets
+from agentbus.tool_executor.adapters.sql_store import SqlApprovalStore
 from agentbus.tool_executor.domain import approval_id_for
 from executor_harness import (
     RunnerStandIn,
@@ -42,13 +44,14 @@ from executor_harness import (
 from nats.aio.client import Client as NatsClient
 
 SHORT_ACK_WAIT_SECONDS = 4.0
+EXECUTOR_CONSUMERS = (EXECUTOR_CALLS, EXECUTOR_WITHDRAWALS, EXECUTOR_DECISIONS)
 LEASE_SECONDS = 2.0
 
 
 @pytest_asyncio.fixture(scope="module")
 async def short_ack_wait(own_client: NatsClient) -> None:
     js = own_client.jetstream()
-    for spec in (EXECUTOR_CALLS, EXECUTOR_DECISIONS):
+    for spec in EXECUTOR_CONSUMERS:
         await js.add_consumer(spec.stream, consumer_config(replace(spec, ack_wait_seconds=SHORT_ACK_WAIT_SECONDS)))
 
 
@@ -113,11 +116,11 @@ class ExecutorProcess:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=20)
 
-    async def scalar(self, query: sa.Select[int]) -> int:
+    async def scalar(self, query: sa.Select[Any]) -> int:
         store = SqlApprovalStore(self.database_url)
         try:
-            async with store.engine.connect() as conn:
-                return int((await conn.execute(query)).scalar_one())
+            [row] = await store.query(query)
+            return int(row[0])
         finally:
             await store.close()
 
@@ -141,11 +144,11 @@ async def orphans() -> AsyncIterator[list[int]]:
 
 
 async def _drained(nc: NatsClient) -> None:
-    """Both executor consumers have delivered and had acked everything: no redelivery is still to come."""
+    """The executor's consumers have delivered and had acked everything: no redelivery is still to come."""
     js = nc.jetstream()
     async with asyncio.timeout(SHORT_ACK_WAIT_SECONDS * 4):
         while True:
-            infos = [await js.consumer_info(s.stream, s.durable) for s in (EXECUTOR_CALLS, EXECUTOR_DECISIONS)]
+            infos = [await js.consumer_info(s.stream, s.durable) for s in EXECUTOR_CONSUMERS]
             if all(i.num_pending == 0 and i.num_ack_pending == 0 for i in infos):
                 return
             await asyncio.sleep(0.2)

@@ -9,11 +9,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
-from agentbus.contracts.registry import EXECUTOR_CALLS, EXECUTOR_DECISIONS, Service
+from agentbus.contracts.registry import (
+    APPROVALS_LIST,
+    EXECUTOR_CALLS,
+    EXECUTOR_DECISIONS,
+    EXECUTOR_WITHDRAWALS,
+    Service,
+)
 from agentbus.runtime.consumer import AckPolicy, ConsumerRunner
 from agentbus.runtime.errors import ConfigurationError
 from agentbus.runtime.logging import get_logger
 from agentbus.runtime.metrics import ConsumerMetrics
+from agentbus.runtime.replies import ReplyServer
 from agentbus.runtime.service import BusService
 from agentbus.runtime.spans import SpanEmitter
 from agentbus.runtime.tool_registry import ToolDefinitionError, load_tool_definitions
@@ -27,10 +34,21 @@ from agentbus.tool_executor.adapters.runners import (
 )
 from agentbus.tool_executor.adapters.sql_store import SqlApprovalStore
 from agentbus.tool_executor.approvers import check_groups, load_approvers
-from agentbus.tool_executor.domain import ApproverDirectory, RuleError, compile_policy
 from agentbus.tool_executor.handlers import ExecutorHandlers
+from agentbus.tool_executor.policy import ApproverDirectory, RuleError, compile_policy
 from agentbus.tool_executor.ports import ToolRunner
-from agentbus.tool_executor.service import ExecutorMetrics, FaultPoints, LoadedTool, ToolExecutorService
+from agentbus.tool_executor.service import (
+    AcceptCall,
+    Decide,
+    ExecuteCall,
+    Executor,
+    ExecutorMetrics,
+    FaultPoints,
+    ListApprovals,
+    LoadedTool,
+    Sweep,
+    WithdrawCall,
+)
 from agentbus.tool_executor.settings import FAULT_POINTS, ExecutorSettings
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -65,38 +83,82 @@ def load_tools(
     return tools, approvers
 
 
+class UseCases:
+    """The executor's use cases, built once connected (their runners and publisher need the connection)."""
+
+    def __init__(self, executor: Executor, runners: Mapping[str, ToolRunner]) -> None:
+        self.executor = executor
+        self.execute = ExecuteCall(executor, runners)
+        self.accept = AcceptCall(executor, self.execute)
+        self.decide = Decide(executor, self.execute)
+        self.withdraw = WithdrawCall(executor)
+        self.sweep = Sweep(executor, self.execute)
+        self.list_approvals = ListApprovals(executor.store)
+
+
 class ToolExecutorApp(BusService):
-    """The executor's consumers, plus the sweep that expires approvals and resumes unfinished executions."""
+    """The executor's consumers, the approvals list it answers, and the sweep that expires approvals, resumes
+    unfinished executions and publishes what was left unpublished."""
 
     def __init__(
         self,
         settings: ExecutorSettings,
         store: SqlApprovalStore,
-        http_client: httpx.AsyncClient,
-        build: BuildService,
+        tools: dict[str, LoadedTool],
+        approvers: ApproverDirectory,
+        python_runner: PythonRunner,
         registry: CollectorRegistry,
         spans: SpanEmitter,
     ) -> None:
         self._store = store
-        self._http_client = http_client
-        self._build = build
-        self._sweep_seconds = settings.expiry_sweep_seconds
-        self.executor: ToolExecutorService | None = None
+        self._tools = tools
+        self._approvers = approvers
+        self._python_runner = python_runner
+        self._http_client = httpx.AsyncClient(follow_redirects=False)
+        self._executor_metrics = ExecutorMetrics(registry)
+        self.use_cases: UseCases | None = None
+        self._replies: ReplyServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         super().__init__(Service.TOOL_EXECUTOR, settings, self._wire, registry, spans=spans)
         self.add_health_check(lambda: self._sweeper is not None and not self._sweeper.done())
+        self.add_health_check(lambda: self._replies is not None and self._replies.serving)
 
     @property
     def store(self) -> SqlApprovalStore:
         """The executor's store (approvals, ledger, audit, tickets)."""
         return self._store
 
+    @property
+    def config(self) -> ExecutorSettings:
+        assert isinstance(self.settings, ExecutorSettings)
+        return self.settings
+
     async def _wire(self, nc: NatsClient, js: JetStreamContext, metrics: ConsumerMetrics) -> list[ConsumerRunner]:
-        await self._store.create_tables()
-        self.executor = self._build(nc, js)
-        handlers = ExecutorHandlers(self.executor)
-        concurrency = self.settings.consumer_concurrency
-        batch = min(self.settings.fetch_batch, concurrency)
+        config = self.config
+        await self._store.migrate()
+        runners: dict[str, ToolRunner] = {
+            "python": self._python_runner,
+            "shell": ShellRunner(),
+            "http": HttpRunner(self._http_client),
+            "retrieval": RetrievalRunner(nc),
+        }
+        assert self.spans is not None
+        executor = Executor(
+            self._tools,
+            self._approvers,
+            self._store,
+            JetStreamPublisher(nc, js),
+            self._executor_metrics,
+            self.spans,
+            lease_seconds=config.execution_lease_seconds,
+            faults=FaultPoints(config.fault_pause_at, config.fault_marker_dir),
+        )
+        self.use_cases = use_cases = UseCases(executor, runners)
+        handlers = ExecutorHandlers(use_cases.accept, use_cases.decide, use_cases.withdraw, use_cases.list_approvals)
+        self._replies = ReplyServer(nc, Service.TOOL_EXECUTOR.value, concurrency=config.request_concurrency)
+        await self._replies.serve(APPROVALS_LIST.wildcard, handlers.on_approvals_list)
+        concurrency = config.consumer_concurrency
+        batch = min(config.fetch_batch, concurrency)
         # Plain ACK: the ledger makes every effect idempotent on call_id (and the audit on the decision's
         # stream sequence), so a lost ack only re-delivers a message that then changes nothing.
         return [
@@ -105,6 +167,7 @@ class ToolExecutorApp(BusService):
             )
             for spec, handler in (
                 (EXECUTOR_CALLS, handlers.on_tool_call),
+                (EXECUTOR_WITHDRAWALS, handlers.on_tool_call_withdrawn),
                 (EXECUTOR_DECISIONS, handlers.on_approval_decision),
             )
         ]
@@ -118,66 +181,22 @@ class ToolExecutorApp(BusService):
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        if self.executor is not None:
-            await self.executor.cancel_resumed()
+        if self._replies is not None:
+            await self._replies.stop(self.config.drain_timeout_seconds)
+        if self.use_cases is not None:
+            await self.use_cases.execute.cancel_background()
         await super().stop()
-        if self.executor is not None:
-            await self.executor.flush_marks()
+        if self.use_cases is not None:
+            await self.use_cases.executor.flush_marks()
         await self._http_client.aclose()
         await self._store.close()
 
     async def _sweep_loop(self) -> None:
         # The first sweep runs at once: after a restart it resumes what the previous process left.
         while True:
-            if self.executor is not None:
-                try:
-                    await self.executor.sweep()
-                except Exception:
-                    _log.exception("sweep_failed")
-            await asyncio.sleep(self._sweep_seconds)
-
-
-class BuildService:
-    """Builds the service once connected (its runners and publisher need the connection)."""
-
-    def __init__(
-        self,
-        tools: dict[str, LoadedTool],
-        approvers: ApproverDirectory,
-        store: SqlApprovalStore,
-        python_runner: PythonRunner,
-        http_client: httpx.AsyncClient,
-        metrics: ExecutorMetrics,
-        spans: SpanEmitter,
-        settings: ExecutorSettings,
-    ) -> None:
-        self._tools = tools
-        self._approvers = approvers
-        self._store = store
-        self._python_runner = python_runner
-        self._http_client = http_client
-        self._metrics = metrics
-        self._spans = spans
-        self._settings = settings
-
-    def __call__(self, nc: NatsClient, js: JetStreamContext) -> ToolExecutorService:
-        runners: dict[str, ToolRunner] = {
-            "python": self._python_runner,
-            "shell": ShellRunner(),
-            "http": HttpRunner(self._http_client),
-            "retrieval": RetrievalRunner(nc),
-        }
-        return ToolExecutorService(
-            self._tools,
-            self._approvers,
-            self._store,
-            JetStreamPublisher(js),
-            runners,
-            self._metrics,
-            self._spans,
-            lease_seconds=self._settings.execution_lease_seconds,
-            faults=FaultPoints(self._settings.fault_pause_at, self._settings.fault_marker_dir),
-        )
+            if self.use_cases is not None:
+                await self.use_cases.sweep()
+            await asyncio.sleep(self.config.expiry_sweep_seconds)
 
 
 def create_app(settings: ExecutorSettings) -> ToolExecutorApp:
@@ -189,8 +208,4 @@ def create_app(settings: ExecutorSettings) -> ToolExecutorApp:
     registry = CollectorRegistry()
     spans = SpanEmitter(Service.TOOL_EXECUTOR)
     store = SqlApprovalStore(settings.database_url)
-    http_client = httpx.AsyncClient(follow_redirects=False)
-    build = BuildService(
-        tools, approvers, store, python_runner, http_client, ExecutorMetrics(registry), spans, settings
-    )
-    return ToolExecutorApp(settings, store, http_client, build, registry, spans)
+    return ToolExecutorApp(settings, store, tools, approvers, python_runner, registry, spans)

@@ -18,7 +18,7 @@ from typing import Annotated
 import yaml
 from agentbus.runtime.errors import ConfigurationError
 from agentbus.runtime.tool_registry import ANY_TENANT, ToolDefinition, field_path
-from agentbus.tool_executor.domain import ApproverDirectory
+from agentbus.tool_executor.policy import ApproverDirectory
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 _Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]

@@ -1,15 +1,27 @@
-"""The executor's ports: its store, what publishes its messages, and what runs each kind of tool."""
+"""The executor's ports: its store (units of work over the ledger), what publishes its messages, and what runs
+each kind of tool."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import sqlalchemy as sa
+from agentbus.runtime.errors import DependencyUnavailableError
 from agentbus.runtime.tool_registry import ToolDefinition
-from agentbus.tool_executor.domain import ApprovalRecord, ApprovalStatus, CallRecord, CallStatus, ToolResult
-from sqlalchemy.ext.asyncio import AsyncConnection
+from agentbus.tool_executor.domain import (
+    ApprovalRecord,
+    ApprovalStatus,
+    CallRecord,
+    CallStatus,
+    ToolResult,
+    Withdrawal,
+)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,8 @@ class StoredMessage:
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """One decision as received, accepted or refused. Append-only; one row per decision message."""
+    """One decision as received, accepted or refused. Append-only; one row per decision message, so a
+    redelivered decision finds its entry and gets the same verdict again."""
 
     message_seq: int
     tenant: str
@@ -59,7 +72,16 @@ class Resolution:
     call_status: CallStatus
     call_result: ToolResult | None
     outbox: list[OutgoingMessage]
-    audit: AuditEntry | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An execution of a call held by one executor: the owner and the attempt it claimed. A later claim of the
+    same call (a takeover after the lease lapsed) has another attempt, so a stale holder cannot record."""
+
+    call_id: str
+    owner: str
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -71,75 +93,136 @@ class Completion:
     outbox: list[OutgoingMessage] = field(default_factory=list)
 
 
-class ApprovalStore(Protocol):
-    """Read access to approvals, for the executor and for tools that list or show them (the CLI)."""
+class StoreUnavailableError(DependencyUnavailableError):
+    """The executor's database cannot be reached (down, refusing connections, locked beyond its timeout).
 
-    async def list_pending(self, tenant: str | None = None) -> list[ApprovalRecord]:
-        """Pending approvals, oldest first; of one tenant, or of all."""
+    Never a reason to give up on a call or a decision: the message waits for the database."""
+
+
+class Ledger(Protocol):
+    """The executor's records, inside one transaction of the store.
+
+    A unit of work (a function of a Ledger) runs inside the store's writer and commits with the other units
+    of its batch. It may be run a second time (when its batch has to be retried unit by unit), so it does
+    nothing but read and write through this interface and compute from what it read: metrics, logs and
+    publishing happen after the commit, from what it returned. Compare-and-set methods return False (and
+    change nothing) when the row was not in the expected state.
+    """
+
+    def call(self, call_id: str) -> CallRecord | None:
+        """A registered call, or None (never seen, or only its withdrawal was: see `withdrawal`)."""
         ...
 
-    async def get(self, approval_id: str) -> ApprovalRecord | None:
-        """One approval in any state, or None."""
+    def withdrawal(self, call_id: str) -> Withdrawal | None: ...
+
+    def approval(self, approval_id: str) -> ApprovalRecord | None: ...
+
+    def audit_entry(self, message_seq: int) -> AuditEntry | None: ...
+
+    def insert_call(self, call: CallRecord, approval: ApprovalRecord | None, outbox: list[OutgoingMessage]) -> bool:
+        """Register a new call with its approval and messages; False when its id is taken (by the call itself,
+        or by its withdrawal that arrived first)."""
         ...
 
+    def register_withdrawn(self, call: CallRecord, outbox: list[OutgoingMessage]) -> bool:
+        """Fill in a call whose withdrawal arrived before it (status WITHDRAWN); False if not in that state."""
+        ...
 
-class ExecutorStore(ApprovalStore, Protocol):
-    """The approvals, the execution ledger, the decision audit and the outbox, changed transactionally."""
+    def insert_withdrawal(self, withdrawal: Withdrawal) -> bool:
+        """Record the withdrawal of a call never seen; False when the call (or its withdrawal) exists."""
+        ...
 
-    async def get_call(self, call_id: str) -> CallRecord | None: ...
+    def mark_withdrawn(self, withdrawal: Withdrawal) -> None:
+        """Note a registered call's withdrawal (once); its status is left as it is."""
+        ...
 
-    async def get_with_call(self, approval_id: str) -> tuple[ApprovalRecord | None, CallRecord | None]: ...
-
-    async def insert_call(
-        self, call: CallRecord, approval: ApprovalRecord | None, outbox: list[OutgoingMessage]
+    def withdraw_call(
+        self, call_id: str, expected: CallStatus, result: ToolResult, outbox: list[OutgoingMessage]
     ) -> bool:
-        """Insert a new call (with its approval and messages) in one transaction; False if it exists."""
+        """Compare-and-set a call that has not started to WITHDRAWN, with its result and messages."""
         ...
 
-    async def resolve_approval(self, resolution: Resolution) -> bool:
-        """Compare-and-set a pending approval to its outcome, with the call's row, the audit entry and the
-        messages, in one transaction. False (and nothing changed) when it was no longer pending."""
+    def resolve_approval(self, resolution: Resolution) -> bool:
+        """Compare-and-set a pending approval to its outcome, with the call's row and the messages."""
         ...
 
-    async def claim(self, call_id: str, owner: str, now: datetime, lease_until: datetime) -> CallRecord | None:
-        """Take a READY call, or a RUNNING one whose lease lapsed, as RUNNING under `owner`. Returns the row as
-        it was before the claim (its status says which case it was), or None when it cannot be taken."""
+    def add_audit(self, entry: AuditEntry) -> bool:
+        """Append a decision to the audit; False when its message is audited already."""
         ...
 
-    async def renew_lease(self, call_id: str, owner: str, lease_until: datetime) -> bool: ...
+    def claim(self, call_id: str, owner: str, now: datetime, lease_until: datetime) -> CallRecord | None:
+        """Take a READY call, or a RUNNING one whose lease lapsed, as RUNNING under `owner`. Returns the row as it
+        is after the claim (`attempts` > 1 means a takeover), or None when it cannot be taken."""
+        ...
 
-    async def complete(
-        self,
-        call_id: str,
-        owner: str,
-        work: Callable[[AsyncConnection], Awaitable[Completion]],
+    def renew_lease(self, claim: Claim, lease_until: datetime) -> bool: ...
+
+    def finish(self, claim: Claim, completion: Completion) -> bool:
+        """Record how a claimed execution ended, with its messages, if the claim still holds."""
+        ...
+
+    def unpublished(
+        self, call_id: str | None = None, *, created_before: datetime | None = None, limit: int = 500
+    ) -> list[StoredMessage]: ...
+
+    def mark_published(self, msg_ids: list[str], at: datetime) -> None: ...
+
+    def due_for_expiry(self, now: datetime, limit: int = 500) -> list[ApprovalRecord]: ...
+
+    def calls_to_resume(self, now: datetime, *, ready_before: datetime, limit: int = 500) -> list[CallRecord]:
+        """Calls READY since before `ready_before`, and RUNNING ones whose lease lapsed."""
+        ...
+
+    def count_pending(self) -> int: ...
+
+    def approvals(
+        self, tenant: str, *, include_resolved: bool, approval_id: str | None = None, limit: int = 500
+    ) -> list[ApprovalRecord]:
+        """A tenant's approvals, oldest first: pending ones, or all; or the one with this id."""
+        ...
+
+    def audit_entries(self, approval_id: str | None = None) -> list[AuditEntry]: ...
+
+
+@dataclass(frozen=True)
+class EffectResult:
+    rowcount: int
+    rows: list[sa.Row[Any]]
+
+
+class EffectConnection(Protocol):
+    """The open ledger transaction, as a `transactional` python tool sees it: what it writes commits together
+    with the call's outcome, or not at all."""
+
+    async def execute(self, statement: sa.Executable) -> EffectResult: ...
+
+    def savepoint(self) -> AbstractAsyncContextManager[None]:
+        """Writes inside are undone if the block raises; the transaction goes on."""
+        ...
+
+
+class ExecutorStore(Protocol):
+    """Units of work over the ledger, group-committed by one writer."""
+
+    async def transact(self, work: Callable[[Ledger], T]) -> T:
+        """Run `work` in a transaction (shared with other units) and return its result once committed."""
+        ...
+
+    async def complete_with_effects(
+        self, claim: Claim, work: Callable[[EffectConnection], Awaitable[Completion]]
     ) -> Completion | None:
-        """Run `work` inside a transaction, then record its completion if `owner` still holds the call.
-
-        Effects `work` writes through the connection commit together with the ledger row, or not at all.
-        None (and everything rolled back) when the call is no longer this owner's."""
+        """Run `work` in a transaction of its own, then record its completion if the claim still holds; its
+        effects commit with the ledger row, or not at all. None (everything rolled back) when the claim is lost."""
         ...
-
-    async def unpublished(self, call_id: str | None = None, limit: int = 500) -> list[StoredMessage]: ...
-
-    async def mark_published(self, msg_ids: list[str]) -> None: ...
-
-    async def audit(self, entry: AuditEntry) -> None:
-        """Append a decision to the audit table; a redelivered decision adds nothing."""
-        ...
-
-    async def due_for_expiry(self, now: datetime, limit: int = 500) -> list[ApprovalRecord]: ...
-
-    async def calls_to_resume(self, now: datetime, limit: int = 500) -> list[CallRecord]:
-        """READY calls, and RUNNING ones whose lease lapsed."""
-        ...
-
-    async def count_pending(self) -> int: ...
 
 
 class Publisher(Protocol):
     async def publish(self, message: OutgoingMessage) -> None:
-        """Publish and wait for the stream's ack. The msg_id makes a repeat a no-op within the dedupe window."""
+        """Publish to a stream and wait for its ack. The msg_id makes a repeat a no-op within the dedupe window."""
+        ...
+
+    async def notify(self, subject: str, payload: str) -> None:
+        """Publish a notice on a core subject (no stream keeps it): those listening now hear it."""
         ...
 
 
@@ -159,13 +242,14 @@ class ToolInvocation:
 
 @dataclass(frozen=True)
 class ToolOutput:
-    """What a tool produced."""
+    """What a tool produced, and the usage records it caused elsewhere (a search billed by the retriever)."""
 
     ok: bool
     content: str
     error_code: str | None = None
     error_message: str | None = None
     citations: tuple[dict[str, Any], ...] = ()
+    usage_ids: tuple[str, ...] = ()
 
     @staticmethod
     def failure(code: str, message: str, content: str | None = None) -> ToolOutput:
@@ -187,11 +271,21 @@ class TransientToolError(Exception):
         self.message = message
 
 
+class ToolUnavailableError(TransientToolError):
+    """What the tool needs does not answer at all (no retriever serving, none answering in time).
+
+    A tool that is safe to run again waits for it, however long it takes, rather than failing the call."""
+
+    def __init__(self, code: str, message: str, *, waiting_for: str) -> None:
+        super().__init__(code, message)
+        self.waiting_for = waiting_for
+
+
 class ToolRunner(Protocol):
     """Runs one kind of tool."""
 
     async def run(
-        self, definition: ToolDefinition, invocation: ToolInvocation, connection: AsyncConnection | None
+        self, definition: ToolDefinition, invocation: ToolInvocation, connection: EffectConnection | None
     ) -> ToolOutput:
         """Run the call. `connection` is the open ledger transaction, for transactional python tools only."""
         ...

@@ -17,7 +17,7 @@ FAULT_POINTS = (
     "call_before_ack",
     "decision_before_ack",
 )
-"""Where `fault_pause_at` can stop the executor (see FaultPoints in service.py)."""
+"""Where `fault_pause_at` can stop the executor (see service/faults.py)."""
 
 
 class ExecutorSettings(ServiceSettings):
@@ -44,6 +44,7 @@ class ExecutorSettings(ServiceSettings):
         description="An execution's claim lasts this long and is renewed while the tool runs; a claim left by a "
         "stopped executor is taken over after it lapses.",
     )
+    request_concurrency: int = Field(default=16, ge=1, description="Approvals-list requests answered at once.")
     fault_pause_at: str | None = Field(
         default=None,
         description=f"Tests only: stop forever at this point ({', '.join(FAULT_POINTS)}) so a test can kill the "

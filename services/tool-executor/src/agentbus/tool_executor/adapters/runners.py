@@ -19,13 +19,19 @@ from agentbus.contracts.registry import RAG_SEARCH, Header
 from agentbus.runtime.errors import ConfigurationError
 from agentbus.runtime.tool_registry import SecretHeader, ToolDefinition
 from agentbus.tool_executor.adapters.sandbox import SandboxLimits, run_sandboxed
-from agentbus.tool_executor.ports import ToolInvocation, ToolOutput, TransientToolError
+from agentbus.tool_executor.ports import (
+    EffectConnection,
+    ToolInvocation,
+    ToolOutput,
+    ToolUnavailableError,
+    TransientToolError,
+)
 from nats.aio.client import Client as NatsClient
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 MAX_CONTENT_CHARS = 16_000
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+RETRIEVER = "the retriever"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -67,7 +73,7 @@ class PythonToolContext:
 
     invocation: ToolInvocation
     options: Mapping[str, Any]
-    connection: AsyncConnection | None
+    connection: EffectConnection | None
     """The ledger's open transaction, for `transactional: true` tools: write through it to commit with it."""
     timeout_seconds: float
 
@@ -108,7 +114,7 @@ class PythonRunner:
         self.callables[definition.name] = resolve_callable(definition)
 
     async def run(
-        self, definition: ToolDefinition, invocation: ToolInvocation, connection: AsyncConnection | None
+        self, definition: ToolDefinition, invocation: ToolInvocation, connection: EffectConnection | None
     ) -> ToolOutput:
         assert definition.python is not None
         context = PythonToolContext(invocation, definition.python.options, connection, definition.timeout_seconds)
@@ -126,7 +132,7 @@ class ShellRunner:
     """Runs `shell.command` with the arguments substituted, in the sandbox."""
 
     async def run(
-        self, definition: ToolDefinition, invocation: ToolInvocation, connection: AsyncConnection | None
+        self, definition: ToolDefinition, invocation: ToolInvocation, connection: EffectConnection | None
     ) -> ToolOutput:
         assert definition.shell is not None
         config = definition.shell
@@ -173,7 +179,7 @@ class HttpRunner:
         self._environ = environ if environ is not None else os.environ
 
     async def run(
-        self, definition: ToolDefinition, invocation: ToolInvocation, connection: AsyncConnection | None
+        self, definition: ToolDefinition, invocation: ToolInvocation, connection: EffectConnection | None
     ) -> ToolOutput:
         assert definition.http is not None
         config = definition.http
@@ -236,13 +242,18 @@ def format_citations(chunks: list[dict[str, Any]]) -> str:
 
 
 class RetrievalRunner:
-    """Searches the tenant's knowledge base through the retriever (core NATS request/reply)."""
+    """Searches the tenant's knowledge base through the retriever (core NATS request/reply).
+
+    The search is billed by the retriever once per call id (its `request_id`), so asking again after a search
+    that got no answer bills nothing twice. A retriever that is not serving, or does not answer in time, is
+    reported as unavailable: the executor waits for it.
+    """
 
     def __init__(self, nc: NatsClient) -> None:
         self._nc = nc
 
     async def run(
-        self, definition: ToolDefinition, invocation: ToolInvocation, connection: AsyncConnection | None
+        self, definition: ToolDefinition, invocation: ToolInvocation, connection: EffectConnection | None
     ) -> ToolOutput:
         assert definition.retrieval is not None
         config = definition.retrieval
@@ -256,6 +267,8 @@ class RetrievalRunner:
                 query=query,
                 top_k=top_k if isinstance(top_k, int) else config.top_k,
                 mode=config.mode,
+                request_id=invocation.call_id,
+                task_id=invocation.task_id,
             )
         except ValidationError as exc:
             return ToolOutput.failure("invalid_arguments", str(exc.errors()[0]["msg"]))
@@ -268,9 +281,13 @@ class RetrievalRunner:
                 headers=headers,
             )
         except nats.errors.NoRespondersError as exc:
-            raise TransientToolError("retriever_unavailable", "no retriever is serving searches") from exc
+            raise ToolUnavailableError(
+                "retriever_unavailable", "no retriever is serving searches", waiting_for=RETRIEVER
+            ) from exc
         except (nats.errors.TimeoutError, TimeoutError) as exc:
-            raise TransientToolError("timeout", "the retriever did not answer in time") from exc
+            raise ToolUnavailableError(
+                "timeout", "the retriever did not answer in time", waiting_for=RETRIEVER
+            ) from exc
         try:
             reply = SearchReply.model_validate_json(msg.data)
         except ValidationError as exc:
@@ -278,4 +295,5 @@ class RetrievalRunner:
         if reply.error is not None:
             return ToolOutput.failure(reply.error.code, reply.error.message)
         chunks = [chunk.model_dump(mode="json") for chunk in reply.chunks]
-        return ToolOutput(True, _clip(format_citations(chunks)), citations=tuple(chunks))
+        usage = (reply.usage_id,) if reply.usage_id else ()
+        return ToolOutput(True, _clip(format_citations(chunks)), citations=tuple(chunks), usage_ids=usage)

@@ -1,154 +1,124 @@
-"""The executor's SQL store (SQLAlchemy async Core): approvals, the execution ledger, the decision audit,
-the outbox, and the tickets table of the `create_ticket` built-in. SQLite by default, Postgres in production.
+"""The executor's SQL store: approvals, the execution ledger, the decision audit, the outbox and the tickets of
+the `create_ticket` built-in. SQLite by default, Postgres (asyncpg) in production; Alembic migrations.
 
-Every state change is a compare-and-set (`UPDATE ... WHERE status = <expected>`) in one transaction with the
-messages it must publish (the outbox), so two decisions can never both win and nothing is published about a
-change that did not commit.
+One writer connection per store, group commit
+---------------------------------------------
+Every read and write is a unit of work (a function of a `Ledger`) handed to one writer, which owns the
+store's only connection. The writer takes every unit queued while its previous transaction committed and
+runs them together in one transaction: many decisions, claims and completions share one commit (one fsync)
+instead of paying one each. A unit's result is returned only after its transaction committed, so nothing is
+published about a change that might still be lost. If a batch fails, it is rolled back and each of its units
+runs again in a transaction of its own, so one bad unit fails alone. On SQLite the whole batch runs in the
+writer's own thread (one hop from the event loop per batch, not per statement); on Postgres it runs on one
+asyncpg connection.
+
+Every state change is a compare-and-set (`UPDATE ... WHERE status = <expected>`), so two decisions can never
+both win, even between executors sharing a database, and the statements of the hot paths are Core
+statements built once per store (their compiled form is cached), not the ORM.
+
+A database that cannot be reached raises `StoreUnavailableError`: the message being handled waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import sqlite3
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
+from agentbus.runtime.logging import get_logger
+from agentbus.tool_executor.adapters.schema import approvals, calls, decision_audit, metadata, outbox
 from agentbus.tool_executor.domain import (
     ApprovalRecord,
     ApprovalStatus,
     CallRecord,
     CallStatus,
     ToolResult,
+    Withdrawal,
 )
-from agentbus.tool_executor.ports import AuditEntry, Completion, OutgoingMessage, Resolution, StoredMessage
+from agentbus.tool_executor.ports import (
+    AuditEntry,
+    Claim,
+    Completion,
+    EffectConnection,
+    EffectResult,
+    Ledger,
+    OutgoingMessage,
+    Resolution,
+    StoredMessage,
+    StoreUnavailableError,
+)
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+_log = get_logger(__name__)
+
+T = TypeVar("T")
+
 MAX_AUDIT_PAYLOAD = 4096
+MAX_BATCH_UNITS = 256
+MIGRATIONS = "agentbus.tool_executor:migrations"
+BASELINE_REVISION = "0001"
+"""The schema as `metadata.create_all` made it before migrations existed: such a database is stamped with it."""
+# Any constant works: it only has to be the same for every replica running migrations at start-up.
+MIGRATION_LOCK_KEY = 0x746F6F6C
+_RETRIES_PER_UNIT = 3
+_POSTGRES_CONNECT_TIMEOUT_SECONDS = 10.0
+# Postgres: connection exception, insufficient resources, operator intervention (shutdown, cannot connect now),
+# a database that does not accept connections.
+_OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
+_OUTAGE_SQLSTATES = frozenset({"55000", "3D000"})
+# Postgres: deadlock, serialization failure: the unit runs again.
+_CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+_SQLITE_OUTAGE_MESSAGES = ("locked", "busy", "disk i/o", "unable to open", "disk is full", "readonly")
 
 
-class UtcDateTime(sa.TypeDecorator[datetime]):
-    """Timestamps stored as naive UTC (comparable in SQL on every backend), read back timezone-aware."""
-
-    impl = sa.DateTime
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
+def _sqlstate(error: BaseException | None) -> str | None:
+    state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    return state if isinstance(state, str) else None
 
 
-_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-metadata = sa.MetaData()
-
-calls = sa.Table(
-    "tool_calls",
-    metadata,
-    sa.Column("call_id", sa.String(160), primary_key=True),
-    sa.Column("tool_call_id", sa.String(200), nullable=False),
-    sa.Column("tenant", sa.String(64), nullable=False),
-    sa.Column("task_id", sa.String(64), nullable=False),
-    sa.Column("agent", sa.String(64), nullable=False),
-    sa.Column("tool", sa.String(128), nullable=False),
-    sa.Column("step", sa.Integer, nullable=False),
-    sa.Column("arguments", sa.JSON, nullable=False),
-    sa.Column("submitted_by", sa.String(64)),
-    sa.Column("status", sa.String(32), nullable=False, index=True),
-    sa.Column("approval_id", sa.String(64)),
-    sa.Column("traceparent", sa.String(64)),
-    sa.Column("lease_owner", sa.String(64)),
-    sa.Column("lease_until", UtcDateTime),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("result", sa.JSON),
-    sa.Column("created_at", UtcDateTime, nullable=False),
-    sa.Column("updated_at", UtcDateTime, nullable=False),
-)
-
-approvals = sa.Table(
-    "approvals",
-    metadata,
-    sa.Column("approval_id", sa.String(64), primary_key=True),
-    sa.Column("call_id", sa.String(160), nullable=False, unique=True),
-    sa.Column("tenant", sa.String(64), nullable=False, index=True),
-    sa.Column("task_id", sa.String(64), nullable=False),
-    sa.Column("agent", sa.String(64), nullable=False),
-    sa.Column("tool", sa.String(128), nullable=False),
-    sa.Column("arguments", sa.JSON, nullable=False),
-    sa.Column("arguments_sha256", sa.String(64), nullable=False),
-    sa.Column("risk", sa.String(16), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("requested_by", sa.String(64)),
-    sa.Column("requested_at", UtcDateTime, nullable=False),
-    sa.Column("expires_at", UtcDateTime, nullable=False, index=True),
-    sa.Column("status", sa.String(16), nullable=False, index=True),
-    sa.Column("decided_by", sa.String(64)),
-    sa.Column("decided_at", UtcDateTime),
-    sa.Column("decision_reason", sa.Text),
-    sa.Column("decision_seq", sa.BigInteger),
-)
-
-decision_audit = sa.Table(
-    "approval_decision_audit",
-    metadata,
-    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
-    sa.Column("message_seq", sa.BigInteger, nullable=False, unique=True),
-    sa.Column("received_at", UtcDateTime, nullable=False),
-    sa.Column("tenant", sa.String(64), nullable=False),
-    sa.Column("subject_approver", sa.String(64), nullable=False),
-    sa.Column("approver", sa.String(64)),
-    sa.Column("approval_id", sa.String(64), index=True),
-    sa.Column("decision", sa.String(16)),
-    sa.Column("outcome", sa.String(16), nullable=False),
-    sa.Column("reason_code", sa.String(32)),
-    sa.Column("detail", sa.Text),
-    sa.Column("payload", sa.Text),
-)
-
-outbox = sa.Table(
-    "outbox",
-    metadata,
-    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
-    sa.Column("call_id", sa.String(160), nullable=False, index=True),
-    sa.Column("subject", sa.String(255), nullable=False),
-    sa.Column("msg_id", sa.String(255), nullable=False, unique=True),
-    sa.Column("payload", sa.Text, nullable=False),
-    sa.Column("traceparent", sa.String(64)),
-    sa.Column("created_at", UtcDateTime, nullable=False),
-    sa.Column("published_at", UtcDateTime, index=True),
-)
-
-tickets = sa.Table(
-    "tickets",
-    metadata,
-    sa.Column("ticket_id", sa.String(32), primary_key=True),
-    sa.Column("call_id", sa.String(160), nullable=False, unique=True),
-    sa.Column("tenant", sa.String(64), nullable=False, index=True),
-    sa.Column("task_id", sa.String(64), nullable=False),
-    sa.Column("title", sa.String(200), nullable=False),
-    sa.Column("priority", sa.String(16), nullable=False),
-    sa.Column("description", sa.Text, nullable=False),
-    sa.Column("created_at", UtcDateTime, nullable=False),
-)
+def is_outage(error: BaseException) -> bool:
+    """Whether `error` says the database cannot be used right now (rather than that a statement is wrong)."""
+    if isinstance(error, StoreUnavailableError | OSError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(error, sa.exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        original = error.orig
+        if isinstance(original, sqlite3.OperationalError):
+            text = str(original).lower()
+            return any(marker in text for marker in _SQLITE_OUTAGE_MESSAGES)
+        state = _sqlstate(original)
+        if state is not None:
+            return state[:2] in _OUTAGE_SQLSTATE_CLASSES or state in _OUTAGE_SQLSTATES
+        # asyncpg reports a closed or broken connection without a SQLSTATE.
+        return isinstance(error, sa.exc.InterfaceError | sa.exc.OperationalError)
+    return False
 
 
-class _NotOwnerError(Exception):
-    """Rolls back a completion whose call is no longer this owner's."""
+def _is_conflict(error: BaseException) -> bool:
+    return isinstance(error, sa.exc.DBAPIError) and _sqlstate(error.orig) in _CONFLICT_SQLSTATES
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+def _unavailable(error: BaseException) -> StoreUnavailableError:
+    if isinstance(error, StoreUnavailableError):
+        return error
+    return StoreUnavailableError(f"the executor's database is unavailable: {type(error).__name__}: {error}")
+
+
+# --- rows and records ------------------------------------------------------------------------------------
 
 
 def _result_to_json(result: ToolResult | None) -> dict[str, Any] | None:
@@ -163,10 +133,9 @@ def _result_to_json(result: ToolResult | None) -> dict[str, Any] | None:
     }
 
 
-def _result_from_json(value: Any) -> ToolResult | None:
-    if not value:
+def _result_from_json(data: Any) -> ToolResult | None:
+    if not data:
         return None
-    data = json.loads(value) if isinstance(value, str) else value
     return ToolResult(
         ok=bool(data["ok"]),
         content=str(data["content"]),
@@ -174,10 +143,6 @@ def _result_from_json(value: Any) -> ToolResult | None:
         error_message=data.get("error_message"),
         citations=tuple(data.get("citations") or ()),
     )
-
-
-def _json_value(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
 
 
 def _approval(row: sa.Row[Any]) -> ApprovalRecord:
@@ -189,7 +154,7 @@ def _approval(row: sa.Row[Any]) -> ApprovalRecord:
         task_id=m["task_id"],
         agent=m["agent"],
         tool=m["tool"],
-        arguments=_json_value(m["arguments"]),
+        arguments=m["arguments"],
         arguments_sha256=m["arguments_sha256"],
         risk=m["risk"],
         reason=m["reason"],
@@ -204,8 +169,17 @@ def _approval(row: sa.Row[Any]) -> ApprovalRecord:
     )
 
 
-def _call(row: sa.Row[Any]) -> CallRecord:
+def _withdrawal(row: sa.Row[Any]) -> Withdrawal | None:
     m = row._mapping
+    if m["withdrawn_at"] is None:
+        return None
+    return Withdrawal(m["call_id"], m["tenant"], m["task_id"], m["withdrawn_reason"] or "", m["withdrawn_at"])
+
+
+def _call(row: sa.Row[Any]) -> CallRecord | None:
+    m = row._mapping
+    if m["tool"] is None:
+        return None  # known only from its withdrawal
     return CallRecord(
         call_id=m["call_id"],
         tool_call_id=m["tool_call_id"],
@@ -214,7 +188,7 @@ def _call(row: sa.Row[Any]) -> CallRecord:
         agent=m["agent"],
         tool=m["tool"],
         step=m["step"],
-        arguments=_json_value(m["arguments"]),
+        arguments=m["arguments"],
         submitted_by=m["submitted_by"],
         status=CallStatus(m["status"]),
         approval_id=m["approval_id"],
@@ -224,338 +198,388 @@ def _call(row: sa.Row[Any]) -> CallRecord:
         lease_until=m["lease_until"],
         attempts=m["attempts"],
         result=_result_from_json(m["result"]),
+        withdrawn=_withdrawal(row),
     )
 
 
-class SqlApprovalStore:
-    """The executor's store on any SQLAlchemy async URL (`sqlite+aiosqlite:///path`, `postgresql+asyncpg://...`).
+def _audit(row: sa.Row[Any]) -> AuditEntry:
+    return AuditEntry(**{k: v for k, v in row._mapping.items() if k != "id"})
 
-    Public read API for other tools (the approvals CLI): `list_pending(tenant=None)` and `get(approval_id)`,
-    returning `ApprovalRecord`s. Call `create_tables()` once (idempotent) and `close()` at the end.
-    """
 
-    def __init__(self, database_url: str, *, echo: bool = False) -> None:
-        url = make_url(database_url)
-        self._sqlite = url.get_backend_name() == "sqlite"
-        if self._sqlite and url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        self._engine: AsyncEngine = create_async_engine(
-            url, echo=echo, **({"connect_args": {"timeout": 30}} if self._sqlite else {"pool_pre_ping": True})
+def _call_values(call: CallRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "call_id": call.call_id,
+        "tool_call_id": call.tool_call_id,
+        "tenant": call.tenant,
+        "task_id": call.task_id,
+        "agent": call.agent,
+        "tool": call.tool,
+        "step": call.step,
+        "arguments": call.arguments,
+        "submitted_by": call.submitted_by,
+        "status": call.status.value,
+        "approval_id": call.approval_id,
+        "traceparent": call.traceparent,
+        "attempts": 0,
+        "result": _result_to_json(call.result),
+        "created_at": call.created_at,
+        "updated_at": now,
+    }
+
+
+# --- the statements --------------------------------------------------------------------------------------
+
+
+def _where_call(*conditions: sa.ColumnElement[bool]) -> list[sa.ColumnElement[bool]]:
+    # Bound parameters in WHERE clauses of UPDATEs are named b_*: the column names are the SET parameters.
+    return [calls.c.call_id == sa.bindparam("b_call_id"), *conditions]
+
+
+class _Statements:
+    """Every statement the store runs, built once for its dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        insert = sqlite.insert if dialect.name == "sqlite" else postgresql.insert
+        c, a, d, o = calls.c, approvals.c, decision_audit.c, outbox.c
+        running = CallStatus.RUNNING.value
+        self.call = sa.select(calls).where(c.call_id == sa.bindparam("call_id"))
+        self.approval = sa.select(approvals).where(a.approval_id == sa.bindparam("approval_id"))
+        self.audit_entry = sa.select(decision_audit).where(d.message_seq == sa.bindparam("message_seq"))
+        self.insert_call = insert(calls).on_conflict_do_nothing(index_elements=["call_id"])
+        self.insert_approval = approvals.insert()
+        self.insert_withdrawal = insert(calls).on_conflict_do_nothing(index_elements=["call_id"])
+        self.register_withdrawn = calls.update().where(
+            *_where_call(c.status == CallStatus.WITHDRAWN.value, c.tool.is_(None))
         )
-        # One SQLite writer at a time in this process: waiting on a lock is cheaper than sqlite's busy polling.
-        self._sqlite_lock = asyncio.Lock() if self._sqlite else None
-        if self._sqlite:
-            self._configure_sqlite()
-
-    def _configure_sqlite(self) -> None:
-        @sa.event.listens_for(self._engine.sync_engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            # WAL lets readers in other processes proceed during a write; BEGIN IMMEDIATE (below) takes the
-            # write lock up front so two processes never deadlock upgrading read locks.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.close()
-
-        @sa.event.listens_for(self._engine.sync_engine, "begin")
-        def _on_begin(connection: Any) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    @property
-    def engine(self) -> AsyncEngine:
-        return self._engine
-
-    async def create_tables(self) -> None:
-        """Create every table that does not exist yet."""
-        async with self._transaction() as conn:
-            await conn.run_sync(metadata.create_all)
-
-    async def close(self) -> None:
-        await self._engine.dispose()
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        if self._sqlite_lock is None:
-            async with self._engine.begin() as conn:
-                yield conn
-            return
-        async with self._sqlite_lock, self._engine.begin() as conn:
-            yield conn
-
-    def _insert(self, table: sa.Table) -> Any:
-        return (sqlite.insert if self._sqlite else postgresql.insert)(table)
-
-    # --- reads -------------------------------------------------------------------------------------
-
-    async def list_pending(self, tenant: str | None = None) -> list[ApprovalRecord]:
-        query = sa.select(approvals).where(approvals.c.status == ApprovalStatus.PENDING.value)
-        if tenant is not None:
-            query = query.where(approvals.c.tenant == tenant)
-        async with self._transaction() as conn:
-            rows = (await conn.execute(query.order_by(approvals.c.requested_at, approvals.c.approval_id))).all()
-        return [_approval(row) for row in rows]
-
-    async def get(self, approval_id: str) -> ApprovalRecord | None:
-        async with self._transaction() as conn:
-            row = (await conn.execute(sa.select(approvals).where(approvals.c.approval_id == approval_id))).first()
-        return None if row is None else _approval(row)
-
-    async def get_with_call(self, approval_id: str) -> tuple[ApprovalRecord | None, CallRecord | None]:
-        """An approval and its call, read together."""
-        async with self._transaction() as conn:
-            row = (await conn.execute(sa.select(approvals).where(approvals.c.approval_id == approval_id))).first()
-            if row is None:
-                return None, None
-            call = (await conn.execute(sa.select(calls).where(calls.c.call_id == row.call_id))).first()
-        return _approval(row), None if call is None else _call(call)
-
-    async def get_call(self, call_id: str) -> CallRecord | None:
-        async with self._transaction() as conn:
-            row = (await conn.execute(sa.select(calls).where(calls.c.call_id == call_id))).first()
-        return None if row is None else _call(row)
-
-    async def count_pending(self) -> int:
-        query = sa.select(sa.func.count()).select_from(approvals).where(approvals.c.status == "pending")
-        async with self._transaction() as conn:
-            return int((await conn.execute(query)).scalar_one())
-
-    async def audit_entries(self, approval_id: str | None = None) -> list[AuditEntry]:
-        """The decision audit, oldest first; of one approval, or all."""
-        query = sa.select(decision_audit).order_by(decision_audit.c.id)
-        if approval_id is not None:
-            query = query.where(decision_audit.c.approval_id == approval_id)
-        async with self._transaction() as conn:
-            rows = (await conn.execute(query)).all()
-        return [AuditEntry(**{k: v for k, v in row._mapping.items() if k != "id"}) for row in rows]
-
-    # --- writes ------------------------------------------------------------------------------------
-
-    async def insert_call(
-        self, call: CallRecord, approval: ApprovalRecord | None, outbox_messages: list[OutgoingMessage]
-    ) -> bool:
-        now = _now()
-        async with self._transaction() as conn:
-            inserted = await conn.execute(
-                self._insert(calls)
-                .values(
-                    call_id=call.call_id,
-                    tool_call_id=call.tool_call_id,
-                    tenant=call.tenant,
-                    task_id=call.task_id,
-                    agent=call.agent,
-                    tool=call.tool,
-                    step=call.step,
-                    arguments=call.arguments,
-                    submitted_by=call.submitted_by,
-                    status=call.status.value,
-                    approval_id=call.approval_id,
-                    traceparent=call.traceparent,
-                    attempts=0,
-                    result=_result_to_json(call.result),
-                    created_at=call.created_at,
-                    updated_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["call_id"])
+        self.mark_withdrawn = calls.update().where(*_where_call(c.withdrawn_at.is_(None)))
+        self.withdraw_call = calls.update().where(*_where_call(c.status == sa.bindparam("b_expected")))
+        self.resolve_approval = (
+            approvals.update()
+            .where(
+                a.approval_id == sa.bindparam("b_approval_id"),
+                a.status == ApprovalStatus.PENDING.value,
             )
-            if inserted.rowcount != 1:
-                return False
-            if approval is not None:
-                await conn.execute(
-                    approvals.insert().values(
-                        approval_id=approval.approval_id,
-                        call_id=approval.call_id,
-                        tenant=approval.tenant,
-                        task_id=approval.task_id,
-                        agent=approval.agent,
-                        tool=approval.tool,
-                        arguments=approval.arguments,
-                        arguments_sha256=approval.arguments_sha256,
-                        risk=approval.risk,
-                        reason=approval.reason,
-                        requested_by=approval.requested_by,
-                        requested_at=approval.requested_at,
-                        expires_at=approval.expires_at,
-                        status=approval.status.value,
-                    )
-                )
-            await self._add_outbox(conn, call.call_id, outbox_messages, now)
-        return True
-
-    async def resolve_approval(self, resolution: Resolution) -> bool:
-        async with self._transaction() as conn:
-            changed = await conn.execute(
-                approvals.update()
-                .where(
-                    approvals.c.approval_id == resolution.approval_id,
-                    approvals.c.status == ApprovalStatus.PENDING.value,
-                )
-                .values(
-                    status=resolution.status.value,
-                    decided_by=resolution.by,
-                    decided_at=resolution.at,
-                    decision_reason=resolution.reason,
-                    decision_seq=resolution.decision_seq,
-                )
-                .returning(approvals.c.call_id)
-            )
-            call_id = changed.scalar_one_or_none()
-            if call_id is None:
-                return False
-            await conn.execute(
-                calls.update()
-                .where(calls.c.call_id == call_id, calls.c.status == CallStatus.AWAITING_APPROVAL.value)
-                .values(
-                    status=resolution.call_status.value,
-                    result=_result_to_json(resolution.call_result),
-                    updated_at=resolution.at,
+            .returning(a.call_id)
+        )
+        self.resolve_call = calls.update().where(*_where_call(c.status == CallStatus.AWAITING_APPROVAL.value))
+        self.insert_audit = insert(decision_audit).on_conflict_do_nothing(index_elements=["message_seq"])
+        # One statement takes the call: concurrent claims (other executors) re-check the row and find it taken.
+        self.claim = (
+            calls.update()
+            .where(
+                *_where_call(
+                    c.tool.is_not(None),
+                    sa.or_(
+                        c.status == CallStatus.READY.value,
+                        sa.and_(c.status == running, c.lease_until <= sa.bindparam("b_now")),
+                    ),
                 )
             )
-            if resolution.audit is not None:
-                await self._add_audit(conn, resolution.audit)
-            await self._add_outbox(conn, call_id, resolution.outbox, resolution.at)
-        return True
-
-    async def claim(self, call_id: str, owner: str, now: datetime, lease_until: datetime) -> CallRecord | None:
-        async with self._transaction() as conn:
-            row = (await conn.execute(sa.select(calls).where(calls.c.call_id == call_id))).first()
-            if row is None:
-                return None
-            before = _call(row)
-            takeable = before.status is CallStatus.READY or (
-                before.status is CallStatus.RUNNING and before.lease_until is not None and before.lease_until <= now
+            .values(
+                status=running,
+                lease_owner=sa.bindparam("b_owner"),
+                lease_until=sa.bindparam("b_lease_until"),
+                attempts=c.attempts + 1,
+                updated_at=sa.bindparam("b_now"),
             )
-            if not takeable:
-                return None
-            changed = await conn.execute(
-                calls.update()
-                .where(
-                    calls.c.call_id == call_id,
-                    calls.c.status == before.status.value,
-                    # The owner and lease it had, so a concurrent claim of the same row cannot also win.
-                    calls.c.lease_owner.is_(None)
-                    if before.lease_owner is None
-                    else calls.c.lease_owner == before.lease_owner,
-                    calls.c.attempts == before.attempts,
-                )
-                .values(
-                    status=CallStatus.RUNNING.value,
-                    lease_owner=owner,
-                    lease_until=lease_until,
-                    attempts=before.attempts + 1,
-                    updated_at=now,
-                )
+            .returning(*calls.c)
+        )
+        held = _where_call(
+            c.status == running, c.lease_owner == sa.bindparam("b_owner"), c.attempts == sa.bindparam("b_attempt")
+        )
+        self.renew_lease = calls.update().where(*held)
+        self.finish = calls.update().where(*held)
+        self.insert_outbox = outbox.insert()
+        unpublished = sa.select(outbox).where(o.published_at.is_(None))
+        self.unpublished = {
+            (by_call, by_age): unpublished.where(
+                *([o.call_id == sa.bindparam("call_id")] if by_call else []),
+                *([o.created_at <= sa.bindparam("created_before")] if by_age else []),
             )
-            return before if changed.rowcount == 1 else None
-
-    async def renew_lease(self, call_id: str, owner: str, lease_until: datetime) -> bool:
-        async with self._transaction() as conn:
-            changed = await conn.execute(
-                calls.update()
-                .where(
-                    calls.c.call_id == call_id,
-                    calls.c.status == CallStatus.RUNNING.value,
-                    calls.c.lease_owner == owner,
-                )
-                .values(lease_until=lease_until)
-            )
-        return changed.rowcount == 1
-
-    async def complete(
-        self,
-        call_id: str,
-        owner: str,
-        work: Callable[[AsyncConnection], Awaitable[Completion]],
-    ) -> Completion | None:
-        try:
-            async with self._transaction() as conn:
-                completion = await work(conn)
-                now = _now()
-                changed = await conn.execute(
-                    calls.update()
-                    .where(
-                        calls.c.call_id == call_id,
-                        calls.c.status == CallStatus.RUNNING.value,
-                        calls.c.lease_owner == owner,
-                    )
-                    .values(
-                        status=completion.status.value,
-                        result=_result_to_json(completion.result),
-                        lease_owner=None,
-                        lease_until=None,
-                        updated_at=now,
-                    )
-                )
-                if changed.rowcount != 1:
-                    raise _NotOwnerError
-                await self._add_outbox(conn, call_id, completion.outbox, now)
-        except _NotOwnerError:
-            return None
-        return completion
-
-    async def audit(self, entry: AuditEntry) -> None:
-        async with self._transaction() as conn:
-            await self._add_audit(conn, entry)
-
-    async def unpublished(self, call_id: str | None = None, limit: int = 500) -> list[StoredMessage]:
-        query = sa.select(outbox).where(outbox.c.published_at.is_(None))
-        if call_id is not None:
-            query = query.where(outbox.c.call_id == call_id)
-        async with self._transaction() as conn:
-            rows = (await conn.execute(query.order_by(outbox.c.id).limit(limit))).all()
-        return [
-            StoredMessage(
-                id=row.id,
-                call_id=row.call_id,
-                message=OutgoingMessage(row.subject, row.msg_id, row.payload, row.traceparent),
-            )
-            for row in rows
-        ]
-
-    async def mark_published(self, msg_ids: list[str]) -> None:
-        if not msg_ids:
-            return
-        async with self._transaction() as conn:
-            await conn.execute(
-                outbox.update()
-                .where(outbox.c.msg_id.in_(msg_ids), outbox.c.published_at.is_(None))
-                .values(published_at=_now())
-            )
-
-    async def due_for_expiry(self, now: datetime, limit: int = 500) -> list[ApprovalRecord]:
-        query = (
+            .order_by(o.id)
+            .limit(sa.bindparam("limit"))
+            for by_call in (False, True)
+            for by_age in (False, True)
+        }
+        self.mark_published = (
+            outbox.update()
+            .where(o.msg_id.in_(sa.bindparam("msg_ids", expanding=True)), o.published_at.is_(None))
+            .values(published_at=sa.bindparam("at"))
+        )
+        self.due_for_expiry = (
             sa.select(approvals)
-            .where(approvals.c.status == ApprovalStatus.PENDING.value, approvals.c.expires_at <= now)
-            .order_by(approvals.c.expires_at)
-            .limit(limit)
+            .where(a.status == ApprovalStatus.PENDING.value, a.expires_at <= sa.bindparam("now"))
+            .order_by(a.expires_at)
+            .limit(sa.bindparam("limit"))
         )
-        async with self._transaction() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_approval(row) for row in rows]
-
-    async def calls_to_resume(self, now: datetime, limit: int = 500) -> list[CallRecord]:
-        query = (
+        self.calls_to_resume = (
             sa.select(calls)
             .where(
+                c.tool.is_not(None),
                 sa.or_(
-                    calls.c.status == CallStatus.READY.value,
-                    sa.and_(calls.c.status == CallStatus.RUNNING.value, calls.c.lease_until <= now),
-                )
+                    sa.and_(c.status == CallStatus.READY.value, c.updated_at <= sa.bindparam("ready_before")),
+                    sa.and_(c.status == running, c.lease_until <= sa.bindparam("now")),
+                ),
             )
-            .order_by(calls.c.created_at)
-            .limit(limit)
+            .order_by(c.created_at)
+            .limit(sa.bindparam("limit"))
         )
-        async with self._transaction() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_call(row) for row in rows]
+        self.count_pending = (
+            sa.select(sa.func.count()).select_from(approvals).where(a.status == ApprovalStatus.PENDING.value)
+        )
+        listed = sa.select(approvals).where(a.tenant == sa.bindparam("tenant"))
+        order = (a.requested_at, a.approval_id)
+        self.approvals_pending = (
+            listed.where(a.status == ApprovalStatus.PENDING.value).order_by(*order).limit(sa.bindparam("limit"))
+        )
+        self.approvals_all = listed.order_by(*order).limit(sa.bindparam("limit"))
+        self.approval_of_tenant = listed.where(a.approval_id == sa.bindparam("approval_id"))
+        self.audit_all = sa.select(decision_audit).order_by(d.id)
+        self.audit_of_approval = self.audit_all.where(d.approval_id == sa.bindparam("approval_id"))
 
-    async def _add_outbox(
-        self, conn: AsyncConnection, call_id: str, messages: list[OutgoingMessage], now: datetime
-    ) -> None:
+
+class SqlLedger:
+    """The `Ledger` on one connection inside the writer's transaction."""
+
+    def __init__(self, connection: sa.Connection, statements: _Statements) -> None:
+        self._conn = connection
+        self._s = statements
+
+    def _first(self, statement: sa.Executable, **params: Any) -> sa.Row[Any] | None:
+        return self._conn.execute(statement, params).first()
+
+    def _all(self, statement: sa.Executable, **params: Any) -> list[sa.Row[Any]]:
+        return list(self._conn.execute(statement, params).all())
+
+    def _changed(self, statement: sa.Executable, params: dict[str, Any]) -> bool:
+        return self._conn.execute(statement, params).rowcount == 1
+
+    def call(self, call_id: str) -> CallRecord | None:
+        row = self._first(self._s.call, call_id=call_id)
+        return None if row is None else _call(row)
+
+    def withdrawal(self, call_id: str) -> Withdrawal | None:
+        row = self._first(self._s.call, call_id=call_id)
+        return None if row is None else _withdrawal(row)
+
+    def approval(self, approval_id: str) -> ApprovalRecord | None:
+        row = self._first(self._s.approval, approval_id=approval_id)
+        return None if row is None else _approval(row)
+
+    def audit_entry(self, message_seq: int) -> AuditEntry | None:
+        row = self._first(self._s.audit_entry, message_seq=message_seq)
+        return None if row is None else _audit(row)
+
+    def insert_call(self, call: CallRecord, approval: ApprovalRecord | None, messages: list[OutgoingMessage]) -> bool:
+        now = datetime.now(UTC)
+        if not self._changed(self._s.insert_call, _call_values(call, now)):
+            return False
+        if approval is not None:
+            self._conn.execute(
+                self._s.insert_approval,
+                {
+                    "approval_id": approval.approval_id,
+                    "call_id": approval.call_id,
+                    "tenant": approval.tenant,
+                    "task_id": approval.task_id,
+                    "agent": approval.agent,
+                    "tool": approval.tool,
+                    "arguments": approval.arguments,
+                    "arguments_sha256": approval.arguments_sha256,
+                    "risk": approval.risk,
+                    "reason": approval.reason,
+                    "requested_by": approval.requested_by,
+                    "requested_at": approval.requested_at,
+                    "expires_at": approval.expires_at,
+                    "status": approval.status.value,
+                },
+            )
+        self._add_outbox(call.call_id, messages, now)
+        return True
+
+    def register_withdrawn(self, call: CallRecord, messages: list[OutgoingMessage]) -> bool:
+        now = datetime.now(UTC)
+        values = _call_values(call, now)
+        values["b_call_id"] = values.pop("call_id")
+        for kept in ("tenant", "task_id", "created_at", "attempts"):
+            values.pop(kept)
+        if not self._changed(self._s.register_withdrawn, values):
+            return False
+        self._add_outbox(call.call_id, messages, now)
+        return True
+
+    def insert_withdrawal(self, withdrawal: Withdrawal) -> bool:
+        return self._changed(
+            self._s.insert_withdrawal,
+            {
+                "call_id": withdrawal.call_id,
+                "tenant": withdrawal.tenant,
+                "task_id": withdrawal.task_id,
+                "status": CallStatus.WITHDRAWN.value,
+                "attempts": 0,
+                "created_at": withdrawal.at,
+                "updated_at": withdrawal.at,
+                "withdrawn_at": withdrawal.at,
+                "withdrawn_reason": withdrawal.reason,
+            },
+        )
+
+    def mark_withdrawn(self, withdrawal: Withdrawal) -> None:
+        self._conn.execute(
+            self._s.mark_withdrawn,
+            {
+                "b_call_id": withdrawal.call_id,
+                "withdrawn_at": withdrawal.at,
+                "withdrawn_reason": withdrawal.reason,
+            },
+        )
+
+    def withdraw_call(
+        self, call_id: str, expected: CallStatus, result: ToolResult, messages: list[OutgoingMessage]
+    ) -> bool:
+        now = datetime.now(UTC)
+        changed = self._changed(
+            self._s.withdraw_call,
+            {
+                "b_call_id": call_id,
+                "b_expected": expected.value,
+                "status": CallStatus.WITHDRAWN.value,
+                "result": _result_to_json(result),
+                "updated_at": now,
+            },
+        )
+        if changed:
+            self._add_outbox(call_id, messages, now)
+        return changed
+
+    def resolve_approval(self, resolution: Resolution) -> bool:
+        call_id = self._conn.execute(
+            self._s.resolve_approval,
+            {
+                "b_approval_id": resolution.approval_id,
+                "status": resolution.status.value,
+                "decided_by": resolution.by,
+                "decided_at": resolution.at,
+                "decision_reason": resolution.reason,
+                "decision_seq": resolution.decision_seq,
+            },
+        ).scalar_one_or_none()
+        if call_id is None:
+            return False
+        self._conn.execute(
+            self._s.resolve_call,
+            {
+                "b_call_id": call_id,
+                "status": resolution.call_status.value,
+                "result": _result_to_json(resolution.call_result),
+                "updated_at": resolution.at,
+            },
+        )
+        self._add_outbox(call_id, resolution.outbox, resolution.at)
+        return True
+
+    def add_audit(self, entry: AuditEntry) -> bool:
+        payload = entry.payload[:MAX_AUDIT_PAYLOAD] if entry.payload is not None else None
+        return self._changed(
+            self._s.insert_audit,
+            {
+                "message_seq": entry.message_seq,
+                "received_at": entry.received_at,
+                "tenant": entry.tenant,
+                "subject_approver": entry.subject_approver,
+                "approver": entry.approver,
+                "approval_id": entry.approval_id,
+                "decision": entry.decision,
+                "outcome": entry.outcome,
+                "reason_code": entry.reason_code,
+                "detail": entry.detail,
+                "payload": payload,
+            },
+        )
+
+    def claim(self, call_id: str, owner: str, now: datetime, lease_until: datetime) -> CallRecord | None:
+        row = self._first(self._s.claim, b_call_id=call_id, b_owner=owner, b_now=now, b_lease_until=lease_until)
+        return None if row is None else _call(row)
+
+    def renew_lease(self, claim: Claim, lease_until: datetime) -> bool:
+        return self._changed(
+            self._s.renew_lease,
+            {
+                "b_call_id": claim.call_id,
+                "b_owner": claim.owner,
+                "b_attempt": claim.attempt,
+                "lease_until": lease_until,
+            },
+        )
+
+    def finish(self, claim: Claim, completion: Completion) -> bool:
+        now = datetime.now(UTC)
+        changed = self._changed(
+            self._s.finish,
+            {
+                "b_call_id": claim.call_id,
+                "b_owner": claim.owner,
+                "b_attempt": claim.attempt,
+                "status": completion.status.value,
+                "result": _result_to_json(completion.result),
+                "lease_owner": None,
+                "lease_until": None,
+                "updated_at": now,
+            },
+        )
+        if changed:
+            self._add_outbox(claim.call_id, completion.outbox, now)
+        return changed
+
+    def unpublished(
+        self, call_id: str | None = None, *, created_before: datetime | None = None, limit: int = 500
+    ) -> list[StoredMessage]:
+        statement = self._s.unpublished[(call_id is not None, created_before is not None)]
+        params: dict[str, Any] = {"limit": limit}
+        if call_id is not None:
+            params["call_id"] = call_id
+        if created_before is not None:
+            params["created_before"] = created_before
+        return [
+            StoredMessage(row.id, row.call_id, OutgoingMessage(row.subject, row.msg_id, row.payload, row.traceparent))
+            for row in self._all(statement, **params)
+        ]
+
+    def mark_published(self, msg_ids: list[str], at: datetime) -> None:
+        if msg_ids:
+            self._conn.execute(self._s.mark_published, {"msg_ids": msg_ids, "at": at})
+
+    def due_for_expiry(self, now: datetime, limit: int = 500) -> list[ApprovalRecord]:
+        return [_approval(row) for row in self._all(self._s.due_for_expiry, now=now, limit=limit)]
+
+    def calls_to_resume(self, now: datetime, *, ready_before: datetime, limit: int = 500) -> list[CallRecord]:
+        rows = self._all(self._s.calls_to_resume, now=now, ready_before=ready_before, limit=limit)
+        found = (_call(row) for row in rows)
+        return [call for call in found if call is not None]
+
+    def count_pending(self) -> int:
+        return int(self._conn.execute(self._s.count_pending).scalar_one())
+
+    def approvals(
+        self, tenant: str, *, include_resolved: bool, approval_id: str | None = None, limit: int = 500
+    ) -> list[ApprovalRecord]:
+        if approval_id is not None:
+            rows = self._all(self._s.approval_of_tenant, tenant=tenant, approval_id=approval_id)
+        elif include_resolved:
+            rows = self._all(self._s.approvals_all, tenant=tenant, limit=limit)
+        else:
+            rows = self._all(self._s.approvals_pending, tenant=tenant, limit=limit)
+        return [_approval(row) for row in rows]
+
+    def audit_entries(self, approval_id: str | None = None) -> list[AuditEntry]:
+        if approval_id is None:
+            return [_audit(row) for row in self._all(self._s.audit_all)]
+        return [_audit(row) for row in self._all(self._s.audit_of_approval, approval_id=approval_id)]
+
+    def _add_outbox(self, call_id: str, messages: list[OutgoingMessage], now: datetime) -> None:
         if messages:
-            await conn.execute(
-                outbox.insert(),
+            self._conn.execute(
+                self._s.insert_outbox,
                 [
                     {
                         "call_id": call_id,
@@ -564,27 +588,438 @@ class SqlApprovalStore:
                         "payload": m.payload,
                         "traceparent": m.traceparent,
                         "created_at": now,
+                        "published_at": None,
                     }
                     for m in messages
                 ],
             )
 
-    async def _add_audit(self, conn: AsyncConnection, entry: AuditEntry) -> None:
-        payload = entry.payload[:MAX_AUDIT_PAYLOAD] if entry.payload is not None else None
-        await conn.execute(
-            self._insert(decision_audit)
-            .values(
-                message_seq=entry.message_seq,
-                received_at=entry.received_at,
-                tenant=entry.tenant,
-                subject_approver=entry.subject_approver,
-                approver=entry.approver,
-                approval_id=entry.approval_id,
-                decision=entry.decision,
-                outcome=entry.outcome,
-                reason_code=entry.reason_code,
-                detail=entry.detail,
-                payload=payload,
-            )
-            .on_conflict_do_nothing(index_elements=["message_seq"])
+
+# --- the writer ------------------------------------------------------------------------------------------
+
+Unit = Callable[[sa.Connection], Any]
+"""A unit of work as the writer sees it: a function of the open connection."""
+
+
+class _RollbackError(Exception):
+    """Ends an exclusive transaction without committing it."""
+
+
+@dataclass
+class _Job(Generic[T]):
+    future: asyncio.Future[T]
+    unit: Unit | None = None
+    exclusive: Callable[[_Transaction], Awaitable[T]] | None = None
+
+
+@dataclass
+class _Outcome:
+    value: Any = None
+    error: BaseException | None = None
+
+
+class _Transaction:
+    """An exclusive transaction of the writer: statements from async code, and units of work, on its connection."""
+
+    def __init__(self, backend: _Backend) -> None:
+        self._backend = backend
+
+    async def run(self, unit: Unit) -> Any:
+        return await self._backend.in_transaction(unit)
+
+    async def execute(self, statement: sa.Executable) -> EffectResult:
+        def execute(connection: sa.Connection) -> EffectResult:
+            result = connection.execute(statement)
+            rows = list(result.all()) if result.returns_rows else []
+            return EffectResult(result.rowcount, rows)
+
+        result: EffectResult = await self.run(execute)
+        return result
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        nested: list[sa.NestedTransaction] = []
+        await self.run(lambda connection: nested.append(connection.begin_nested()))
+        try:
+            yield
+        except BaseException:
+            await self.run(lambda _: nested[0].rollback())
+            raise
+        await self.run(lambda _: nested[0].commit())
+
+
+class _Backend:
+    """What runs units on the store's one connection: a transaction of many, or one held open across awaits."""
+
+    dialect: Dialect
+
+    async def run_batch(self, units: list[Unit]) -> list[_Outcome]:
+        raise NotImplementedError
+
+    async def run_exclusive(self, work: Callable[[_Transaction], Awaitable[T]]) -> T:
+        raise NotImplementedError
+
+    async def in_transaction(self, unit: Unit) -> Any:
+        """Inside `run_exclusive` only: run one unit in its open transaction."""
+        raise NotImplementedError
+
+    async def migrate(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+def _run_units(connection: sa.Connection, units: list[Unit]) -> list[_Outcome]:
+    """Run the units in one transaction; if that fails (and not for an outage), each again in its own."""
+    try:
+        with connection.begin():
+            values = [unit(connection) for unit in units]
+        return [_Outcome(value) for value in values]
+    except Exception as error:
+        if is_outage(error):
+            raise
+        failed = error
+    if len(units) == 1 and not _is_conflict(failed):
+        return [_Outcome(error=failed)]
+    return [_run_alone(connection, unit) for unit in units]
+
+
+def _run_alone(connection: sa.Connection, unit: Unit) -> _Outcome:
+    for attempt in range(_RETRIES_PER_UNIT):
+        try:
+            with connection.begin():
+                return _Outcome(unit(connection))
+        except Exception as error:
+            if is_outage(error):
+                raise
+            if not _is_conflict(error) or attempt + 1 == _RETRIES_PER_UNIT:
+                return _Outcome(error=error)
+    raise AssertionError("unreachable")
+
+
+def _prepare_sqlite(engine: sa.Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, begin transactions, so BEGIN IMMEDIATE can take the write lock up front:
+        # two processes then never deadlock upgrading read locks. WAL lets readers in other processes proceed
+        # during a write; FULL makes every commit durable before the writer reports it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class _SqliteBackend(_Backend):
+    """The connection lives in a thread of its own; a whole batch runs there in one hop from the event loop."""
+
+    def __init__(self, url: URL, busy_timeout_seconds: float) -> None:
+        database = url.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        self._engine = sa.create_engine(
+            url.set(drivername="sqlite"), connect_args={"timeout": busy_timeout_seconds}, poolclass=sa.pool.NullPool
         )
+        _prepare_sqlite(self._engine)
+        self.dialect = self._engine.dialect
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-sqlite")
+        self._connection: sa.Connection | None = None
+
+    def _connected(self) -> sa.Connection:
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        return self._connection
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.close()
+            self._connection = None
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        def guarded() -> T:
+            try:
+                return work()
+            except Exception as error:
+                if is_outage(error):
+                    self._drop()
+                    raise _unavailable(error) from error
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, guarded)
+
+    async def run_batch(self, units: list[Unit]) -> list[_Outcome]:
+        return await self._in_thread(lambda: _run_units(self._connected(), units))
+
+    async def in_transaction(self, unit: Unit) -> Any:
+        return await self._in_thread(lambda: unit(self._connected()))
+
+    async def run_exclusive(self, work: Callable[[_Transaction], Awaitable[T]]) -> T:
+        transaction: list[sa.Transaction] = []
+        await self._in_thread(lambda: transaction.append(self._connected().begin()))
+        try:
+            value = await work(_Transaction(self))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._in_thread(transaction[0].rollback)
+            raise
+        await self._in_thread(transaction[0].commit)
+        return value
+
+    async def migrate(self) -> None:
+        def upgrade() -> None:
+            connection = self._connected()
+            with connection.begin():
+                _upgrade(connection)
+
+        await self._in_thread(upgrade)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._drop)
+        self._thread.shutdown(wait=True)
+        self._engine.dispose()
+
+
+class _PostgresBackend(_Backend):
+    """One asyncpg connection; a batch runs on it in one greenlet (`run_sync`), statement after statement."""
+
+    def __init__(self, url: URL) -> None:
+        self._engine: AsyncEngine = create_async_engine(
+            url,
+            pool_size=1,
+            max_overflow=0,
+            connect_args={"timeout": _POSTGRES_CONNECT_TIMEOUT_SECONDS},
+        )
+        self.dialect = self._engine.dialect
+        self._connection: AsyncConnection | None = None
+
+    async def _connected(self) -> AsyncConnection:
+        if self._connection is None:
+            try:
+                self._connection = await self._engine.connect()
+            except Exception as error:
+                # Whatever stops a connection from opening is the database not being there.
+                raise _unavailable(error) from error
+        return self._connection
+
+    async def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def _guarded(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        connection = await self._connected()
+        try:
+            return await work(connection)
+        except Exception as error:
+            if is_outage(error):
+                await self._drop()
+                raise _unavailable(error) from error
+            if connection.invalidated or connection.closed:
+                await self._drop()
+            raise
+
+    async def run_batch(self, units: list[Unit]) -> list[_Outcome]:
+        return await self._guarded(lambda connection: connection.run_sync(_run_units, units))
+
+    async def in_transaction(self, unit: Unit) -> Any:
+        return await self._guarded(lambda connection: connection.run_sync(unit))
+
+    async def run_exclusive(self, work: Callable[[_Transaction], Awaitable[T]]) -> T:
+        async def exclusive(connection: AsyncConnection) -> T:
+            async with connection.begin():
+                return await work(_Transaction(self))
+
+        return await self._guarded(exclusive)
+
+    async def migrate(self) -> None:
+        async def upgrade(connection: AsyncConnection) -> None:
+            async with connection.begin():
+                # Replicas starting together take turns.
+                await connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                await connection.run_sync(_upgrade)
+
+        await self._guarded(upgrade)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
+        await self._engine.dispose()
+
+
+def _upgrade(connection: sa.Connection) -> None:
+    """`alembic upgrade head` with the migrations shipped in the package. A database made before migrations
+    existed (tables, no version) is stamped with the baseline first: its tables are the baseline's."""
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    config.attributes["connection"] = connection
+    inspector = sa.inspect(connection)
+    if inspector.has_table(calls.name) and MigrationContext.configure(connection).get_current_revision() is None:
+        command.stamp(config, BASELINE_REVISION)
+    command.upgrade(config, "head")
+
+
+@dataclass
+class _Queue:
+    jobs: deque[_Job[Any]] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SqlApprovalStore:
+    """The executor's store on a SQLAlchemy URL (`sqlite:///path`, `sqlite+aiosqlite:///path`,
+    `postgresql+asyncpg://...`). Call `migrate()` once before use (idempotent) and `close()` at the end.
+
+    Implements `ExecutorStore`; `list_pending`, `get`, `get_call`, `audit_entries` and `query` are reads for
+    tools and tests.
+    """
+
+    def __init__(self, database_url: str, *, sqlite_busy_timeout_seconds: float = 30.0) -> None:
+        self.url = database_url
+        url = make_url(database_url)
+        self._backend: _Backend = (
+            _SqliteBackend(url, sqlite_busy_timeout_seconds)
+            if url.get_backend_name() == "sqlite"
+            else _PostgresBackend(url)
+        )
+        self._statements = _Statements(self._backend.dialect)
+        self._queue: _Queue | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest migration."""
+        await self._backend.migrate()
+
+    async def close(self) -> None:
+        """Finish what is queued, then close the connection."""
+        self._closed = True
+        if self._writer is not None:
+            assert self._queue is not None
+            self._queue.wake.set()
+            await self._writer
+            self._writer = None
+        await self._backend.close()
+
+    # --- units of work -----------------------------------------------------------------------------------
+
+    async def transact(self, work: Callable[[Ledger], T]) -> T:
+        statements = self._statements
+
+        def unit(connection: sa.Connection) -> T:
+            return work(SqlLedger(connection, statements))
+
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Job(future, unit=unit))
+        return await future
+
+    async def complete_with_effects(
+        self, claim: Claim, work: Callable[[EffectConnection], Awaitable[Completion]]
+    ) -> Completion | None:
+        statements = self._statements
+
+        async def exclusive(transaction: _Transaction) -> Completion:
+            completion = await work(transaction)
+            recorded = await transaction.run(lambda c: SqlLedger(c, statements).finish(claim, completion))
+            if not recorded:
+                raise _RollbackError
+            return completion
+
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Job(future, exclusive=exclusive))
+        try:
+            return await future
+        except _RollbackError:
+            return None
+
+    def _enqueue(self, job: _Job[Any]) -> None:
+        if self._closed:
+            raise StoreUnavailableError("the store is closed")
+        if self._queue is None:
+            self._queue = _Queue()
+        self._queue.jobs.append(job)
+        self._queue.wake.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(self._queue), name="executor-store-writer")
+
+    async def _write(self, queue: _Queue) -> None:
+        while queue.jobs or not self._closed:
+            if not queue.jobs:
+                queue.wake.clear()
+                await queue.wake.wait()
+                continue
+            if queue.jobs[0].exclusive is not None:
+                await self._run_exclusive(queue.jobs.popleft())
+                continue
+            batch: list[_Job[Any]] = []
+            while queue.jobs and queue.jobs[0].exclusive is None and len(batch) < MAX_BATCH_UNITS:
+                batch.append(queue.jobs.popleft())
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Job[Any]]) -> None:
+        units = [job.unit for job in batch if job.unit is not None]
+        try:
+            outcomes = await self._backend.run_batch(units)
+        except BaseException as error:
+            for job in batch:
+                _fail(job, error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if outcome.error is not None:
+                _fail(job, outcome.error)
+            elif not job.future.done():
+                job.future.set_result(outcome.value)
+
+    async def _run_exclusive(self, job: _Job[Any]) -> None:
+        assert job.exclusive is not None
+        try:
+            value = await self._backend.run_exclusive(job.exclusive)
+        except BaseException as error:
+            _fail(job, error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        if not job.future.done():
+            job.future.set_result(value)
+
+    # --- reads for tools and tests -----------------------------------------------------------------------
+
+    async def list_pending(self, tenant: str) -> list[ApprovalRecord]:
+        return await self.transact(lambda ledger: ledger.approvals(tenant, include_resolved=False))
+
+    async def get(self, approval_id: str) -> ApprovalRecord | None:
+        return await self.transact(lambda ledger: ledger.approval(approval_id))
+
+    async def get_call(self, call_id: str) -> CallRecord | None:
+        return await self.transact(lambda ledger: ledger.call(call_id))
+
+    async def audit_entries(self, approval_id: str | None = None) -> list[AuditEntry]:
+        return await self.transact(lambda ledger: ledger.audit_entries(approval_id))
+
+    async def query(self, statement: sa.Select[Any]) -> list[sa.Row[Any]]:
+        """Any read (of the tickets table, say), through the writer."""
+        future: asyncio.Future[list[sa.Row[Any]]] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Job(future, unit=lambda connection: list(connection.execute(statement).all())))
+        return await future
+
+
+def _fail(job: _Job[Any], error: BaseException) -> None:
+    if job.future.done():
+        return
+    if isinstance(error, Exception) and is_outage(error):
+        error = _unavailable(error)
+    job.future.set_exception(error)
+
+
+__all__ = ["SqlApprovalStore", "SqlLedger", "is_outage", "metadata"]

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agentbus.tool_executor.adapters.runners import PythonToolContext, ToolFailedError
-from agentbus.tool_executor.adapters.sql_store import tickets
+from agentbus.tool_executor.adapters.schema import tickets
 from agentbus.tool_executor.ports import ToolOutput
 
 

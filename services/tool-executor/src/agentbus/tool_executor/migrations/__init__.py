@@ -1,0 +1,1 @@
+"""Alembic migrations of the executor's database, shipped inside the package and run at start-up."""
