@@ -1,27 +1,38 @@
-"""Retrieval quality of the retriever: recall@5 and MRR for dense, BM25 and hybrid search.
+"""Retrieval quality: R@1, R@5, MRR@10 and nDCG@10 of dense, BM25 and hybrid search, beside two baselines.
 
-Figures, not a test. The evaluation set is derived mechanically, at run time, from text on this machine
-that was not written for this project: the docstrings of functions, methods and classes in a fixed list
-of Python standard-library modules (read with `ast` from their source files; nothing is imported).
+Figures, not a test. Two evaluation sets are derived mechanically, at run time, from text on this machine
+that was not written for this project (read with `ast` from source files; nothing is imported):
 
-- A **document** is a docstring without its first line (its summary), i.e. the body that explains
-  the function: parameters, behaviour, examples. Docstrings whose body is shorter than 200 characters,
-  duplicates, and bodies that contain the summary verbatim are skipped.
+- **stdlib**: docstrings of functions, methods and classes in a fixed list of Python standard-library
+  modules (the queries are stored in bench/data/eval_queries.jsonl).
+- **numpy**: docstrings of the same kind in a fixed list of numpy's modules (the version uv.lock pins;
+  queries in bench/data/eval_queries_numpy.jsonl). A second corpus with another vocabulary and style
+  (Parameters/Returns/Examples sections), so a setting tuned on one set is checked on another.
+
+In both:
+- A **document** is a docstring without its first line (its summary): the body that explains the object.
+  Bodies shorter than 200 or longer than 4000 characters, duplicates, and bodies that contain the summary
+  verbatim are skipped.
 - Its **query** is the removed summary line (e.g. "Return a new sorted list from the items in
-  iterable."), with the object's own name removed from it when present, so a query cannot match its
-  document by the identifier alone.
-- The **relevance judgement** is that the one document it was cut from is relevant; no other is
-  (a strict lower bound: a near-identical sibling docstring counts as a miss).
+  iterable."), with the object's own name removed from it, so a query cannot match by the identifier.
+- The **relevance judgement** is that the one document it was cut from is relevant; no other is (a strict
+  lower bound: a near-identical sibling docstring counts as a miss).
+- Queries are split by a hash of their document id into a **dev** half and a **held-out** half. The
+  hybrid weight is chosen on the stdlib dev half only (`--sweep` shows the choice); every other figure
+  (stdlib held-out, the whole numpy set) never influenced it.
 
 Every document is ingested through the retriever's own use case (`RetrieverService.ingest`: chunking,
-the numpy MiniLM embedder, Milvus Lite upsert) into a fresh Milvus Lite file, and every query goes
-through `RetrieverService.search` in each mode. A document's rank is the rank of its first chunk among
-the results (top 20 chunks). recall@5: share of queries whose document is in the first 5 distinct
-documents; MRR: mean of 1/rank (0 when not in the top 20 chunks).
+the numpy MiniLM embedder, the BM25 analyzer, upsert into a Milvus Lite file served by its own process,
+as the service runs it), and every query goes through `RetrieverService.search` in each mode with the
+service's default settings. A document's rank is the rank of its first chunk among the top 20 chunks.
+R@k: share of queries whose document is among the first k distinct documents; MRR@10: mean of 1/rank
+(0 past 10); nDCG@10 with one relevant document: mean of 1/log2(rank + 1) (0 past 10).
 
-    uv run python bench/eval_retrieval.py [--max-documents 300] [--queries 150] [--write-queries]
+Baselines, on whole documents (no chunking): **textbook BM25** (Okapi, k1 1.2, b 0.75, lower-cased
+`\\w+` words, nothing else) and **exact cosine** over the same MiniLM's embeddings of each whole document
+(cut at 256 tokens, as the model is).
 
-`--write-queries` stores the derived queries and judgements in bench/data/eval_queries.jsonl.
+    uv run python bench/eval_retrieval.py [--set stdlib|numpy|all] [--sweep] [--write-queries]
 """
 
 from __future__ import annotations
@@ -29,23 +40,32 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import hashlib
 import json
+import math
 import random
 import re
 import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 from agentbus.contracts.rag import DocumentsIngest, IngestDocument, SearchRequest
-from agentbus.retriever.adapters.milvus import MilvusVectorIndex, connect, ensure_collection
+from agentbus.retriever.adapters.milvus import MilvusVectorIndex, ensure_collection, open_client
 from agentbus.retriever.adapters.minilm import MiniLmEmbedder
+from agentbus.retriever.analysis import analyzed_text
+from agentbus.retriever.domain import fuse, search_filter
 from agentbus.retriever.service import RetrieverMetrics, RetrieverPolicy, RetrieverService
+from agentbus.retriever.settings import RetrieverSettings
 from prometheus_client import CollectorRegistry
 
-MODULES = (
+STDLIB_MODULES = (
     "argparse",
     "ast",
     "asyncio/base_events",
@@ -137,11 +157,40 @@ MODULES = (
     "zipfile",
     "zoneinfo/_zoneinfo",
 )
+NUMPY_MODULES = (
+    "_core/fromnumeric",
+    "_core/numeric",
+    "_core/shape_base",
+    "_core/function_base",
+    "lib/_arraypad_impl",
+    "lib/_arraysetops_impl",
+    "lib/_function_base_impl",
+    "lib/_histograms_impl",
+    "lib/_index_tricks_impl",
+    "lib/_nanfunctions_impl",
+    "lib/_npyio_impl",
+    "lib/_polynomial_impl",
+    "lib/_shape_base_impl",
+    "lib/_stride_tricks_impl",
+    "lib/_twodim_base_impl",
+    "lib/_scimath_impl",
+    "linalg/_linalg",
+    "fft/_pocketfft",
+    "ma/core",
+    "ma/extras",
+    "polynomial/polynomial",
+    "polynomial/_polybase",
+)
 MIN_BODY_CHARS = 200
 MAX_BODY_CHARS = 4000
 RESULTS = 20
-RECALL_AT = 5
-DATA_FILE = Path(__file__).resolve().parent / "data" / "eval_queries.jsonl"
+CUTOFF = 10
+MODES: tuple[Literal["dense", "bm25", "hybrid"], ...] = ("dense", "bm25", "hybrid")
+SWEEP_WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))
+TENANT = "eval"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+QUERY_FILES = {"stdlib": DATA_DIR / "eval_queries.jsonl", "numpy": DATA_DIR / "eval_queries_numpy.jsonl"}
+Metrics = dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -150,13 +199,32 @@ class Example:
     query: str
     body: str
 
+    @property
+    def split(self) -> str:
+        """dev or held-out, by a hash of the document id: stable across runs and machines."""
+        return "dev" if hashlib.sha256(self.document_id.encode()).digest()[0] % 2 == 0 else "held-out"
 
-def _examples() -> list[Example]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+
+@dataclass
+class EvalSet:
+    name: str
+    documents: list[Example]
+    queries: list[Example]
+    results: dict[str, Metrics] = field(default_factory=dict)
+
+
+def _sources(name: str) -> tuple[Path, tuple[str, ...]]:
+    if name == "stdlib":
+        return Path(sysconfig.get_paths()["stdlib"]), STDLIB_MODULES
+    return Path(np.__file__).resolve().parent, NUMPY_MODULES
+
+
+def derive_examples(name: str) -> list[Example]:
+    root, modules = _sources(name)
     seen_bodies: set[str] = set()
     examples = []
-    for module in MODULES:
-        path = stdlib / f"{module}.py"
+    for module in modules:
+        path = root / f"{module}.py"
         if not path.exists():
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -177,76 +245,211 @@ def _examples() -> list[Example]:
                 continue
             seen_bodies.add(body)
             query = re.sub(rf"\b{re.escape(node.name)}\b", "", summary).strip(" .,:") or summary
-            examples.append(Example(f"{module.replace('/', '.')}:{node.lineno}:{node.name}", query, body))
+            prefix = "" if name == "stdlib" else "numpy."
+            examples.append(Example(f"{prefix}{module.replace('/', '.')}:{node.lineno}:{node.name}", query, body))
     return examples
 
 
-async def _evaluate(examples: list[Example], queries: list[Example]) -> dict[str, dict[str, float]]:
-    embedder = MiniLmEmbedder(batch_size=32)
-    with tempfile.TemporaryDirectory() as tmp:
-        client = connect(str(Path(tmp) / "eval.db"))
-        ensure_collection(client, "eval", embedder.dimension)
-        index = MilvusVectorIndex(client, "eval")
-        policy = RetrieverPolicy(
-            chunk_chars=1000,
-            chunk_overlap_chars=150,
-            max_document_bytes=1_000_000,
-            max_top_k=50,
-            tenant_allow_list=None,
-        )
+def load_set(name: str, max_documents: int, queries: int, seed: int) -> EvalSet:
+    rng = random.Random(seed)
+    examples = derive_examples(name)
+    rng.shuffle(examples)
+    examples = examples[:max_documents]
+    return EvalSet(name, examples, rng.sample(examples, min(queries, len(examples))))
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+def score(rankings: Sequence[Sequence[str]], queries: Sequence[Example]) -> Metrics:
+    """R@1, R@5, MRR@10 and nDCG@10 of ranked document ids against one relevant document per query."""
+    totals: dict[str, float] = dict.fromkeys(("R@1", "R@5", "MRR@10", "nDCG@10"), 0.0)
+    for ranked, example in zip(rankings, queries, strict=True):
+        distinct = list(dict.fromkeys(ranked))
+        if example.document_id not in distinct:
+            continue
+        rank = distinct.index(example.document_id) + 1
+        totals["R@1"] += rank <= 1
+        totals["R@5"] += rank <= 5
+        if rank <= CUTOFF:
+            totals["MRR@10"] += 1 / rank
+            totals["nDCG@10"] += 1 / math.log2(rank + 1)
+    return {metric: totals[metric] / len(queries) for metric in ("R@1", "R@5", "MRR@10", "nDCG@10")}
+
+
+def by_split(rankings: Sequence[Sequence[str]], queries: Sequence[Example]) -> dict[str, Metrics]:
+    out = {"all": score(rankings, queries)}
+    for split in ("dev", "held-out"):
+        picked = [(r, q) for r, q in zip(rankings, queries, strict=True) if q.split == split]
+        out[split] = score([r for r, _ in picked], [q for _, q in picked])
+    return out
+
+
+# --- baselines -------------------------------------------------------------------------------------
+
+
+def textbook_bm25(documents: Sequence[Example], queries: Sequence[Example]) -> list[list[str]]:
+    """Okapi BM25 over whole documents, k1 1.2, b 0.75, lower-cased words: the textbook, nothing more."""
+    k1, b = 1.2, 0.75
+    docs = [Counter(re.findall(r"\w+", d.body.lower())) for d in documents]
+    lengths = [sum(d.values()) for d in docs]
+    average = sum(lengths) / len(lengths)
+    df = Counter(term for d in docs for term in d)
+    idf = {t: math.log((len(docs) - n + 0.5) / (n + 0.5) + 1) for t, n in df.items()}
+    rankings = []
+    for example in queries:
+        terms = set(re.findall(r"\w+", example.query.lower()))
+        scores = [
+            sum(idf[t] * d[t] * (k1 + 1) / (d[t] + k1 * (1 - b + b * n / average)) for t in terms if t in d)
+            for d, n in zip(docs, lengths, strict=True)
+        ]
+        order = np.argsort(-np.array(scores), kind="stable")[:RESULTS]
+        rankings.append([documents[i].document_id for i in order])
+    return rankings
+
+
+def exact_cosine(documents: Sequence[Example], queries: Sequence[Example], embedder: MiniLmEmbedder) -> list[list[str]]:
+    """Exact cosine between MiniLM embeddings of each whole document (cut at 256 tokens) and the query."""
+    matrix = embedder.embed_sync([d.body for d in documents])
+    rankings = []
+    for vector in embedder.embed_sync([q.query for q in queries]):
+        order = np.argsort(-(matrix @ vector), kind="stable")[:RESULTS]
+        rankings.append([documents[i].document_id for i in order])
+    return rankings
+
+
+# --- the retriever ---------------------------------------------------------------------------------
+
+
+def default_policy() -> RetrieverPolicy:
+    """The service's own defaults (settings), so the figures describe what ships."""
+    settings = RetrieverSettings()
+    return RetrieverPolicy(
+        chunk_chars=settings.chunk_chars,
+        chunk_overlap_chars=settings.chunk_overlap_chars,
+        max_document_bytes=settings.max_document_bytes,
+        max_top_k=50,
+        tenant_allow_list=None,
+        candidates_per_k=settings.candidates_per_k,
+        dense_weight=settings.hybrid_dense_weight,
+    )
+
+
+async def evaluate(
+    eval_set: EvalSet, embedder: MiniLmEmbedder, *, sweep: bool = False
+) -> tuple[dict[str, dict[str, Metrics]], dict[float, dict[str, Metrics]], dict[str, float]]:
+    """(figures per system and split, hybrid figures per dense weight when `sweep`, ingest figures)."""
+    policy = default_policy()
+    figures: dict[str, dict[str, Metrics]] = {}
+    sweep_figures: dict[float, dict[str, Metrics]] = {}
+    with tempfile.TemporaryDirectory(prefix="eval-retrieval-") as tmp:
+        client, lite = open_client(str(Path(tmp) / "eval.db"))
+        ensure_collection(client, TENANT, embedder.dimension)
+        index = MilvusVectorIndex(client, TENANT, flush_delay_seconds=0.5, owned=lite)
         service = RetrieverService(embedder, index, policy, RetrieverMetrics(CollectorRegistry()))
         started = time.perf_counter()
         chunks = 0
-        for i in range(0, len(examples), 64):
-            batch = [IngestDocument(id=e.document_id, text=e.body) for e in examples[i : i + 64]]
-            chunks += (await service.ingest(DocumentsIngest(tenant="eval", documents=batch), "eval")).chunks
-            print(f"  ingested {min(i + 64, len(examples))}/{len(examples)} documents", file=sys.stderr)
-        elapsed = time.perf_counter() - started
-        print(f"ingest: {len(examples)} documents, {chunks} chunks in {elapsed:.1f}s", file=sys.stderr)
-        figures: dict[str, dict[str, float]] = {}
-        for mode in ("dense", "bm25", "hybrid"):
-            hits_at_k, reciprocal = 0, 0.0
-            for example in queries:
-                request = SearchRequest(tenant="eval", query=example.query, top_k=RESULTS, mode=mode)
-                reply = (await service.search(request.model_dump_json().encode(), "eval")).reply
+        for i in range(0, len(eval_set.documents), 16):
+            batch = [IngestDocument(id=e.document_id, text=e.body) for e in eval_set.documents[i : i + 16]]
+            outcome = await service.ingest(DocumentsIngest(tenant=TENANT, documents=batch), TENANT, "eval")
+            chunks += outcome.chunks
+        ingest_seconds = time.perf_counter() - started
+        await index.flush()
+        log(f"{eval_set.name}: ingested {len(eval_set.documents)} documents, {chunks} chunks in {ingest_seconds:.1f}s")
+        for mode in MODES:
+            rankings = []
+            for example in eval_set.queries:
+                request = SearchRequest(tenant=TENANT, query=example.query, top_k=RESULTS, mode=mode)
+                reply = (await service.search(request.model_dump_json().encode(), TENANT)).reply
                 assert reply.error is None, reply.error
-                ranked = list(dict.fromkeys(c.document_id for c in reply.chunks))
-                if example.document_id in ranked:
-                    rank = ranked.index(example.document_id) + 1
-                    reciprocal += 1 / rank
-                    hits_at_k += rank <= RECALL_AT
-            figures[mode] = {"recall@5": hits_at_k / len(queries), "mrr": reciprocal / len(queries)}
+                rankings.append([c.document_id for c in reply.chunks])
+            figures[f"agentbus {mode}"] = by_split(rankings, eval_set.queries)
+        if sweep:
+            sweep_figures = await _sweep(index, embedder, eval_set.queries, policy)
         await index.close()
-        await embedder.close()
-    return figures
+    figures["textbook BM25 (whole documents)"] = by_split(
+        textbook_bm25(eval_set.documents, eval_set.queries), eval_set.queries
+    )
+    figures["exact cosine (whole documents)"] = by_split(
+        exact_cosine(eval_set.documents, eval_set.queries, embedder), eval_set.queries
+    )
+    return figures, sweep_figures, {"chunks": chunks, "seconds": ingest_seconds}
+
+
+async def _sweep(
+    index: MilvusVectorIndex, embedder: MiniLmEmbedder, queries: Sequence[Example], policy: RetrieverPolicy
+) -> dict[float, dict[str, Metrics]]:
+    """Hybrid figures for each dense weight, from the same candidate lists the service fuses."""
+    expression = search_filter(TENANT, [])
+    candidates = RESULTS * policy.candidates_per_k
+    lists = []
+    for example in queries:
+        vector = (await embedder.embed_query(example.query)).tolist()
+        terms = analyzed_text(example.query)
+        dense = await index.search_dense(vector, expression, candidates)
+        bm25 = await index.search_bm25(terms, expression, candidates) if terms else []
+        lists.append((dense, bm25))
+    out = {}
+    for weight in SWEEP_WEIGHTS:
+        rankings = [
+            [h.document_id for h in fuse(dense, bm25, dense_weight=weight, limit=RESULTS)] for dense, bm25 in lists
+        ]
+        out[weight] = by_split(rankings, queries)
+    return out
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def print_table(title: str, figures: dict[str, dict[str, Metrics]], split: str) -> None:
+    print(f"\n{title} ({split})")
+    print("| system | R@1 | R@5 | MRR@10 | nDCG@10 |\n|---|---:|---:|---:|---:|")
+    for system, per_split in figures.items():
+        m = per_split[split]
+        print(f"| {system} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['MRR@10']:.3f} | {m['nDCG@10']:.3f} |")
+
+
+def hybrid_never_loses(figures: dict[str, dict[str, Metrics]], split: str) -> bool:
+    hybrid, dense, bm25 = (figures[f"agentbus {mode}"][split] for mode in ("hybrid", "dense", "bm25"))
+    return all(hybrid[m] >= max(dense[m], bm25[m]) for m in ("R@5", "MRR@10"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-documents", type=int, default=300, help="documents in the collection")
-    parser.add_argument("--queries", type=int, default=150, help="queries evaluated (a seeded sample)")
+    parser.add_argument("--set", choices=("stdlib", "numpy", "all"), default="all")
+    parser.add_argument("--max-documents", type=int, default=300, help="documents in each collection")
+    parser.add_argument("--queries", type=int, default=150, help="queries per set (a seeded sample)")
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--write-queries", action="store_true", help=f"write the judgements to {DATA_FILE}")
+    parser.add_argument("--sweep", action="store_true", help="hybrid figures for every dense weight")
+    parser.add_argument("--write-queries", action="store_true", help="write the judgements to bench/data")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    examples = _examples()
-    rng.shuffle(examples)
-    examples = examples[: args.max_documents]
-    queries = rng.sample(examples, min(args.queries, len(examples)))
-    print(
-        f"{len(examples)} documents (stdlib docstring bodies, Python {sys.version.split()[0]}), "
-        f"{len(queries)} queries (their summary lines)",
-        file=sys.stderr,
-    )
-    if args.write_queries:
-        DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
-        with DATA_FILE.open("w", encoding="utf-8") as out:
-            for example in queries:
-                out.write(json.dumps({"query": example.query, "relevant": example.document_id}) + "\n")
-    figures = asyncio.run(_evaluate(examples, queries))
-    print(f"\n{'mode':<8} {'recall@5':>9} {'MRR':>7}")
-    for mode, values in figures.items():
-        print(f"{mode:<8} {values['recall@5']:>9.3f} {values['mrr']:>7.3f}")
+    names = ("stdlib", "numpy") if args.set == "all" else (args.set,)
+    embedder = MiniLmEmbedder(batch_size=32)
+    embedder.load()
+    report: dict[str, object] = {"dense_weight": default_policy().dense_weight}
+    for name in names:
+        eval_set = load_set(name, args.max_documents, args.queries, args.seed)
+        log(f"{name}: {len(eval_set.documents)} documents, {len(eval_set.queries)} queries")
+        if args.write_queries:
+            with QUERY_FILES[name].open("w", encoding="utf-8") as out:
+                for example in eval_set.queries:
+                    line = {"query": example.query, "relevant": example.document_id, "split": example.split}
+                    out.write(json.dumps(line) + "\n")
+        figures, sweep, ingest = asyncio.run(evaluate(eval_set, embedder, sweep=args.sweep))
+        report[name] = {"figures": figures, "sweep": {str(w): f for w, f in sweep.items()}, "ingest": ingest}
+        for split in ("all", "dev", "held-out"):
+            print_table(f"{name}: {len(eval_set.queries)} queries", figures, split)
+            verdict = "holds" if hybrid_never_loses(figures, split) else "DOES NOT hold"
+            print(f"hybrid >= max(dense, bm25) on R@5 and MRR@10: {verdict}")
+        if sweep:
+            print(f"\n{name}: hybrid by dense weight (dev split)\n| weight | R@1 | R@5 | MRR@10 | nDCG@10 |")
+            for weight, per_split in sweep.items():
+                m = per_split["dev"]
+                print(f"| {weight:.2f} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['MRR@10']:.3f} | {m['nDCG@10']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

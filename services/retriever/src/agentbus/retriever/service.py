@@ -46,7 +46,7 @@ class RetrieverPolicy:
     tenant_allow_list: frozenset[str] | None
     candidates_per_k: int = 4
     """Hybrid search: dense and BM25 each propose top_k * this many chunks for fusion."""
-    dense_weight: float = 0.7
+    dense_weight: float = 0.75
     """Hybrid search: the dense list's share of the fused score (see `domain.fuse`)."""
 
 

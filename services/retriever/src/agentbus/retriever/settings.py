@@ -49,7 +49,7 @@ class RetrieverSettings(ServiceSettings):
         default=4, ge=1, le=20, description="Hybrid search: each of dense and BM25 proposes top_k * this many."
     )
     hybrid_dense_weight: float = Field(
-        default=0.7,
+        default=0.75,
         ge=0.0,
         le=1.0,
         description="Hybrid search: the dense list's share of the fused (min-max normalised) score.",

@@ -140,10 +140,20 @@ class MiniLmEncoder:
 
     def encode_batch(self, texts: Sequence[str]) -> Matrix:
         """Unit-length embeddings, one row per text, in order. Texts are padded to the batch's longest."""
+        ids, mask = self.tokenize(texts)
+        return self._forward(ids, mask)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[NDArray[np.int64], Matrix]:
+        """Token ids and attention mask of `texts`, padded to the longest."""
         encodings = self.tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.float32)
-        return self._forward(ids, mask)
+        return ids, mask
+
+    def encode_tokens(self, ids: NDArray[np.int64], mask: Matrix) -> Matrix:
+        """`encode_batch` on already tokenized rows: padding columns no row uses are cut off first."""
+        length = max(int(mask.sum(axis=1).max()), 1)
+        return self._forward(np.ascontiguousarray(ids[:, :length]), np.ascontiguousarray(mask[:, :length]))
 
     def _forward(self, ids: NDArray[np.int64], mask: Matrix) -> Matrix:
         batch, length = ids.shape
@@ -185,6 +195,26 @@ class MiniLmEncoder:
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         unit: Matrix = (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
         return unit
+
+
+PADDING_SLACK = 1.25
+"""A forward pass holds texts whose token counts differ by at most this factor: padding costs compute."""
+
+
+def _length_groups(order: NDArray[np.intp], lengths: Matrix, batch_size: int) -> list[NDArray[np.intp]]:
+    """Split positions sorted by token count into passes of at most `batch_size` similar lengths.
+
+    Attention is quadratic and every layer linear in the padded length, so one pass mixing a 20-token
+    and a 256-token chunk costs the short one ten times its own work; sorted groups avoid that.
+    """
+    groups: list[NDArray[np.intp]] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        full = end - start == batch_size
+        if end == len(order) or full or lengths[order[end]] > PADDING_SLACK * lengths[order[start]]:
+            groups.append(order[start:end])
+            start = end
+    return groups
 
 
 class _Batcher:
@@ -286,12 +316,12 @@ class MiniLmEmbedder:
         encoder = self.load()
         if not texts:
             return np.zeros((0, MINILM_DIMENSION), dtype=np.float32)
-        size = self._batch_size
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        ids, mask = encoder.tokenize(texts)
+        lengths = mask.sum(axis=1)
+        order = np.argsort(lengths, kind="stable")
         out = np.empty((len(texts), MINILM_DIMENSION), dtype=np.float32)
-        for start in range(0, len(order), size):
-            positions = order[start : start + size]
-            out[positions] = encoder.encode_batch([texts[i] for i in positions])
+        for positions in _length_groups(order, lengths, self._batch_size):
+            out[positions] = encoder.encode_tokens(ids[positions], mask[positions])
         return out
 
     async def start(self) -> None:
