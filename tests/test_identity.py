@@ -57,7 +57,7 @@ from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
 from agentbus.runtime.server import NatsServerProcess
 from agentbus.testing import nats_server_or_skip
-from helpers import AGENTS_DIR, new_task_id
+from helpers import AGENTS_DIR, User, Violations, new_task_id
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import NotFoundError
 
@@ -67,44 +67,6 @@ IDENTITIES = Identities(
         "globex": TenantMembers(submitters=("globex-app",), approvers=("carol",)),
     }
 )
-
-
-SETTLE_PROBE = "agentbus-test.settle-probe"
-"""A subject no restricted user may publish to: its refusal marks the end of the errors before it."""
-
-
-class Violations:
-    """The permission violations the server reported on one connection, in the order it sent them."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-        self._changed = asyncio.Event()
-
-    async def record(self, error: Exception) -> None:
-        self.seen.append(str(error))
-        self._changed.set()
-
-    async def settle(self, nc: NatsClient) -> list[str]:
-        """Every violation caused by what was sent before this call (errors arrive asynchronously, and a
-        PING/PONG round trip does not order them): send one more refused publish and wait for its error."""
-        await nc.publish(SETTLE_PROBE, b"")
-        async with asyncio.timeout(30):
-            while not any(SETTLE_PROBE in v for v in self.seen):
-                self._changed.clear()
-                await self._changed.wait()
-        self.seen = [v for v in self.seen if SETTLE_PROBE not in v]
-        return self.seen
-
-
-class User:
-    """A connection as one NATS user, with the permission violations the server reported to it."""
-
-    def __init__(self, nc: NatsClient, violations: Violations) -> None:
-        self.nc = nc
-        self.violations = violations
-
-    async def settle(self) -> list[str]:
-        return await self.violations.settle(self.nc)
 
 
 Connect = Callable[[str], Awaitable[User]]
