@@ -88,6 +88,22 @@ timeout_seconds: 20
 shell:
   command: ["/bin/sh", "-c", "echo run >> '{path}'"]
 """,
+    "slow_marker.yaml": """
+name: slow_marker
+description: Append a line to a file, then sleep, without approval.
+kind: shell
+parameters:
+  type: object
+  properties:
+    path: {type: string}
+    sleep: {type: number, minimum: 0}
+  required: [path, sleep]
+  additionalProperties: false
+approval: {policy: never}
+timeout_seconds: 30
+shell:
+  command: ["/bin/sh", "-c", "echo run >> '{path}'; sleep {sleep}; echo done >> '{path}'"]
+""",
     "self_service.yaml": """
 name: self_service
 description: Needs approval, and the submitter may approve it.
@@ -234,7 +250,7 @@ class Verdicts:
 
     def __init__(self, nc: NatsClient, tenant: str) -> None:
         self._nc = nc
-        self._subject = APPROVAL_VERDICT.format(tenant=tenant, approver="*")
+        self._subject = APPROVAL_VERDICT.format(tenant=tenant, approver="x").rsplit(".", 1)[0] + ".*"
         self.heard: list[tuple[str, ApprovalDecisionVerdict]] = []
         self._changed = asyncio.Event()
         self._sub: Subscription | None = None

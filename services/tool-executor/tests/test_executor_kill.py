@@ -32,6 +32,7 @@ from agentbus.tool_executor.adapters.sql_store import SqlApprovalStore
 from agentbus.tool_executor.domain import approval_id_for
 from executor_harness import (
     RunnerStandIn,
+    Verdicts,
     decision_payload,
     make_call,
     new_id,
@@ -162,8 +163,8 @@ async def _tickets(process: ExecutorProcess, call_id: str) -> int:
     return await process.scalar(sa.select(sa.func.count()).select_from(tickets).where(tickets.c.call_id == call_id))
 
 
-async def _approve(nc: NatsClient, call_tenant: str, call_id: str, digest: str) -> None:
-    await publish_decision(
+async def _approve(nc: NatsClient, call_tenant: str, call_id: str, digest: str) -> int:
+    return await publish_decision(
         nc, call_tenant, "alice", decision_payload(approval_id_for(call_id), "alice", "approve", digest)
     )
 
@@ -321,4 +322,27 @@ async def test_killed_around_recording_and_publishing_the_outcome(
     else:
         assert result.ok
         assert len(await usage_records(own_client, tenant)) == 1
+    assert runner.kinds(call.call_id) == ["approval_pending", "approval_resolved", "result"]
+
+
+async def test_a_decision_delivered_again_after_a_kill_gets_the_same_verdict_and_runs_nothing_twice(
+    executor_process: ExecutorProcess, own_client: NatsClient, runner: RunnerStandIn, tmp_path: Path
+) -> None:
+    tenant = new_id("t")
+    marker = tmp_path / "verdict.txt"
+    call = make_call("append_marker", {"path": str(marker), "sleep": 0}, tenant=tenant)
+    await executor_process.start(pause_at="decision_before_ack")
+    await publish_call(own_client, call)
+    await runner.wait_for(call.call_id, "approval_pending")
+    async with Verdicts(own_client, tenant) as verdicts:
+        seq = await _approve(own_client, tenant, call.call_id, sha(call))
+        await executor_process.paused_at("decision_before_ack")
+        first = await verdicts.wait_for(seq)
+        executor_process.kill()
+        await executor_process.start()
+        again = await verdicts.wait_for(seq, count=2, timeout=30)
+    assert first.outcome == "accepted"
+    assert again == first
+    await _drained(own_client)
+    assert len(_lines(marker)) == 1
     assert runner.kinds(call.call_id) == ["approval_pending", "approval_resolved", "result"]

@@ -115,7 +115,9 @@ def _is_conflict(error: BaseException) -> bool:
 def _unavailable(error: BaseException) -> StoreUnavailableError:
     if isinstance(error, StoreUnavailableError):
         return error
-    return StoreUnavailableError(f"the executor's database is unavailable: {type(error).__name__}: {error}")
+    # The driver's own message: the statement and its parameters (call arguments) stay out of the logs.
+    cause = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+    return StoreUnavailableError(f"the executor's database is unavailable: {type(cause).__name__}: {cause}")
 
 
 # --- rows and records ------------------------------------------------------------------------------------
