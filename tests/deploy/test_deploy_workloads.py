@@ -191,10 +191,7 @@ CONFIG_MOUNTS: dict[tuple[str, str], str] = {
 }
 
 # (Deployment, setting naming a file it writes): the root filesystem is read-only, so it must be on a volume.
-WRITTEN_FILES: tuple[tuple[str, str], ...] = (
-    ("trace-exporter", "AGENTBUS_TRACES_JSONL_PATH"),
-    ("trace-exporter", "AGENTBUS_TRACES_LEDGER_PATH"),
-)
+WRITTEN_FILES: tuple[tuple[str, str], ...] = (("trace-exporter", "AGENTBUS_TRACES_JSONL_PATH"),)
 
 
 @pytest.mark.parametrize("generator", sorted(CONFIG_COPIES))
