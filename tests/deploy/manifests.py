@@ -42,9 +42,14 @@ SPECS_DIR = BASE_DIR / "specs"
 OVERLAYS: tuple[str, ...] = ("dev", "staging", "prod")
 """Every overlay, in promotion order. A test checks this list matches the folders."""
 
-COMPONENTS_RENDERED_APART: frozenset[str] = frozenset({"gpu"})
+COMPONENTS_RENDERED_APART: frozenset[str] = frozenset({"gpu", "llm-external"})
 """Components no overlay includes, each rendered and checked by tests of its own (gpu: test_deploy_gpu.py,
-through base and through the per-model folders of models/, which overlays list when they serve a GPU model)."""
+through base and through the per-model folders of models/; llm-external: test_deploy_models.py, in prod's
+place of llm-gpu)."""
+
+LLM_COMPONENTS: tuple[str, ...] = ("llm-gpu", "llm-external")
+"""The components that give the agents a language model: GPU workers (staging and prod), or an external
+OpenAI-compatible endpoint for clusters without GPUs."""
 
 KUBERNETES_VERSION = "1.33"
 """The API version manifests are validated against (strict: unknown fields are errors)."""
@@ -153,8 +158,29 @@ def render_overlay(overlay: str) -> list[Manifest]:
 
 
 def model_folders() -> list[Path]:
-    """The per-model GPU worker kustomizations under deploy/kustomize/models/."""
+    """The per-model worker kustomizations under deploy/kustomize/models/."""
     return sorted(p for p in MODELS_DIR.iterdir() if (p / "kustomization.yaml").exists())
+
+
+def model_engine(folder: Path) -> str | None:
+    """The engine a models/ folder sets in its inference-worker-config (read from the file, not rendered)."""
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text(encoding="utf-8"))
+    for generator in kustomization.get("configMapGenerator", []):
+        for literal in generator.get("literals", []):
+            name, _, value = str(literal).partition("=")
+            if name == "AGENTBUS_WORKER_ENGINE":
+                return value
+    return None
+
+
+def gpu_model_folders() -> list[Path]:
+    """The models/ folders whose workers run vLLM in-process on a GPU."""
+    return [folder for folder in model_folders() if model_engine(folder) == "vllm"]
+
+
+def endpoint_model_folders() -> list[Path]:
+    """The models/ folders whose workers forward to an OpenAI-compatible server (no GPU of their own)."""
+    return [folder for folder in model_folders() if model_engine(folder) == "openai"]
 
 
 def scaled_by_deployment(manifests: Iterable[Manifest]) -> dict[str, Manifest]:

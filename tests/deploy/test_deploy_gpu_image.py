@@ -108,7 +108,9 @@ def test_the_cpu_install_holds_no_torch_and_no_vllm(cpu_install: dict[str, str])
     assert not {"torch", "vllm", "triton"} & set(cpu_install), "uv sync --all-packages must stay CPU-only and small"
 
 
-def test_the_gpu_image_runs_the_numpy_the_tests_run_with(cpu_install: dict[str, str], gpu_image: dict[str, str]) -> None:
+def test_the_gpu_image_runs_the_numpy_the_tests_run_with(
+    cpu_install: dict[str, str], gpu_image: dict[str, str]
+) -> None:
     assert gpu_image["numpy"] == cpu_install["numpy"]
     assert importlib.metadata.version("numpy") == gpu_image["numpy"], "the test environment is not the lock's: uv sync"
     for name, version in gpu_image.items():
