@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from agentbus.retriever.adapters.minilm import MINILM_DIMENSION, MiniLmEmbedder
+from agentbus.retriever.ports import EmbeddingError
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "minilm_reference.json").read_text(encoding="utf-8"))
 
@@ -57,3 +60,28 @@ async def test_async_embedding_runs_off_the_event_loop(minilm: MiniLmEmbedder) -
     query = await minilm.embed_query("alpha")
     assert documents.shape == (2, MINILM_DIMENSION)
     assert np.abs(documents[0] - query).max() < 1e-6
+
+
+async def test_worker_processes_embed_exactly_as_this_process_does(minilm: MiniLmEmbedder) -> None:
+    texts = ["How do I reset my password?", "word " * 300, "ünïcödé — 数字", "short"]
+    embedder = MiniLmEmbedder(batch_size=2, processes=2, query_cache_size=0)
+    await embedder.start()
+    try:
+        documents, queries = await asyncio.gather(
+            embedder.embed_documents(texts), asyncio.gather(*(embedder.embed_query(t) for t in texts))
+        )
+    finally:
+        await embedder.close()
+    expected = minilm.embed_sync(texts)
+    assert np.abs(documents - expected).max() < 1e-5
+    assert np.abs(np.stack(queries) - expected).max() < 1e-5
+    with pytest.raises(EmbeddingError):
+        await embedder.embed_query("the workers are gone")
+
+
+async def test_concurrent_queries_are_embedded_alike_and_repeats_come_from_the_cache(minilm: MiniLmEmbedder) -> None:
+    texts = [f"query number {i}" for i in range(12)]
+    vectors = await asyncio.gather(*(minilm.embed_query(t) for t in texts))
+    assert np.abs(np.stack(vectors) - minilm.embed_sync(texts)).max() < 1e-5
+    again = await minilm.embed_query(texts[3])
+    assert again is vectors[3]

@@ -20,7 +20,8 @@ BOOTSTRAP_COMMAND = "bootstrap"
 
 async def bootstrap(settings: RetrieverSettings) -> list[str]:
     """Create or check the collection with the configured embedding model's vector size."""
-    embedder = create_embedder(settings)
+    # Only the vector size is needed: no worker processes for that.
+    embedder = create_embedder(settings.model_copy(update={"embedding_processes": 0}))
     index, actions = await prepare_index(settings, embedder)
     await index.close()
     await embedder.close()

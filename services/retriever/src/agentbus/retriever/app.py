@@ -48,7 +48,11 @@ def create_embedder(settings: RetrieverSettings) -> Embedder:
             batch_size=settings.embedding_batch_size,
             timeout_seconds=settings.embedding_timeout_seconds,
         )
-    return MiniLmEmbedder(batch_size=settings.embedding_batch_size, query_cache_size=settings.query_cache_size)
+    return MiniLmEmbedder(
+        batch_size=settings.embedding_batch_size,
+        processes=settings.embedding_process_count,
+        query_cache_size=settings.query_cache_size,
+    )
 
 
 async def prepare_index(settings: RetrieverSettings, embedder: Embedder) -> tuple[MilvusVectorIndex, list[str]]:

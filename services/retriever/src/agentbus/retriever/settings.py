@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from agentbus.contracts.rag import MAX_TOP_K
@@ -35,6 +36,11 @@ class RetrieverSettings(ServiceSettings):
     )
     embedding_batch_size: int = Field(
         default=16, ge=1, le=2048, description="Texts per forward pass (minilm) or per request (openai)."
+    )
+    embedding_processes: int | None = Field(
+        default=None,
+        ge=0,
+        description="minilm backend: worker processes for forward passes; unset: one per core; 0: threads here.",
     )
     embedding_timeout_seconds: float = Field(default=60.0, gt=0, description="openai backend: per request.")
     chunk_chars: int = Field(default=1000, ge=100, description="Longest chunk, in characters.")
@@ -70,6 +76,11 @@ class RetrieverSettings(ServiceSettings):
         if self.embedding_backend == "openai" and not self.embedding_url:
             raise ValueError("embedding_backend 'openai' needs embedding_url")
         return self
+
+    @property
+    def embedding_process_count(self) -> int:
+        """Worker processes of the minilm backend (one per core unless set)."""
+        return self.embedding_processes if self.embedding_processes is not None else os.cpu_count() or 1
 
     @property
     def tenant_allow_list(self) -> frozenset[str] | None:

@@ -13,12 +13,13 @@ import importlib.resources
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from agentbus.retriever.adapters.embedding_workers import DOCUMENT_PRIORITY, QUERY_PRIORITY, EmbeddingWorkers
 from numpy.typing import NDArray
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
@@ -225,9 +226,8 @@ class _Batcher:
     the forward pass is mostly per-call overhead, not arithmetic. One caller alone is not delayed.
     """
 
-    def __init__(self, embed: Callable[[Sequence[str]], Matrix], executor: ThreadPoolExecutor, max_texts: int) -> None:
+    def __init__(self, embed: Callable[[list[str]], Awaitable[Matrix]], max_texts: int) -> None:
         self._embed = embed
-        self._executor = executor
         self._max_texts = max_texts
         self._waiting: list[tuple[list[str], asyncio.Future[Matrix]]] = []
         self._running: asyncio.Task[None] | None = None
@@ -249,12 +249,11 @@ class _Batcher:
         return taken
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while batch := self._take():
                 texts = [text for part, _ in batch for text in part]
                 try:
-                    vectors = await loop.run_in_executor(self._executor, self._embed, texts)
+                    vectors = await self._embed(texts)
                 except Exception as exc:
                     for _, future in batch:
                         if not future.done():
@@ -270,13 +269,14 @@ class _Batcher:
 
 
 class MiniLmEmbedder:
-    """The `Embedder` port over `MiniLmEncoder`: batched, length-sorted, cached, off the event loop.
+    """The `Embedder` port over `MiniLmEncoder`: batched, length-grouped, cached, off the event loop.
 
-    Texts are sorted by length before batching so a batch pads to similar lengths. Documents and queries
-    run on separate worker threads, so a search never waits behind a large ingestion batch; the encoder
-    only reads its weights, and numpy releases the GIL inside its matrix products. Concurrent requests
-    share forward passes (`_Batcher`): chunks of concurrent ingest messages, and concurrent queries.
-    Query vectors are kept in an LRU cache of `query_cache_size` entries: agents repeat their searches.
+    With `processes` > 0 (the service's default: one per core) forward passes run in worker processes
+    (`EmbeddingWorkers`), queries ahead of documents, so embedding never holds the service's interpreter
+    lock. With 0 they run on two threads of this process (documents and queries apart, so a search never
+    waits behind an ingestion batch); tests and tools that embed little use that. Concurrent queries
+    share forward passes (`_Batcher`), and concurrent ingest messages' chunks do on threads. Query vectors
+    are kept in an LRU cache of `query_cache_size` entries: agents repeat their searches.
     """
 
     def __init__(
@@ -284,6 +284,7 @@ class MiniLmEmbedder:
         model_dir: Path | None = None,
         *,
         batch_size: int = 32,
+        processes: int = 0,
         query_batch_size: int = 64,
         query_cache_size: int = 4096,
     ) -> None:
@@ -292,8 +293,12 @@ class MiniLmEmbedder:
         self._encoder: MiniLmEncoder | None = None
         self._documents = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minilm-documents")
         self._queries = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minilm-queries")
-        self._document_batcher = _Batcher(self.embed_sync, self._documents, max_texts=4 * batch_size)
-        self._query_batcher = _Batcher(self.embed_sync, self._queries, max_texts=query_batch_size)
+        self._processes = processes
+        self._workers = (
+            EmbeddingWorkers(processes, dimension=MINILM_DIMENSION, batch_size=batch_size) if processes else None
+        )
+        self._document_batcher = _Batcher(self._embed_documents_now, max_texts=4 * batch_size)
+        self._query_batcher = _Batcher(self._embed_queries_now, max_texts=query_batch_size)
         self._cache: OrderedDict[str, Matrix] = OrderedDict()
         self._cache_size = query_cache_size
 
@@ -325,10 +330,37 @@ class MiniLmEmbedder:
         return out
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._documents, self.load)
+        if self._workers is not None:
+            await self._workers.start()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._documents, self.load)
+
+    async def _embed_documents_now(self, texts: list[str]) -> Matrix:
+        return await asyncio.get_running_loop().run_in_executor(self._documents, self.embed_sync, texts)
+
+    async def _embed_queries_now(self, texts: list[str]) -> Matrix:
+        if self._workers is not None:
+            # A pass is arithmetic-bound once it holds a few queries: split it so every worker takes a part.
+            parts = min(len(texts), self._processes)
+            step = -(-len(texts) // parts)
+            pieces = await asyncio.gather(
+                *(self._workers.embed(texts[i : i + step], QUERY_PRIORITY) for i in range(0, len(texts), step))
+            )
+            return np.concatenate(pieces)
+        return await asyncio.get_running_loop().run_in_executor(self._queries, self.embed_sync, texts)
 
     async def embed_documents(self, texts: Sequence[str]) -> Matrix:
-        return await self._document_batcher.embed(list(texts))
+        if self._workers is None:
+            return await self._document_batcher.embed(list(texts))
+        # Jobs of similar lengths, spread over the workers; each worker groups its job by token count.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        size = 2 * self._batch_size
+        jobs = [order[start : start + size] for start in range(0, len(order), size)]
+        parts = await asyncio.gather(*(self._workers.embed([texts[i] for i in job], DOCUMENT_PRIORITY) for job in jobs))
+        out = np.empty((len(texts), MINILM_DIMENSION), dtype=np.float32)
+        for job, part in zip(jobs, parts, strict=True):
+            out[job] = part
+        return out
 
     async def embed_query(self, text: str) -> Matrix:
         cached = self._cache.get(text)
@@ -343,5 +375,7 @@ class MiniLmEmbedder:
         return vector
 
     async def close(self) -> None:
+        if self._workers is not None:
+            await self._workers.close()
         self._documents.shutdown(wait=False, cancel_futures=True)
         self._queries.shutdown(wait=False, cancel_futures=True)
