@@ -1,0 +1,71 @@
+"""The Milvus index adapter on a real Milvus Lite file: batched searches never mix tenants."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from agentbus.retriever.adapters.milvus import MilvusVectorIndex, connect, ensure_collection
+from agentbus.retriever.analysis import analyzed_text
+from agentbus.retriever.domain import chunk_key, tenant_condition
+from agentbus.retriever.ports import ChunkRow
+
+DIMENSION = 8
+
+
+def _rows(tenant: str, count: int) -> list[ChunkRow]:
+    rng = np.random.default_rng(3)  # the same vectors and texts for every tenant
+    rows = []
+    for i in range(count):
+        vector = rng.standard_normal(DIMENSION).astype(np.float32)
+        text = f"shared words about kettles and teapots number {i}"
+        rows.append(
+            ChunkRow(
+                key=chunk_key(tenant, f"doc-{i}", 0),
+                tenant=tenant,
+                document_id=f"doc-{i}",
+                chunk_index=0,
+                text=text,
+                terms=analyzed_text(text),
+                vector=(vector / np.linalg.norm(vector)).tolist(),
+                metadata={"owner": tenant},
+                ingested_by="app",
+            )
+        )
+    return rows
+
+
+async def test_concurrent_searches_share_calls_but_never_tenants(tmp_path: Path) -> None:
+    client = connect(str(tmp_path / "index.db"))
+    ensure_collection(client, "chunks", DIMENSION)
+    index = MilvusVectorIndex(client, "chunks")
+    calls: list[int] = []
+    search = client.search
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(kwargs["data"]))
+        return search(*args, **kwargs)
+
+    client.search = counted
+    try:
+        for tenant in ("acme", "globex"):
+            await index.upsert(_rows(tenant, 12))
+        await index.flush()
+        query = _rows("any", 1)[0]
+        tenants = ["acme", "globex"] * 10
+        results = await asyncio.gather(
+            *(index.search_dense(query.vector, tenant_condition(t), 5) for t in tenants),
+            *(index.search_bm25(analyzed_text("kettles"), tenant_condition(t), 5) for t in tenants),
+        )
+        for tenant, hits in zip(tenants * 2, results, strict=True):
+            assert len(hits) == 5
+            assert {h.tenant for h in hits} == {tenant}
+            assert {h.metadata["owner"] for h in hits} == {tenant}
+        # 40 searches, yet fewer calls: those with the same field, filter and limit went together.
+        assert sum(calls) == 40
+        assert len(calls) < 40
+        assert max(calls) > 1
+    finally:
+        await index.close()
