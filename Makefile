@@ -54,3 +54,7 @@ attack: install ## The attack suite over raw NATS against the whole suite (ident
 
 chaos: install ## 10 chaos runs of 200 tasks and 30+ faults each (kills, pauses, outages); prints the invariants
 	$(UV) run python tests/chaos.py --runs 10 --tasks 200 --faults 30
+
+.PHONY: gpu-check
+gpu-check: ## On an NVIDIA GPU: install the gpu extra, run an agent task through vLLM, print tokens/s vs vLLM alone
+	$(UV) run --no-project python scripts/gpu_check.py --uv "$(UV)"
