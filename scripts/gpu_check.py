@@ -265,7 +265,7 @@ def plan_model(args: argparse.Namespace, workdir: Path) -> ModelPlan:
     return ModelPlan(
         str(folder),
         "hermes",
-        {**base_args, "load_format": "dummy", **extra},
+        {**base_args, "load_format": "dummy", "dtype": "bfloat16", **extra},
         "dummy",
         "a Qwen2-shaped 1.5B configuration with dummy (random) weights: no weights were named or cached",
     )
