@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from agentbus.contracts.usage import UsageRecorded
+from agentbus.cost_accountant.book import (
+    DENIED,
+    OPEN,
+    RELEASED,
+    SETTLED,
+    MonthlySpend,
+    PartitionBook,
+    StoredHold,
+    StoredTask,
+)
 from agentbus.cost_accountant.budgets import BudgetConfig, BudgetPolicy
 from agentbus.cost_accountant.config import load_budget_config, load_price_table
 from agentbus.cost_accountant.domain import (
     Attribution,
     Counter,
     ScopeLimit,
+    Verdict,
     crossed_soft_limit,
     decide,
     month_period,
     usd_to_nano,
 )
-from agentbus.cost_accountant.pricing import PriceTable, PricingError, price_usage
+from agentbus.cost_accountant.ownership import fair_share, takeable
+from agentbus.cost_accountant.ports import LeaseRow, PricedUsage, ReservationInput
+from agentbus.cost_accountant.pricing import PriceTable, PricingError, _token_cost, price_tokens, price_usage
 from agentbus.runtime.errors import ConfigurationError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -172,3 +185,146 @@ def test_a_bad_budget_file_names_the_file_and_field(tmp_path: Path) -> None:
 def test_a_missing_price_table_stops_start_up(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="does not exist"):
         load_price_table(tmp_path / "nope.yaml")
+
+
+def test_tokens_priced_in_whole_nano_dollars_agree_with_the_decimal_rule() -> None:
+    table = PriceTable.model_validate(
+        {
+            "models": {
+                "whole": {"prompt_per_million": "0.15", "completion_per_million": "0.6"},
+                "fine": {"prompt_per_million": "0.1234567", "completion_per_million": "3.0000001"},
+            }
+        }
+    )
+    for model in ("whole", "fine"):
+        price, _ = table.model_price(model)
+        for prompt, completion in ((0, 0), (1, 1), (2000, 500), (999_999, 7), (10**9, 10**8)):
+            assert price_tokens(table, model, prompt, completion).nano == usd_to_nano(
+                _token_cost(price, prompt, completion)
+            ), (model, prompt, completion)
+
+
+# --- the book ------------------------------------------------------------------------------------------
+
+NAIVE_NOW = datetime(2026, 11, 20, 12, 0)
+
+
+def book(budgets: dict[str, object] | None = None) -> PartitionBook:
+    policy = BudgetPolicy(BudgetConfig.model_validate(budgets or {}))
+    return PartitionBook(0, 1, policy, since_period="2026-10", reservation_ttl=timedelta(minutes=10))
+
+
+def ask(rid: str, nano: int, task: str = "t1", **fields: object) -> ReservationInput:
+    values: dict[str, object] = {
+        "reservation_id": rid,
+        "tenant": "acme",
+        "task_id": task,
+        "agent": "assistant",
+        "user": "bob",
+        "kind": "llm",
+        "model": "m1",
+        "tool": None,
+        "amount_nano": nano,
+        "task_budget_nano": None,
+        **fields,
+    }
+    return ReservationInput(**values)  # type: ignore[arg-type]
+
+
+def new_task(b: PartitionBook, task: str = "t1") -> None:
+    b.install(StoredTask("acme", task, None, {}, []))
+
+
+def spend(usage_id: str, nano: int, **fields: object) -> PricedUsage:
+    record = UsageRecorded.model_validate(
+        {"usage_id": usage_id, "kind": "llm", "tenant": "acme", "task_id": "t1", "model": "m1", "at": NOW, **fields}
+    )
+    return PricedUsage(record, nano, False)
+
+
+def test_the_book_holds_settles_and_voids_like_a_two_phase_ledger() -> None:
+    b = book({"tenants": {"acme": {"monthly": {"hard_usd": "0.000001"}}}})  # 1000 nano-dollars
+    new_task(b)
+    b.begin(1)
+    assert b.reserve(ask("a", 600), NAIVE_NOW) == Verdict(True, 600)
+    denied = b.reserve(ask("b", 500), NAIVE_NOW)
+    assert denied == Verdict(False, 0, "tenant:acme", 1000, 600, 500)
+    assert b.reserve(ask("b", 1), NAIVE_NOW) == denied  # the same id: its first verdict
+    assert b.counter("acme", "tenant:acme", "2026-11").reserved_nano == 600
+    # Posted: the actual cost moves to spent, the hold is voided.
+    assert b.record(spend("u1", 250, reservation_id="a"), NAIVE_NOW, in_ledger=False)
+    tenant = b.counter("acme", "tenant:acme", "2026-11")
+    assert (tenant.spent_nano, tenant.reserved_nano) == (250, 0)
+    plan = b.take_plan()
+    assert [h.status for h in plan.new_holds.values()] == [SETTLED, DENIED]  # written once, in its last state
+    assert [t.task_id for t in plan.new_tasks.values()] == ["t1"]
+    assert [e.priced.usage.usage_id for e in plan.ledger] == ["u1"]
+
+
+def test_a_closed_task_gives_back_its_holds_and_refuses_more() -> None:
+    b = book()
+    new_task(b)
+    b.begin(1)
+    b.reserve(ask("a", 300), NAIVE_NOW)
+    b.reserve(ask("b", 200), NAIVE_NOW)
+    b.mark_committed(1)
+    b.take_plan()
+    b.begin(2)
+    assert b.close("acme", "t1", NAIVE_NOW) == 500
+    assert b.close("acme", "t1", NAIVE_NOW) == 0
+    assert b.reserve(ask("c", 1), NAIVE_NOW) is None
+    assert b.counter("acme", "task:t1", "task").reserved_nano == 0
+    plan = b.take_plan()
+    assert sorted((h.reservation_id, h.status) for h in plan.changed_holds) == [("a", RELEASED), ("b", RELEASED)]
+    assert [t.task_id for t in plan.closed_tasks] == ["t1"]
+
+
+def test_a_usage_record_counts_once_per_usage_id() -> None:
+    b = book()
+    new_task(b)
+    b.begin(1)
+    assert b.record(spend("u1", 10), NAIVE_NOW, in_ledger=False)
+    assert not b.record(spend("u1", 10), NAIVE_NOW, in_ledger=False)
+    assert not b.record(spend("u2", 10), NAIVE_NOW, in_ledger=True)
+    assert b.counter("acme", "tenant:acme", "2026-11").spent_nano == 10
+
+
+def test_holds_expire_after_their_time_to_live() -> None:
+    b = book()
+    new_task(b)
+    b.begin(1)
+    b.reserve(ask("a", 300), NAIVE_NOW)
+    assert b.expire(NAIVE_NOW + timedelta(minutes=9)) == 0
+    assert b.expire(NAIVE_NOW + timedelta(minutes=11)) == 300
+    assert b.counter("acme", "tenant:acme", "2026-11").reserved_nano == 0
+
+
+def test_a_book_is_rebuilt_from_monthly_spend_and_the_tasks_holding_budget() -> None:
+    policy = BudgetPolicy(BudgetConfig())
+    keys = (("task:t1", "task"), ("user:bob", "2026-11"), ("tenant:acme", "2026-11"))
+    hold = StoredHold(
+        "acme", "t1", "a", "assistant", "bob", "llm", "m1", None, 70, OPEN, keys, None, None, None,
+        NAIVE_NOW, NAIVE_NOW + timedelta(minutes=10), None,
+    )  # fmt: skip
+    b = PartitionBook.rebuilt(
+        0,
+        3,
+        policy,
+        since_period="2026-10",
+        reservation_ttl=timedelta(minutes=10),
+        monthly=[MonthlySpend("acme", "bob", "assistant", "m1", "2026-11", 500)],
+        tasks=[StoredTask("acme", "t1", ("assistant", "bob", None, NAIVE_NOW, None), {"u1": 30}, [hold])],
+    )
+    assert b.counter("acme", "tenant:acme", "2026-11") == Counter(500, 70)
+    assert b.counter("acme", "user:bob", "2026-11") == Counter(500, 70)
+    assert b.counter("acme", "model:m1", "2026-11") == Counter(500, 0)
+    assert b.counter("acme", "task:t1", "task") == Counter(30, 70)
+    assert b.reserve(ask("a", 999), NAIVE_NOW) == Verdict(True, 70)
+
+
+def test_partitions_are_shared_among_the_replicas_alive() -> None:
+    assert [fair_share(8, n) for n in (0, 1, 2, 3, 8, 9)] == [8, 8, 4, 3, 1, 1]
+    now = NAIVE_NOW
+    assert takeable(LeaseRow(0, None, 4, None), now)
+    assert takeable(LeaseRow(0, "b", 4, now - timedelta(seconds=1)), now)
+    assert not takeable(LeaseRow(0, "b", 4, now + timedelta(seconds=1)), now)

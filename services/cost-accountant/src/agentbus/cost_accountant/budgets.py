@@ -7,7 +7,7 @@ hard limit denies reservations that would go over it; a soft limit publishes one
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from agentbus.contracts.common import Identifier
@@ -71,31 +71,68 @@ def _limit(scope: str, period: str, limit: Limit | None) -> ScopeLimit:
 
 
 class BudgetPolicy:
-    """Which scopes a cost lands in, and their limits."""
+    """Which scopes a cost lands in, and their limits.
+
+    Scopes are computed for every decision, so each (scope, period) is built once and kept: the limits come
+    from the configuration, which does not change while the service runs. The cache grows with the users,
+    agents and models seen per month; `forget_before` drops past months.
+    """
 
     def __init__(self, config: BudgetConfig) -> None:
         self._config = config
+        self._cache: dict[tuple[str, str, str, str], ScopeLimit] = {}
+        self._months: dict[tuple[int, int], str] = {}
+
+    def _month(self, at: datetime) -> str:
+        moment = at.astimezone(UTC) if at.tzinfo is not None else at
+        key = (moment.year, moment.month)
+        month = self._months.get(key)
+        if month is None:
+            self._months[key] = month = month_period(moment)
+        return month
 
     def scopes(self, attribution: Attribution, at: datetime, task_budget_nano: int | None) -> list[ScopeLimit]:
         """Every scope of `attribution`, narrowest first; scopes without limits are listed too, since spend is
         tracked in all of them."""
-        month = month_period(at)
-        tenant = self._config.tenants.get(attribution.tenant)
-        defaults = self._config.defaults
+        month = self._month(at)
+        tenant = attribution.tenant
         scopes: list[ScopeLimit] = []
         if attribution.task_id is not None:
             scopes.append(ScopeLimit(Scope.task(attribution.task_id), TASK_PERIOD, hard_nano=task_budget_nano))
+        cache = self._cache
         if attribution.user is not None:
-            user_limit = tenant.users.get(attribution.user) if tenant else None
-            if user_limit is None:
-                user_limit = (tenant.default_user if tenant else None) or defaults.user
-            scopes.append(_limit(Scope.user(attribution.user), month, user_limit))
+            key = (tenant, "user", attribution.user, month)
+            scopes.append(cache.get(key) or self._build(key))
         if attribution.agent is not None:
-            agent_limit = tenant.agents.get(attribution.agent) if tenant else None
-            scopes.append(_limit(Scope.agent(attribution.agent), month, agent_limit or defaults.agent))
+            key = (tenant, "agent", attribution.agent, month)
+            scopes.append(cache.get(key) or self._build(key))
         if attribution.model is not None:
-            model_limit = tenant.models.get(attribution.model) if tenant else None
-            scopes.append(_limit(Scope.model(attribution.model), month, model_limit))
-        tenant_limit = tenant.monthly if tenant and tenant.monthly else defaults.tenant
-        scopes.append(_limit(Scope.tenant(attribution.tenant), month, tenant_limit))
+            key = (tenant, "model", attribution.model, month)
+            scopes.append(cache.get(key) or self._build(key))
+        key = (tenant, "tenant", tenant, month)
+        scopes.append(cache.get(key) or self._build(key))
         return scopes
+
+    def _build(self, key: tuple[str, str, str, str]) -> ScopeLimit:
+        tenant_id, kind, name, month = key
+        tenant = self._config.tenants.get(tenant_id)
+        defaults = self._config.defaults
+        if kind == "user":
+            limit = tenant.users.get(name) if tenant else None
+            if limit is None:
+                limit = (tenant.default_user if tenant else None) or defaults.user
+            scope = _limit(Scope.user(name), month, limit)
+        elif kind == "agent":
+            limit = tenant.agents.get(name) if tenant else None
+            scope = _limit(Scope.agent(name), month, limit or defaults.agent)
+        elif kind == "model":
+            scope = _limit(Scope.model(name), month, tenant.models.get(name) if tenant else None)
+        else:
+            scope = _limit(Scope.tenant(name), month, tenant.monthly if tenant and tenant.monthly else defaults.tenant)
+        self._cache[key] = scope
+        return scope
+
+    def forget_before(self, period: str) -> None:
+        """Drop the scopes of months before `period` (no decision reads them any more)."""
+        for key in [key for key in self._cache if key[3] < period]:
+            del self._cache[key]

@@ -10,6 +10,7 @@ The limit rule: spending exactly up to a hard limit is allowed. A reservation is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -35,6 +36,17 @@ def month_period(at: datetime) -> str:
     """The monthly budget period an instant falls in: 'YYYY-MM' in UTC."""
     moment = at.astimezone(UTC) if at.tzinfo is not None else at
     return f"{moment.year:04d}-{moment.month:02d}"
+
+
+def previous_period(period: str) -> str:
+    """The month before a 'YYYY-MM' period."""
+    year, month = int(period[:4]), int(period[5:7])
+    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
+
+
+def period_start(period: str) -> datetime:
+    """The first instant of a 'YYYY-MM' period, as naive UTC (the ledger's time columns)."""
+    return datetime(int(period[:4]), int(period[5:7]), 1)
 
 
 class Scope:
@@ -86,9 +98,12 @@ class ScopeLimit:
         return (self.scope, self.period)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Counter:
-    """What a scope has spent (settled) and holds reserved in one period."""
+    """What a scope has spent (posted to the ledger) and holds reserved (pending) in one period.
+
+    Mutable: the budget book changes its counters in place, once per decision.
+    """
 
     spent_nano: int = 0
     reserved_nano: int = 0
@@ -107,9 +122,11 @@ class Verdict:
     budget: str | None = None
     limit_nano: int | None = None
     committed_nano: int | None = None
+    requested_nano: int | None = None
+    """Denials: the estimate that was refused."""
 
 
-def decide(amount_nano: int, scopes: list[ScopeLimit], counters: dict[tuple[str, str], Counter]) -> Verdict:
+def decide(amount_nano: int, scopes: list[ScopeLimit], counters: Mapping[tuple[str, str], Counter]) -> Verdict:
     """Allow the amount only if every scope with a hard limit stays at or under it.
 
     Every applicable scope is checked (a user's budget binds even when the tenant's and the agent's allow
@@ -120,7 +137,7 @@ def decide(amount_nano: int, scopes: list[ScopeLimit], counters: dict[tuple[str,
             continue
         committed = counters.get(scope.key, Counter()).committed_nano
         if committed + amount_nano > scope.hard_nano:
-            return Verdict(False, 0, scope.scope, scope.hard_nano, committed)
+            return Verdict(False, 0, scope.scope, scope.hard_nano, committed, amount_nano)
     return Verdict(True, amount_nano)
 
 

@@ -1,8 +1,14 @@
-"""Decode a message, call one use case, answer. No accounting rules here."""
+"""Decode a message, call one use case, answer. No accounting rules here.
+
+A request handler returns None when the accountant must not answer (its partition is another replica's):
+the requester times out or finds no responder, and asks again.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable
 
 from agentbus.contracts.budget import (
     BudgetReleaseRequest,
@@ -14,23 +20,31 @@ from agentbus.contracts.budget import (
     TaskCostRequest,
 )
 from agentbus.contracts.common import ErrorInfo
-from agentbus.contracts.registry import BUDGET_RELEASE, BUDGET_RESERVE, TASK_COST, USAGE_RECORDED, SubjectSpec
+from agentbus.contracts.registry import (
+    BUDGET_RELEASE,
+    BUDGET_RESERVE,
+    TASK_COST,
+    USAGE_RECORDED,
+    SubjectSpec,
+    budget_partition,
+)
 from agentbus.contracts.usage import UsageRecorded
-from agentbus.cost_accountant.adapters.nats_bus import Request
+from agentbus.cost_accountant.committer import NotServing, StoreUnavailable
 from agentbus.cost_accountant.service import AccountantService
 from agentbus.runtime.consumer import Delivery
-from agentbus.runtime.errors import RetryableError, TerminalError
+from agentbus.runtime.errors import DependencyUnavailableError, TerminalError
 from agentbus.runtime.logging import bind_message_context
+from agentbus.runtime.replies import Request
 from agentbus.runtime.spans import NullSpanEmitter, SpanEmitter
+from agentbus.runtime.tracing import TraceContext
 from pydantic import ValidationError
 
 SCHEMA_VIOLATION = "schema_violation"
 MISSING_TENANT = "missing_tenant"
 NEGATIVE_QUANTITY = "negative_quantity"
 TENANT_MISMATCH = "tenant_mismatch"
+PARTITION_MISMATCH = "partition_mismatch"
 _QUANTITIES = frozenset({"prompt_tokens", "completion_tokens", "gpu_seconds"})
-_STORE_RETRY_FIRST_SECONDS = 5.0
-_STORE_RETRY_MAX_SECONDS = 300.0
 
 
 def _usage_error(exc: ValidationError) -> TerminalError:
@@ -44,23 +58,44 @@ def _usage_error(exc: ValidationError) -> TerminalError:
     return TerminalError(SCHEMA_VIOLATION, str(exc))
 
 
-def _subject_tenant(spec: SubjectSpec, subject: str) -> str | None:
-    try:
-        return spec.parse(subject).get("tenant")
-    except ValueError:
+class _PartitionedSubject:
+    """`<prefix>.<partition>.<tenant>` subjects, read without a regular expression (they are on the hot path)."""
+
+    def __init__(self, spec: SubjectSpec) -> None:
+        self._prefix = spec.pattern.removesuffix(".{partition}.{tenant}")
+        assert self._prefix != spec.pattern, f"{spec.pattern} is not a budget partition subject"
+
+    def check(self, subject: str, tenant: str) -> ErrorInfo | None:
+        """Why a message for `tenant` does not belong on `subject` (its tenant or its partition), or None."""
+        prefix, _, rest = subject.rpartition(".")
+        prefix, _, partition = prefix.rpartition(".")
+        subject_tenant = rest if prefix == self._prefix else None
+        if subject_tenant != tenant:
+            return ErrorInfo(
+                code=TENANT_MISMATCH, message=f"tenant {tenant!r} does not match the subject's {subject_tenant!r}"
+            )
+        if partition != budget_partition(tenant):
+            return ErrorInfo(
+                code=PARTITION_MISMATCH,
+                message=f"tenant {tenant!r} belongs to budget partition {budget_partition(tenant)}, not {partition}",
+            )
         return None
+
+
+_RESERVE = _PartitionedSubject(BUDGET_RESERVE)
+_RELEASE = _PartitionedSubject(BUDGET_RELEASE)
+_COST = _PartitionedSubject(TASK_COST)
+_USAGE = _PartitionedSubject(USAGE_RECORDED)
+
+
+def _answered(reply: BudgetReserveReply) -> asyncio.Future[BudgetReserveReply | None]:
+    future: asyncio.Future[BudgetReserveReply | None] = asyncio.get_running_loop().create_future()
+    future.set_result(reply)
+    return future
 
 
 def _schema_error(exc: ValidationError) -> ErrorInfo:
     return ErrorInfo(code=SCHEMA_VIOLATION, message=str(exc))
-
-
-def _tenant_error(subject_tenant: str | None, tenant: str) -> ErrorInfo | None:
-    if subject_tenant != tenant:
-        return ErrorInfo(
-            code=TENANT_MISMATCH, message=f"tenant {tenant!r} does not match the subject's {subject_tenant!r}"
-        )
-    return None
 
 
 def _field(data: bytes, name: str) -> str:
@@ -89,64 +124,75 @@ class AccountantHandlers:
         except ValidationError as exc:
             raise _usage_error(exc) from exc
         bind_message_context(tenant=usage.tenant, task_id=usage.task_id, usage_id=usage.usage_id)
-        if (error := _tenant_error(_subject_tenant(USAGE_RECORDED, delivery.subject), usage.tenant)) is not None:
+        if (error := _USAGE.check(delivery.subject, usage.tenant)) is not None:
             raise TerminalError(error.code, error.message)
         priced = self._service.price(usage)
         try:
             await self._service.record(priced)
-        except Exception as exc:
-            # The ledger is the record of truth: ride out a database outage of minutes before a record is
-            # given up on (and even then it is kept, replayable, in the dead-letter stream).
-            delay = min(_STORE_RETRY_MAX_SECONDS, _STORE_RETRY_FIRST_SECONDS * 3 ** (delivery.deliveries - 1))
-            raise RetryableError(f"the ledger could not be written: {exc!r}", delay_seconds=delay) from exc
+        except NotServing as exc:
+            # The partition moved to another replica meanwhile: it reads the record when it is redelivered.
+            raise DependencyUnavailableError(f"budget partition not served here: {exc}") from exc
+        except StoreUnavailable as exc:
+            # The ledger is the record of truth: wait for the database however long it is away.
+            raise DependencyUnavailableError(f"the ledger could not be written: {exc}") from exc
 
-    async def on_budget_reserve(self, message: Request) -> BudgetReserveReply:
+    def on_budget_reserve(self, message: Request) -> Awaitable[BudgetReserveReply | None]:
+        """Reservations are the hot path: without a trace to record, the answer is a future the request
+        server completes when the verdict is committed (no task per reservation)."""
         try:
             request = BudgetReserveRequest.model_validate_json(message.data)
         except ValidationError as exc:
-            return BudgetReserveReply(
-                reservation_id=_field(message.data, "reservation_id"), allowed=False, error=_schema_error(exc)
+            return _answered(
+                BudgetReserveReply(
+                    reservation_id=_field(message.data, "reservation_id"), allowed=False, error=_schema_error(exc)
+                )
             )
-        if (error := _tenant_error(_subject_tenant(BUDGET_RESERVE, message.subject), request.tenant)) is not None:
-            return BudgetReserveReply(reservation_id=request.reservation_id, allowed=False, error=error)
-        bind_message_context(tenant=request.tenant, task_id=request.task_id)
+        if (error := _RESERVE.check(message.subject, request.tenant)) is not None:
+            return _answered(BudgetReserveReply(reservation_id=request.reservation_id, allowed=False, error=error))
         if message.trace is None:
-            return await self._service.reserve(request)
+            return self._service.reserve_soon(request)
+        return self._traced_reserve(message.trace, request)
+
+    async def _traced_reserve(self, trace: TraceContext, request: BudgetReserveRequest) -> BudgetReserveReply | None:
         # The budget check shows in the task's trace, as a step of the run that asked for it.
+        bind_message_context(tenant=request.tenant, task_id=request.task_id)
         with self._spans.span(
             RESERVE_SPAN_NAME,
             "agent_step",
-            message.trace.child(),
-            parent_span_id=message.trace.span_id,
+            trace.child(),
+            parent_span_id=trace.span_id,
             task_id=request.task_id,
             tenant=request.tenant,
         ) as span:
             reply = await self._service.reserve(request)
-            span.update({ALLOWED_ATTRIBUTE: reply.allowed, RESERVED_USD_ATTRIBUTE: reply.reserved_usd})
-            if reply.error is not None:
+            if reply is None:
+                span.fail("not answered: the budget partition is served by another replica")
+            elif reply.error is not None:
                 span.fail(f"{reply.error.code}: {reply.error.message}")
-            elif not reply.allowed:
-                span.set(BUDGET_ATTRIBUTE, reply.budget)
-                span.fail(f"denied by budget {reply.budget}")
+            else:
+                span.update({ALLOWED_ATTRIBUTE: reply.allowed, RESERVED_USD_ATTRIBUTE: reply.reserved_usd})
+                if not reply.allowed:
+                    span.set(BUDGET_ATTRIBUTE, reply.budget)
+                    span.fail(f"denied by budget {reply.budget}")
         return reply
 
-    async def on_budget_release(self, message: Request) -> BudgetReserveReply:
+    async def on_budget_release(self, message: Request) -> BudgetReserveReply | None:
         try:
             request = BudgetReleaseRequest.model_validate_json(message.data)
         except ValidationError as exc:
             return BudgetReserveReply(
                 reservation_id=_field(message.data, "task_id"), allowed=False, error=_schema_error(exc)
             )
-        if (error := _tenant_error(_subject_tenant(BUDGET_RELEASE, message.subject), request.tenant)) is not None:
+        if (error := _RELEASE.check(message.subject, request.tenant)) is not None:
             return BudgetReserveReply(reservation_id=request.task_id, allowed=False, error=error)
         return await self._service.release(request)
 
-    async def on_task_cost(self, message: Request) -> TaskCostReply:
+    async def on_task_cost(self, message: Request) -> TaskCostReply | None:
         try:
             request = TaskCostRequest.model_validate_json(message.data)
         except ValidationError as exc:
             return TaskCostReply(task_id=_field(message.data, "task_id"), cost_usd=0.0, error=_schema_error(exc))
-        if (error := _tenant_error(_subject_tenant(TASK_COST, message.subject), request.tenant)) is not None:
+        if (error := _COST.check(message.subject, request.tenant)) is not None:
             return TaskCostReply(task_id=request.task_id, cost_usd=0.0, error=error)
         return await self._service.task_cost(request)
 

@@ -1,15 +1,18 @@
-"""What the accountant's use cases need from the outside: a store for the ledger and budgets, an alert sink."""
+"""What the accountant's use cases need from the outside: a store, a bus to publish alerts on, and a host that
+serves a budget partition's requests and usage while this replica owns it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from agentbus.contracts.budget import BudgetAlert
 from agentbus.contracts.usage import UsageRecorded
-from agentbus.cost_accountant.domain import Counter, Verdict
+
+if TYPE_CHECKING:
+    from agentbus.cost_accountant.book import MonthlySpend, Plan, StoredTask, TaskKey
 
 ReportKey = Literal["task", "agent", "model", "day", "tenant"]
 
@@ -40,15 +43,6 @@ class PricedUsage:
 
 
 @dataclass(frozen=True)
-class UsageWrite:
-    """What writing a batch of usage records did: per record, whether it was new (not a repeat), and how
-    many soft-limit alerts it queued."""
-
-    inserted: list[bool]
-    alerts_queued: int
-
-
-@dataclass(frozen=True)
 class ReportLine:
     key: str
     prompt_tokens: int
@@ -58,22 +52,69 @@ class ReportLine:
     cost_nano: int
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What a batch needed from the database before deciding: tasks not in memory, and which of its usage
+    ids the ledger holds already."""
+
+    tasks: dict[TaskKey, StoredTask]
+    usage_in_ledger: set[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What rebuilding a partition's book reads: the ledger's monthly spend, and every task with an open
+    reservation."""
+
+    monthly: list[MonthlySpend]
+    tasks: list[StoredTask]
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """One budget partition's lease: its owner (None: free), its epoch, and until when it holds."""
+
+    partition: int
+    owner: str | None
+    epoch: int
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """The lease table after this replica's heartbeat and renewal, and how many replicas are alive."""
+
+    leases: dict[int, LeaseRow]
+    live_replicas: int
+
+
 class AccountantStore(Protocol):
-    """The ledger and budget state. Every method is one transaction; writes are idempotent on their ids."""
+    """The ledger, reservations, tasks, alert outbox and partition leases.
 
-    async def reserve_many(self, batch: Sequence[ReservationInput], now: datetime) -> list[Verdict]: ...
+    Every write goes through one writer connection. `commit` is one transaction and writes nothing of a
+    partition whose lease epoch is no longer this replica's (the fence).
+    """
 
-    async def record_usage(self, entries: Sequence[PricedUsage], now: datetime) -> UsageWrite: ...
+    async def load(self, tasks: Sequence[TaskKey], usage: Sequence[tuple[str, str]]) -> Loaded: ...
 
-    async def release_task(self, tenant: str, task_id: str, now: datetime) -> int: ...
+    async def snapshot(self, partitions: Sequence[int], since: datetime) -> Snapshot: ...
 
-    async def expire_reservations(self, now: datetime) -> int: ...
+    async def commit(self, replica: str, epochs: Mapping[int, int], plans: Mapping[int, Plan]) -> set[int]:
+        """Write the plans of every partition whose lease is still (replica, epoch); the partitions that
+        were fenced out (nothing of theirs written)."""
+        ...
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: Sequence[str]) -> tuple[int, list[str]]: ...
+    async def lease_round(self, replica: str, partitions: int, now: datetime, ttl_seconds: float) -> LeaseView: ...
+
+    async def acquire(
+        self, partition: int, replica: str, seen_epoch: int, now: datetime, ttl_seconds: float
+    ) -> bool: ...
+
+    async def release(self, partition: int, replica: str, epoch: int) -> None: ...
+
+    async def leave(self, replica: str) -> None: ...
 
     async def report(self, tenant: str | None, by: ReportKey, since: datetime | None) -> list[ReportLine]: ...
-
-    async def counter(self, tenant: str, scope: str, period: str) -> Counter: ...
 
     async def unpublished_alerts(self, limit: int) -> list[BudgetAlert]: ...
 
@@ -84,3 +125,11 @@ class AlertSink(Protocol):
     """Where soft-limit alerts go (the bus). Publishing the same alert id again must be harmless."""
 
     async def publish(self, alert: BudgetAlert) -> None: ...
+
+
+class PartitionHost(Protocol):
+    """Serves one budget partition on the bus: its request subjects and its usage consumer."""
+
+    async def serve(self, partition: int) -> None: ...
+
+    async def unserve(self, partition: int) -> None: ...

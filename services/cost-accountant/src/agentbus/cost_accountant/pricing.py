@@ -7,6 +7,7 @@ kind, and the result is flagged `priced_by_default`. Without a default rule it c
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -98,9 +99,22 @@ def _token_cost(price: ModelPrice, prompt_tokens: int, completion_tokens: int) -
     return (price.prompt_per_million * prompt_tokens + price.completion_per_million * completion_tokens) / 1_000_000
 
 
+@functools.lru_cache(maxsize=1024)
+def _whole_nano_per_token(prompt_per_million: Decimal, completion_per_million: Decimal) -> tuple[int, int] | None:
+    """Per-token prices in whole nano-dollars, when both are (a price per million with at most three decimals,
+    as every price is in practice): then tokens are priced in integers, exactly as the Decimal sum rounds."""
+    prompt, completion = prompt_per_million * 1000, completion_per_million * 1000
+    if prompt != prompt.to_integral_value() or completion != completion.to_integral_value():
+        return None
+    return int(prompt), int(completion)
+
+
 def price_tokens(table: PriceTable, model: str, prompt_tokens: int, completion_tokens: int) -> Price:
     """What `prompt_tokens` and `completion_tokens` on `model` cost."""
     price, by_default = table.model_price(model)
+    whole = _whole_nano_per_token(price.prompt_per_million, price.completion_per_million)
+    if whole is not None:  # every reservation is priced here: integers are much cheaper than Decimals
+        return Price(prompt_tokens * whole[0] + completion_tokens * whole[1], by_default)
     return Price(usd_to_nano(_token_cost(price, prompt_tokens, completion_tokens)), by_default)
 
 

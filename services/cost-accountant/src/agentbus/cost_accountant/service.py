@@ -1,4 +1,10 @@
-"""The accountant's use cases: price and record usage, decide reservations, release, report, alert."""
+"""The accountant's use cases: price and record usage, decide reservations, close tasks, price tasks, report,
+expire, alert.
+
+Every decision goes through the group committer (see committer.py) and is answered only once committed. A
+use case answers None when its partition is not (or no longer) this replica's: nothing is said, and the
+caller asks again, reaching the partition's owner.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from agentbus.contracts.budget import (
     BudgetReleaseRequest,
@@ -18,138 +25,98 @@ from agentbus.contracts.budget import (
     TaskCostRequest,
 )
 from agentbus.contracts.common import ErrorInfo, utc_now
+from agentbus.contracts.registry import budget_partition
 from agentbus.contracts.usage import UsageRecorded
-from agentbus.cost_accountant.batching import BatchWriter
+from agentbus.cost_accountant.book import PartitionBook, TaskKey
+from agentbus.cost_accountant.committer import (
+    CloseOp,
+    ExpireOp,
+    GroupCommitter,
+    LoadOp,
+    NotServing,
+    ReserveOp,
+    StoreUnavailable,
+    UsageOp,
+)
 from agentbus.cost_accountant.domain import Verdict, nano_to_usd, usd_to_nano
+from agentbus.cost_accountant.metrics import AccountantMetrics
 from agentbus.cost_accountant.ports import AccountantStore, AlertSink, PricedUsage, ReservationInput
 from agentbus.cost_accountant.pricing import PriceTable, PricingError, price_tokens, price_tool_call, price_usage
 from agentbus.runtime.errors import TerminalError
 from agentbus.runtime.logging import get_logger
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 _log = get_logger(__name__)
 
-COST_METRIC = "agentbus_cost_usd_total"
-TOKENS_METRIC = "agentbus_cost_tokens_total"
-GPU_SECONDS_METRIC = "agentbus_cost_gpu_seconds_total"
-USAGE_RECORDS_METRIC = "agentbus_cost_usage_records_total"
-PRICED_BY_DEFAULT_METRIC = "agentbus_cost_priced_by_default_total"
-RESERVATIONS_METRIC = "agentbus_budget_reservations_total"
-RESERVATION_SECONDS_METRIC = "agentbus_budget_reservation_seconds"
-ALERTS_METRIC = "agentbus_budget_alerts_published_total"
-
 STORE_UNAVAILABLE = "store_unavailable"
+TASK_CLOSED = "task_closed"
 MISSING_MODEL = "missing_model"
 MISSING_TOOL = "missing_tool"
-
-
-class AccountantMetrics:
-    """Cost, tokens and GPU-seconds by tenant and model; reservations by outcome and latency."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.cost_usd = Counter(
-            COST_METRIC, "Priced cost recorded in the ledger (USD).", ["tenant", "model", "kind"], registry=registry
-        )
-        self.tokens = Counter(
-            TOKENS_METRIC, "Tokens recorded in the ledger.", ["tenant", "model", "direction"], registry=registry
-        )
-        self.gpu_seconds = Counter(
-            GPU_SECONDS_METRIC, "GPU-seconds recorded in the ledger.", ["tenant", "node_class"], registry=registry
-        )
-        self.usage_records = Counter(
-            USAGE_RECORDS_METRIC,
-            "Usage records handled, by outcome (recorded, duplicate).",
-            ["outcome"],
-            registry=registry,
-        )
-        self.priced_by_default = Counter(
-            PRICED_BY_DEFAULT_METRIC,
-            "Usage records priced by a default rule because their model, node class or tool has no price.",
-            ["tenant", "model"],
-            registry=registry,
-        )
-        self.reservations = Counter(
-            RESERVATIONS_METRIC,
-            "Budget reservations, by outcome (allowed, denied, error).",
-            ["outcome"],
-            registry=registry,
-        )
-        self.reservation_seconds = Histogram(
-            RESERVATION_SECONDS_METRIC,
-            "Time to decide a reservation.",
-            registry=registry,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-        )
-        self.alerts = Counter(ALERTS_METRIC, "Soft-limit alerts published.", ["tenant"], registry=registry)
 
 
 def _error(code: str, message: str) -> ErrorInfo:
     return ErrorInfo(code=code, message=message)
 
 
+def partition_of(tenant: str) -> int:
+    return int(budget_partition(tenant))
+
+
 class AccountantService:
-    """Use cases over an `AccountantStore`. Usage records are written in shared transactions (see batching)."""
+    """Use cases over the group committer (decisions) and the store (reports, alerts)."""
 
     def __init__(
         self,
+        committer: GroupCommitter,
         store: AccountantStore,
         prices: PriceTable,
         metrics: AccountantMetrics,
         *,
-        max_batch: int = 500,
+        task_idle_seconds: float = 600.0,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
+        self._committer = committer
         self._store = store
         self._prices = prices
         self._metrics = metrics
+        self._task_idle = task_idle_seconds
         self._clock = clock
-        self._writer: BatchWriter[PricedUsage, bool] = BatchWriter(self._write_usage, max_batch=max_batch)
-        # Reservations that arrive together are decided in one transaction (each still sees those before it):
-        # under load, one commit serves many, and the budget rows are locked once per batch, not per call.
-        self._reserver: BatchWriter[ReservationInput, Verdict] = BatchWriter(self._decide, max_batch=max_batch)
-        self.alerts_queued = asyncio.Event()
-        """Set when a write queued soft-limit alerts, so the publisher need not wait for its next poll."""
-
-    async def start(self) -> None:
-        self._writer.start()
-        self._reserver.start()
-
-    async def stop(self) -> None:
-        await self._reserver.stop()
-        await self._writer.stop()
+        # Every reservation counts one outcome: the labelled children are looked up once.
+        self._outcomes = {
+            outcome: metrics.reservations.labels(outcome) for outcome in ("allowed", "denied", "closed", "error")
+        }
 
     # --- usage -------------------------------------------------------------------------------------
 
     def price(self, usage: UsageRecorded) -> PricedUsage:
-        """Price a record, or raise TerminalError with the reason when it cannot be priced."""
+        """Price a record, or raise TerminalError with the reason when it cannot be priced.
+
+        A model, node class or tool without a price is priced by the table's default rule, flagged
+        `priced_by_default` on its ledger row and counted; without a default rule the record is refused
+        (the consumer dead-letters it with the reason).
+        """
         try:
             price = price_usage(self._prices, usage)
         except PricingError as exc:
             raise TerminalError(exc.code, f"usage {usage.usage_id}: {exc.message}") from exc
         return PricedUsage(usage, price.nano, price.priced_by_default)
 
-    async def record_usage(self, usage: UsageRecorded) -> bool:
-        """Price and record one usage record; False when its usage id was already in the ledger.
-
-        A model, node class or tool without a price is priced by the table's default rule, flagged
-        `priced_by_default` on its ledger row and counted; without a default rule the record is refused
-        (TerminalError: the consumer dead-letters it with the reason).
-        """
-        return await self.record(self.price(usage))
-
     async def record(self, priced: PricedUsage) -> bool:
-        """Record a priced usage record, in a transaction shared with those recorded at the same time."""
-        return await self._writer.submit(priced)
+        """Post a priced record to the ledger, in a transaction shared with every decision made at the same
+        time; False when its usage id was in the ledger already. Raises NotServing or StoreUnavailable."""
+        usage = priced.usage
+        committed = self._committer.enqueue(UsageOp(partition_of(usage.tenant), priced))
+        # Counted as the commit completes, before anyone woken by the same commit (a cost query) answers.
+        committed.add_done_callback(lambda future: self._counted(priced, future))
+        new: bool = await committed
+        return new
 
-    async def _write_usage(self, entries: list[PricedUsage]) -> list[bool]:
-        written = await self._store.record_usage(entries, self._clock())
-        for entry, new in zip(entries, written.inserted, strict=True):
-            self._metrics.usage_records.labels("recorded" if new else "duplicate").inc()
-            if new:
-                self._count(entry)
-        if written.alerts_queued:
-            self.alerts_queued.set()
-        return written.inserted
+    def _counted(self, entry: PricedUsage, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        new = bool(future.result())
+        self._metrics.usage_records.labels("recorded" if new else "duplicate").inc()
+        if new:
+            self._count(entry)
 
     def _count(self, entry: PricedUsage) -> None:
         usage = entry.usage
@@ -167,31 +134,38 @@ class AccountantService:
 
     # --- reservations ------------------------------------------------------------------------------
 
-    def _estimate(self, request: BudgetReserveRequest) -> tuple[int, bool]:
+    def _estimate(self, request: BudgetReserveRequest) -> int:
         if request.kind == "llm":
             if not request.model:
                 raise PricingError(MISSING_MODEL, "an llm reservation must name its model")
-            price = price_tokens(
+            return price_tokens(
                 self._prices, request.model, request.estimated_prompt_tokens, request.estimated_completion_tokens
-            )
-        else:
-            if not request.tool:
-                raise PricingError(MISSING_TOOL, "a tool reservation must name its tool")
-            price = price_tool_call(self._prices, request.tool)
-        return price.nano, price.priced_by_default
+            ).nano
+        if not request.tool:
+            raise PricingError(MISSING_TOOL, "a tool reservation must name its tool")
+        return price_tool_call(self._prices, request.tool).nano
 
-    async def reserve(self, request: BudgetReserveRequest) -> BudgetReserveReply:
-        """Allow or deny the estimated cost of one call against every budget that applies."""
+    async def reserve(self, request: BudgetReserveRequest) -> BudgetReserveReply | None:
+        """Allow or deny the estimated cost of one call against every budget that applies, answered once the
+        verdict is committed. The same reservation id gets its first verdict again; a closed task's
+        reservations are refused (`task_closed`)."""
+        return await self.reserve_soon(request)
+
+    def reserve_soon(self, request: BudgetReserveRequest) -> asyncio.Future[BudgetReserveReply | None]:
+        """`reserve` as a future, queued at once: the request path runs no task of its own per reservation."""
         started = time.perf_counter()
+        rid = request.reservation_id
         try:
-            amount, _ = self._estimate(request)
+            amount = self._estimate(request)
         except PricingError as exc:
-            self._metrics.reservations.labels("error").inc()
-            return BudgetReserveReply(
-                reservation_id=request.reservation_id, allowed=False, error=_error(exc.code, exc.message)
-            )
+            self._outcomes["error"].inc()
+            return _done(BudgetReserveReply(reservation_id=rid, allowed=False, error=_error(exc.code, exc.message)))
+        partition = partition_of(request.tenant)
+        verdict = self._committed_verdict(partition, (request.tenant, request.task_id), rid)
+        if verdict is not None:
+            return _done(self._answer(rid, request.task_id, verdict, started))
         reservation = ReservationInput(
-            reservation_id=request.reservation_id,
+            reservation_id=rid,
             tenant=request.tenant,
             task_id=request.task_id,
             agent=request.agent,
@@ -202,61 +176,115 @@ class AccountantService:
             amount_nano=amount,
             task_budget_nano=usd_to_nano(request.task_budget_usd) if request.task_budget_usd is not None else None,
         )
-        try:
-            verdict = await self._reserver.submit(reservation)
-        except Exception as exc:
-            _log.exception("reservation_failed", reservation_id=request.reservation_id)
-            self._metrics.reservations.labels("error").inc()
+        decided = self._committer.enqueue(ReserveOp(partition, reservation))
+        answer: asyncio.Future[BudgetReserveReply | None] = asyncio.get_running_loop().create_future()
+
+        def committed(future: asyncio.Future[Any]) -> None:
+            if answer.done():
+                return
+            error = future.exception()
+            if error is None:
+                answer.set_result(self._answer(rid, request.task_id, future.result(), started))
+            elif isinstance(error, StoreUnavailable):
+                self._outcomes["error"].inc()
+                answer.set_result(
+                    BudgetReserveReply(reservation_id=rid, allowed=False, error=_error(STORE_UNAVAILABLE, str(error)))
+                )
+            elif isinstance(error, NotServing):
+                answer.set_result(None)
+            else:
+                answer.set_exception(error)
+
+        decided.add_done_callback(committed)
+        return answer
+
+    def _answer(self, rid: str, task_id: str, verdict: Verdict | None, started: float) -> BudgetReserveReply:
+        if verdict is None:
+            self._outcomes["closed"].inc()
             return BudgetReserveReply(
-                reservation_id=request.reservation_id,
+                reservation_id=rid,
                 allowed=False,
-                error=_error(STORE_UNAVAILABLE, f"the budget store failed: {exc.__class__.__name__}; retry"),
+                error=_error(TASK_CLOSED, f"task {task_id} was closed: its run has ended"),
             )
-        self._metrics.reservations.labels("allowed" if verdict.allowed else "denied").inc()
+        self._outcomes["allowed" if verdict.allowed else "denied"].inc()
         self._metrics.reservation_seconds.observe(time.perf_counter() - started)
-        return BudgetReserveReply(
-            reservation_id=request.reservation_id,
-            allowed=verdict.allowed,
-            reserved_usd=nano_to_usd(verdict.amount_nano),
-            budget=verdict.budget,
-            limit_usd=nano_to_usd(verdict.limit_nano) if verdict.limit_nano is not None else None,
-            spent_usd=nano_to_usd(verdict.committed_nano) if verdict.committed_nano is not None else None,
-        )
+        return _reply(rid, verdict)
 
-    async def _decide(self, batch: list[ReservationInput]) -> list[Verdict]:
-        return await self._store.reserve_many(batch, self._clock())
+    def _committed_verdict(self, partition: int, key: TaskKey, reservation_id: str) -> Verdict | None:
+        """A repeat's first verdict straight from memory, when it is committed already."""
+        book = self._committer.books.get(partition)
+        task = book.tasks.get(key) if book is not None else None
+        hold = task.holds.get(reservation_id) if task is not None else None
+        if book is None or hold is None or hold.batch > book.committed:
+            return None
+        return hold.verdict
 
-    async def release(self, request: BudgetReleaseRequest) -> BudgetReserveReply:
-        """Give back a finished task's open reservations. The reply's `reservation_id` is the task id and
-        `reserved_usd` what was given back."""
+    async def release(self, request: BudgetReleaseRequest) -> BudgetReserveReply | None:
+        """Close a finished task: give back its open reservations and refuse its later ones. The reply's
+        `reservation_id` is the task id and `reserved_usd` what was given back (0 when closed already)."""
         try:
-            released = await self._store.release_task(request.tenant, request.task_id, self._clock())
-        except Exception as exc:
-            _log.exception("release_failed", task_id=request.task_id)
+            released: int = await self._committer.submit(
+                CloseOp(partition_of(request.tenant), request.tenant, request.task_id)
+            )
+        except NotServing:
+            return None
+        except StoreUnavailable as exc:
             return BudgetReserveReply(
-                reservation_id=request.task_id,
-                allowed=False,
-                error=_error(STORE_UNAVAILABLE, f"the budget store failed: {exc.__class__.__name__}; retry"),
+                reservation_id=request.task_id, allowed=False, error=_error(STORE_UNAVAILABLE, str(exc))
             )
         return BudgetReserveReply(reservation_id=request.task_id, allowed=True, reserved_usd=nano_to_usd(released))
 
     async def expire_reservations(self) -> int:
-        """Release reservations that were never settled within their time to live; the nano-dollars freed."""
-        return await self._store.expire_reservations(self._clock())
+        """Release reservations never settled within their time to live; the nano-dollars freed. Idle tasks
+        and past months are forgotten from memory at the same time."""
+        partitions = list(self._committer.books)
+        results = await asyncio.gather(
+            *(self._committer.submit(ExpireOp(partition)) for partition in partitions), return_exceptions=True
+        )
+        await self._committer.upkeep(self._task_idle)
+        return sum(result for result in results if isinstance(result, int))
 
     # --- reads -------------------------------------------------------------------------------------
 
-    async def task_cost(self, request: TaskCostRequest) -> TaskCostReply:
+    async def task_cost(self, request: TaskCostRequest) -> TaskCostReply | None:
+        """The task's priced cost, once every asked-for usage id is in the ledger or `wait_seconds` passed
+        (then with the ids still missing). Woken by the commit that brings the last one, never polling."""
+        key = (request.tenant, request.task_id)
+        partition = partition_of(request.tenant)
         try:
-            cost, missing = await self._store.task_cost(request.tenant, request.task_id, request.usage_ids)
-        except Exception as exc:
-            _log.exception("task_cost_failed", task_id=request.task_id)
-            return TaskCostReply(
-                task_id=request.task_id,
-                cost_usd=0.0,
-                error=_error(STORE_UNAVAILABLE, f"the ledger failed: {exc.__class__.__name__}; retry"),
-            )
+            book = await self._current_book(partition, key)
+            if book is None:
+                return None
+            cost, missing = book.task_cost(key, request.usage_ids)
+            if missing and request.wait_seconds > 0:
+                arrived = self._committer.wait_for_usage(key, missing)
+                try:
+                    await asyncio.wait_for(arrived, timeout=request.wait_seconds)
+                except TimeoutError:
+                    pass
+                finally:
+                    self._committer.forget_waiter(key, arrived)
+                book = await self._current_book(partition, key)
+                if book is None:
+                    return None
+                cost, missing = book.task_cost(key, request.usage_ids)
+        except StoreUnavailable as exc:
+            return TaskCostReply(task_id=request.task_id, cost_usd=0.0, error=_error(STORE_UNAVAILABLE, str(exc)))
         return TaskCostReply(task_id=request.task_id, cost_usd=nano_to_usd(cost), missing_usage_ids=missing)
+
+    async def _current_book(self, partition: int, key: TaskKey) -> PartitionBook | None:
+        """The partition's book holding the task with nothing uncommitted, straight from memory while the lease
+        surely holds, else once the committer loaded the task and passed the fence. None: not ours."""
+        book = self._committer.readable(partition)
+        task = book.tasks.get(key) if book is not None else None
+        if book is not None and task is not None and not book.pending(task):
+            return book
+        try:
+            await self._committer.submit(LoadOp(partition, key[0], key[1]))
+        except NotServing:
+            return None
+        book = self._committer.books.get(partition)
+        return book if book is not None and key in book.tasks else None
 
     async def report(self, request: CostReportRequest) -> CostReportReply:
         try:
@@ -282,10 +310,14 @@ class AccountantService:
     # --- alerts ------------------------------------------------------------------------------------
 
     async def publish_alerts(self, sink: AlertSink, *, limit: int = 100) -> int:
-        """Publish queued soft-limit alerts and mark them published. An alert published but not yet marked
-        (a crash in between) is published again with the same id, which the stream drops as a duplicate."""
-        self.alerts_queued.clear()
-        alerts = await self._store.unpublished_alerts(limit)
+        """Publish queued soft-limit alerts of the partitions owned here and mark them published. An alert
+        published but not yet marked (a crash in between) is published again with the same id, which the
+        stream drops as a duplicate."""
+        alerts = [
+            alert
+            for alert in await self._store.unpublished_alerts(limit)
+            if self._committer.owns(partition_of(alert.tenant))
+        ]
         published: list[str] = []
         try:
             for alert in alerts:
@@ -295,3 +327,24 @@ class AccountantService:
         finally:
             await self._store.mark_alerts_published(published, self._clock())
         return len(published)
+
+
+def _done(value: BudgetReserveReply | None) -> asyncio.Future[BudgetReserveReply | None]:
+    future: asyncio.Future[BudgetReserveReply | None] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+def _reply(reservation_id: str, verdict: Verdict) -> BudgetReserveReply:
+    if verdict.allowed:
+        return BudgetReserveReply(
+            reservation_id=reservation_id, allowed=True, reserved_usd=nano_to_usd(verdict.amount_nano)
+        )
+    return BudgetReserveReply(
+        reservation_id=reservation_id,
+        allowed=False,
+        budget=verdict.budget,
+        limit_usd=nano_to_usd(verdict.limit_nano) if verdict.limit_nano is not None else None,
+        spent_usd=nano_to_usd(verdict.committed_nano) if verdict.committed_nano is not None else None,
+        requested_usd=nano_to_usd(verdict.requested_nano) if verdict.requested_nano is not None else None,
+    )

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from pathlib import Path
 
 from agentbus.runtime.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+FAULT_POINTS = ("decided", "committed")
+"""Where `fault_pause_at` can stop the accountant (see FaultPoints in committer.py)."""
+
+
+def _replica_id() -> str:
+    # Unique per process start: a restarted replica must never pass for the one whose leases it finds.
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class AccountantSettings(ServiceSettings):
@@ -35,5 +46,36 @@ class AccountantSettings(ServiceSettings):
         default=512, ge=1, description="Usage messages in flight at once; they are written in shared transactions."
     )
     ingest_fetch_batch: int = Field(default=256, ge=1, description="Usage messages pulled per fetch request.")
-    ingest_max_batch: int = Field(default=500, ge=1, le=1000, description="Most usage records per transaction.")
-    request_concurrency: int = Field(default=64, ge=1, description="Budget and report requests answered at once.")
+    ingest_max_batch: int = Field(
+        default=1000,
+        ge=1,
+        le=5000,
+        description="Most operations (reservations, usage records, closes) decided and written per group commit.",
+    )
+    request_concurrency: int = Field(default=256, ge=1, description="Budget and report requests answered at once.")
+    replica_id: str = Field(
+        default_factory=_replica_id,
+        min_length=1,
+        max_length=200,
+        description="This replica's name in the partition leases. Default: host, pid and a random suffix.",
+    )
+    lease_ttl_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A budget partition's lease lapses this long after its owner last renewed it.",
+    )
+    lease_renew_seconds: float = Field(
+        default=2.0, gt=0, description="How often leases are renewed and partitions shared out among replicas."
+    )
+    task_idle_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="A task untouched this long, holding nothing, is forgotten from memory (read again if needed).",
+    )
+    fault_pause_at: str | None = Field(
+        default=None,
+        description=f"Tests only: stop forever at this point of the group commit, one of {', '.join(FAULT_POINTS)}.",
+    )
+    fault_marker_dir: Path | None = Field(
+        default=None, description="Tests only: where a file named after the fault point is written when reached."
+    )

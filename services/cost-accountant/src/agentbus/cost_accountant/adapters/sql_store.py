@@ -1,19 +1,31 @@
-"""The ledger and budgets in SQL through SQLAlchemy Core (async): SQLite by default, Postgres via asyncpg.
+"""The accountant's store in SQL through SQLAlchemy Core: SQLite (the default) or Postgres.
 
-Atomicity of allow/deny. A reservation adds its amount to the counter row of every scope it touches with
-one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` in a fixed key order. On Postgres that takes the
-rows' locks until commit (the same order everywhere, so two writers cannot deadlock), and the returned
-totals include every reservation committed before; if a hard limit is exceeded the amount is taken back in
-the same transaction and the reservation is recorded as denied. A concurrent reservation on the same
-budget waits for the lock and then sees the new total. On SQLite every write transaction starts with
-`BEGIN IMMEDIATE`, which takes the database's single write lock up front, so the read-decide-write cannot
-interleave either, across processes too; an in-process lock only keeps this process's writers from
-polling SQLite's busy handler.
+One writer connection per store, and a group commit is one transaction on it:
 
-Idempotency. The ledger's primary key is the usage id (`INSERT ... ON CONFLICT DO NOTHING`): a
-redelivered record writes nothing and changes no counter. A reservation id answers its first verdict again.
-Everything a record causes (its ledger row, the settlement of its reservation, the counters of every
-scope, a soft-limit alert in the outbox) commits in one transaction, so the ledger is never half-written.
+- SQLite: the standard `sqlite3` driver. A transaction's statements run on the event loop (they touch only
+  SQLite's page cache and take microseconds); its COMMIT, which waits for the disk, runs on one writer
+  thread. Statements are not sent to a thread one by one: `sqlite3` gives up and takes back the GIL around
+  every step of every statement, and a thread waiting to take it back behind a busy event loop waits up to
+  the interpreter's switch interval each time, so a transaction of many small hops would mostly wait. WAL
+  journal, `synchronous=FULL` (a commit is on disk before anyone is answered), and write transactions begin
+  `IMMEDIATE`, taking the database's single write lock up front.
+- Postgres: asyncpg, on one connection kept open; the transaction's statements run as one Core function
+  through `run_sync`.
+
+The statements of the group commit are SQLAlchemy Core compiled once, at import, for each dialect; rows go
+to the driver as tuples in one executemany per statement, with no per-row parameter processing. Reports,
+rebuilds and the alert outbox are read on other connections, so they never wait for the writer.
+
+The fence. A partition's changes are written only while `budget_partitions` still names this replica and
+its epoch: the check is the first statement of the commit's transaction. On Postgres it reads the rows
+`FOR SHARE`, so a take-over (which raises the epoch with an UPDATE) waits for this commit to end, and a
+commit that starts after a take-over sees the new epoch; on SQLite the write lock serializes the two.
+Either way nothing can be committed for a partition after its lease was taken, and the new owner, which
+rebuilds its book only after its take-over committed, sees everything committed before.
+
+Leases are kept in the same table: a replica renews its own with every heartbeat and takes a free or lapsed
+one by raising its epoch. Lapse times come from each replica's clock: skewed clocks can make a take-over
+early (then the old owner is fenced out, and stops), never unsafe.
 """
 
 from __future__ import annotations
@@ -21,34 +33,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import sqlite3
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from agentbus.contracts.budget import BudgetAlert
-from agentbus.cost_accountant.adapters.schema import budget_alerts, budget_counters, ledger, reservations, tasks
-from agentbus.cost_accountant.budgets import BudgetPolicy
-from agentbus.cost_accountant.domain import (
-    Attribution,
-    Counter,
-    ScopeLimit,
-    Verdict,
-    alert_id,
-    crossed_soft_limit,
-    decide,
-    nano_to_usd,
+from agentbus.contracts.registry import budget_partition
+from agentbus.cost_accountant.adapters.schema import (
+    accountant_replicas,
+    budget_alerts,
+    budget_partitions,
+    ledger,
+    reservations,
+    tasks,
 )
-from agentbus.cost_accountant.ports import PricedUsage, ReportKey, ReportLine, ReservationInput, UsageWrite
+from agentbus.cost_accountant.book import Hold, LedgerEntry, MonthlySpend, Plan, StoredHold, StoredTask, TaskKey
+from agentbus.cost_accountant.ports import LeaseRow, LeaseView, Loaded, ReportKey, ReportLine, Snapshot
 from agentbus.runtime.logging import get_logger
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, func, select, text, tuple_, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    String,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.dialects.sqlite.pysqlite import dialect as pysqlite_dialect
+from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 _log = get_logger(__name__)
 
@@ -58,477 +92,644 @@ MIGRATIONS = "agentbus.cost_accountant:migrations"
 # Any constant works: it only has to be the same for every replica running migrations at start-up.
 MIGRATION_LOCK_KEY = 0x636F7374
 SQLITE_BEGIN_OPTION = "agentbus_sqlite_begin"
-OPEN, SETTLED, RELEASED, EXPIRED, DENIED = "open", "settled", "released", "expired", "denied"
-# Postgres: deadlock detected, serialization failure; SQLite: database locked beyond the busy timeout.
-_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
-_MAX_ATTEMPTS = 6
-_KNOWN_TASKS_LIMIT = 10_000
-
-ScopeKey = tuple[str, str, str]
-"""(tenant, scope, period): one budget counter row."""
+_IN_CHUNK = 400
+"""Keys per IN list: far below SQLite's limit on bound parameters."""
+_SWITCH_INTERVAL_SECONDS = 0.001
+"""The SQLite writer thread takes the GIL back after each commit; behind a busy event loop it would wait up to
+the interpreter's switch interval (5 ms by default), a delay every answer of the batch would carry."""
 
 
-def create_engine(url: str, *, schema: str | None = None, pool_size: int = 10) -> AsyncEngine:
-    """An async engine for `url`, set up for the accountant's transactions (see the module docstring)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
-        _use_immediate_transactions(engine)
-        return engine
-    connect_args: dict[str, Any] = {}
-    if schema is not None:
-        connect_args["server_settings"] = {"search_path": schema}
-    return create_async_engine(url, connect_args=connect_args, pool_size=pool_size, max_overflow=pool_size)
+def _naive(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo is not None else moment
 
 
-def _use_immediate_transactions(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _partition(tenant: str) -> int:
+    return int(budget_partition(tenant))
+
+
+def _chunks(items: Sequence[T]) -> Iterator[list[T]]:
+    for start in range(0, len(items), _IN_CHUNK):
+        yield list(items[start : start + _IN_CHUNK])
+
+
+# --- statements, built once ------------------------------------------------------------------------
+
+_LOAD_TASKS = select(
+    tasks.c.tenant,
+    tasks.c.task_id,
+    tasks.c.agent,
+    tasks.c.submitted_by,
+    tasks.c.budget_nanousd,
+    tasks.c.first_seen_at,
+    tasks.c.closed_at,
+).where(tuple_(tasks.c.tenant, tasks.c.task_id).in_(bindparam("keys", expanding=True)))
+_LOAD_TASK_LEDGER = select(ledger.c.tenant, ledger.c.task_id, ledger.c.usage_id, ledger.c.cost_nanousd).where(
+    tuple_(ledger.c.tenant, ledger.c.task_id).in_(bindparam("keys", expanding=True))
+)
+_LOAD_TASK_HOLDS = select(reservations).where(
+    tuple_(reservations.c.tenant, reservations.c.task_id).in_(bindparam("keys", expanding=True))
+)
+_USAGE_IN_LEDGER = select(ledger.c.tenant, ledger.c.usage_id).where(
+    tuple_(ledger.c.tenant, ledger.c.usage_id).in_(bindparam("keys", expanding=True))
+)
+_TASKS_HOLDING = select(reservations.c.tenant, reservations.c.task_id).where(reservations.c.status == "open").distinct()
+_MONTH = func.substr(ledger.c.day, 1, 7)
+_MONTHLY_SPEND = (
+    select(
+        ledger.c.tenant,
+        ledger.c.submitted_by,
+        ledger.c.agent,
+        ledger.c.model,
+        _MONTH.label("month"),
+        func.sum(ledger.c.cost_nanousd).label("spent"),
+    )
+    .where(ledger.c.at >= bindparam("since"))
+    .group_by(ledger.c.tenant, ledger.c.submitted_by, ledger.c.agent, ledger.c.model, _MONTH)
+)
+_UPDATE_HOLDS = (
+    update(reservations)
+    .where(reservations.c.tenant == bindparam("k_tenant"))
+    .where(reservations.c.task_id == bindparam("k_task"))
+    .where(reservations.c.reservation_id == bindparam("k_id"))
+    .values(status=bindparam("v_status"), closed_at=bindparam("v_closed_at"))
+)
+_CLOSE_TASKS = (
+    update(tasks)
+    .where(tasks.c.tenant == bindparam("k_tenant"))
+    .where(tasks.c.task_id == bindparam("k_task"))
+    .values(closed_at=bindparam("v_closed_at"))
+)
+_LEASES = select(budget_partitions).order_by(budget_partitions.c.partition_id)
+_RENEW = (
+    update(budget_partitions)
+    .where(budget_partitions.c.owner == bindparam("replica"))
+    .values(lease_expires_at=bindparam("expires"))
+)
+_ACQUIRE = (
+    update(budget_partitions)
+    .where(budget_partitions.c.partition_id == bindparam("k_partition"))
+    .where(budget_partitions.c.epoch == bindparam("seen_epoch"))
+    .where(
+        budget_partitions.c.owner.is_(None)
+        | budget_partitions.c.lease_expires_at.is_(None)
+        | (budget_partitions.c.lease_expires_at < bindparam("now"))
+    )
+    .values(owner=bindparam("replica"), epoch=budget_partitions.c.epoch + 1, lease_expires_at=bindparam("expires"))
+)
+_RELEASE = (
+    update(budget_partitions)
+    .where(budget_partitions.c.partition_id == bindparam("k_partition"))
+    .where(budget_partitions.c.owner == bindparam("replica"))
+    .where(budget_partitions.c.epoch == bindparam("k_epoch"))
+    .values(owner=None, lease_expires_at=None)
+)
+_LIVE_REPLICAS = (
+    select(func.count())
+    .select_from(accountant_replicas)
+    .where(accountant_replicas.c.heartbeat_at >= bindparam("since"))
+)
+_FORGET_REPLICAS = delete(accountant_replicas).where(accountant_replicas.c.heartbeat_at < bindparam("before"))
+_LEAVE = delete(accountant_replicas).where(accountant_replicas.c.replica_id == bindparam("replica"))
+
+
+def _insert_all_columns(table: Any) -> Any:
+    return insert(table).values({column.name: bindparam(column.name) for column in table.columns})
+
+
+class _Compiled:
+    """A Core statement compiled once for a dialect: the driver's SQL and the order of its parameters.
+
+    Rows are given as tuples in `order` (by default the statement's own parameter order).
+    """
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect, order: tuple[str, ...] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        self.sql = str(compiled)
+        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        self._take = None if order is None or order == self.names else [order.index(name) for name in self.names]
+
+    def check_columns(self, table: Any) -> _Compiled:
+        # Rows are built as tuples in the table's column order: the compiled statement must take them so.
+        assert self.names == tuple(column.name for column in table.columns), (self.names, table.name)
+        return self
+
+    def run(self, driver: _Driver, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        if self._take is not None:
+            take = self._take
+            rows = [tuple(row[i] for i in take) for row in rows]
+        driver.executemany(self.sql, rows)
+
+
+class _Driver(Protocol):
+    """The group commit's statements go to the driver directly: compiled SQL and tuples, nothing per row."""
+
+    def rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]: ...
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None: ...
+
+
+class _SqliteDriver:
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        return self._connection.execute(sql, params).fetchall()
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self._connection.executemany(sql, rows)
+
+
+class _SqlAlchemyDriver:
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        return list(self._connection.exec_driver_sql(sql, params).all())
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self._connection.exec_driver_sql(sql, rows)
+
+
+def _sqlite_datetime(moment: datetime | None) -> str | None:
+    """The text SQLAlchemy stores a SQLite DATETIME as (the driver is given values directly)."""
+    if moment is None:
+        return None
+    return moment.isoformat(" ", "microseconds")
+
+
+def _as_is(moment: datetime | None) -> datetime | None:
+    return moment
+
+
+class _DialectStatements:
+    """The statements whose SQL differs between SQLite and Postgres."""
+
+    def __init__(self, dialect: str) -> None:
+        insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        driver: Dialect = asyncpg_dialect() if dialect == "postgresql" else pysqlite_dialect()  # type: ignore[no-untyped-call]
+        self.datetime: Callable[[datetime | None], Any] = _as_is if dialect == "postgresql" else _sqlite_datetime
+        self.insert_ledger = _Compiled(_insert_all_columns(ledger), driver).check_columns(ledger)
+        self.insert_holds = _Compiled(_insert_all_columns(reservations), driver).check_columns(reservations)
+        self.insert_tasks = _Compiled(_insert_all_columns(tasks), driver).check_columns(tasks)
+        self.update_holds = _Compiled(_UPDATE_HOLDS, driver, ("k_tenant", "k_task", "k_id", "v_status", "v_closed_at"))
+        self.close_tasks = _Compiled(_CLOSE_TASKS, driver, ("k_tenant", "k_task", "v_closed_at"))
+        alerts = insert_for(budget_alerts).values({c.name: bindparam(c.name) for c in budget_alerts.columns})
+        self.insert_alerts = _Compiled(alerts.on_conflict_do_nothing(index_elements=["alert_id"]), driver)
+        self.insert_alerts.check_columns(budget_alerts)
+        self.add_partitions = insert_for(budget_partitions).on_conflict_do_nothing(index_elements=["partition_id"])
+        heartbeat = insert_for(accountant_replicas)
+        self.heartbeat = heartbeat.on_conflict_do_update(
+            index_elements=["replica_id"], set_={"heartbeat_at": heartbeat.excluded.heartbeat_at}
+        )
+        # Postgres: hold this replica's lease rows until commit, so that a take-over waits for this transaction.
+        # SQLite: the write lock is held already; the few rows are all read.
+        self.fence = (
+            "SELECT partition_id, owner, epoch FROM budget_partitions WHERE partition_id = ANY($1) FOR SHARE"
+            if dialect == "postgresql"
+            else "SELECT partition_id, owner, epoch FROM budget_partitions"
+        )
+
+
+_STATEMENTS = {dialect: _DialectStatements(dialect) for dialect in ("sqlite", "postgresql")}
+
+
+def _pg_type(column: Any) -> str:
+    for kind, name in (
+        (BigInteger, "int8"),
+        (Integer, "int4"),
+        (Boolean, "bool"),
+        (Float, "float8"),
+        (DateTime, "timestamp"),
+        (String, "text"),
+    ):
+        if isinstance(column.type, kind):
+            return name
+    raise TypeError(f"no Postgres array type for {column}")
+
+
+class _PostgresGroupCommit:
+    """The whole group commit on Postgres as one statement, run on its own (its own transaction): one round
+    trip, however many rows. Each table's rows go as one array per column (plus each row's partition) and
+    are unnested into data-modifying CTEs; the first CTE is the fence, locking this replica's lease rows
+    `FOR SHARE`, and every change is kept only for the partitions it returns. The statement returns them."""
+
+    SECTIONS = ("new_tasks", "closed_tasks", "new_holds", "changed_holds", "ledger", "alerts")
+
+    def __init__(self) -> None:
+        numbers = iter(range(1, 1000))
+        sections: list[str] = []
+
+        def unnest(columns: list[tuple[str, str]]) -> str:
+            arrays = ", ".join(f"${next(numbers)}::{kind}[]" for _, kind in columns)
+            names = ", ".join(f'"{name}"' for name, _ in columns)
+            return f"unnest({arrays}) AS r({names})"
+
+        def typed(table: Any, names: tuple[str, ...]) -> list[tuple[str, str]]:
+            return [("partition_id", "int4")] + [(name, _pg_type(table.c[name])) for name in names]
+
+        # Built at import from the schema's own names only: no value ever goes into this text.
+        kept = "r.partition_id IN (SELECT partition_id FROM fence)"
+        fence = (
+            "fence AS (SELECT p.partition_id FROM budget_partitions AS p "  # noqa: S608
+            f"JOIN unnest(${next(numbers)}::int4[], ${next(numbers)}::int8[]) AS e(partition_id, epoch) "
+            f"ON p.partition_id = e.partition_id AND p.epoch = e.epoch WHERE p.owner = ${next(numbers)} "
+            "FOR SHARE OF p)"
+        )
+
+        def insert(name: str, table: Any, conflict: str = "") -> None:
+            columns = tuple(column.name for column in table.columns)
+            listed = ", ".join(f'"{column}"' for column in columns)
+            source = unnest(typed(table, columns))
+            sections.append(
+                f"{name} AS (INSERT INTO {table.name} ({listed}) SELECT {listed} FROM {source} WHERE {kept}{conflict})"  # noqa: S608
+            )
+
+        def change(name: str, table: Any, keys: tuple[str, ...], values: tuple[str, ...]) -> None:
+            source = unnest(typed(table, keys + values))
+            assign = ", ".join(f'"{column}" = r."{column}"' for column in values)
+            match = " AND ".join(f't."{column}" = r."{column}"' for column in keys)
+            sections.append(f"{name} AS (UPDATE {table.name} AS t SET {assign} FROM {source} WHERE {match} AND {kept})")  # noqa: S608
+
+        insert("new_tasks", tasks)
+        change("closed_tasks", tasks, ("tenant", "task_id"), ("closed_at",))
+        insert("new_holds", reservations)
+        change("changed_holds", reservations, ("tenant", "task_id", "reservation_id"), ("status", "closed_at"))
+        insert("ledger_rows", ledger)
+        insert("alerts", budget_alerts, " ON CONFLICT (alert_id) DO NOTHING")
+        self.sql = "WITH " + ",\n".join([fence, *sections]) + "\nSELECT partition_id FROM fence"
+        self.widths = {
+            "new_tasks": len(tasks.columns),
+            "closed_tasks": 3,
+            "new_holds": len(reservations.columns),
+            "changed_holds": 5,
+            "ledger": len(ledger.columns),
+            "alerts": len(budget_alerts.columns),
+        }
+
+    def arguments(self, replica: str, epochs: Mapping[int, int], rows: Mapping[int, _PlanRows]) -> list[Any]:
+        """The statement's arguments: the fence's, then, per section, the rows' partitions and columns."""
+        arguments: list[Any] = [list(epochs), list(epochs.values()), replica]
+        for section in self.SECTIONS:
+            partitions: list[int] = []
+            table: list[tuple[Any, ...]] = []
+            for partition, plan in rows.items():
+                section_rows = getattr(plan, section)
+                partitions.extend([partition] * len(section_rows))
+                table.extend(section_rows)
+            arguments.append(partitions)
+            columns = list(zip(*table, strict=True)) if table else [() for _ in range(self.widths[section])]
+            arguments.extend(list(column) for column in columns)
+        return arguments
+
+
+_PG_GROUP_COMMIT = _PostgresGroupCommit()
+
+
+# --- connections -----------------------------------------------------------------------------------
+
+
+class _Database(Protocol):
+    dialect: str
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one write transaction on the writer connection."""
+        ...
+
+    async def write_driver(self, work: Callable[[_Driver], T]) -> T:
+        """`write`, with the driver's own connection (the group commit)."""
+        ...
+
+    async def read_latest(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in a read transaction that sees every commit of the writer."""
+        ...
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` on a reader connection, never waiting for the writer."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class _SqliteDatabase:
+    """pysqlite: statements on the event loop, commits on one writer thread, reads on short-lived threads
+    (see the module docstring)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, url: URL) -> None:
+        database = url.database or ""
+        if not database or database == ":memory:" or database.startswith("file:"):
+            raise ValueError("the accountant's SQLite database must be a file (several connections share it)")
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        self._engine: Engine = create_engine(
+            url.set(drivername="sqlite"),
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=4,
+            max_overflow=4,
+        )
+        _set_up_sqlite(self._engine)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="accountant-commit")
+        self._lock = asyncio.Lock()
+        self._connection: Connection | None = None
+        sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL_SECONDS))
+
+    def _writer(self, mode: str) -> Connection:
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        return self._connection.execution_options(**{SQLITE_BEGIN_OPTION: mode})
+
+    def _discard(self) -> None:
+        # After a failure the connection's state is unknown: the next transaction starts on a new one.
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.invalidate()
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        async with self._lock:
+            try:
+                connection = self._writer("IMMEDIATE")
+                transaction = connection.begin()
+                result = work(connection)
+                # Only the commit waits for the disk: it alone leaves the event loop.
+                await asyncio.get_running_loop().run_in_executor(self._thread, transaction.commit)
+            except BaseException:
+                self._discard()
+                raise
+            return result
+
+    async def write_driver(self, work: Callable[[_Driver], T]) -> T:
+        async with self._lock:
+            try:
+                connection = self._writer("IMMEDIATE").connection.driver_connection
+                assert isinstance(connection, sqlite3.Connection)
+                connection.execute("BEGIN IMMEDIATE")
+                result = work(_SqliteDriver(connection))
+                # Only the commit waits for the disk: it alone leaves the event loop.
+                await asyncio.get_running_loop().run_in_executor(self._thread, connection.execute, "COMMIT")
+            except BaseException:
+                self._discard()
+                raise
+            return result
+
+    async def read_latest(self, work: Callable[[Connection], T]) -> T:
+        async with self._lock:
+            try:
+                connection = self._writer("DEFERRED")
+                with connection.begin():
+                    return work(connection)
+            except BaseException:
+                self._discard()
+                raise
+
+    def _on_reader(self, work: Callable[[Connection], T]) -> T:
+        with self._engine.connect() as connection:
+            connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+            with connection.begin():
+                return work(connection)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        return await asyncio.to_thread(self._on_reader, work)
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+        self._thread.shutdown(wait=True)
+        self._engine.dispose()
+
+
+def _set_up_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when a transaction begins, so BEGIN IMMEDIATE can be sent.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
         mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def _upgrade(connection: Connection, config: Config) -> None:
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+class _PostgresDatabase:
+    """asyncpg: one writer connection kept open, and a small pool for readers."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: URL, schema: str | None) -> None:
+        connect_args: dict[str, Any] = {}
+        if schema is not None:
+            connect_args["server_settings"] = {"search_path": schema}
+        self._engine: AsyncEngine = create_async_engine(url, connect_args=connect_args, pool_size=3, max_overflow=2)
+        self._lock = asyncio.Lock()
+        self._connection: AsyncConnection | None = None
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        async with self._lock:
+            if self._connection is None:
+                self._connection = await self._engine.connect()
+            connection = self._connection
+            try:
+                async with connection.begin():
+                    return await connection.run_sync(work)
+            except Exception:
+                # The connection's state is unknown after a failure: the next transaction starts on a new one.
+                self._connection = None
+                with contextlib.suppress(Exception):
+                    await connection.invalidate()
+                raise
+
+    async def write_driver(self, work: Callable[[_Driver], T]) -> T:
+        return await self.write(lambda connection: work(_SqlAlchemyDriver(connection)))
+
+    async def fetch_alone(self, sql: str, arguments: list[Any]) -> list[Any]:
+        """Run one statement as its own transaction on the writer connection, straight through asyncpg."""
+        async with self._lock:
+            if self._connection is None:
+                self._connection = await self._engine.connect()
+            connection = self._connection
+            try:
+                raw = (await connection.get_raw_connection()).driver_connection
+                assert raw is not None
+                return list(await raw.fetch(sql, *arguments))
+            except Exception:
+                self._connection = None
+                with contextlib.suppress(Exception):
+                    await connection.invalidate()
+                raise
+
+    async def read_latest(self, work: Callable[[Connection], T]) -> T:
+        return await self.read(work)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        async with self._engine.connect() as connection:
+            return await connection.run_sync(work)
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._connection is not None:
+                with contextlib.suppress(Exception):
+                    await self._connection.close()
+                self._connection = None
+        await self._engine.dispose()
 
 
-async def migrate(engine: AsyncEngine) -> None:
-    """`alembic upgrade head` with the migrations shipped in the package. Safe when replicas start together:
-    on Postgres an advisory lock makes them take turns; on SQLite the immediate transaction does."""
-    config = Config()
-    config.set_main_option("script_location", MIGRATIONS)
-    async with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-        await connection.run_sync(_upgrade, config)
+def open_database(url: str, schema: str | None = None) -> _Database:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _SqliteDatabase(parsed)
+    if parsed.get_backend_name() == "postgresql":
+        return _PostgresDatabase(parsed.set(drivername="postgresql+asyncpg"), schema)
+    raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or Postgres")
 
 
-def _naive_utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo is not None else moment
-
-
-def _retryable(exc: DBAPIError) -> bool:
-    orig = exc.orig
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if state in _RETRYABLE_SQLSTATES:
-        return True
-    return "database is locked" in str(orig)
+# --- the store ---------------------------------------------------------------------------------------
 
 
 class SqlAccountantStore:
-    """The accountant's store on an async SQLAlchemy engine (see the module docstring for the guarantees)."""
+    """The accountant's store (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, policy: BudgetPolicy, *, reservation_ttl_seconds: float) -> None:
-        self._engine = engine
-        self._policy = policy
-        self._reservation_ttl = timedelta(seconds=reservation_ttl_seconds)
-        self._dialect = engine.dialect.name
-        self._sqlite_writer = asyncio.Lock() if self._dialect == "sqlite" else None
-        self._known_tasks: dict[tuple[str, str], None] = {}
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        self._db = open_database(url, schema)
+        self._sql = _STATEMENTS[self._db.dialect]
 
     @property
-    def engine(self) -> AsyncEngine:
-        return self._engine
+    def dialect(self) -> str:
+        return self._db.dialect
 
     async def close(self) -> None:
-        await self._engine.dispose()
+        await self._db.close()
 
-    # --- transactions ------------------------------------------------------------------------------
+    async def migrate(self) -> None:
+        """`alembic upgrade head` with the migrations shipped in the package. Safe when replicas start
+        together: on Postgres an advisory lock makes them take turns; on SQLite the write lock does."""
+        config = Config()
+        config.set_main_option("script_location", MIGRATIONS)
+        dialect = self._db.dialect
 
-    def _insert(self, table: Any) -> postgresql.Insert | sqlite.Insert:
-        if self._dialect == "postgresql":
-            return postgresql.insert(table)
-        return sqlite.insert(table)
+        def upgrade(connection: Connection) -> None:
+            if dialect == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
 
-    @contextlib.asynccontextmanager
-    async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
-        lock = self._sqlite_writer if self._sqlite_writer is not None else contextlib.nullcontext()
-        async with lock, self._engine.begin() as connection:
-            yield connection
+        await self._db.write(upgrade)
 
-    @contextlib.asynccontextmanager
-    async def _read_transaction(self) -> AsyncIterator[AsyncConnection]:
-        async with self._engine.connect() as connection:
-            await connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
-            yield connection
+    # --- the books ---------------------------------------------------------------------------------
 
-    async def _write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run `work` in one write transaction, again from the start after a deadlock or serialization failure."""
-        for attempt in range(1, _MAX_ATTEMPTS + 1):
-            try:
-                async with self._write_transaction() as connection:
-                    return await work(connection)
-            except DBAPIError as exc:
-                if not _retryable(exc) or attempt == _MAX_ATTEMPTS:
-                    raise
-                _log.info("transaction_retried", attempt=attempt, error=str(exc.orig))
-            await asyncio.sleep(0.005 * attempt)
-        raise AssertionError("unreachable")
+    async def load(self, tasks: Sequence[TaskKey], usage: Sequence[tuple[str, str]]) -> Loaded:
+        """Tasks as the database has them, and which of the (tenant, usage_id) keys the ledger holds."""
+        task_keys, usage_keys = list(tasks), list(usage)
 
-    # --- reservations ------------------------------------------------------------------------------
+        def work(connection: Connection) -> Loaded:
+            in_ledger: set[tuple[str, str]] = set()
+            for chunk in _chunks(usage_keys):
+                in_ledger.update((row[0], row[1]) for row in connection.execute(_USAGE_IN_LEDGER, {"keys": chunk}))
+            return Loaded(tasks=_load_tasks(connection, task_keys), usage_in_ledger=in_ledger)
 
-    async def reserve(self, reservation: ReservationInput, now: datetime) -> Verdict:
-        """Allow or deny one reservation (see `reserve_many`)."""
-        return (await self.reserve_many([reservation], now))[0]
+        return await self._db.read_latest(work)
 
-    async def reserve_many(self, batch: Sequence[ReservationInput], now: datetime) -> list[Verdict]:
-        """Allow or deny each reservation, in order, in one transaction: atomically against every concurrent
-        reservation, each seeing those before it. A repeated id gets its first verdict."""
-        verdicts = await self._write(lambda c: self._reserve_batch(c, batch, now))
-        for reservation in batch:
-            self._remember_task((reservation.tenant, reservation.task_id))
-        return verdicts
+    async def snapshot(self, partitions: Sequence[int], since: datetime) -> Snapshot:
+        """What rebuilding the books of `partitions` needs: monthly spend from `since`, tasks holding budget."""
+        wanted = set(partitions)
+        moment = _naive(since)
 
-    def _remember_task(self, key: tuple[str, str]) -> None:
-        # Only after commit: a task row written by a transaction that rolled back must be written again.
-        self._known_tasks[key] = None
-        if len(self._known_tasks) > _KNOWN_TASKS_LIMIT:
-            del self._known_tasks[next(iter(self._known_tasks))]
+        def work(connection: Connection) -> Snapshot:
+            holding = [(row[0], row[1]) for row in connection.execute(_TASKS_HOLDING) if _partition(row[0]) in wanted]
+            monthly = [
+                MonthlySpend(row.tenant, row.submitted_by, row.agent, row.model, row.month, int(row.spent))
+                for row in connection.execute(_MONTHLY_SPEND, {"since": moment})
+                if _partition(row.tenant) in wanted
+            ]
+            return Snapshot(monthly=monthly, tasks=list(_load_tasks(connection, holding).values()))
 
-    async def _reserve_batch(
-        self, connection: AsyncConnection, batch: Sequence[ReservationInput], now: datetime
-    ) -> list[Verdict]:
-        if len(batch) > 1 and self._dialect == "postgresql":
-            # Lock every counter the batch touches up front, in the one global key order, so that this
-            # transaction cannot deadlock with another replica's (a zero-amount upsert takes the row locks).
-            keys = sorted({(r.tenant, *key) for r in batch for key in self._scope_keys(r, now)})
-            await self._add_to_counters(connection, keys, 0)
-        return [await self._reserve(connection, request, now) for request in batch]
+        # The committer is idle while it rebuilds, so a reader connection sees every commit already.
+        return await self._db.read(work)
 
-    def _scopes(self, request: ReservationInput, now: datetime) -> list[ScopeLimit]:
-        attribution = Attribution(
-            tenant=request.tenant,
-            task_id=request.task_id,
-            agent=request.agent,
-            user=request.user,
-            model=request.model if request.kind == "llm" else None,
-        )
-        return self._policy.scopes(attribution, now, request.task_budget_nano)
+    async def commit(self, replica: str, epochs: Mapping[int, int], plans: Mapping[int, Plan]) -> set[int]:
+        """Write the plans of the partitions still leased to (replica, epoch), in one transaction; the
+        partitions fenced out (none of their changes written)."""
+        sql = self._sql
+        rows = {partition: _PlanRows.of(plan, sql) for partition, plan in plans.items() if plan}
 
-    def _scope_keys(self, request: ReservationInput, now: datetime) -> list[tuple[str, str]]:
-        return sorted(scope.key for scope in self._scopes(request, now))
+        fence_params = (list(epochs),) if self._db.dialect == "postgresql" else ()
 
-    async def _reserve(self, connection: AsyncConnection, request: ReservationInput, now: datetime) -> Verdict:
-        moment = _naive_utc(now)
-        scopes = self._scopes(request, now)
-        keys = sorted(scope.key for scope in scopes)
-        # Claiming the id first makes a concurrent twin of this request wait here for our commit and then
-        # read our verdict, instead of deciding a second time.
-        claimed = await connection.execute(
-            self._insert(reservations)
-            .on_conflict_do_nothing(index_elements=["reservation_id"])
-            .returning(reservations.c.reservation_id),
-            {
-                "reservation_id": request.reservation_id,
-                "tenant": request.tenant,
-                "task_id": request.task_id,
-                "agent": request.agent,
-                "submitted_by": request.user,
-                "kind": request.kind,
-                "model": request.model,
-                "tool": request.tool,
-                "amount_nanousd": request.amount_nano,
-                "status": OPEN,
-                "scopes": json.dumps([list(key) for key in keys]),
-                "created_at": moment,
-                "expires_at": moment + self._reservation_ttl,
-            },
-        )
-        if claimed.first() is None:
-            return await self._recorded_verdict(connection, request.reservation_id)
-        if (request.tenant, request.task_id) not in self._known_tasks:
-            await connection.execute(
-                self._insert(tasks).on_conflict_do_nothing(),
-                {
-                    "tenant": request.tenant,
-                    "task_id": request.task_id,
-                    "agent": request.agent,
-                    "submitted_by": request.user,
-                    "budget_nanousd": request.task_budget_nano,
-                    "first_seen_at": moment,
-                },
+        def work(driver: _Driver) -> set[int]:
+            fenced = set(epochs)
+            for partition, owner, epoch in driver.rows(sql.fence, fence_params):
+                if partition in epochs and owner == replica and epoch == epochs[partition]:
+                    fenced.discard(partition)
+            kept = [plan for partition, plan in rows.items() if partition not in fenced]
+            sql.insert_tasks.run(driver, [r for plan in kept for r in plan.new_tasks])
+            sql.close_tasks.run(driver, [r for plan in kept for r in plan.closed_tasks])
+            sql.insert_holds.run(driver, [r for plan in kept for r in plan.new_holds])
+            sql.update_holds.run(driver, [r for plan in kept for r in plan.changed_holds])
+            sql.insert_ledger.run(driver, [r for plan in kept for r in plan.ledger])
+            sql.insert_alerts.run(driver, [r for plan in kept for r in plan.alerts])
+            return fenced
+
+        return await self._db.write_driver(work)
+
+    # --- leases ------------------------------------------------------------------------------------
+
+    async def lease_round(self, replica: str, partitions: int, now: datetime, ttl_seconds: float) -> LeaseView:
+        """Heartbeat, renew this replica's leases, and read every lease and how many replicas are alive."""
+        moment = _naive(now)
+        ttl = timedelta(seconds=ttl_seconds)
+        sql = self._sql
+
+        def work(connection: Connection) -> LeaseView:
+            connection.execute(
+                sql.add_partitions,
+                [{"partition_id": p, "owner": None, "epoch": 0, "lease_expires_at": None} for p in range(partitions)],
             )
-        # Add the amount to every scope first: the upsert creates missing counters, locks them all (in key
-        # order) until commit and returns their totals, so the check below sees every earlier reservation.
-        tenant_keys = [(request.tenant, scope, period) for scope, period in keys]
-        held = await self._add_to_counters(connection, tenant_keys, request.amount_nano)
-        before = {key: Counter(c.spent_nano, c.reserved_nano - request.amount_nano) for key, c in held.items()}
-        verdict = decide(request.amount_nano, scopes, before)
-        if not verdict.allowed:
-            await self._add_to_counters(connection, tenant_keys, -request.amount_nano)
-            await connection.execute(
-                update(reservations)
-                .where(reservations.c.reservation_id == request.reservation_id)
-                .values(
-                    status=DENIED,
-                    amount_nanousd=0,
-                    denied_budget=verdict.budget,
-                    limit_nanousd=verdict.limit_nano,
-                    committed_nanousd=verdict.committed_nano,
-                    closed_at=moment,
-                )
-            )
-        return verdict
-
-    async def _recorded_verdict(self, connection: AsyncConnection, reservation_id: str) -> Verdict:
-        row = (
-            await connection.execute(select(reservations).where(reservations.c.reservation_id == reservation_id))
-        ).one()
-        return Verdict(
-            allowed=row.status != DENIED,
-            amount_nano=row.amount_nanousd,
-            budget=row.denied_budget,
-            limit_nano=row.limit_nanousd,
-            committed_nano=row.committed_nanousd,
-        )
-
-    async def _add_to_counters(
-        self, connection: AsyncConnection, keys: list[ScopeKey], reserved_nano: int
-    ) -> dict[tuple[str, str], Counter]:
-        """Add to the reserved amount of each counter (creating it), in the given order; their new totals."""
-        counters = self._insert(budget_counters)
-        upsert = counters.on_conflict_do_update(
-            index_elements=["tenant", "scope", "period"],
-            set_={"reserved_nanousd": budget_counters.c.reserved_nanousd + counters.excluded.reserved_nanousd},
-        ).returning(
-            budget_counters.c.scope,
-            budget_counters.c.period,
-            budget_counters.c.spent_nanousd,
-            budget_counters.c.reserved_nanousd,
-        )
-        rows = await connection.execute(
-            upsert,
-            [
-                {"tenant": t, "scope": s, "period": p, "spent_nanousd": 0, "reserved_nanousd": reserved_nano}
-                for t, s, p in keys
-            ],
-        )
-        return {(row.scope, row.period): Counter(row.spent_nanousd, row.reserved_nanousd) for row in rows}
-
-    async def release_task(self, tenant: str, task_id: str, now: datetime) -> int:
-        """Release every open reservation of a task; the nano-dollars given back."""
-        return await self._write(
-            lambda c: self._close_reservations(
-                c,
-                RELEASED,
-                now,
-                (reservations.c.tenant == tenant) & (reservations.c.task_id == task_id),
-            )
-        )
-
-    async def expire_reservations(self, now: datetime) -> int:
-        """Release every open reservation past its expiry; the nano-dollars given back."""
-        return await self._write(
-            lambda c: self._close_reservations(c, EXPIRED, now, reservations.c.expires_at < _naive_utc(now))
-        )
-
-    async def _close_reservations(self, connection: AsyncConnection, status: str, now: datetime, where: Any) -> int:
-        # The status condition claims each reservation once, even with several replicas sweeping at once.
-        claimed = await connection.execute(
-            update(reservations)
-            .where(where)
-            .where(reservations.c.status == OPEN)
-            .values(status=status, closed_at=_naive_utc(now))
-            .returning(reservations.c.tenant, reservations.c.amount_nanousd, reservations.c.scopes)
-        )
-        deltas: dict[ScopeKey, list[int]] = defaultdict(lambda: [0, 0])
-        total = 0
-        for row in claimed:
-            total += row.amount_nanousd
-            for scope, period in json.loads(row.scopes):
-                deltas[(row.tenant, scope, period)][1] -= row.amount_nanousd
-        await self._apply_deltas(connection, deltas, {}, now)
-        return total
-
-    # --- usage -------------------------------------------------------------------------------------
-
-    async def record_usage(self, entries: Sequence[PricedUsage], now: datetime) -> UsageWrite:
-        """Write a batch of priced usage records in one transaction; repeats of a usage id change nothing."""
-        unique: dict[str, PricedUsage] = {}
-        for entry in entries:
-            unique.setdefault(entry.usage.usage_id, entry)
-        batch = [unique[usage_id] for usage_id in sorted(unique)]  # one lock order for concurrent writers
-        inserted, alerts = await self._write(lambda c: self._record(c, batch, now))
-        first_seen: set[str] = set()
-        flags = []
-        for entry in entries:
-            usage_id = entry.usage.usage_id
-            flags.append(usage_id in inserted and usage_id not in first_seen)
-            first_seen.add(usage_id)
-        return UsageWrite(inserted=flags, alerts_queued=alerts)
-
-    async def _record(
-        self, connection: AsyncConnection, batch: list[PricedUsage], now: datetime
-    ) -> tuple[set[str], int]:
-        task_keys = {(e.usage.tenant, e.usage.task_id) for e in batch if e.usage.task_id is not None}
-        known_tasks: dict[tuple[str, str], Any] = {}
-        if task_keys:
-            rows = await connection.execute(
-                select(tasks).where(tuple_(tasks.c.tenant, tasks.c.task_id).in_(sorted(task_keys)))
-            )
-            known_tasks = {(row.tenant, row.task_id): row for row in rows}
-        moment = _naive_utc(now)
-        rows_by_id: dict[str, dict[str, Any]] = {}
-        for entry in batch:
-            usage = entry.usage
-            task = known_tasks.get((usage.tenant, usage.task_id)) if usage.task_id else None
-            at = _naive_utc(usage.at)
-            rows_by_id[usage.usage_id] = {
-                "usage_id": usage.usage_id,
-                "kind": usage.kind,
-                "tenant": usage.tenant,
-                "task_id": usage.task_id,
-                "agent": usage.agent or (task.agent if task is not None else None),
-                "submitted_by": task.submitted_by if task is not None else None,
-                "model": usage.model,
-                "tool": usage.tool,
-                "node_class": usage.node_class,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "gpu_seconds": usage.gpu_seconds,
-                "cost_nanousd": entry.cost_nano,
-                "priced_by_default": entry.priced_by_default,
-                "reservation_id": usage.reservation_id,
-                "at": at,
-                "day": at.date().isoformat(),
-                "recorded_at": moment,
+            connection.execute(sql.heartbeat, {"replica_id": replica, "heartbeat_at": moment})
+            connection.execute(_RENEW, {"replica": replica, "expires": moment + ttl})
+            connection.execute(_FORGET_REPLICAS, {"before": moment - 10 * ttl})
+            live = int(connection.execute(_LIVE_REPLICAS, {"since": moment - ttl}).scalar_one())
+            leases = {
+                row.partition_id: LeaseRow(row.partition_id, row.owner, row.epoch, row.lease_expires_at)
+                for row in connection.execute(_LEASES)
+                if row.partition_id < partitions
             }
-        result = await connection.execute(
-            self._insert(ledger).on_conflict_do_nothing(index_elements=["usage_id"]).returning(ledger.c.usage_id),
-            list(rows_by_id.values()),
-        )
-        inserted = set(result.scalars())
-        if not inserted:
-            return inserted, 0
-        deltas: dict[ScopeKey, list[int]] = defaultdict(lambda: [0, 0])
-        limits: dict[ScopeKey, ScopeLimit] = {}
-        settling: set[tuple[str, str]] = set()
-        for usage_id in sorted(inserted):
-            row = rows_by_id[usage_id]
-            task = known_tasks.get((row["tenant"], row["task_id"])) if row["task_id"] else None
-            attribution = Attribution(row["tenant"], row["task_id"], row["agent"], row["submitted_by"], row["model"])
-            budget = task.budget_nanousd if task is not None else None
-            for scope in self._policy.scopes(attribution, row["at"], budget):
-                key = (row["tenant"], scope.scope, scope.period)
-                deltas[key][0] += row["cost_nanousd"]
-                limits[key] = scope
-            if row["reservation_id"]:
-                settling.add((row["tenant"], row["reservation_id"]))
-        if settling:
-            settled = await connection.execute(
-                update(reservations)
-                # A record settles only its own tenant's reservation, whatever id it names.
-                .where(tuple_(reservations.c.tenant, reservations.c.reservation_id).in_(sorted(settling)))
-                .where(reservations.c.status == OPEN)
-                .values(status=SETTLED, closed_at=moment)
-                .returning(reservations.c.tenant, reservations.c.amount_nanousd, reservations.c.scopes)
-            )
-            for reservation in settled:
-                for scope, period in json.loads(reservation.scopes):
-                    deltas[(reservation.tenant, scope, period)][1] -= reservation.amount_nanousd
-        alerts = await self._apply_deltas(connection, deltas, limits, now)
-        return inserted, alerts
+            return LeaseView(leases=leases, live_replicas=live)
 
-    async def _apply_deltas(
-        self,
-        connection: AsyncConnection,
-        deltas: dict[ScopeKey, list[int]],
-        limits: dict[ScopeKey, ScopeLimit],
-        now: datetime,
-    ) -> int:
-        """Add (spent, reserved) deltas to counters in key order; queue an alert for each soft limit reached."""
-        changes = [(key, spent, reserved) for key, (spent, reserved) in sorted(deltas.items()) if spent or reserved]
-        if not changes:
-            return 0
-        upsert = self._insert(budget_counters)
-        upsert = upsert.on_conflict_do_update(
-            index_elements=["tenant", "scope", "period"],
-            set_={
-                "spent_nanousd": budget_counters.c.spent_nanousd + upsert.excluded.spent_nanousd,
-                "reserved_nanousd": budget_counters.c.reserved_nanousd + upsert.excluded.reserved_nanousd,
-            },
-        )
-        watched = {key for key, spent, _ in changes if spent > 0 and key in limits and limits[key].soft_nano}
-        params = [
-            {"tenant": t, "scope": s, "period": p, "spent_nanousd": spent, "reserved_nanousd": reserved}
-            for (t, s, p), spent, reserved in changes
-        ]
-        if not watched:
-            await connection.execute(upsert, params)
-            return 0
-        returned = await connection.execute(
-            upsert.returning(
-                budget_counters.c.tenant,
-                budget_counters.c.scope,
-                budget_counters.c.period,
-                budget_counters.c.spent_nanousd,
-            ),
-            params,
-        )
-        spent_after = {(row.tenant, row.scope, row.period): row.spent_nanousd for row in returned}
-        spent_delta = {key: spent for key, spent, _ in changes}
-        queued = []
-        for key in sorted(watched):
-            scope = limits[key]
-            after = spent_after[key]
-            if crossed_soft_limit(scope, after - spent_delta[key], after):
-                alert = BudgetAlert(
-                    alert_id=alert_id(key[0], scope),
-                    tenant=key[0],
-                    budget=scope.scope,
-                    soft_limit_usd=nano_to_usd(scope.soft_nano or 0),
-                    hard_limit_usd=nano_to_usd(scope.hard_nano) if scope.hard_nano is not None else None,
-                    spent_usd=nano_to_usd(after),
-                    at=now,
-                )
-                queued.append(
-                    {
-                        "alert_id": alert.alert_id,
-                        "tenant": alert.tenant,
-                        "payload": alert.model_dump_json(),
-                        "created_at": _naive_utc(now),
-                        "published_at": None,
-                    }
-                )
-        if queued:
-            await connection.execute(self._insert(budget_alerts).on_conflict_do_nothing(), queued)
-        return len(queued)
+        return await self._db.write(work)
+
+    async def acquire(self, partition: int, replica: str, seen_epoch: int, now: datetime, ttl_seconds: float) -> bool:
+        """Take a free or lapsed lease (raising its epoch from `seen_epoch`); False when someone else did."""
+        moment = _naive(now)
+        params = {
+            "k_partition": partition,
+            "seen_epoch": seen_epoch,
+            "now": moment,
+            "replica": replica,
+            "expires": moment + timedelta(seconds=ttl_seconds),
+        }
+
+        def work(connection: Connection) -> bool:
+            return connection.execute(_ACQUIRE, params).rowcount == 1
+
+        return await self._db.write(work)
+
+    async def release(self, partition: int, replica: str, epoch: int) -> None:
+        """Give a lease up (it stays at its epoch; the next owner raises it)."""
+        params = {"k_partition": partition, "replica": replica, "k_epoch": epoch}
+        await self._db.write(lambda connection: connection.execute(_RELEASE, params))
+
+    async def leave(self, replica: str) -> None:
+        await self._db.write(lambda connection: connection.execute(_LEAVE, {"replica": replica}))
 
     # --- reads -------------------------------------------------------------------------------------
-
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: Sequence[str]) -> tuple[int, list[str]]:
-        """The priced cost of a task's records in the ledger, and which of `usage_ids` are not in it yet."""
-        async with self._read_transaction() as connection:
-            cost = await connection.scalar(
-                select(func.coalesce(func.sum(ledger.c.cost_nanousd), 0))
-                .where(ledger.c.tenant == tenant)
-                .where(ledger.c.task_id == task_id)
-            )
-            found: set[str] = set()
-            if usage_ids:
-                found = set(
-                    (
-                        await connection.execute(
-                            select(ledger.c.usage_id)
-                            .where(ledger.c.tenant == tenant)
-                            .where(ledger.c.usage_id.in_(sorted(set(usage_ids))))
-                        )
-                    ).scalars()
-                )
-        return int(cost or 0), [usage_id for usage_id in usage_ids if usage_id not in found]
 
     async def report(self, tenant: str | None, by: ReportKey, since: datetime | None) -> list[ReportLine]:
         """Ledger totals grouped by task, agent, model, day or tenant."""
@@ -550,9 +751,8 @@ class SqlAccountantStore:
         if tenant is not None:
             query = query.where(ledger.c.tenant == tenant)
         if since is not None:
-            query = query.where(ledger.c.at >= _naive_utc(since))
-        async with self._read_transaction() as connection:
-            rows = (await connection.execute(query)).all()
+            query = query.where(ledger.c.at >= _naive(since))
+        rows = await self._db.read(lambda connection: connection.execute(query).all())
         lines = [
             ReportLine(
                 key=row.key if row.key is not None else "-",
@@ -566,53 +766,213 @@ class SqlAccountantStore:
         ]
         return sorted(lines, key=lambda line: line.key)
 
-    async def counter(self, tenant: str, scope: str, period: str) -> Counter:
-        """What a scope has spent and holds reserved in a period."""
-        async with self._read_transaction() as connection:
-            row = (
-                await connection.execute(
-                    select(budget_counters)
-                    .where(budget_counters.c.tenant == tenant)
-                    .where(budget_counters.c.scope == scope)
-                    .where(budget_counters.c.period == period)
-                )
-            ).first()
-        return Counter(row.spent_nanousd, row.reserved_nanousd) if row is not None else Counter()
-
-    async def reservation_status(self, reservation_id: str) -> str | None:
-        async with self._read_transaction() as connection:
-            status: str | None = await connection.scalar(
-                select(reservations.c.status).where(reservations.c.reservation_id == reservation_id)
-            )
-        return status
-
-    async def ledger_row(self, usage_id: str) -> dict[str, Any] | None:
-        """One ledger row as a mapping, for inspection."""
-        async with self._read_transaction() as connection:
-            row = (await connection.execute(select(ledger).where(ledger.c.usage_id == usage_id))).first()
-        return dict(row._mapping) if row is not None else None
-
-    # --- alert outbox ------------------------------------------------------------------------------
-
     async def unpublished_alerts(self, limit: int) -> list[BudgetAlert]:
-        async with self._read_transaction() as connection:
-            rows = await connection.execute(
-                select(budget_alerts.c.payload)
-                .where(budget_alerts.c.published_at.is_(None))
-                .order_by(budget_alerts.c.created_at, budget_alerts.c.alert_id)
-                .limit(limit)
-            )
-            return [BudgetAlert.model_validate_json(payload) for payload in rows.scalars()]
+        query = (
+            select(budget_alerts.c.payload)
+            .where(budget_alerts.c.published_at.is_(None))
+            .order_by(budget_alerts.c.created_at, budget_alerts.c.alert_id)
+            .limit(limit)
+        )
+        payloads = await self._db.read(lambda connection: list(connection.execute(query).scalars()))
+        return [BudgetAlert.model_validate_json(payload) for payload in payloads]
 
     async def mark_alerts_published(self, alert_ids: Sequence[str], now: datetime) -> None:
         if not alert_ids:
             return
+        statement = (
+            update(budget_alerts)
+            .where(budget_alerts.c.alert_id.in_(sorted(alert_ids)))
+            .values(published_at=_naive(now))
+        )
+        await self._db.write(lambda connection: connection.execute(statement))
 
-        async def work(connection: AsyncConnection) -> None:
-            await connection.execute(
-                update(budget_alerts)
-                .where(budget_alerts.c.alert_id.in_(sorted(alert_ids)))
-                .values(published_at=_naive_utc(now))
+    # --- inspection (tests, operators) -------------------------------------------------------------
+
+    async def ledger_row(self, tenant: str, usage_id: str) -> dict[str, Any] | None:
+        query = select(ledger).where(ledger.c.tenant == tenant).where(ledger.c.usage_id == usage_id)
+        row = await self._db.read(lambda connection: connection.execute(query).first())
+        return dict(row._mapping) if row is not None else None
+
+    async def reservation_row(self, tenant: str, task_id: str, reservation_id: str) -> dict[str, Any] | None:
+        query = (
+            select(reservations)
+            .where(reservations.c.tenant == tenant)
+            .where(reservations.c.task_id == task_id)
+            .where(reservations.c.reservation_id == reservation_id)
+        )
+        row = await self._db.read(lambda connection: connection.execute(query).first())
+        return dict(row._mapping) if row is not None else None
+
+    async def raw_charges(self, tenant: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """A tenant's ledger rows as (task_id, submitted_by, agent, model, day, cost) and its open reservations
+        as (amount, scopes JSON): what its counters are rebuilt from, read as stored."""
+        charges = select(
+            ledger.c.task_id, ledger.c.submitted_by, ledger.c.agent, ledger.c.model, ledger.c.day, ledger.c.cost_nanousd
+        ).where(ledger.c.tenant == tenant)
+        holds = (
+            select(reservations.c.amount_nanousd, reservations.c.scopes)
+            .where(reservations.c.tenant == tenant)
+            .where(reservations.c.status == "open")
+        )
+
+        def work(connection: Connection) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            return (
+                [tuple(row) for row in connection.execute(charges)],
+                [tuple(row) for row in connection.execute(holds)],
             )
 
-        await self._write(work)
+        return await self._db.read(work)
+
+    async def leases(self) -> dict[int, LeaseRow]:
+        rows = await self._db.read(lambda connection: connection.execute(_LEASES).all())
+        return {
+            row.partition_id: LeaseRow(row.partition_id, row.owner, row.epoch, row.lease_expires_at) for row in rows
+        }
+
+
+def _load_tasks(connection: Connection, keys: list[TaskKey]) -> dict[TaskKey, StoredTask]:
+    """Every task of `keys` the database knows anything of: its row, its ledger rows, its reservations."""
+    rows: dict[TaskKey, Any] = {}
+    usage: dict[TaskKey, dict[str, int]] = {}
+    holds: dict[TaskKey, list[StoredHold]] = {}
+    for chunk in _chunks(keys):
+        for task in connection.execute(_LOAD_TASKS, {"keys": chunk}):
+            rows[(task.tenant, task.task_id)] = task
+        for entry in connection.execute(_LOAD_TASK_LEDGER, {"keys": chunk}):
+            usage.setdefault((entry.tenant, entry.task_id), {})[entry.usage_id] = entry.cost_nanousd
+    # Reservations always come with their task's row (written in the same transaction).
+    for chunk in _chunks(list(rows)):
+        for row in connection.execute(_LOAD_TASK_HOLDS, {"keys": chunk}):
+            holds.setdefault((row.tenant, row.task_id), []).append(
+                StoredHold(
+                    tenant=row.tenant,
+                    task_id=row.task_id,
+                    reservation_id=row.reservation_id,
+                    agent=row.agent,
+                    user=row.submitted_by,
+                    kind=row.kind,
+                    model=row.model,
+                    tool=row.tool,
+                    amount_nano=row.amount_nanousd,
+                    status=row.status,
+                    keys=tuple((scope, period) for scope, period in json.loads(row.scopes)),
+                    denied_budget=row.denied_budget,
+                    limit_nano=row.limit_nanousd,
+                    committed_nano=row.committed_nanousd,
+                    created_at=row.created_at,
+                    expires_at=row.expires_at,
+                    closed_at=row.closed_at,
+                )
+            )
+    found: dict[TaskKey, StoredTask] = {}
+    for key in set(rows) | set(usage):
+        stored = rows.get(key)
+        found[key] = StoredTask(
+            tenant=key[0],
+            task_id=key[1],
+            row=(stored.agent, stored.submitted_by, stored.budget_nanousd, stored.first_seen_at, stored.closed_at)
+            if stored is not None
+            else None,
+            usage=usage.get(key, {}),
+            holds=holds.get(key, []),
+        )
+    return found
+
+
+class _PlanRows:
+    """A plan as driver rows (tuples in each compiled statement's order), built before the transaction."""
+
+    __slots__ = ("alerts", "changed_holds", "closed_tasks", "ledger", "new_holds", "new_tasks")
+
+    def __init__(self) -> None:
+        self.ledger: list[tuple[Any, ...]] = []
+        self.new_holds: list[tuple[Any, ...]] = []
+        self.changed_holds: list[tuple[Any, ...]] = []
+        self.new_tasks: list[tuple[Any, ...]] = []
+        self.closed_tasks: list[tuple[Any, ...]] = []
+        self.alerts: list[tuple[Any, ...]] = []
+
+    @classmethod
+    def of(cls, plan: Plan, sql: _DialectStatements) -> _PlanRows:
+        dt = sql.datetime
+        rows = cls()
+        rows.ledger = [_ledger_row(entry, dt) for entry in plan.ledger]
+        rows.new_holds = [_hold_row(hold, dt) for hold in plan.new_holds.values()]
+        rows.changed_holds = [
+            (hold.tenant, hold.task_id, hold.reservation_id, hold.status, dt(hold.closed_at))
+            for hold in plan.changed_holds
+        ]
+        rows.new_tasks = [
+            (
+                task.tenant,
+                task.task_id,
+                task.agent,
+                task.user,
+                task.budget_nano,
+                dt(task.first_seen_at),
+                dt(task.closed_at),
+            )
+            for task in plan.new_tasks.values()
+        ]
+        rows.closed_tasks = [(task.tenant, task.task_id, dt(task.closed_at)) for task in plan.closed_tasks]
+        rows.alerts = [
+            (alert.alert_id, alert.tenant, alert.model_dump_json(), dt(_naive(alert.at)), None) for alert in plan.alerts
+        ]
+        return rows
+
+
+def _ledger_row(entry: LedgerEntry, dt: Callable[[datetime | None], Any]) -> tuple[Any, ...]:
+    usage = entry.priced.usage
+    at = _naive(usage.at)
+    return (
+        usage.usage_id,
+        usage.kind,
+        usage.tenant,
+        usage.task_id,
+        entry.agent,
+        entry.user,
+        usage.model,
+        usage.tool,
+        usage.node_class,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.gpu_seconds,
+        entry.priced.cost_nano,
+        entry.priced.priced_by_default,
+        usage.reservation_id,
+        dt(at),
+        at.date().isoformat(),
+        dt(entry.recorded_at),
+    )
+
+
+_encode_string = json.encoder.encode_basestring_ascii
+
+
+def scopes_json(keys: tuple[tuple[str, str], ...]) -> str:
+    """The JSON `[[scope, period], ...]` of a reservation's scopes, built without the general encoder (this
+    runs for every reservation)."""
+    return "[" + ",".join(f"[{_encode_string(scope)},{_encode_string(period)}]" for scope, period in keys) + "]"
+
+
+def _hold_row(hold: Hold, dt: Callable[[datetime | None], Any]) -> tuple[Any, ...]:
+    verdict = hold.verdict
+    return (
+        hold.reservation_id,
+        hold.tenant,
+        hold.task_id,
+        hold.agent,
+        hold.user,
+        hold.kind,
+        hold.model,
+        hold.tool,
+        hold.amount_nano,
+        hold.status,
+        verdict.budget,
+        verdict.limit_nano,
+        verdict.committed_nano,
+        scopes_json(hold.keys),
+        dt(hold.created_at),
+        dt(hold.expires_at),
+        dt(hold.closed_at),
+    )
