@@ -10,6 +10,8 @@ from agentbus.runtime.settings import ServiceSettings
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+MAX_DEFAULT_EMBEDDING_PROCESSES = 8
+
 
 class RetrieverSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTBUS_RETRIEVER_", extra="ignore", frozen=True)
@@ -79,8 +81,12 @@ class RetrieverSettings(ServiceSettings):
 
     @property
     def embedding_process_count(self) -> int:
-        """Worker processes of the minilm backend (one per core unless set)."""
-        return self.embedding_processes if self.embedding_processes is not None else os.cpu_count() or 1
+        """Worker processes of the minilm backend: unless set, one per core this process may run on, at most
+        `MAX_DEFAULT_EMBEDDING_PROCESSES` (a container sees the node's cores, not its CPU limit: set it there).
+        """
+        if self.embedding_processes is not None:
+            return self.embedding_processes
+        return min(len(os.sched_getaffinity(0)), MAX_DEFAULT_EMBEDDING_PROCESSES)
 
     @property
     def tenant_allow_list(self) -> frozenset[str] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -198,6 +199,7 @@ def _hit(entity: dict[str, Any], score: float) -> Hit:
 
 
 MAX_QUERIES_PER_CALL = 64
+MAX_FLUSH_WAIT_FACTOR = 10
 _SearchKey = tuple[str, str, int]
 _SearchSync = Callable[[str, str, int, list[Any]], list[list[Hit]]]
 
@@ -257,9 +259,11 @@ class MilvusVectorIndex:
 
     `flush_delay_seconds` (Milvus Lite only; None for a server, which seals segments itself): Lite keeps
     unflushed rows in a memtable and rebuilds that memtable's BM25 index on every search, which made a
-    search over a few hundred unflushed chunks cost ~50 ms of CPU. Flushing shortly after writes turns
-    them into a segment whose indexes are built once. Writes (upserts, deletes, flushes) are serialized:
-    Lite's engine allows one writer per collection.
+    search over a few hundred unflushed chunks cost ~50 ms of CPU. Flushing once writes pause for that
+    long turns them into a segment whose indexes are built once; during a long stream of writes, at the
+    latest `MAX_FLUSH_WAIT_FACTOR` times that long after the first unflushed one. Waiting for the pause
+    makes fewer, larger segments: Lite keeps BM25 statistics per segment, so small segments skew scores.
+    Writes (upserts, deletes, flushes) are serialized: Lite's engine allows one writer per collection.
     """
 
     client: MilvusClient
@@ -273,6 +277,7 @@ class MilvusVectorIndex:
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="milvus")
         self._writes = asyncio.Lock()
         self._flush: asyncio.Task[None] | None = None
+        self._unflushed_since: float | None = None
         self._searches = _SearchBatcher(self._run, self._search_sync, MAX_QUERIES_PER_CALL)
 
     async def _run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -280,12 +285,20 @@ class MilvusVectorIndex:
         return await loop.run_in_executor(self._executor, functools.partial(call, *args, **kwargs))
 
     def _flush_soon(self) -> None:
-        if self.flush_delay_seconds is not None and self._flush is None:
-            self._flush = asyncio.create_task(self._flush_after(self.flush_delay_seconds))
+        if self.flush_delay_seconds is None:
+            return
+        now = time.monotonic()
+        if self._unflushed_since is None:
+            self._unflushed_since = now
+        latest = self._unflushed_since + MAX_FLUSH_WAIT_FACTOR * self.flush_delay_seconds
+        if self._flush is not None:
+            self._flush.cancel()
+        self._flush = asyncio.create_task(self._flush_after(max(0.0, min(self.flush_delay_seconds, latest - now))))
 
     async def _flush_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self._flush = None
+        self._unflushed_since = None
         try:
             await self.flush()
         except Exception:
