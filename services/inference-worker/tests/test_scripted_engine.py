@@ -105,3 +105,84 @@ def test_keyword_arguments_with_literal_values_become_the_call_arguments() -> No
     # Not keyword arguments with literals: the text becomes the first required parameter.
     assert planned_calls("create_ticket(a == b)", [ticket]) == [("create_ticket", {"title": "a == b"})]
     assert planned_calls("create_ticket(x=open('f'))", [ticket]) == [("create_ticket", {"title": "x=open('f')"})]
+
+
+SEARCH = ToolSpec(
+    name="search_knowledge_base",
+    description="search",
+    parameters={
+        "type": "object",
+        "properties": {"query": {"type": "string", "maxLength": 40}, "top_k": {"type": "integer"}},
+        "required": ["query"],
+    },
+)
+RENDER = ToolSpec(
+    name="render_manifest",
+    description="render",
+    parameters={"type": "object", "properties": {"name": {}, "image": {}}, "required": ["name", "image"]},
+)
+APPLY = ToolSpec(
+    name="kubectl_apply",
+    description="apply",
+    parameters={"type": "object", "properties": {"manifest": {"type": "string"}}, "required": ["manifest"]},
+)
+
+
+async def test_a_question_without_calls_searches_when_a_search_tool_is_offered() -> None:
+    engine = ScriptedEngine()
+    question = "  how long does a refund take?  "
+    conversation = [ChatMessage(role="user", content=question)]
+    first = await engine.generate(_request(conversation, [SEARCH]))
+    assert first.message.tool_calls == [
+        ToolCall(id="call_1", name="search_knowledge_base", arguments={"query": "how long does a refund take?"})
+    ]
+    conversation += [
+        first.message,
+        ChatMessage(role="tool", content="[1] Refunds arrive in 5 days.", tool_call_id="call_1", name="x"),
+    ]
+    final = await engine.generate(_request(conversation, [SEARCH]))
+    assert final.finish_reason == "stop"
+    assert "[1] Refunds arrive in 5 days." in final.message.content
+    # The query is cut to the parameter's maxLength; without a search tool the input is restated.
+    assert planned_calls("x" * 100, [SEARCH]) == [("search_knowledge_base", {"query": "x" * 40})]
+    assert planned_calls("how long does a refund take?", [CALC, COUNT]) == []
+    assert planned_calls("   ", [SEARCH]) == []
+    restated = await engine.generate(_request([ChatMessage(role="user", content="hello")], [CALC]))
+    assert restated.message.content == f"{SCRIPTED_MODEL_NOTICE} You asked: hello"
+
+
+async def test_a_written_call_wins_over_the_search_of_the_whole_input() -> None:
+    text = 'search_knowledge_base(query="refunds") please'
+    assert planned_calls(text, [SEARCH]) == [("search_knowledge_base", {"query": "refunds"})]
+
+
+async def test_empty_parentheses_pass_the_previous_result_on() -> None:
+    engine = ScriptedEngine()
+    text = 'render_manifest(name="shop", image="shop:1.4"), then kubectl_apply() it'
+    assert planned_calls(text, [RENDER, APPLY]) == [
+        ("render_manifest", {"name": "shop", "image": "shop:1.4"}),
+        ("kubectl_apply", {}),
+    ]
+    manifest = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n" + "# padding\n" * 20
+    conversation = [
+        ChatMessage(role="user", content=text),
+        ChatMessage(
+            role="assistant",
+            content="",
+            tool_calls=[ToolCall(id="call_1", name="render_manifest", arguments={"name": "shop", "image": "shop:1.4"})],
+        ),
+        ChatMessage(role="tool", content=manifest, tool_call_id="call_1", name="render_manifest"),
+    ]
+    second = await engine.generate(_request(conversation, [RENDER, APPLY]))
+    assert second.message.tool_calls == [ToolCall(id="call_2", name="kubectl_apply", arguments={"manifest": manifest})]
+    conversation += [
+        second.message,
+        ChatMessage(role="tool", content="validated", tool_call_id="call_2", name="kubectl_apply"),
+    ]
+    final = await engine.generate(_request(conversation, [RENDER, APPLY]))
+    # A long argument is quoted short, with its length: the manifest is already in the answer once.
+    assert final.message.content.count("# padding") == 20
+    assert "characters)) = validated" in final.message.content
+    # With nothing before it, an empty call has empty arguments: the tool's validation says what is missing.
+    alone = await engine.generate(_request([ChatMessage(role="user", content="kubectl_apply()")], [APPLY]))
+    assert alone.message.tool_calls[0].arguments == {}

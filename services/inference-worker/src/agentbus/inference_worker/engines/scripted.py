@@ -5,9 +5,12 @@ It follows a fixed script that is enough to drive real multi-step runs without a
 1. It reads the user's input for calls written as `tool_name(arguments)`, naming tools the request
    offers, in order of appearance. `arguments` is a JSON object, keyword arguments with literal values
    (`create_ticket(title="db down", priority="high")`), or plain text, which becomes the tool's first
-   required parameter, e.g. `calculator((2+3)*4)` or `word_count(to be or not)`.
-2. Each step it asks for the next call not yet made (one call per step).
-3. When every call has a result, it answers by quoting them; with no calls, it restates the input.
+   required parameter, e.g. `calculator((2+3)*4)` or `word_count(to be or not)`. Empty parentheses,
+   `kubectl_apply()`, pass the previous call's result as that first required parameter.
+2. With no calls written, a search tool offered (one whose only required parameter is `query`) is
+   called with the whole input: a support agent searches its knowledge base for the question asked.
+3. Each step it asks for the next call not yet made (one call per step).
+4. When every call has a result, it answers by quoting them; with no calls, it restates the input.
 
 Token counts are words and punctuation marks, an approximation labelled as such in the docs.
 """
@@ -26,6 +29,9 @@ from agentbus.contracts.llm import ChatMessage, LlmRequest, ToolCall, ToolSpec
 from agentbus.inference_worker.ports import Generation, TextSink
 
 SCRIPTED_MODEL_NOTICE = "[scripted offline engine, not an LLM]"
+SEARCH_PARAMETER = "query"
+SHOWN_ARGUMENT_CHARS = 60
+"""An argument longer than this is shortened where the answer quotes a call."""
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _PIECE = re.compile(r"\S*\s*")  # a word and the whitespace after it: the pieces join back into the text
 
@@ -68,8 +74,15 @@ def _keyword_arguments(raw: str) -> dict[str, Any] | None:
     return arguments
 
 
+def _first_required(tool: ToolSpec) -> str | None:
+    required = tool.parameters.get("required") or list(tool.parameters.get("properties", {}))
+    return str(required[0]) if required else None
+
+
 def _arguments(tool: ToolSpec, raw: str) -> dict[str, Any]:
     raw = raw.strip()
+    if not raw:
+        return {}
     if raw.startswith("{"):
         try:
             parsed = json.loads(raw)
@@ -80,12 +93,18 @@ def _arguments(tool: ToolSpec, raw: str) -> dict[str, Any]:
     keywords = _keyword_arguments(raw)
     if keywords is not None:
         return keywords
-    required = tool.parameters.get("required") or list(tool.parameters.get("properties", {}))
-    return {required[0]: raw} if required else {}
+    first = _first_required(tool)
+    return {first: raw} if first else {}
+
+
+def _is_search(tool: ToolSpec) -> bool:
+    return tool.parameters.get("required") == [SEARCH_PARAMETER]
 
 
 def planned_calls(text: str, tools: list[ToolSpec]) -> list[tuple[str, dict[str, Any]]]:
-    """The `tool(arguments)` calls written in `text`, for the offered tools, in order of appearance."""
+    """The `tool(arguments)` calls written in `text`, for the offered tools, in order of appearance; with
+    none written, a search of the whole text when a search tool is offered. A call written with empty
+    parentheses has empty arguments here: `generate` fills them from the previous call's result."""
     if not tools:
         return []
     by_name = {tool.name: tool for tool in tools}
@@ -98,7 +117,23 @@ def planned_calls(text: str, tools: list[ToolSpec]) -> list[tuple[str, dict[str,
             break
         calls.append((match.group(1), _arguments(by_name[match.group(1)], text[match.end() : close])))
         position = close + 1
+    if not calls and text.strip():
+        search = next((tool for tool in tools if _is_search(tool)), None)
+        if search is not None:
+            limit = search.parameters.get("properties", {}).get(SEARCH_PARAMETER, {}).get("maxLength")
+            calls.append((search.name, {SEARCH_PARAMETER: text.strip()[:limit]}))
     return calls
+
+
+def _with_previous_result(
+    tool: ToolSpec | None, arguments: dict[str, Any], messages: list[ChatMessage]
+) -> dict[str, Any]:
+    """`tool()`: the previous call's result as the tool's first required parameter."""
+    first = _first_required(tool) if tool is not None else None
+    results = [m.content for m in messages if m.role == "tool"]
+    if arguments or first is None or not results:
+        return arguments
+    return {first: results[-1]}
 
 
 class ScriptedEngine:
@@ -121,6 +156,8 @@ class ScriptedEngine:
         made = sum(len(m.tool_calls) for m in request.messages if m.role == "assistant")
         if made < len(calls):
             name, arguments = calls[made]
+            offered = next((tool for tool in request.tools if tool.name == name), None)
+            arguments = _with_previous_result(offered, arguments, request.messages)
             message = ChatMessage(
                 role="assistant",
                 content="",
@@ -168,6 +205,14 @@ class ScriptedEngine:
         lines = []
         for result in results:
             call = calls.get(result.tool_call_id or "")
-            shown = ", ".join(f"{k}={v!r}" for k, v in call.arguments.items()) if call else ""
+            shown = ", ".join(f"{k}={_shown(v)}" for k, v in call.arguments.items()) if call else ""
             lines.append(f"{result.name}({shown}) = {result.content}")
         return f"{SCRIPTED_MODEL_NOTICE} " + "; ".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """An argument as the answer quotes it: its repr, a long one cut short with its length."""
+    text = repr(value)
+    if len(text) <= SHOWN_ARGUMENT_CHARS:
+        return text
+    return f"{text[: SHOWN_ARGUMENT_CHARS - 1]}… ({len(text)} characters)"
