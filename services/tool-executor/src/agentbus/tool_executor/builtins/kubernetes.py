@@ -102,9 +102,22 @@ def render_documents(arguments: dict[str, Any]) -> list[dict[str, Any]]:
     return documents
 
 
+class _ManifestDumper(yaml.SafeDumper):
+    """Writes every object out in full: the documents share their labels and metadata, and a manifest a
+    person reads and approves has no anchors (`&id001`) or aliases (`*id001`)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def manifest_yaml(documents: list[dict[str, Any]]) -> str:
+    """Multi-document YAML as a person would write it: keys in the order given, block style, no aliases."""
+    return yaml.dump_all(documents, Dumper=_ManifestDumper, sort_keys=False, default_flow_style=False)
+
+
 async def render_manifest(arguments: dict[str, Any], context: PythonToolContext) -> ToolOutput:
     documents = render_documents(arguments)
-    text = yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False)
+    text = manifest_yaml(documents)
     kinds = ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in documents)
     return ToolOutput(True, f"# {kinds}\n{text}")
 
