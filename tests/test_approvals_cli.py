@@ -1,233 +1,154 @@
-"""`agentbus approvals`, run as a real process against a server that enforces identities."""
+"""`agentbus approvals`, run as a real process against `agentbus up` with identities enforced.
+
+Approvals come from real tasks (the `ops` agent's high-priority tickets); approvers list them through the
+tool-executor and hear its verdict on their decisions, as people do.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import timedelta
-from pathlib import Path
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-import pytest_asyncio
 from agentbus.cli.approvals import human_duration
-from agentbus.cli.config import CREDENTIALS_DIR_VARIABLE, IDENTITIES_FILE_VARIABLE, NATS_URL_VARIABLE
-from agentbus.cli.identities import ADMIN_USER, CredentialStore, load_identities, service_user
-from agentbus.cli.permissions import nats_users
-from agentbus.contracts.approvals import ApprovalDecision, ApprovalRequested, ApprovalResolved
-from agentbus.contracts.common import utc_now
-from agentbus.contracts.registry import (
-    APPROVAL_DECISION,
-    APPROVAL_DECISIONS,
-    APPROVAL_PENDING,
-    APPROVAL_RESOLVED,
-    Header,
-    Service,
-)
-from agentbus.runtime.bootstrap import apply_topology
-from agentbus.runtime.connection import connect_nats
-from agentbus.runtime.server import NatsServerProcess
-from agentbus.testing import nats_server_or_skip
+from agentbus.contracts.approvals import arguments_sha256
+from cli_support import AGENTBUS, TRACEBACK, Suite, assert_one_line_error, prepare_folder, running_suite
 from helpers import new_task_id
-from nats.aio.client import Client as NatsClient
 
-AGENTBUS = str(Path(sys.executable).parent / "agentbus")
-Run = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
 IDENTITIES_YAML = """\
 tenants:
   acme: {submitters: [acme-app], approvers: [alice, bob]}
   globex: {submitters: [globex-app], approvers: [carol]}
 """
+TICKET = 'create_ticket(title="{title}", priority="high")'
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What `agentbus up` leaves in its state directory: identities and credentials."""
-    directory = tmp_path_factory.mktemp("state")
-    (directory / "identities.yaml").write_text(IDENTITIES_YAML)
-    return directory
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+    cwd = tmp_path_factory.mktemp("approvals")
+    prepare_folder(cwd, agents=("ops",), identities=IDENTITIES_YAML)
+    with running_suite(cwd) as suite:
+        yield suite
 
 
-@pytest.fixture(scope="module")
-def server(state: Path) -> Iterator[NatsServerProcess]:
-    users = nats_users(load_identities(state / "identities.yaml"), CredentialStore(state / "credentials"))
-    with nats_server_or_skip(state / "nats", users=users) as running:
-        yield running
+def _ticket(up: Suite, title: str, tenant: str = "acme") -> str:
+    """Submit a high-priority ticket (it waits for an approver); its task id."""
+    task_id = new_task_id("ticket")
+    done = up.run(
+        "submit", "--tenant", tenant, "--agent", "ops", "--task-id", task_id, TICKET.format(title=title)
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return task_id
 
 
-@pytest_asyncio.fixture(scope="module")
-async def executor(server: NatsServerProcess, state: Path) -> AsyncIterator[NatsClient]:
-    """The topology applied by admin, and a connection as the tool-executor: the one who asks for approval."""
-    store = CredentialStore(state / "credentials")
-    admin = store.ensure(ADMIN_USER)
-    nc = await connect_nats(server.url, "bootstrap", user=admin.user, password=admin.password)
-    await apply_topology(nc.jetstream())
-    await nc.close()
-    user = store.ensure(service_user(Service.TOOL_EXECUTOR))
-    nc = await connect_nats(server.url, "tool-executor", user=user.user, password=user.password)
-    yield nc
-    await nc.close()
+def _approval_of(up: Suite, task_id: str, approver: str = "alice", timeout: float = 30) -> dict[str, Any]:
+    """The pending approval of `task_id`, as `approver` lists it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = up.run("approvals", "list", "--as", approver, "--json")
+        assert listed.returncode == 0, listed.stderr
+        for line in listed.stdout.splitlines():
+            request: dict[str, Any] = json.loads(line)
+            if request["task_id"] == task_id:
+                return request
+        time.sleep(0.5)
+    raise AssertionError(f"no approval of {task_id} listed for {approver} within {timeout}s")
 
 
-@pytest_asyncio.fixture
-async def admin(server: NatsServerProcess, state: Path) -> AsyncIterator[NatsClient]:
-    credential = CredentialStore(state / "credentials").ensure(ADMIN_USER)
-    nc = await connect_nats(server.url, "admin", user=credential.user, password=credential.password)
-    yield nc
-    await nc.close()
+def _events_until_done(up: Suite, task_id: str, tenant: str = "acme", timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = up.run("events", task_id, "--tenant", tenant)
+        if re.search(r"^\s*\d+ (completed|failed|cancelled|budget_exceeded)", shown.stdout, flags=re.MULTILINE):
+            return shown.stdout
+        time.sleep(0.5)
+    raise AssertionError(f"{task_id} did not end within {timeout}s")
 
 
-def _environment(server: NatsServerProcess, state: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        NATS_URL_VARIABLE: server.url,
-        CREDENTIALS_DIR_VARIABLE: str(state / "credentials"),
-        IDENTITIES_FILE_VARIABLE: str(state / "identities.yaml"),
-    }
+def test_list_and_show_print_tool_arguments_risk_age_and_expiry(up: Suite) -> None:
+    task_id = _ticket(up, "disk full on db-1")
+    elsewhere = _ticket(up, "globex outage", tenant="globex")
+    waiting = _approval_of(up, task_id)
+    foreign = _approval_of(up, elsewhere, approver="carol")
 
-
-@pytest.fixture
-def agentbus(server: NatsServerProcess, state: Path, tmp_path: Path) -> Run:
-    """`await agentbus(*args)` runs the CLI in an empty folder, configured as `agentbus up` would."""
-
-    async def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return await asyncio.to_thread(
-            subprocess.run,
-            [AGENTBUS, *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-            env=_environment(server, state),
-            check=False,
-        )
-
-    return run
-
-
-async def _ask(
-    executor: NatsClient, tenant: str = "acme", expires_in: timedelta = timedelta(hours=1), **arguments: object
-) -> ApprovalRequested:
-    arguments = arguments or {"image": "shop:1.2", "replicas": 3}
-    request = ApprovalRequested(
-        approval_id=new_task_id("ap"),
-        task_id=new_task_id("task"),
-        tenant=tenant,
-        agent="deployer",
-        tool="deploy",
-        arguments=arguments,
-        arguments_sha256=hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest(),
-        risk="high",
-        reason="policy: always",
-        requested_by="acme-app",
-        expires_at=utc_now() + expires_in,
-    )
-    await executor.jetstream().publish(APPROVAL_PENDING.format(tenant=tenant), request.model_dump_json().encode())
-    return request
-
-
-async def _resolve(executor: NatsClient, request: ApprovalRequested, by: str = "bob") -> None:
-    resolved = ApprovalResolved(
-        approval_id=request.approval_id, task_id=request.task_id, tenant=request.tenant, outcome="approved", by=by
-    )
-    await executor.jetstream().publish(
-        APPROVAL_RESOLVED.format(tenant=request.tenant), resolved.model_dump_json().encode()
-    )
-
-
-async def test_list_and_show_print_tool_arguments_risk_age_and_expiry(executor: NatsClient, agentbus: Run) -> None:
-    run = agentbus
-    waiting = await _ask(executor, target="prod")
-    done = await _ask(executor)
-    await _resolve(executor, done)
-    elsewhere = await _ask(executor, tenant="globex")
-
-    as_alice = await run("approvals", "list", "--as", "alice")
+    as_alice = up.run("approvals", "list", "--as", "alice")
     assert as_alice.returncode == 0, as_alice.stderr
     header, *rows = as_alice.stdout.splitlines()
-    assert header.split()[:7] == ["ID", "TENANT", "TOOL", "RISK", "AGE", "EXPIRES", "ARGUMENTS"]
-    row = next(r for r in rows if r.startswith(waiting.approval_id))
-    assert re.search(r"acme\s+deploy\s+high\s+\d+s\s+in (59m|1h)\s+\{\"target\":\"prod\"\}", row), row
-    assert done.approval_id not in as_alice.stdout, "resolved approvals are not pending"
-    assert elsewhere.approval_id not in as_alice.stdout, "alice approves for acme only"
+    assert header.split() == ["ID", "TENANT", "TOOL", "RISK", "AGE", "EXPIRES", "ARGUMENTS"]
+    row = next(r for r in rows if r.startswith(waiting["approval_id"]))
+    assert re.search(
+        r"acme\s+create_ticket\s+high\s+\d+s\s+in 23h 59m\s+\{\"title\":\"disk full on db-1\",\"priority\":\"high\"\}",
+        row,
+    ), row
+    assert foreign["approval_id"] not in as_alice.stdout, "alice approves for acme only"
 
-    as_operator = await run("approvals", "list", "--all")
-    assert elsewhere.approval_id in as_operator.stdout
-    assert re.search(rf"{done.approval_id}.*approved by bob", as_operator.stdout)
+    as_operator = up.run("approvals", "list", "--all")
+    assert as_operator.returncode == 0, as_operator.stderr
+    assert foreign["approval_id"] in as_operator.stdout
+    assert as_operator.stdout.splitlines()[0].split()[-1] == "STATUS"
 
-    shown = await run("approvals", "show", waiting.approval_id, "--as", "bob")
+    shown = up.run("approvals", "show", waiting["approval_id"], "--as", "bob")
     assert shown.returncode == 0, shown.stderr
-    assert f"sha256     {waiting.arguments_sha256}" in shown.stdout
+    assert f"sha256     {arguments_sha256(waiting['arguments'])}" in shown.stdout
     assert "status     pending" in shown.stdout
-    assert '"target": "prod"' in shown.stdout
+    assert f"task       {task_id}" in shown.stdout
+    assert '"title": "disk full on db-1"' in shown.stdout
 
 
-async def test_approve_sends_exactly_the_hash_it_shows_as_the_approver(
-    executor: NatsClient, admin: NatsClient, agentbus: Run
-) -> None:
-    run = agentbus
-    request = await _ask(executor, command="rollout restart")
-    sent = await run("approvals", "approve", request.approval_id, "--as", "alice", "--reason", "looks fine")
-    assert sent.returncode == 0, sent.stderr
-    assert f"arguments_sha256 {request.arguments_sha256}" in sent.stdout
-    subject = APPROVAL_DECISION.format(tenant="acme", approver="alice")
-    stored = await admin.jetstream().get_last_msg(APPROVAL_DECISIONS.name, subject)
-    assert ApprovalDecision.model_validate_json(stored.data or b"") == ApprovalDecision(
-        approval_id=request.approval_id,
-        decision="approve",
-        approver="alice",
-        arguments_sha256=request.arguments_sha256,
-        reason="looks fine",
-    )
-    assert (stored.headers or {}).get(Header.MSG_ID.value) == f"decision:{request.approval_id}:alice:approve"
+def test_approve_sends_the_hash_it_shows_and_the_tool_runs(up: Suite) -> None:
+    task_id = _ticket(up, "certificate expires tonight")
+    request = _approval_of(up, task_id)
+    sent = up.run("approvals", "approve", request["approval_id"], "--as", "alice", "--reason", "renewing now")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert f"arguments_sha256 {arguments_sha256(request['arguments'])}" in sent.stdout
+    assert sent.stdout.splitlines()[-1] == f"approved {request['approval_id']} as alice: accepted"
 
-    again = await run("approvals", "approve", request.approval_id, "--as", "alice")
-    assert again.returncode == 0
-    assert "duplicate" in again.stdout
-    denied = await run("approvals", "deny", request.approval_id, "--as", "bob")
-    assert denied.returncode == 0, denied.stderr
-    assert f"on {APPROVAL_DECISION.format(tenant='acme', approver='bob')}" in denied.stdout
+    events = _events_until_done(up, task_id)
+    assert re.search(rf"approval_resolved\s+{request['approval_id']} approved", events), events
+    assert re.search(r"\d+ completed .*create_ticket\(title='certificate expires tonight'", events), events
+
+    again = up.run("approvals", "approve", request["approval_id"], "--as", "bob")
+    assert_one_line_error(again, 1, f"approval {request['approval_id']} is not pending: approved by alice")
+    shown = up.run("approvals", "show", request["approval_id"], "--as", "bob")
+    assert re.search(r"^status\s+approved by alice at ", shown.stdout, flags=re.MULTILINE), shown.stdout
 
 
-async def test_decisions_that_cannot_be_sent_exit_1_and_usage_errors_exit_2(
-    executor: NatsClient, agentbus: Run
-) -> None:
-    run = agentbus
-    pending = await _ask(executor)
-    resolved = await _ask(executor)
-    await _resolve(executor, resolved)
-    expired = await _ask(executor, expires_in=timedelta(seconds=-5))
-
-    unknown = await run("approvals", "approve", "ap-nope", "--as", "alice")
-    assert (unknown.returncode, "no approval ap-nope of tenant(s) acme" in unknown.stderr) == (1, True)
-    late = await run("approvals", "approve", resolved.approval_id, "--as", "alice")
-    assert (late.returncode, "is not pending: approved by bob" in late.stderr) == (1, True)
-    stale = await run("approvals", "deny", expired.approval_id, "--as", "alice")
-    assert (stale.returncode, "expired at" in stale.stderr) == (1, True)
-    # carol approves for globex only: the server will not even let her read acme's approvals.
-    foreign = await run("approvals", "approve", pending.approval_id, "--as", "carol", "--tenant", "acme")
-    assert (foreign.returncode, "refused by NATS: nats: permissions violation" in foreign.stderr) == (1, True)
-
-    nobody = await run("approvals", "approve", pending.approval_id)
-    assert nobody.returncode == 2
-    stranger = await run("approvals", "approve", pending.approval_id, "--as", "mallory")
-    assert (stranger.returncode, "no credentials for NATS user 'approver-mallory'" in stranger.stderr) == (2, True)
+def test_deny_tells_the_model_and_the_task_ends(up: Suite) -> None:
+    task_id = _ticket(up, "restart everything")
+    request = _approval_of(up, task_id, approver="bob")
+    denied = up.run("approvals", "deny", request["approval_id"], "--as", "bob", "--reason", "not during peak")
+    assert denied.returncode == 0, denied.stdout + denied.stderr
+    assert denied.stdout.splitlines()[-1] == f"denied {request['approval_id']} as bob: accepted"
+    events = _events_until_done(up, task_id)
+    assert re.search(rf"approval_resolved\s+{request['approval_id']} denied", events), events
 
 
-async def test_watch_prints_new_and_resolved_approvals_until_interrupted(
-    executor: NatsClient, server: NatsServerProcess, state: Path, tmp_path: Path
-) -> None:
-    watcher = await asyncio.to_thread(
-        subprocess.Popen,
+def test_decisions_that_cannot_be_made_exit_1_and_usage_errors_exit_2(up: Suite) -> None:
+    task_id = _ticket(up, "noisy alerts")
+    request = _approval_of(up, task_id)
+
+    unknown = up.run("approvals", "approve", "ap-nope", "--as", "alice")
+    assert_one_line_error(unknown, 1, "no approval ap-nope of tenant(s) acme")
+    # carol approves for globex only: the server will not even let her list acme's approvals.
+    foreign = up.run("approvals", "approve", request["approval_id"], "--as", "carol", "--tenant", "acme")
+    assert_one_line_error(foreign, 1, "refused by NATS")
+    nobody = up.run("approvals", "approve", request["approval_id"])
+    assert_one_line_error(nobody, 2, "Missing option '--as'")
+    stranger = up.run("approvals", "approve", request["approval_id"], "--as", "mallory")
+    assert_one_line_error(stranger, 2, "no credentials for NATS user 'approver-mallory'")
+    # None of these decided anything.
+    assert "status     pending" in up.run("approvals", "show", request["approval_id"], "--as", "alice").stdout
+
+
+def test_watch_prints_new_and_resolved_approvals_until_interrupted(up: Suite) -> None:
+    watcher = subprocess.Popen(
         [AGENTBUS, "approvals", "watch", "--as", "bob"],
-        cwd=tmp_path,
-        env=_environment(server, state),
+        cwd=up.cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -235,20 +156,24 @@ async def test_watch_prints_new_and_resolved_approvals_until_interrupted(
     try:
         assert watcher.stderr is not None
         assert watcher.stdout is not None
-        started = await asyncio.to_thread(watcher.stderr.readline)
+        started = watcher.stderr.readline()
         assert started.startswith("watching approvals of acme"), started
-        request = await _ask(executor)
-        await _ask(executor, tenant="globex")
-        await _resolve(executor, request, by="alice")
-        first = await asyncio.to_thread(watcher.stdout.readline)
-        second = await asyncio.to_thread(watcher.stdout.readline)
-        lines = sorted([first, second])
-        assert lines[0].startswith(f"pending   {request.approval_id} tenant=acme tool=deploy risk=high"), lines
-        assert lines[1].startswith(f"resolved  {request.approval_id} tenant=acme approved by alice"), lines
+        _ticket(up, "globex only", tenant="globex")
+        task_id = _ticket(up, "watched ticket")
+        request = _approval_of(up, task_id, approver="bob")
+        approved = up.run("approvals", "approve", request["approval_id"], "--as", "alice")
+        assert approved.returncode == 0, approved.stdout + approved.stderr
+        lines = [watcher.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith(f"pending   {request['approval_id']} tenant=acme tool=create_ticket risk=high"), (
+            lines
+        )
+        assert lines[1].startswith(f"resolved  {request['approval_id']} tenant=acme approved by alice"), lines
     finally:
         watcher.send_signal(signal.SIGINT)
-        _, stderr = await asyncio.to_thread(watcher.communicate, timeout=30)
-    assert watcher.returncode == 0, stderr
+        out, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, err
+    assert "globex" not in out
+    assert TRACEBACK not in err
 
 
 def test_durations_read_in_human_units() -> None:

@@ -244,6 +244,8 @@ def list_approvals(
     tenant: str | None, approver: str | None, show_all: bool, as_json: bool, nats_url: str | None
 ) -> None:
     """Pending approvals: tool, arguments, risk, age and expiry."""
+    check_identifier("--tenant", tenant)
+    check_identifier("--as", approver)
     reader = _reader(tenant, approver)
     found = run_nats(nats_url, reader.credential, lambda nc: load_approvals(nc, reader.tenants))
     now = utc_now()
@@ -276,6 +278,9 @@ def _find(found: dict[str, Approval], approval_id: str, tenants: tuple[str, ...]
 @nats_url_option
 def show(approval_id: str, tenant: str | None, approver: str | None, nats_url: str | None) -> None:
     """Everything about one approval, with its full arguments and their hash."""
+    check_identifier("APPROVAL_ID", approval_id)
+    check_identifier("--tenant", tenant)
+    check_identifier("--as", approver)
     reader = _reader(tenant, approver)
     approval = _find(
         run_nats(nats_url, reader.credential, lambda nc: load_approvals(nc, reader.tenants)),
@@ -455,8 +460,11 @@ def watch(tenant: str | None, approver: str | None, nats_url: str | None) -> Non
         try:
             await asyncio.gather(*(_print_lines(subscription.messages, line) for subscription in subscriptions))
         finally:
-            for subscription in subscriptions:
-                await subscription.unsubscribe()
+            if not nc.is_closed:
+                for subscription in subscriptions:
+                    await subscription.unsubscribe()
+        # The subscriptions' messages end only when the connection closes: the server went away.
+        raise nats.errors.ConnectionClosedError
 
     try:
         run_nats(nats_url, reader.credential, action)

@@ -18,6 +18,7 @@ from typing import TypeVar
 import click
 import nats.errors
 import nats.js.errors
+import structlog
 from agentbus.cli.identities import (
     ADMIN_USER,
     Credential,
@@ -28,6 +29,7 @@ from agentbus.cli.identities import (
     submitter_user,
 )
 from agentbus.runtime.connection import connect_nats
+from agentbus.runtime.logging import configure_logging
 from nats.aio.client import Client as NatsClient
 
 T = TypeVar("T")
@@ -156,27 +158,52 @@ async def _cancel(task: asyncio.Future[T]) -> None:
         await task
 
 
+CONNECTION_LOST_ERRORS: tuple[type[BaseException], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.StaleConnectionError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.ConnectionDrainingError,
+    ConnectionError,
+)
+"""What a command sees when the server goes away under it (a stopped `agentbus up`)."""
+
+
+async def _connect(url: str, credential: Credential | None, errors: _ServerErrors | None = None) -> NatsClient:
+    user = credential.user if credential else None
+    try:
+        return await connect_nats(
+            url,
+            "agentbus-cli",
+            user=user,
+            password=credential.password if credential else None,
+            reconnect_forever=False,
+            error_cb=errors.record if errors is not None else None,
+        )
+    except (nats.errors.NoServersError, OSError) as exc:
+        if errors is not None and errors.last is not None:
+            raise RefusedByServerError(f"NATS at {url} refused user {user!r}: {errors.last}") from exc
+        raise click.ClickException(f"cannot reach NATS at {url}. Is `agentbus up` running?") from exc
+
+
+async def open_connection(url: str | None, credential: Credential | None) -> NatsClient:
+    """A second connection inside a `run_nats` action (as another user); the caller closes it."""
+    return await _connect(resolve_nats_url(url), credential)
+
+
 def run_nats(url: str | None, credential: Credential | None, action: Callable[[NatsClient], Awaitable[T]]) -> T:
-    """Connect as `credential` (anonymously when None), run `action`, close. Exit 1 with a clear message
-    when the server is unreachable, rejects the credentials, or refuses anything the action does."""
+    """Connect as `credential` (anonymously when None), run `action`, close. Whatever goes wrong becomes one
+    clear line (a click.ClickException, exit 1): the server unreachable, the credentials rejected, a
+    permission refused, nothing answering, or the connection lost under the command."""
+
+    if not structlog.is_configured():
+        # Invoked without the `agentbus` group (a command object run on its own): the NATS client's state
+        # lines must not reach the command's output either.
+        configure_logging("CRITICAL", "agentbus-cli")
 
     async def main() -> T:
         resolved = resolve_nats_url(url)
         errors = _ServerErrors()
-        user = credential.user if credential else None
-        try:
-            nc = await connect_nats(
-                resolved,
-                "agentbus-cli",
-                user=user,
-                password=credential.password if credential else None,
-                reconnect_forever=False,
-                error_cb=errors.record,
-            )
-        except (nats.errors.NoServersError, OSError) as exc:
-            if errors.last is not None:
-                raise RefusedByServerError(f"NATS at {resolved} refused user {user!r}: {errors.last}") from exc
-            raise click.ClickException(f"cannot reach NATS at {resolved}: {exc}. Is `agentbus up` running?") from exc
+        nc = await _connect(resolved, credential, errors)
         try:
             return await errors.guard(action(nc))
         except nats.js.errors.NotFoundError as exc:
@@ -187,8 +214,13 @@ def run_nats(url: str | None, credential: Credential | None, action: Callable[[N
             ) from exc
         except nats.errors.TimeoutError as exc:
             raise click.ClickException(f"NATS at {resolved} did not answer in time") from exc
+        except CONNECTION_LOST_ERRORS as exc:
+            raise click.ClickException(
+                f"lost the connection to NATS at {resolved}: did `agentbus up` stop? (`agentbus doctor` tells)"
+            ) from exc
         finally:
-            await nc.close()
+            with contextlib.suppress(Exception):
+                await nc.close()
 
     return asyncio.run(main())
 

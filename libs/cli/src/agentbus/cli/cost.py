@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import click
 import nats.errors
 from agentbus.cli.config import admin_credential, run_nats
+from agentbus.cli.inputs import parse_input
 from agentbus.contracts.budget import CostReportReply, CostReportRequest
 from agentbus.contracts.registry import COST_REPORT
 from nats.aio.client import Client as NatsClient
@@ -29,18 +30,35 @@ def parse_since(value: str | None) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+NO_KEY = "-"
+"""The accountant's key for usage that names nothing of the kind grouped by (a tool call names no model)."""
+NO_KEY_MEANING = {
+    "model": "tool calls, priced per call rather than by a model's tokens",
+    "agent": "usage its service recorded without the agent, such as the retriever's knowledge-base searches",
+    "task": "usage recorded outside any task",
+}
+
+
+def _no_key_label(by: str) -> str:
+    return f"(no {by})"
+
+
 def format_report(reply: CostReportReply) -> str:
-    """The report as a fixed-width table with a total line."""
+    """The report as a fixed-width table with a total line, and a note on the row of usage without a key."""
     header = f"{reply.by.upper():<32} {'CALLS':>8} {'PROMPT_TOK':>12} {'COMPL_TOK':>12} {'GPU_S':>10} {'COST_USD':>14}"
     lines = [header]
     for row in reply.rows:
+        key = _no_key_label(reply.by) if row.key == NO_KEY else row.key
         lines.append(
-            f"{row.key:<32} {row.calls:>8} {row.prompt_tokens:>12} {row.completion_tokens:>12} "
+            f"{key:<32} {row.calls:>8} {row.prompt_tokens:>12} {row.completion_tokens:>12} "
             f"{row.gpu_seconds:>10.1f} {row.cost_usd:>14.6f}"
         )
     lines.append(
         f"{'TOTAL':<32} {sum(r.calls for r in reply.rows):>8} {'':>12} {'':>12} {'':>10} {reply.total_usd:>14.6f}"
     )
+    if any(row.key == NO_KEY for row in reply.rows):
+        meaning = NO_KEY_MEANING.get(reply.by, f"usage recorded without a {reply.by}")
+        lines.append(f"{_no_key_label(reply.by)}: {meaning}")
     return "\n".join(lines)
 
 
@@ -55,7 +73,7 @@ async def request_report(nc: NatsClient, request: CostReportRequest, timeout: fl
     try:
         return CostReportReply.model_validate_json(msg.data)
     except ValidationError as exc:
-        raise click.ClickException(f"unreadable reply from the cost-accountant: {exc}") from exc
+        raise click.ClickException(f"unreadable reply from the cost-accountant: {exc.errors()[0]['msg']}") from exc
 
 
 @click.group("cost")
@@ -74,10 +92,7 @@ def cost_group() -> None:
 )
 def report(tenant: str | None, by: str, since: str | None, as_json: bool, timeout: float, nats_url: str | None) -> None:
     """Print cost, calls and tokens grouped by tenant, task, agent, model or day."""
-    try:
-        request = CostReportRequest.model_validate({"tenant": tenant, "by": by, "since": parse_since(since)})
-    except ValidationError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    request = parse_input(CostReportRequest, tenant=tenant, by=by, since=parse_since(since))
     # Reports span tenants: the operator's credential (none when the server enforces no identities).
     reply = run_nats(nats_url, admin_credential(), lambda nc: request_report(nc, request, timeout))
     if reply.error is not None:

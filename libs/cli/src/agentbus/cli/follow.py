@@ -96,12 +96,20 @@ class TaskFollower:
             self._next_seq = event.seq + 1
         return True
 
+    async def _stored(self) -> list[TaskEvent]:
+        """What the runner has stored from the next expected seq; nothing while it cannot answer (it may be
+        restarting): live events still arrive, and the next quiet spell asks again."""
+        try:
+            return await replay_events(self._nc, self._tenant, self._task_id, self._next_seq)
+        except ReplayError:
+            return []
+
     async def events(self, *, replay_first: bool = False) -> AsyncIterator[TaskEvent]:
         """The task's events until the terminal one. `replay_first`: the task may have started already."""
         assert self._subscription is not None, "use `async with TaskFollower(...)`"
         pending: list[TaskEvent] = []
         if replay_first:
-            pending = await replay_events(self._nc, self._tenant, self._task_id, self._next_seq)
+            pending = await self._stored()
         while True:
             for event in pending:
                 if self._fresh(event):
@@ -112,7 +120,7 @@ class TaskFollower:
                 msg = await self._subscription.next_msg(timeout=CATCH_UP_SECONDS)
             except (nats.errors.TimeoutError, TimeoutError):
                 # Quiet for a while: a live event may have been lost (a reconnect), so ask what is stored.
-                pending = await replay_events(self._nc, self._tenant, self._task_id, self._next_seq)
+                pending = await self._stored()
                 continue
             try:
                 pending = [TASK_EVENT_ADAPTER.validate_json(msg.data)]
@@ -120,7 +128,7 @@ class TaskFollower:
                 pending = []
             if pending and pending[0].kind != "token" and pending[0].seq > self._next_seq:
                 # A gap: events before this one were missed; the stored ones come first.
-                pending = await replay_events(self._nc, self._tenant, self._task_id, self._next_seq)
+                pending = await self._stored()
 
 
 async def follow_until_done(nc: NatsClient, tenant: str, task_id: str, timeout: float) -> list[TaskEvent]:

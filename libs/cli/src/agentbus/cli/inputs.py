@@ -23,6 +23,9 @@ _OPTION_NAMES = {
     "reason": "--reason",
     "approval_id": "APPROVAL_ID",
     "approver": "--as",
+    "query": "QUERY",
+    "top_k": "--top-k",
+    "since": "--since",
 }
 
 

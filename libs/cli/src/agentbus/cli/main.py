@@ -15,6 +15,7 @@ import nats.errors
 from agentbus.cli.approvals import approvals
 from agentbus.cli.config import STATE_DIR, admin_credential, run_nats, submitter_credential
 from agentbus.cli.cost import cost_group
+from agentbus.cli.doctor import doctor_command
 from agentbus.cli.follow import ReplayError, replay_events
 from agentbus.cli.identities import Credential, IdentityError
 from agentbus.cli.inputs import check_identifier, parse_input
@@ -32,6 +33,7 @@ from agentbus.cli.tasks import ANONYMOUS_SUBMITTER, describe, submit_task
 from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_CANCEL, TASK_EVENT, TASK_EVENTS
 from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TaskCancelRequested, TaskEvent, TaskSubmitted
 from agentbus.runtime.bootstrap import apply_topology
+from agentbus.runtime.logging import configure_logging
 from nats.aio.client import Client as NatsClient
 
 EXIT_TASK_UNSUCCESSFUL = 1
@@ -60,12 +62,50 @@ def _event_reader(tenant: str | None) -> Credential | None:
     return admin_credential()
 
 
-@click.group()
-def cli() -> None:
-    """agentbus: AI agents as services on NATS JetStream."""
+DEBUG_KEY = "agentbus.debug"
+
+
+def one_line(exc: BaseException) -> str:
+    """An unexpected error as one line: its type and message, newlines folded."""
+    text = " ".join(str(exc).split()) or "no message"
+    return f"{type(exc).__name__}: {text}"
+
+
+class AgentbusGroup(click.Group):
+    """The `agentbus` group: any error a command did not expect is still one line and exit 1, never a
+    traceback (`agentbus --debug ...` shows the traceback instead)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            raise click.ClickException(
+                f"{one_line(exc)} (an unexpected error: `agentbus --debug {ctx.invoked_subcommand or ''} ...` "
+                "shows where)"
+            ) from exc
+
+
+@click.group(cls=AgentbusGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="agentbus-cli", prog_name="agentbus")
+@click.option("--debug", is_flag=True, help="Log the NATS client's debug lines and show tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """agentbus: AI agents as services on NATS JetStream.
+
+    Start the suite with `agentbus up`; every other command finds it through ./.agentbus/env.
+    `agentbus doctor` checks a running suite and says what to do about each problem.
+    """
+    ctx.meta[DEBUG_KEY] = debug
+    # The NATS client logs every connection state change; a person wants the command's own one line.
+    configure_logging("DEBUG" if debug else "CRITICAL", "agentbus-cli")
 
 
 cli.add_command(approvals)
+cli.add_command(doctor_command, "doctor")
 cli.add_command(cost_group)
 cli.add_command(ingest_command, "ingest")
 cli.add_command(search_command, "search")
@@ -157,27 +197,36 @@ def submit(
         deadline_seconds=deadline_seconds,
     )
 
+    def on_submitted(duplicate: bool) -> None:
+        again = " (duplicate: this id was submitted before; nothing new runs)" if duplicate else ""
+        if wait:
+            click.echo(f"submitted {submission.task_id} as {token}{again}", err=True)
+        elif again:
+            click.echo(again.strip(" ()"), err=True)
+
     async def action(nc: NatsClient) -> str | None:
         return await submit_task(
             nc,
             submission,
             token,
-            on_submitted=lambda duplicate: click.echo(
-                f"submitted {submission.task_id} as {token}"
-                + (" (duplicate: this id was submitted before)" if duplicate else ""),
-                err=True,
-            ),
+            on_submitted=on_submitted,
             on_event=(lambda event: _print_event(event, as_json)) if wait else None,
             wait_seconds=timeout,
+            check_existing=task_id is not None,
         )
 
     if not wait:
+        # The id alone on stdout, once, for scripts: TASK_ID=$(agentbus submit ... --no-wait "...")
         run_nats(nats_url, credential, action)
         click.echo(submission.task_id)
         return
     outcome = run_nats(nats_url, credential, action)
     if outcome is None:
-        click.echo(f"timed out after {timeout}s waiting for {submission.task_id}", err=True)
+        click.echo(
+            f"timed out after {timeout:g}s waiting for {submission.task_id}; it may still run: "
+            f"`agentbus events {submission.task_id} --tenant {tenant}` shows where it is",
+            err=True,
+        )
         sys.exit(EXIT_TIMEOUT)
     if outcome != "completed":
         sys.exit(EXIT_TASK_UNSUCCESSFUL)

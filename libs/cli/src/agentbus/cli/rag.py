@@ -19,8 +19,7 @@ from typing import Any
 
 import click
 import nats.errors
-from agentbus.cli.config import admin_credential, resolve_nats_url, submitter_credential
-from agentbus.cli.identities import Credential
+from agentbus.cli.config import admin_credential, open_connection, run_nats, submitter_credential
 from agentbus.cli.inputs import check_identifier, parse_input
 from agentbus.cli.tasks import ANONYMOUS_SUBMITTER
 from agentbus.contracts.deadletter import DeadLetter
@@ -33,7 +32,6 @@ from agentbus.contracts.registry import (
     RETRIEVER_INGEST,
     Header,
 )
-from agentbus.runtime.connection import connect_nats
 from nats.aio.client import Client as NatsClient
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -129,20 +127,6 @@ def batches(tenant: str, documents: list[IngestDocument]) -> Iterator[DocumentsI
         size += length
     if batch:
         yield DocumentsIngest(tenant=tenant, documents=batch)
-
-
-async def _connect(url: str | None, credential: Credential | None) -> NatsClient:
-    resolved = resolve_nats_url(url)
-    try:
-        return await connect_nats(
-            resolved,
-            "agentbus-cli",
-            user=credential.user if credential else None,
-            password=credential.password if credential else None,
-            reconnect_forever=False,
-        )
-    except (nats.errors.NoServersError, OSError) as exc:
-        raise click.ClickException(f"cannot reach NATS at {resolved}: {exc}. Is `agentbus up` running?") from exc
 
 
 async def _ingest(
@@ -250,17 +234,16 @@ def ingest_command(
     documents = read_documents(paths, max_document_bytes, _metadata(metadata_pairs))
     messages = list(batches(tenant, documents))
 
-    async def main() -> list[str] | None:
-        nc = await _connect(nats_url, credential)
-        operator = await _connect(nats_url, admin_credential()) if wait else nc
+    async def action(nc: NatsClient) -> list[str] | None:
+        # Whether the retriever handled each batch is watched as the operator: a submitter may not read streams.
+        operator = await open_connection(nats_url, admin_credential()) if wait else nc
         try:
             return await _ingest(nc, operator, tenant, token, messages, wait, timeout)
         finally:
-            await nc.close()
             if operator is not nc:
                 await operator.close()
 
-    outcome = asyncio.run(main())
+    outcome = run_nats(nats_url, credential, action)
     if not wait:
         click.echo(f"queued {len(documents)} documents in {len(messages)} batches for tenant {tenant}")
         return
@@ -347,8 +330,7 @@ def search_command(
         filters=[_parse_filter(f) for f in filters],
     )
 
-    async def main() -> SearchReply:
-        nc = await _connect(nats_url, submitter_credential(tenant, None)[0])
+    async def action(nc: NatsClient) -> SearchReply:
         try:
             msg = await nc.request(
                 RAG_SEARCH.format(tenant=tenant), request.model_dump_json().encode(), timeout=timeout
@@ -356,12 +338,13 @@ def search_command(
         except nats.errors.NoRespondersError as exc:
             raise click.ClickException("no retriever is running to answer searches") from exc
         except nats.errors.TimeoutError as exc:
-            raise click.ClickException(f"no answer within {timeout}s") from exc
-        finally:
-            await nc.close()
-        return SearchReply.model_validate_json(msg.data)
+            raise click.ClickException(f"the retriever did not answer within {timeout:g}s") from exc
+        try:
+            return SearchReply.model_validate_json(msg.data)
+        except ValidationError as exc:
+            raise click.ClickException(f"unreadable reply from the retriever: {exc.errors()[0]['msg']}") from exc
 
-    reply = asyncio.run(main())
+    reply = run_nats(nats_url, submitter_credential(tenant, None)[0], action)
     if as_json:
         click.echo(reply.model_dump_json())
     if reply.error is not None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 
-from agentbus.cli.follow import TaskFollower
+from agentbus.cli.follow import ReplayError, TaskFollower, replay_events
 from agentbus.contracts.registry import TASK_SUBMIT, Header
 from agentbus.contracts.tasks import TERMINAL_EVENT_KINDS, TaskEvent, TaskSubmitted
 from nats.aio.client import Client as NatsClient
@@ -23,24 +24,35 @@ async def submit_task(
     on_submitted: Callable[[bool], None],
     on_event: Callable[[TaskEvent], None] | None,
     wait_seconds: float,
+    check_existing: bool = False,
 ) -> str | None:
     """Publish the submission as `submitter` (Nats-Msg-Id = task id). With `on_event`, follow the task's
     events from seq 1 until a terminal one and return its kind, or None on timeout. Subscribing before
-    publishing means no event can be missed."""
+    publishing means no event can be missed.
+
+    `on_submitted` is told whether the id was taken before. The server's duplicate window on public
+    subjects is too short to tell (an id must not be pre-empted by another identity), so with
+    `check_existing` (a caller that chose the id) the runner is asked for the task's stored events first.
+    """
     follower = TaskFollower(nc, submission.tenant, submission.task_id)
     async with follower:
+        existing: list[TaskEvent] = []
+        if check_existing:
+            with contextlib.suppress(ReplayError):
+                existing = await replay_events(nc, submission.tenant, submission.task_id)
         ack = await nc.jetstream().publish(
             TASK_SUBMIT.format(tenant=submission.tenant, submitter=submitter),
             submission.model_dump_json().encode(),
             headers={Header.MSG_ID.value: submission.task_id},
         )
-        on_submitted(bool(ack.duplicate))
+        duplicate = bool(ack.duplicate) or bool(existing)
+        on_submitted(duplicate)
         if on_event is None:
             return None
         try:
             async with asyncio.timeout(wait_seconds):
                 # A resubmitted id may have events already: the follower replays from seq 1 first.
-                async for event in follower.events(replay_first=bool(ack.duplicate)):
+                async for event in follower.events(replay_first=duplicate):
                     on_event(event)
                     if event.kind in TERMINAL_EVENT_KINDS:
                         return event.kind
