@@ -1,13 +1,16 @@
 """Submit a task and follow its events with plain nats-py: no agentbus import, only the wire contract.
 
     uv run agentbus up      # in another terminal: it writes ./.agentbus/env and ./.agentbus/credentials/
-    uv run python examples/plain_nats_client.py nats://127.0.0.1:4222 .agentbus/credentials/submitter-acme-app.json
+    uv run python examples/plain_nats_client.py [URL [CREDENTIALS_FILE]]
 
-Without a credentials file it connects anonymously (a server that enforces no identities) as `anonymous`.
+The URL defaults to $AGENTBUS_NATS_URL, then the one in ./.agentbus/env; the credentials file to
+./.agentbus/credentials/submitter-acme-app.json when it exists. Without one it connects anonymously (a
+server that enforces no identities) as `anonymous`.
 """
 
 import asyncio
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -68,7 +71,21 @@ async def main(url: str, credential: dict) -> int:
                 return 0 if event["kind"] == "completed" else 1
 
 
+STATE_DIR = Path(".agentbus")
+
+
+def default_url() -> str:
+    """$AGENTBUS_NATS_URL, then the AGENTBUS_NATS_URL=... line `agentbus up` wrote, then the usual port."""
+    if os.environ.get("AGENTBUS_NATS_URL"):
+        return os.environ["AGENTBUS_NATS_URL"]
+    env_file = STATE_DIR / "env"
+    lines = env_file.read_text().splitlines() if env_file.exists() else []
+    urls = [line.partition("=")[2].strip() for line in lines if line.startswith("AGENTBUS_NATS_URL=")]
+    return urls[0] if urls else "nats://127.0.0.1:4222"
+
+
 if __name__ == "__main__":
-    url = sys.argv[1] if len(sys.argv) > 1 else "nats://127.0.0.1:4222"
-    credential = json.loads(Path(sys.argv[2]).read_text()) if len(sys.argv) > 2 else {}
+    url = sys.argv[1] if len(sys.argv) > 1 else default_url()
+    credentials_file = Path(sys.argv[2]) if len(sys.argv) > 2 else STATE_DIR / "credentials" / "submitter-acme-app.json"
+    credential = json.loads(credentials_file.read_text()) if len(sys.argv) > 2 or credentials_file.exists() else {}
     sys.exit(asyncio.run(main(url, credential)))

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agentbus.cli.config import CREDENTIALS_DIR_VARIABLE, IDENTITIES_FILE_VARIABLE, NATS_URL_VARIABLE
-from agentbus.cli.suite import Suite
+from agentbus.cli.suite import CONFIGURATION_ERROR_STATUS, StartupError, Suite, SuiteLockedError
 from agentbus.cli.tasks import describe, submit_task
 from agentbus.contracts.tasks import TaskApprovalPending, TaskEvent, TaskSubmitted
 from agentbus.runtime.connection import connect_nats
+from agentbus.runtime.logging import configure_logging
 
 TENANT = "acme"
 SUBMITTER = "acme-app"
@@ -29,8 +30,14 @@ SAMPLE_TASKS = (
     ("assistant", "What is calculator((17+25)*3), and how many words are in word_count(the quick brown fox)?"),
     ("echo", "Summarise agentbus in one line."),
     ("ops", 'The primary database is down: create_ticket(title="primary database down", priority="high")'),
-    ("support", 'A customer asks: search_knowledge_base(query="how long does a refund take to arrive")'),
+    ("support", "How long does a refund take to arrive?"),
+    (
+        "deploy-assistant",
+        'Deploy the shop: render_manifest(name="shop", image="registry.example/shop:1.4", ports=[8080], '
+        'env={"LOG_LEVEL": "info"}, replicas=2), then kubectl_apply() what it rendered.',
+    ),
 )
+"""One task per sample agent, the same as in examples/README.md."""
 SAMPLE_CORPUS = "examples/corpus/support"
 
 
@@ -87,18 +94,26 @@ def _approvals_then(suite: Suite, approve: tuple[str, ...]) -> Callable[[], None
 
 
 def main() -> None:
+    configure_logging("CRITICAL", "agentbus-demo")
     state_dir = Path(".agentbus") / "demo"
     # Each demo starts from nothing: no approvals, ledger or streams left from an earlier run.
     shutil.rmtree(state_dir, ignore_errors=True)
     suite = Suite(state_dir, Path("agents"), enforce_identities=True)
     print("Starting the embedded suite (model: scripted, a deterministic offline engine, not an LLM)")
+    failure = "a task did not complete"
+    ok = False
     try:
         suite.start()
         _cli(suite, "ingest", TENANT, SAMPLE_CORPUS)
         ok = asyncio.run(_run_samples(suite))
+    except (StartupError, SuiteLockedError) as exc:
+        print(f"\ndemo FAILED: {exc}")
+        sys.exit(CONFIGURATION_ERROR_STATUS if isinstance(exc, StartupError) else 1)
+    except subprocess.CalledProcessError as exc:
+        failure = f"`agentbus {' '.join(exc.cmd[3:])}` exited with {exc.returncode}"
     finally:
         suite.stop()
-    print("\ndemo " + ("finished: every task completed" if ok else "FAILED: a task did not complete"))
+    print("\ndemo " + ("finished: every task completed" if ok else f"FAILED: {failure}"))
     sys.exit(0 if ok else 1)
 
 
