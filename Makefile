@@ -31,7 +31,7 @@ format: ## Apply ruff formatting and fixes
 	$(UV) run ruff format . && $(UV) run ruff check --fix .
 
 typecheck: ## mypy strict over every member, the tests and bench (each service's tests apart: each has a conftest)
-	$(UV) run mypy contracts/src libs/*/src services/*/src contracts/tests libs/runtime/tests tests bench
+	$(UV) run mypy contracts/src libs/*/src services/*/src contracts/tests libs/runtime/tests tests bench scripts
 	for tests in services/*/tests; do $(UV) run mypy $$tests || exit 1; done
 
 schemas: ## Regenerate the committed JSON Schemas of the contracts

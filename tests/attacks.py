@@ -79,6 +79,8 @@ tenants:
 create_ticket (config/approvers.yaml: ops-leads are alice and bob); carol approves for globex only."""
 
 HIGH_TICKET = 'create_ticket(title="{title}", priority="high")'
+SUBMITTER_TOKENS = {"acme-app": "acme-app", "globex-app": "globex-app", "alice-as-submitter": "alice"}
+"""The arena's submitter connections and the identity each submits as (the subject's last token)."""
 
 
 class NotRefusedError(AssertionError):
@@ -149,15 +151,14 @@ class Arena:
     ) -> str:
         task_id = task_id or f"atk-{uuid.uuid4().hex[:12]}"
         body = {"task_id": task_id, "tenant": tenant, "agent": "ops", "input": text, **extra}
-        await (
-            self[submitter]
+        subject = TASK_SUBMIT.format(tenant=tenant, submitter=SUBMITTER_TOKENS[submitter])
+        ack = (
+            await self[submitter]
             .nc.jetstream()
-            .publish(
-                TASK_SUBMIT.format(tenant=tenant, submitter=submitter),
-                json.dumps(body).encode(),
-                headers={"Nats-Msg-Id": task_id},
-            )
+            .publish(subject, json.dumps(body).encode(), headers={"Nats-Msg-Id": task_id})
         )
+        if ack.duplicate:
+            raise NotRefusedError(f"the server dropped submission {task_id} as a duplicate")
         return task_id
 
     async def pending_approval(self, submitter: str = "acme-app") -> ApprovalRequested:
@@ -251,7 +252,7 @@ async def open_arena(suite: Suite) -> Arena:
         "admin": ADMIN_USER,
         "acme-app": submitter_user("acme-app"),
         "globex-app": submitter_user("globex-app"),
-        "alice-submitter": submitter_user("alice"),
+        "alice-as-submitter": submitter_user("alice"),
         "alice": approver_user("alice"),
         "bob": approver_user("bob"),
         "carol": approver_user("carol"),
@@ -268,7 +269,6 @@ async def open_arena(suite: Suite) -> Arena:
             error_cb=violations.record,
         )
         users[name] = User(nc, violations)
-    users["alice-as-submitter"] = users["alice-submitter"]
     arena = Arena(suite, users)
     for approver, tenant in (("alice", "acme"), ("bob", "acme"), ("dave", "acme"), ("carol", "globex")):
         arena.verdicts[(approver, tenant)] = await users[approver].nc.subscribe(
@@ -587,7 +587,7 @@ async def approving_ones_own_call_without_naming_oneself(arena: Arena) -> None:
     approval = await arena.pending_approval(submitter="alice-as-submitter")
     if approval.requested_by != "alice":
         raise NotRefusedError(f"the approval does not name the server-enforced submitter: {approval.requested_by}")
-    seq = await arena.decide("alice", approval, decision="deny")
+    seq = await arena.decide("alice", approval)
     await arena.refused_by_executor("alice", "acme", seq, "self_approval", approval)
 
 

@@ -360,7 +360,7 @@ class Driver:
 
 
 def task_span_id(task_id: str) -> str:
-    return hashlib.sha256(f"{task_id}:task".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{TENANT}.{task_id}:task".encode()).hexdigest()[:16]
 
 
 async def stored_events(admin: NatsClient) -> dict[str, list[dict[str, Any]]]:

@@ -128,7 +128,7 @@ async def test_runner_killed_after_its_first_step_and_restarted_completes_with_n
         engine.release.set()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(3):
-                while not engine.finished[f"{task_id}.step-2"]:
+                while not engine.finished[f"acme.{task_id}.step-2"]:
                     await asyncio.sleep(0.05)
         runner = _start_runner_process(own_server, tmp_path / "runner.log")
         events = await task_events(own_client, task_id, timeout=RUNNER_ACK_WAIT_SECONDS + 20, settle=1.0)
@@ -141,7 +141,7 @@ async def test_runner_killed_after_its_first_step_and_restarted_completes_with_n
     assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
     assert "= 42" in events[-1]["output"]
     assert "= 3" in events[-1]["output"]
-    steps = [f"{task_id}.step-{n}" for n in (1, 2, 3)]
+    steps = [f"acme.{task_id}.step-{n}" for n in (1, 2, 3)]
     assert {rid: engine.generations[rid] for rid in steps} == dict.fromkeys(steps, 1), "a step ran twice"
     usage = [u for u in await _usage_ids(own_client) if task_id in u]
     assert sorted(usage) == sorted(f"llm:{rid}" for rid in steps)
@@ -176,4 +176,4 @@ async def test_cancel_during_a_step_ends_the_task_and_its_late_result_is_ignored
             await service.stop()
     assert [e["kind"] for e in events] == ["accepted", "cancelled"]
     assert events[-1]["reason"] == "changed my mind"
-    assert engine.finished[f"{task_id}.step-1"] == 1
+    assert engine.finished[f"acme.{task_id}.step-1"] == 1

@@ -93,7 +93,7 @@ def _waiting_for_ticket() -> domain.RunState:
     assert [e.kind for e in transition.events] == ["step"]
     assert transition.llm_request is None
     assert [(c.call_id, c.tool, c.submitted_by) for c in transition.tool_calls] == [
-        ("t1.1.1", "create_ticket", "carol")
+        ("acme.t1.1.1", "create_ticket", "carol")
     ]
     return transition.state
 
@@ -186,7 +186,7 @@ def test_routing_picks_a_deployment_and_an_error_falls_back_under_a_new_request_
     assert failed is not None
     assert failed.llm_request is not None
     assert failed.events == []
-    assert (failed.llm_request.model, failed.llm_request.request_id) == ("small", "t1.step-1.fallback-1")
+    assert (failed.llm_request.model, failed.llm_request.request_id) == ("small", "acme.t1.step-1.fallback-1")
     assert failed.llm_request.step == 1
     again = domain.apply_llm_result(
         failed.state, _result(failed.state, None, ErrorInfo(code="engine", message="down")), CATALOG, ROUTER
@@ -241,7 +241,7 @@ def test_a_denied_reservation_ends_the_run_with_budget_exceeded_after_the_steps_
 def test_the_priced_cost_lands_on_the_terminal_event_and_the_run_knows_every_usage_record() -> None:
     state = _waiting_for_ticket()
     after_tool = domain.apply_tool_update(
-        state, _update(state, "result", content="ok", usage_ids=["tool:t1.1.1"]), ROUTER
+        state, _update(state, "result", content="ok", usage_ids=["tool:acme.t1.1.1"]), ROUTER
     )
     assert after_tool is not None
     waiting = after_tool.state
@@ -250,7 +250,7 @@ def test_the_priced_cost_lands_on_the_terminal_event_and_the_run_knows_every_usa
     )
     answered = domain.apply_llm_result(waiting, answer, CATALOG, ROUTER)
     assert answered is not None
-    assert answered.state.usage_ids == ["tool:t1.1.1", f"llm:{waiting.awaiting_request_id}"]
+    assert answered.state.usage_ids == ["tool:acme.t1.1.1", f"llm:{waiting.awaiting_request_id}"]
     completed = domain.with_cost(answered.events[-1], 0.0125)
     assert isinstance(completed, TaskCompleted)
     assert completed.cost_usd == 0.0125
@@ -262,7 +262,7 @@ def test_an_ending_run_withdraws_its_calls_closes_its_budget_and_aborts_its_step
     waiting = _waiting_for_ticket()
     cancelled = domain.cancel(waiting, TaskCancelRequested(task_id="t1", tenant="acme"), "carol")
     assert cancelled is not None
-    assert [w.call_id for w in cancelled.withdrawals] == ["t1.1.1"]
+    assert [w.call_id for w in cancelled.withdrawals] == ["acme.t1.1.1"]
     assert cancelled.close_budget
     assert cancelled.events[-1].kind == "cancelled"
     generating = domain.start(SUBMISSION, SPEC, CATALOG, ROUTER).state
@@ -286,7 +286,7 @@ def test_the_deadline_ends_a_waiting_run_once() -> None:
     failed = expired.events[-1]
     assert failed.kind == "failed"
     assert failed.error.code == "deadline_exceeded"
-    assert [w.call_id for w in expired.withdrawals] == ["t1.1.1"]
+    assert [w.call_id for w in expired.withdrawals] == ["acme.t1.1.1"]
     assert domain.expire(expired.state, waiting.deadline_at) is None
 
 
@@ -333,7 +333,7 @@ def test_a_wake_up_redrives_a_step_that_still_waits_and_sleeps_again_otherwise()
     timer = RunTimer(task_id="t1", tenant="acme", due_at=now, kind="step", step=waiting.step)
     calls = domain.wake(waiting, timer, waiting.started_at + timedelta(seconds=61))
     assert calls is not None
-    assert [(c.call_id, c.arguments) for c in calls.tool_calls] == [("t1.1.1", {"priority": "high"})]
+    assert [(c.call_id, c.arguments) for c in calls.tool_calls] == [("acme.t1.1.1", {"priority": "high"})]
 
 
 def test_streaming_agents_ask_for_token_events_anchored_at_the_last_event() -> None:

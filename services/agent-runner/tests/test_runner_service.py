@@ -44,13 +44,13 @@ def _kinds(publisher: FakePublisher) -> list[str]:
 
 def _answer(text: str = "done") -> LlmResult:
     return LlmResult(
-        request_id="t1.step-1",
+        request_id="acme.t1.step-1",
         task_id="t1",
         tenant="acme",
         model="scripted",
         step=1,
         message=ChatMessage(role="assistant", content=text),
-        usage_id="llm:t1.step-1",
+        usage_id="llm:acme.t1.step-1",
     )
 
 
@@ -59,7 +59,7 @@ async def test_same_task_id_twice_starts_one_run() -> None:
     service = _service(store, publisher)
     await service.submit(_submission(), None)
     await service.submit(_submission(), None)
-    assert _sent(publisher) == ["event:t1:1", "llm:t1.step-1"]
+    assert _sent(publisher) == ["event:acme.t1:1", "llm:acme.t1.step-1"]
     assert any(p.msg_id.startswith("wake:") and p.headers for p in publisher.published), "the deadline is armed"
 
 
@@ -82,7 +82,7 @@ async def test_crash_between_store_and_publish_is_recovered_by_the_redelivery() 
 
     publisher.crash_after = None
     await _service(store, publisher).submit(_submission(), None)  # redelivered to a restarted runner
-    assert _sent(publisher) == ["event:t1:1", "llm:t1.step-1"]
+    assert _sent(publisher) == ["event:acme.t1:1", "llm:acme.t1.step-1"]
     assert store.records[KEY][0].outbox == []
 
 
@@ -102,15 +102,15 @@ async def test_while_the_accountant_is_away_the_task_is_accepted_and_waits_and_i
     service = _service(store, publisher, budget)
     with pytest.raises(DependencyUnavailableError):
         await service.submit(_submission(text="first"), None)
-    assert _sent(publisher) == ["event:t1:1"], "the client hears `accepted`; the step waits for its reservation"
+    assert _sent(publisher) == ["event:acme.t1:1"], "the client hears `accepted`; the step waits for its reservation"
     with pytest.raises(DependencyUnavailableError):
         await service.submit(_submission(text="a different input"), None)
     budget.down = False
     await service.submit(_submission(text="a different input"), None)  # the redelivery of the second
-    assert _sent(publisher) == ["event:t1:1", "llm:t1.step-1"]
-    request = json.loads(next(p.payload for p in publisher.published if p.msg_id == "llm:t1.step-1"))
+    assert _sent(publisher) == ["event:acme.t1:1", "llm:acme.t1.step-1"]
+    request = json.loads(next(p.payload for p in publisher.published if p.msg_id == "llm:acme.t1.step-1"))
     assert request["messages"][-1]["content"] == "first", "the first submission owns the task id"
-    assert budget.reserved == ["llm:t1.step-1"]
+    assert budget.reserved == ["llm:acme.t1.step-1"]
 
 
 async def test_a_denied_reservation_ends_the_run_before_its_call_and_closes_its_budget() -> None:
@@ -118,7 +118,7 @@ async def test_a_denied_reservation_ends_the_run_before_its_call_and_closes_its_
     budget.deny = True
     await _service(store, publisher, budget).submit(_submission(), None)
     assert _kinds(publisher) == ["accepted", "budget_exceeded"]
-    assert "llm:t1.step-1" not in _sent(publisher)
+    assert "llm:acme.t1.step-1" not in _sent(publisher)
     exceeded = json.loads(_event(publisher, "budget_exceeded"))
     assert (exceeded["seq"], exceeded["requested_usd"]) == (2, 0.002)
     assert budget.closed == ["t1"]
@@ -139,7 +139,7 @@ async def test_a_cancel_ends_the_run_even_while_the_accountant_is_away_and_close
     with pytest.raises(DependencyUnavailableError):
         await service.cancel(request, "app", None)  # cancelled is out; closing the budget waits
     assert _kinds(publisher) == ["accepted", "cancelled"]
-    assert "llm:t1.step-1" not in _sent(publisher), "the step waiting for its reservation is never made"
+    assert "llm:acme.t1.step-1" not in _sent(publisher), "the step waiting for its reservation is never made"
     assert json.loads(_event(publisher, "cancelled"))["by"] == "app"
     budget.down = False
     await service.cancel(request, "app", None)
@@ -154,7 +154,7 @@ async def test_a_completed_run_is_priced_on_all_its_usage_and_its_trace_root_goe
     await service.advance(_answer(), None)
     assert _kinds(publisher) == ["accepted", "step", "completed"]
     assert json.loads(_event(publisher, "completed"))["cost_usd"] == 0.25
-    assert budget.cost_queries == [["llm:t1.step-1"]]
+    assert budget.cost_queries == [["llm:acme.t1.step-1"]]
     root = next(json.loads(p.payload) for p in publisher.published if p.msg_id.startswith("span:"))
     assert (root["kind"], root["attributes"]["gen_ai.usage.cost"]) == ("task", 0.25)
     assert budget.closed == ["t1"]

@@ -216,7 +216,7 @@ def test_template_messages_pass_tool_arguments_as_objects() -> None:
 
 def _gpu_skip_reason() -> str | None:
     if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed (GPU images only: pip install 'vllm==0.33.*')"
+        return "vLLM is not installed (GPU machines only: uv sync --extra gpu)"
     if importlib.util.find_spec("torch") is None:
         return "torch is not installed"
     import torch  # type: ignore[import-not-found, unused-ignore]

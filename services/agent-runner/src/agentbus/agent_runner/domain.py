@@ -197,14 +197,16 @@ class Transition:
     """Above 0, `llm_request` and `tool_calls` are what the run already waits for, sent again."""
 
 
-def request_id(task_id: str, step: int) -> str:
-    """The id of a run's n-th LLM request: deterministic, so a repeated publish is deduplicated."""
-    return f"{task_id}.step-{step}"
+def request_id(tenant: str, task_id: str, step: int) -> str:
+    """The id of a run's n-th LLM request: deterministic, so a repeated publish is deduplicated, and scoped
+    to the tenant, since task ids are the tenants' own (every id derived from it, usage and reservation
+    ids included, is then unique across tenants too)."""
+    return f"{tenant}.{task_id}.step-{step}"
 
 
-def call_id(task_id: str, step: int, index: int) -> str:
-    """The id of the index-th tool call of a step: the tool-executor's exactly-once key."""
-    return f"{task_id}.{step}.{index}"
+def call_id(tenant: str, task_id: str, step: int, index: int) -> str:
+    """The id of the index-th tool call of a step: the tool-executor's exactly-once key, tenant-scoped."""
+    return f"{tenant}.{task_id}.{step}.{index}"
 
 
 def reject(task_id: str, tenant: str, code: ErrorCode, message: str) -> Transition:
@@ -271,7 +273,7 @@ def _next_wake(state: RunState, now: datetime, timing: RunTiming) -> RunTimer:
 
 def _request_next_step(state: RunState, events: list[TaskEvent], router: Router) -> Transition:
     step = state.step + 1
-    rid = request_id(state.task_id, step)
+    rid = request_id(state.tenant, state.task_id, step)
     deployment = router.choose(state.model, rid, state.pinned_model)
     advanced = state.model_copy(
         update={"step": step, "fallbacks": 0, "attempt_model": state.model, "step_started_at": utc_now()}
@@ -315,7 +317,7 @@ def apply_llm_result(
             retried = state.model_copy(
                 update={"usage": usage, "fallbacks": state.fallbacks + 1, "attempt_model": fallback}
             )
-            rid = f"{request_id(state.task_id, state.step)}.fallback-{retried.fallbacks}"
+            rid = f"{request_id(state.tenant, state.task_id, state.step)}.fallback-{retried.fallbacks}"
             return _request(retried, rid, router.choose(fallback, rid), [])
         error = result.error or ErrorInfo(code=ErrorCode.LLM_ERROR, message="the model returned no message")
         failed = TaskFailed(
@@ -366,7 +368,7 @@ def apply_llm_result(
     calls: list[PendingToolCall] = []
     requests: list[ToolCallRequested] = []
     for index, call in enumerate(message.tool_calls):
-        cid = call_id(state.task_id, state.step, index)
+        cid = call_id(state.tenant, state.task_id, state.step, index)
         if call.name in allowed and not toolbox.is_local(call.name):
             calls.append(PendingToolCall(call_id=cid, tool_call_id=call.id, name=call.name, remote=True))
             requests.append(

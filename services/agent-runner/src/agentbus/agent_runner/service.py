@@ -361,11 +361,11 @@ class RunnerService:
         state = transition.state
         # The calls of a step are children of its agent_step span, so the worker's generation and the
         # executor's tool spans hang under the step that asked for them.
-        step_trace = TraceContext(trace_id, step_span_id(state.task_id, state.step)).traceparent
+        step_trace = TraceContext(trace_id, step_span_id(state.tenant, state.task_id, state.step)).traceparent
         items = [
             OutboxItem(
                 subject=TASK_EVENT.format(tenant=state.tenant, task_id=state.task_id),
-                msg_id=f"event:{state.task_id}:{event.seq}",
+                msg_id=f"event:{run_key(state.tenant, state.task_id)}:{event.seq}",
                 payload=event.model_dump_json(),
                 traceparent=TraceContext.in_trace(trace_id).traceparent,
                 price="event" if event.kind in {"completed", "failed"} else None,
@@ -479,7 +479,7 @@ class RunnerService:
         user_input = next((m.content for m in state.messages if m.role == "user"), None)
         if user_input is not None:
             attributes[SpanAttribute.INPUT] = user_input
-        span_id = task_span_id(state.task_id)
+        span_id = task_span_id(state.tenant, state.task_id)
         span = SpanRecorded(
             trace_id=trace_id,
             span_id=span_id,
@@ -512,8 +512,8 @@ class RunnerService:
         self._spans.record(
             name=f"step {before.step}",
             kind="agent_step",
-            trace=TraceContext(record.trace_id, step_span_id(state.task_id, before.step)),
-            parent_span_id=task_span_id(state.task_id),
+            trace=TraceContext(record.trace_id, step_span_id(state.tenant, state.task_id, before.step)),
+            parent_span_id=task_span_id(state.tenant, state.task_id),
             start=before.step_started_at,
             end=self._clock(),
             task_id=state.task_id,
@@ -532,14 +532,14 @@ def _priced(item: OutboxItem, cost_usd: float) -> OutboxItem:
     return item.model_copy(update={"payload": priced.model_dump_json(fallback=str)})
 
 
-def task_span_id(task_id: str) -> str:
-    """The id of a task's root span: derived from the task id, so every transition names the same parent."""
-    return hashlib.sha256(f"{task_id}:task".encode()).hexdigest()[:16]
+def task_span_id(tenant: str, task_id: str) -> str:
+    """The id of a task's root span: derived from the run, so every transition names the same parent."""
+    return hashlib.sha256(f"{run_key(tenant, task_id)}:task".encode()).hexdigest()[:16]
 
 
-def step_span_id(task_id: str, step: int) -> str:
+def step_span_id(tenant: str, task_id: str, step: int) -> str:
     """The id of a step's agent_step span: derived, so redelivered transitions point at the same span."""
-    return hashlib.sha256(f"{task_id}:step:{step}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{run_key(tenant, task_id)}:step:{step}".encode()).hexdigest()[:16]
 
 
 def _estimated_prompt_tokens(request: LlmRequest) -> int:

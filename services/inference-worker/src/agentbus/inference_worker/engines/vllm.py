@@ -1,7 +1,7 @@
 """The `vllm` engine: vLLM's `AsyncLLM` in this process, fed by the worker's concurrent requests.
 
-vLLM is an optional dependency for GPU images (`pip install vllm==0.33.*`): it is imported only when this
-engine starts, so nothing else in the worker needs it. Every request the worker has in flight is a
+vLLM is an optional dependency for GPU images (the inference-worker's locked `gpu` extra:
+`uv sync --extra gpu`): it is imported only when this engine starts, so nothing else in the worker needs it. Every request the worker has in flight is a
 concurrent `AsyncLLM.generate()` call, which vLLM's scheduler batches continuously.
 
 What the engine takes from vLLM (`VllmBackend`): the engine itself, the model's chat template (rendered by
@@ -291,7 +291,8 @@ async def load_vllm_backend(model: str, engine_args: Mapping[str, Any], tool_par
         from agentbus.runtime.errors import ConfigurationError
 
         raise ConfigurationError(
-            f"AGENTBUS_WORKER_ENGINE=vllm needs vLLM installed (pip install 'vllm==0.33.*' on a CUDA image): {exc}"
+            "AGENTBUS_WORKER_ENGINE=vllm needs vLLM installed "
+            f"(the locked gpu extra: uv sync --extra gpu, on a CUDA machine): {exc}"
         ) from exc
 
     # Loading weights and compiling take minutes: off the event loop, so /healthz keeps answering.
