@@ -89,11 +89,11 @@ class Finding:
         return self.fix is None
 
 
-def ok(subject: str, detail: str) -> Finding:
+def passed(subject: str, detail: str) -> Finding:
     return Finding(subject, detail)
 
 
-def problem(subject: str, detail: str, fix: str) -> Finding:
+def failed(subject: str, detail: str, fix: str) -> Finding:
     return Finding(subject, detail, fix)
 
 
@@ -110,10 +110,6 @@ class Report:
             click.echo(f"{mark}  {finding.subject}: {finding.detail}")
             if finding.fix is not None:
                 click.echo(f"      fix: {finding.fix}")
-
-    @property
-    def healthy(self) -> bool:
-        return all(f.ok for f in self.findings)
 
 
 # --- the supervisor ------------------------------------------------------------------------------------
@@ -151,32 +147,32 @@ def check_processes(state_dir: Path) -> list[Finding]:
     pid = supervisor_pid(state_dir)
     if pid is None:
         return [
-            problem(
+            failed(
                 "suite",
                 f"no `agentbus up` is running on {state_dir}",
                 f"start it: `agentbus up` (an earlier run's logs are in {state_dir / 'logs'})",
             )
         ]
-    findings = [ok("suite", f"`agentbus up` runs on {state_dir} (pid {pid})")]
+    findings = [passed("suite", f"`agentbus up` runs on {state_dir} (pid {pid})")]
     try:
         pids: dict[str, int] = json.loads((state_dir / PIDS_FILE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return [
             *findings,
-            problem("processes", f"no readable {PIDS_FILE_NAME}", "it is still starting: run doctor again"),
+            failed("processes", f"no readable {PIDS_FILE_NAME}", "it is still starting: run doctor again"),
         ]
     dead = sorted(name for name, process in pids.items() if not _alive(int(process)))
     if dead:
         logs = ", ".join(str(state_dir / "logs" / f"{name}.log") for name in dead)
         findings.append(
-            problem(
+            failed(
                 "processes",
                 f"not running: {', '.join(dead)}",
                 f"`agentbus up` restarts them with backoff; if they keep dying, read {logs}",
             )
         )
     else:
-        findings.append(ok("processes", f"{len(pids)} alive ({', '.join(sorted(pids))})"))
+        findings.append(passed("processes", f"{len(pids)} alive ({', '.join(sorted(pids))})"))
     return findings
 
 
@@ -195,15 +191,15 @@ def check_credentials(env: dict[str, str]) -> tuple[list[Finding], Credential | 
     """The findings, and the operator's credential when it can be read."""
     directory_text = env.get(CREDENTIALS_DIR_VARIABLE)
     if not directory_text:
-        return [ok("credentials", "none: the server enforces no identities (`agentbus up --nats-url`)")], None
+        return [passed("credentials", "none: the server enforces no identities (`agentbus up --nats-url`)")], None
     directory = Path(directory_text)
     restart = "restart `agentbus up`: it writes a credential for every identity that lacks one"
     if not directory.is_dir():
-        return [problem("credentials", f"no folder {directory}", restart)], None
+        return [failed("credentials", f"no folder {directory}", restart)], None
     findings: list[Finding] = []
     mode = stat.S_IMODE(directory.stat().st_mode)
     if mode & 0o077:
-        findings.append(problem("credentials", f"{directory} is mode {mode:o}", f"chmod 700 {directory}"))
+        findings.append(failed("credentials", f"{directory} is mode {mode:o}", f"chmod 700 {directory}"))
     store = CredentialStore(directory)
     exposed, unreadable = [], []
     for path in sorted(directory.glob("*.json")):
@@ -215,11 +211,11 @@ def check_credentials(env: dict[str, str]) -> tuple[list[Finding], Credential | 
             unreadable.append(str(path))
     if exposed:
         findings.append(
-            problem("credentials", f"readable by others: {', '.join(exposed)}", f"chmod 600 {' '.join(exposed)}")
+            failed("credentials", f"readable by others: {', '.join(exposed)}", f"chmod 600 {' '.join(exposed)}")
         )
     if unreadable:
         findings.append(
-            problem(
+            failed(
                 "credentials",
                 f"unreadable: {', '.join(unreadable)}",
                 f"delete {'them' if len(unreadable) > 1 else 'it'}, then {restart}",
@@ -229,15 +225,17 @@ def check_credentials(env: dict[str, str]) -> tuple[list[Finding], Credential | 
     try:
         expected = _expected_users(identities_file)
     except IdentityError as exc:
-        findings.append(problem("identities", str(exc), "fix the file, then restart `agentbus up`"))
+        findings.append(failed("identities", str(exc), "fix the file, then restart `agentbus up`"))
         expected = [ADMIN_USER]
     else:
-        findings.append(ok("identities", f"{identities_file} is valid"))
+        findings.append(passed("identities", f"{identities_file} is valid"))
     missing = [user for user in expected if not store.path_of(user).exists()]
     if missing:
-        findings.append(problem("credentials", f"missing for {', '.join(missing)}", restart))
+        findings.append(failed("credentials", f"missing for {', '.join(missing)}", restart))
     if not any(not f.ok and f.subject == "credentials" for f in findings):
-        findings.append(ok("credentials", f"{len(expected)} users, each with a private, readable file in {directory}"))
+        findings.append(
+            passed("credentials", f"{len(expected)} users, each with a private, readable file in {directory}")
+        )
     try:
         admin = store.get(ADMIN_USER)
     except IdentityError:
@@ -266,18 +264,18 @@ async def connect(url: str, admin: Credential | None) -> tuple[Finding, NatsClie
         )
     except (nats.errors.NoServersError, OSError):
         if refused:
-            return problem(
+            return failed(
                 "nats",
                 f"{url} refused the operator's credential",
                 "the credentials are not the running server's: restart `agentbus up`",
             ), None
-        return problem(
+        return failed(
             "nats",
             f"cannot reach {url}",
             "start the suite: `agentbus up` (when it runs, read logs/nats-server.log: it restarts the server)",
         ), None
     version = nc.connected_server_version
-    return ok("nats", f"{url} answers (nats-server {version.major}.{version.minor}.{version.patch})"), nc
+    return passed("nats", f"{url} answers (nats-server {version.major}.{version.minor}.{version.patch})"), nc
 
 
 def _normal(value: object) -> object:
@@ -328,7 +326,7 @@ async def check_topology(js: JetStreamContext, models: tuple[str, ...]) -> list[
         except NotFoundError:
             problems.append(f"KV bucket {bucket.bucket} is missing")
     if problems:
-        return [problem("topology", p, APPLY) for p in problems]
+        return [failed("topology", p, APPLY) for p in problems]
     counts = ", ".join(
         _count(len(things), name)
         for things, name in (
@@ -337,7 +335,7 @@ async def check_topology(js: JetStreamContext, models: tuple[str, ...]) -> list[
             (registry.KEY_VALUE_BUCKETS, "KV bucket"),
         )
     )
-    return [ok("topology", f"{counts}, as the registry declares")]
+    return [passed("topology", f"{counts}, as the registry declares")]
 
 
 def _count(number: int, name: str) -> str:
@@ -371,12 +369,12 @@ async def check_pulling(js: JetStreamContext, models: tuple[str, ...], state_dir
             # Between two fetches a puller briefly has no request waiting: look again before judging.
             await asyncio.sleep(PULL_CHECK_INTERVAL_SECONDS)
     findings = [
-        problem("consumers", f"nobody pulls the consumers of {service}", _log_hint(state_dir, service))
+        failed("consumers", f"nobody pulls the consumers of {service}", _log_hint(state_dir, service))
         for service in sorted(idle)
     ]
     working = sorted(set(by_service) - idle)
     if working:
-        findings.append(ok("consumers", f"pulled by {', '.join(working)}"))
+        findings.append(passed("consumers", f"pulled by {', '.join(working)}"))
     return findings
 
 
@@ -437,9 +435,9 @@ async def _probe(nc: NatsClient, probe: Probe, state_dir: Path) -> Finding:
     try:
         msg = await nc.request(probe.subject, probe.request.model_dump_json().encode(), timeout=PROBE_TIMEOUT_SECONDS)
     except nats.errors.NoRespondersError:
-        return problem(subject, f"nobody answers on {probe.subject}", _log_hint(state_dir, probe.service))
+        return failed(subject, f"nobody answers on {probe.subject}", _log_hint(state_dir, probe.service))
     except nats.errors.TimeoutError:
-        return problem(
+        return failed(
             subject,
             f"no answer on {probe.subject} within {PROBE_TIMEOUT_SECONDS:g}s",
             f"it may be overloaded or its store slow: {_log_hint(state_dir, probe.service)}",
@@ -448,13 +446,11 @@ async def _probe(nc: NatsClient, probe: Probe, state_dir: Path) -> Finding:
     try:
         reply = probe.reply.model_validate_json(msg.data)
     except ValidationError as exc:
-        return problem(
-            subject, f"an unreadable answer: {exc.errors()[0]['msg']}", "its version may not match the CLI's"
-        )
+        return failed(subject, f"an unreadable answer: {exc.errors()[0]['msg']}", "its version may not match the CLI's")
     error = probe.error(reply)
     if error is not None and error.code not in probe.harmless:
-        return problem(subject, f"answered {error.code}: {error.message}", _log_hint(state_dir, probe.service))
-    return ok(subject, f"answers from its store in {elapsed * 1000:.0f} ms")
+        return failed(subject, f"answered {error.code}: {error.message}", _log_hint(state_dir, probe.service))
+    return passed(subject, f"answers from its store in {elapsed * 1000:.0f} ms")
 
 
 async def examine(state_dir: Path, models: tuple[str, ...], report: Report) -> None:
@@ -465,7 +461,7 @@ async def examine(state_dir: Path, models: tuple[str, ...], report: Report) -> N
     url = env.get(NATS_URL_VARIABLE)
     if url is None:
         where = state_dir / ENV_FILE_NAME
-        report.add(problem("nats", f"no {NATS_URL_VARIABLE} in {where}", "start the suite: `agentbus up`"))
+        report.add(failed("nats", f"no {NATS_URL_VARIABLE} in {where}", "start the suite: `agentbus up`"))
         return
     finding, nc = await connect(url, admin)
     report.add(finding)
@@ -495,7 +491,7 @@ def doctor_command(state_dir: Path, models: str) -> None:
     report = Report()
     if not (state_dir / ENV_FILE_NAME).exists():
         report.add(
-            problem(
+            failed(
                 "state",
                 f"no {state_dir / ENV_FILE_NAME}: `agentbus up` has not run here",
                 "run `agentbus up` in this folder, or point --state-dir at the one it uses",
@@ -503,7 +499,7 @@ def doctor_command(state_dir: Path, models: str) -> None:
         )
     else:
         asyncio.run(examine(state_dir, tuple(m.strip() for m in models.split(",") if m.strip()), report))
-    failed = sum(not f.ok for f in report.findings)
-    click.echo("all checks passed" if failed == 0 else f"{failed} problem{'s' if failed > 1 else ''} found")
-    if failed:
+    problems = sum(not f.ok for f in report.findings)
+    click.echo("all checks passed" if problems == 0 else f"{problems} problem{'s' if problems > 1 else ''} found")
+    if problems:
         raise SystemExit(1)
