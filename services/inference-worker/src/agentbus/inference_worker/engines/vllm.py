@@ -1,8 +1,9 @@
 """The `vllm` engine: vLLM's `AsyncLLM` in this process, fed by the worker's concurrent requests.
 
 vLLM is an optional dependency for GPU images (the inference-worker's locked `gpu` extra:
-`uv sync --extra gpu`): it is imported only when this engine starts, so nothing else in the worker needs it. Every request the worker has in flight is a
-concurrent `AsyncLLM.generate()` call, which vLLM's scheduler batches continuously.
+`uv sync --extra gpu`): it is imported only when this engine starts, so nothing else in the worker needs
+it. Every request the worker has in flight is a concurrent `AsyncLLM.generate()` call, which vLLM's
+scheduler batches continuously.
 
 What the engine takes from vLLM (`VllmBackend`): the engine itself, the model's chat template (rendered by
 the model's tokenizer as vLLM loaded it), and vLLM's tool-call parser for the model family (`hermes`,
