@@ -169,6 +169,7 @@ def test_help_and_version_answer_to_their_usual_spellings(tmp_path: Path) -> Non
         (["approvals", "approve", "ap-1", "--as", "al ice"], "--as: use 1 to 64"),
         (["search", "acme", ""], "QUERY: must not be empty"),
         (["search", "a*", "refunds"], "TENANT: use 1 to 64"),
+        (["search", "acme", "refunds", "--filter", "product name=x"], "FIELD is a letter or '_'"),
         (["ingest", "acme", "Makefile"], "only .md and .txt files are ingested"),
         (["cost", "report", "--since", "last week"], "neither an ISO date/time nor a span"),
     ],

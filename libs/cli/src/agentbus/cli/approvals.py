@@ -24,7 +24,7 @@ import click
 import nats.errors
 from agentbus.cli.config import admin_credential, credential_of, resolve_identities, run_nats
 from agentbus.cli.identities import Credential, IdentityError, approver_user
-from agentbus.cli.inputs import check_identifier
+from agentbus.cli.inputs import check_identifier, describe_validation_error
 from agentbus.cli.replay import replay
 from agentbus.contracts.approvals import (
     ApprovalDecision,
@@ -338,7 +338,7 @@ def _decide(
                 reason=reason,
             )
         except ValidationError as exc:
-            raise click.UsageError(str(exc.errors()[0]["msg"])) from exc
+            raise click.UsageError(describe_validation_error(exc)) from exc
         verb = "approving" if decision == "approve" else "denying"
         click.echo(f"{verb} {request.approval_id}: tool {request.tool} for task {request.task_id} ({request.tenant})")
         click.echo(f"  arguments {json.dumps(request.arguments, ensure_ascii=False)}")

@@ -288,7 +288,13 @@ def _parse_filter(expression: str) -> MetadataFilter:
             try:
                 return MetadataFilter(field=field.strip(), op=op, value=value)  # type: ignore[arg-type]
             except ValidationError as exc:
-                raise click.BadParameter(str(exc), param_hint="--filter") from exc
+                first = exc.errors()[0]
+                problem = (
+                    "FIELD is a letter or '_' and then up to 63 letters, digits or '_'"
+                    if first["type"] == "string_pattern_mismatch"
+                    else first["msg"]
+                )
+                raise click.BadParameter(f"{expression!r}: {problem}", param_hint="--filter") from exc
     raise click.BadParameter(f"{expression!r}: expected FIELD=VALUE (or !=, >, >=, <, <=)", param_hint="--filter")
 
 
