@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 from agentbus.contracts.approvals import arguments_sha256
 from agentbus.runtime.tool_registry import ApprovalPolicy, ToolDefinition
-from agentbus.tool_executor.domain import ApprovalRecord, ApprovalStatus, approval_id_for, argument_errors
+from agentbus.tool_executor.domain import (
+    ApprovalRecord,
+    ApprovalStatus,
+    approval_id_for,
+    argument_errors,
+    argument_validator,
+)
 from agentbus.tool_executor.policy import (
     ApproverDirectory,
     DecisionFacts,
@@ -255,13 +261,14 @@ def test_argument_errors_are_readable_and_bounded() -> None:
         "required": ["title"],
         "additionalProperties": False,
     }
-    errors = argument_errors(schema, {"priority": "urgent", "extra": 1})
+    errors = argument_errors(argument_validator(schema), {"priority": "urgent", "extra": 1})
     assert any(e.startswith("priority:") and "urgent" in e for e in errors)
     assert any("title" in e and "required" in e for e in errors)
     assert any("extra" in e for e in errors)
     many = argument_errors(
-        {"type": "object", "additionalProperties": {"type": "string"}}, {str(i): i for i in range(30)}
+        argument_validator({"type": "object", "additionalProperties": {"type": "string"}}),
+        {str(i): i for i in range(30)},
     )
     assert len(many) == 11
     assert many[-1] == "... and 20 more"
-    assert argument_errors(schema, {"title": "ok", "priority": "low"}) == []
+    assert argument_errors(argument_validator(schema), {"title": "ok", "priority": "low"}) == []

@@ -356,3 +356,16 @@ async def test_a_retrieval_tool_returns_numbered_passages_and_citations(
     [usage] = await usage_records(own_client, tenant)
     assert (usage["kind"], usage["tool"]) == ("retrieval", "search_knowledge_base")
     assert json.loads(json.dumps(usage))["usage_id"] == f"tool:{call.call_id}"
+
+
+async def test_tools_beyond_the_running_limit_wait_for_a_slot(
+    start_executor: StartExecutor, own_client: NatsClient, runner: RunnerStandIn, tmp_path: Path
+) -> None:
+    await start_executor(max_running_tools=1)
+    marker = tmp_path / "one-at-a-time.txt"
+    calls = [make_call("slow_marker", {"path": str(marker), "sleep": 0.3}) for _ in range(3)]
+    for call in calls:
+        await publish_call(own_client, call)
+    for call in calls:
+        assert (await runner.wait_for(call.call_id, "result")).ok
+    assert marker.read_text().splitlines() == ["run", "done"] * 3, "each ran alone, start to end"

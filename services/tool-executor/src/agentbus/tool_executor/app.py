@@ -34,6 +34,7 @@ from agentbus.tool_executor.adapters.runners import (
 )
 from agentbus.tool_executor.adapters.sql_store import SqlApprovalStore
 from agentbus.tool_executor.approvers import check_groups, load_approvers
+from agentbus.tool_executor.domain import argument_validator
 from agentbus.tool_executor.handlers import ExecutorHandlers
 from agentbus.tool_executor.policy import ApproverDirectory, RuleError, compile_policy
 from agentbus.tool_executor.ports import ToolRunner
@@ -79,16 +80,16 @@ def load_tools(
             python_runner.register(definition)
         if definition.approval.policy != "never" and not definition.approval.approvers:
             _log.warning("tool_without_approvers", tool=name, file=str(definition.source))
-        tools[name] = LoadedTool(definition, policy)
+        tools[name] = LoadedTool(definition, policy, argument_validator(definition.parameters))
     return tools, approvers
 
 
 class UseCases:
     """The executor's use cases, built once connected (their runners and publisher need the connection)."""
 
-    def __init__(self, executor: Executor, runners: Mapping[str, ToolRunner]) -> None:
+    def __init__(self, executor: Executor, runners: Mapping[str, ToolRunner], *, max_running_tools: int) -> None:
         self.executor = executor
-        self.execute = ExecuteCall(executor, runners)
+        self.execute = ExecuteCall(executor, runners, max_running_tools=max_running_tools)
         self.accept = AcceptCall(executor, self.execute)
         self.decide = Decide(executor, self.execute)
         self.withdraw = WithdrawCall(executor)
@@ -153,7 +154,7 @@ class ToolExecutorApp(BusService):
             lease_seconds=config.execution_lease_seconds,
             faults=FaultPoints(config.fault_pause_at, config.fault_marker_dir),
         )
-        self.use_cases = use_cases = UseCases(executor, runners)
+        self.use_cases = use_cases = UseCases(executor, runners, max_running_tools=config.max_running_tools)
         handlers = ExecutorHandlers(use_cases.accept, use_cases.decide, use_cases.withdraw, use_cases.list_approvals)
         self._replies = ReplyServer(nc, Service.TOOL_EXECUTOR.value, concurrency=config.request_concurrency)
         await self._replies.serve(APPROVALS_LIST.wildcard, handlers.on_approvals_list)

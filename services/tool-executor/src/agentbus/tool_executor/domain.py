@@ -140,9 +140,13 @@ class Withdrawal:
 # --- validation and the texts the model reads ------------------------------------------------------
 
 
-def argument_errors(schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> list[str]:
+def argument_validator(schema: Mapping[str, Any]) -> jsonschema.Draft202012Validator:
+    """A tool's parameters schema, ready to check arguments (built once per tool: building it is the costly part)."""
+    return jsonschema.Draft202012Validator(schema)
+
+
+def argument_errors(validator: jsonschema.Draft202012Validator, arguments: Mapping[str, Any]) -> list[str]:
     """Schema violations of the arguments, readable by the model, at most MAX_SCHEMA_ERRORS."""
-    validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.absolute_path])
     lines = []
     for error in errors[:MAX_SCHEMA_ERRORS]:

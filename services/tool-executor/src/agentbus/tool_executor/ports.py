@@ -93,6 +93,11 @@ class Completion:
     outbox: list[OutgoingMessage] = field(default_factory=list)
 
 
+class DecisionAuditedError(Exception):
+    """The decision's message was audited by another delivery of it first: the unit of work is rolled back, and
+    the next delivery replays the decision."""
+
+
 class StoreUnavailableError(DependencyUnavailableError):
     """The executor's database cannot be reached (down, refusing connections, locked beyond its timeout).
 
@@ -119,6 +124,13 @@ class Ledger(Protocol):
 
     def audit_entry(self, message_seq: int) -> AuditEntry | None: ...
 
+    def decision_context(
+        self, message_seq: int, approval_id: str
+    ) -> tuple[AuditEntry | None, ApprovalRecord | None, CallRecord | None]:
+        """What a decision is checked against, read together: its message's audit entry if it has one (it was
+        delivered before), the approval it names, and that approval's call."""
+        ...
+
     def insert_call(self, call: CallRecord, approval: ApprovalRecord | None, outbox: list[OutgoingMessage]) -> bool:
         """Register a new call with its approval and messages; False when its id is taken (by the call itself,
         or by its withdrawal that arrived first)."""
@@ -144,6 +156,12 @@ class Ledger(Protocol):
 
     def resolve_approval(self, resolution: Resolution) -> bool:
         """Compare-and-set a pending approval to its outcome, with the call's row and the messages."""
+        ...
+
+    def resolve_with_audit(self, resolution: Resolution, entry: AuditEntry) -> bool:
+        """Resolve a pending approval and audit the decision that resolved it, together. False (nothing written)
+        when the approval was no longer pending; DecisionAuditedError when the decision's message was audited
+        meanwhile."""
         ...
 
     def add_audit(self, entry: AuditEntry) -> bool:

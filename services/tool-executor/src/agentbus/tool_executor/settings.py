@@ -23,6 +23,10 @@ FAULT_POINTS = (
 class ExecutorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTBUS_EXECUTOR_", extra="ignore", frozen=True)
 
+    # Each call or decision spends most of its time waiting: on the group commits of the store and on stream
+    # acks. More of them in flight keep each commit full; the consumers' max_ack_pending is 256.
+    consumer_concurrency: int = Field(default=256, ge=1, description="Messages handled at once per consumer.")
+    fetch_batch: int = Field(default=64, ge=1, description="Messages pulled per fetch request.")
     tools_dir: Path = Field(default=Path("tools"), description="Folder of tool definition files (*.yaml).")
     database_url: str = Field(
         default="sqlite+aiosqlite:///.agentbus/tool-executor.db",
@@ -43,6 +47,12 @@ class ExecutorSettings(ServiceSettings):
         gt=0,
         description="An execution's claim lasts this long and is renewed while the tool runs; a claim left by a "
         "stopped executor is taken over after it lapses.",
+    )
+    max_running_tools: int = Field(
+        default=64,
+        ge=1,
+        description="Tools running at once in this executor (shell commands are processes); calls and decisions "
+        "beyond it wait for a slot before their tool starts.",
     )
     request_concurrency: int = Field(default=16, ge=1, description="Approvals-list requests answered at once.")
     fault_pause_at: str | None = Field(

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,7 +34,7 @@ from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from agentbus.runtime.logging import get_logger
-from agentbus.tool_executor.adapters.schema import approvals, calls, decision_audit, metadata, outbox
+from agentbus.tool_executor.adapters.schema import UtcDateTime, approvals, calls, decision_audit, metadata, outbox
 from agentbus.tool_executor.domain import (
     ApprovalRecord,
     ApprovalStatus,
@@ -47,6 +47,7 @@ from agentbus.tool_executor.ports import (
     AuditEntry,
     Claim,
     Completion,
+    DecisionAuditedError,
     EffectConnection,
     EffectResult,
     Ledger,
@@ -81,6 +82,7 @@ _OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
 _OUTAGE_SQLSTATES = frozenset({"55000", "3D000"})
 # Postgres: deadlock, serialization failure: the unit runs again.
 _CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+_DRIVER_OUTAGE_ERRORS = frozenset({"InterfaceError", "OperationalError", "InternalClientError"})
 _SQLITE_OUTAGE_MESSAGES = ("locked", "busy", "disk i/o", "unable to open", "disk is full", "readonly")
 
 
@@ -90,26 +92,27 @@ def _sqlstate(error: BaseException | None) -> str | None:
 
 
 def is_outage(error: BaseException) -> bool:
-    """Whether `error` says the database cannot be used right now (rather than that a statement is wrong)."""
+    """Whether `error` says the database cannot be used right now (rather than that a statement is wrong).
+
+    Hot statements run on the driver's cursor, so the error may be the driver's own rather than SQLAlchemy's."""
     if isinstance(error, StoreUnavailableError | OSError | ConnectionError | TimeoutError):
         return True
-    if isinstance(error, sa.exc.DBAPIError):
-        if error.connection_invalidated:
-            return True
-        original = error.orig
-        if isinstance(original, sqlite3.OperationalError):
-            text = str(original).lower()
-            return any(marker in text for marker in _SQLITE_OUTAGE_MESSAGES)
-        state = _sqlstate(original)
-        if state is not None:
-            return state[:2] in _OUTAGE_SQLSTATE_CLASSES or state in _OUTAGE_SQLSTATES
-        # asyncpg reports a closed or broken connection without a SQLSTATE.
-        return isinstance(error, sa.exc.InterfaceError | sa.exc.OperationalError)
-    return False
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    original = error.orig if isinstance(error, sa.exc.DBAPIError) else error
+    if isinstance(original, sqlite3.Error):
+        text = str(original).lower()
+        return isinstance(original, sqlite3.OperationalError) and any(m in text for m in _SQLITE_OUTAGE_MESSAGES)
+    state = _sqlstate(original)
+    if state is not None:
+        return state[:2] in _OUTAGE_SQLSTATE_CLASSES or state in _OUTAGE_SQLSTATES
+    # asyncpg reports a closed or broken connection without a SQLSTATE, as an interface or operational error.
+    return type(original).__name__ in _DRIVER_OUTAGE_ERRORS
 
 
 def _is_conflict(error: BaseException) -> bool:
-    return isinstance(error, sa.exc.DBAPIError) and _sqlstate(error.orig) in _CONFLICT_SQLSTATES
+    original = error.orig if isinstance(error, sa.exc.DBAPIError) else error
+    return _sqlstate(original) in _CONFLICT_SQLSTATES
 
 
 def _unavailable(error: BaseException) -> StoreUnavailableError:
@@ -121,6 +124,8 @@ def _unavailable(error: BaseException) -> StoreUnavailableError:
 
 
 # --- rows and records ------------------------------------------------------------------------------------
+
+Row = Mapping[str, Any]
 
 
 def _result_to_json(result: ToolResult | None) -> dict[str, Any] | None:
@@ -147,8 +152,7 @@ def _result_from_json(data: Any) -> ToolResult | None:
     )
 
 
-def _approval(row: sa.Row[Any]) -> ApprovalRecord:
-    m = row._mapping
+def _approval(m: Row) -> ApprovalRecord:
     return ApprovalRecord(
         approval_id=m["approval_id"],
         call_id=m["call_id"],
@@ -171,15 +175,13 @@ def _approval(row: sa.Row[Any]) -> ApprovalRecord:
     )
 
 
-def _withdrawal(row: sa.Row[Any]) -> Withdrawal | None:
-    m = row._mapping
+def _withdrawal(m: Row) -> Withdrawal | None:
     if m["withdrawn_at"] is None:
         return None
     return Withdrawal(m["call_id"], m["tenant"], m["task_id"], m["withdrawn_reason"] or "", m["withdrawn_at"])
 
 
-def _call(row: sa.Row[Any]) -> CallRecord | None:
-    m = row._mapping
+def _call(m: Row) -> CallRecord | None:
     if m["tool"] is None:
         return None  # known only from its withdrawal
     return CallRecord(
@@ -200,12 +202,32 @@ def _call(row: sa.Row[Any]) -> CallRecord | None:
         lease_until=m["lease_until"],
         attempts=m["attempts"],
         result=_result_from_json(m["result"]),
-        withdrawn=_withdrawal(row),
+        withdrawn=_withdrawal(m),
     )
 
 
-def _audit(row: sa.Row[Any]) -> AuditEntry:
-    return AuditEntry(**{k: v for k, v in row._mapping.items() if k != "id"})
+def _prefixed(row: Row, prefix: str) -> dict[str, Any]:
+    return {key.removeprefix(prefix): value for key, value in row.items() if key.startswith(prefix)}
+
+
+def _audit(m: Row) -> AuditEntry:
+    return AuditEntry(**{k: v for k, v in m.items() if k != "id"})
+
+
+def _audit_values(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "message_seq": entry.message_seq,
+        "received_at": entry.received_at,
+        "tenant": entry.tenant,
+        "subject_approver": entry.subject_approver,
+        "approver": entry.approver,
+        "approval_id": entry.approval_id,
+        "decision": entry.decision,
+        "outcome": entry.outcome,
+        "reason_code": entry.reason_code,
+        "detail": entry.detail,
+        "payload": entry.payload[:MAX_AUDIT_PAYLOAD] if entry.payload is not None else None,
+    }
 
 
 def _call_values(call: CallRecord, now: datetime) -> dict[str, Any]:
@@ -232,112 +254,330 @@ def _call_values(call: CallRecord, now: datetime) -> dict[str, Any]:
 # --- the statements --------------------------------------------------------------------------------------
 
 
-def _where_call(*conditions: sa.ColumnElement[bool]) -> list[sa.ColumnElement[bool]]:
-    # Bound parameters in WHERE clauses of UPDATEs are named b_*: the column names are the SET parameters.
-    return [calls.c.call_id == sa.bindparam("b_call_id"), *conditions]
+class _Prepared:
+    """A Core statement compiled once for the store's dialect and run as the driver's own SQL.
+
+    SQLAlchemy would redo on every execution what is done here once: the statement's cache key (a walk of the
+    whole statement), the parameters' order and processing, the result columns' processing. The bind and
+    result processors are the dialect's own, so values are converted exactly as SQLAlchemy converts them.
+    """
+
+    def __init__(self, statement: sa.Select[Any] | sa.Insert | sa.Update, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = compiled.string
+        self._slots = [
+            (name, compiled.params.get(name), compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+            for name in compiled.positiontup or ()
+        ]
+        columns = list(statement.exported_columns)  # selected or returned; none for plain DML
+        self._columns = tuple(column.name for column in columns)
+        self._readers = [
+            (index, reader)
+            for index, column in enumerate(columns)
+            if (reader := column.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
+        ]
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        bound = []
+        for name, default, process in self._slots:
+            value = values.get(name, default)
+            bound.append(process(value) if process is not None else value)
+        return tuple(bound)
+
+    def run(self, connection: sa.Connection, values: Mapping[str, Any]) -> Any:
+        """Execute on the driver's cursor, inside the transaction the connection holds; returns the cursor."""
+        cursor = _cursor(connection)
+        cursor.execute(self.sql, self.parameters(values))
+        return cursor
+
+    def run_many(self, connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        cursor = _cursor(connection)
+        cursor.executemany(self.sql, [self.parameters(row) for row in rows])
+        cursor.close()
+
+    def rows(self, connection: sa.Connection, values: Mapping[str, Any]) -> list[dict[str, Any]]:
+        cursor = self.run(connection, values)
+        found = []
+        for raw in cursor.fetchall():
+            row = list(raw)
+            for index, reader in self._readers:
+                row[index] = reader(row[index])
+            found.append(dict(zip(self._columns, row, strict=True)))
+        cursor.close()
+        return found
+
+    def first(self, connection: sa.Connection, values: Mapping[str, Any]) -> dict[str, Any] | None:
+        found = self.rows(connection, values)
+        return found[0] if found else None
+
+    def changed(self, connection: sa.Connection, values: Mapping[str, Any]) -> bool:
+        cursor = self.run(connection, values)
+        changed = bool(cursor.rowcount == 1)
+        cursor.close()
+        return changed
+
+
+def _cursor(connection: sa.Connection) -> Any:
+    driver_connection = connection.connection.dbapi_connection
+    assert driver_connection is not None
+    return driver_connection.cursor()
+
+
+def _bind(name: str, type_: sa.types.TypeEngine[Any] | None = None) -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=type_)
+
+
+def _values(table: sa.Table, names: list[str]) -> dict[str, sa.BindParameter[Any]]:
+    """SET/VALUES clauses whose parameters are named after their columns, typed like them."""
+    return {name: sa.bindparam(name, type_=table.c[name].type) for name in names}
+
+
+_CALL_INSERTED = [
+    "call_id",
+    "tool_call_id",
+    "tenant",
+    "task_id",
+    "agent",
+    "tool",
+    "step",
+    "arguments",
+    "submitted_by",
+    "status",
+    "approval_id",
+    "traceparent",
+    "attempts",
+    "result",
+    "created_at",
+    "updated_at",
+]
+_WITHDRAWAL_INSERTED = [
+    "call_id",
+    "tenant",
+    "task_id",
+    "status",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "withdrawn_at",
+    "withdrawn_reason",
+]
+_REGISTERED = [
+    "tool_call_id",
+    "agent",
+    "tool",
+    "step",
+    "arguments",
+    "submitted_by",
+    "status",
+    "approval_id",
+    "traceparent",
+    "result",
+    "updated_at",
+]
+_AUDIT_COLUMNS = [column.name for column in decision_audit.c if column.name != "id"]
+_DECISION_COLUMNS = ["status", "decided_by", "decided_at", "decision_reason", "decision_seq"]
+_APPROVAL_COLUMNS = [column.name for column in approvals.c if column.name not in _DECISION_COLUMNS[1:]]
+_OUTBOX_COLUMNS = [column.name for column in outbox.c if column.name != "id"]
+
+
+def _resolve_with_audit() -> sa.Select[Any]:
+    """Postgres: an approval's compare-and-set, its call's row and the decision's audit entry in one statement
+    (one round trip instead of three), all of it or none: the call and the audit follow only a won CAS."""
+    a, c, d = approvals.c, calls.c, decision_audit.c
+    at = _bind("r_at", UtcDateTime())
+    resolved = (
+        approvals.update()
+        .where(a.approval_id == _bind("r_approval_id"), a.status == ApprovalStatus.PENDING.value)
+        .values(
+            status=_bind("r_status", sa.String()),
+            decided_by=_bind("r_by", sa.String()),
+            decided_at=at,
+            decision_reason=_bind("r_reason", sa.Text()),
+            decision_seq=_bind("r_seq", sa.BigInteger()),
+        )
+        .returning(a.call_id)
+        .cte("resolved")
+    )
+    call_updated = (
+        calls.update()
+        .where(c.call_id == resolved.c.call_id, c.status == CallStatus.AWAITING_APPROVAL.value)
+        .values(status=_bind("r_call_status", sa.String()), result=_bind("r_result", sa.JSON()), updated_at=at)
+        .returning(c.call_id)
+        .cte("call_updated")
+    )
+    entry = sa.select(*(_bind(f"u_{name}", d[name].type) for name in _AUDIT_COLUMNS)).where(
+        sa.exists(sa.select(resolved.c.call_id))
+    )
+    audited = (
+        postgresql.insert(decision_audit)
+        .from_select(_AUDIT_COLUMNS, entry)
+        .on_conflict_do_nothing(index_elements=["message_seq"])
+        .returning(d.id)
+        .cte("audited")
+    )
+    return sa.select(
+        sa.select(resolved.c.call_id).scalar_subquery().label("call_id"),
+        sa.select(sa.func.count()).select_from(call_updated).scalar_subquery().label("calls"),
+        sa.select(sa.func.count()).select_from(audited).scalar_subquery().label("audited"),
+    )
 
 
 class _Statements:
-    """Every statement the store runs, built once for its dialect."""
+    """Every statement the store runs, built and compiled once for its dialect."""
 
     def __init__(self, dialect: Dialect) -> None:
         insert = sqlite.insert if dialect.name == "sqlite" else postgresql.insert
         c, a, d, o = calls.c, approvals.c, decision_audit.c, outbox.c
         running = CallStatus.RUNNING.value
-        self.call = sa.select(calls).where(c.call_id == sa.bindparam("call_id"))
-        self.approval = sa.select(approvals).where(a.approval_id == sa.bindparam("approval_id"))
-        self.audit_entry = sa.select(decision_audit).where(d.message_seq == sa.bindparam("message_seq"))
-        self.insert_call = insert(calls).on_conflict_do_nothing(index_elements=["call_id"])
-        self.insert_approval = approvals.insert()
-        self.insert_withdrawal = insert(calls).on_conflict_do_nothing(index_elements=["call_id"])
-        self.register_withdrawn = calls.update().where(
-            *_where_call(c.status == CallStatus.WITHDRAWN.value, c.tool.is_(None))
-        )
-        self.mark_withdrawn = calls.update().where(*_where_call(c.withdrawn_at.is_(None)))
-        self.withdraw_call = calls.update().where(*_where_call(c.status == sa.bindparam("b_expected")))
-        self.resolve_approval = (
-            approvals.update()
-            .where(
-                a.approval_id == sa.bindparam("b_approval_id"),
-                a.status == ApprovalStatus.PENDING.value,
+        call_id = c.call_id == _bind("b_call_id")
+
+        def prepare(statement: sa.Select[Any] | sa.Insert | sa.Update) -> _Prepared:
+            return _Prepared(statement, dialect)
+
+        self.call = prepare(sa.select(calls).where(call_id))
+        self.approval = prepare(sa.select(approvals).where(a.approval_id == _bind("b_approval_id")))
+        self.audit_entry = prepare(sa.select(decision_audit).where(d.message_seq == _bind("b_message_seq")))
+        # What a decision is checked against, in one round trip: whether its message is audited already, the
+        # approval it names, and that approval's call.
+        audited = sa.select(d.message_seq).where(d.message_seq == _bind("b_message_seq")).scalar_subquery()
+        one_row = sa.select(sa.literal(1).label("one")).subquery()
+        self.decision_context = prepare(
+            sa.select(
+                audited.label("audited"),
+                *(column.label(f"a_{column.name}") for column in approvals.c),
+                *(column.label(f"c_{column.name}") for column in calls.c),
+            ).select_from(
+                one_row.outerjoin(approvals, a.approval_id == _bind("b_approval_id")).outerjoin(
+                    calls, c.call_id == a.call_id
+                )
             )
+        )
+        self.insert_call = prepare(
+            insert(calls).values(_values(calls, _CALL_INSERTED)).on_conflict_do_nothing(index_elements=["call_id"])
+        )
+        self.insert_approval = prepare(approvals.insert().values(_values(approvals, _APPROVAL_COLUMNS)))
+        self.insert_withdrawal = prepare(
+            insert(calls)
+            .values(_values(calls, _WITHDRAWAL_INSERTED))
+            .on_conflict_do_nothing(index_elements=["call_id"])
+        )
+        self.register_withdrawn = prepare(
+            calls.update()
+            .where(call_id, c.status == CallStatus.WITHDRAWN.value, c.tool.is_(None))
+            .values(_values(calls, _REGISTERED))
+        )
+        self.mark_withdrawn = prepare(
+            calls.update()
+            .where(call_id, c.withdrawn_at.is_(None))
+            .values(_values(calls, ["withdrawn_at", "withdrawn_reason"]))
+        )
+        self.withdraw_call = prepare(
+            calls.update()
+            .where(call_id, c.status == _bind("b_expected"))
+            .values(_values(calls, ["status", "result", "updated_at"]))
+        )
+        self.resolve_approval = prepare(
+            approvals.update()
+            .where(a.approval_id == _bind("b_approval_id"), a.status == ApprovalStatus.PENDING.value)
+            .values(_values(approvals, _DECISION_COLUMNS))
             .returning(a.call_id)
         )
-        self.resolve_call = calls.update().where(*_where_call(c.status == CallStatus.AWAITING_APPROVAL.value))
-        self.insert_audit = insert(decision_audit).on_conflict_do_nothing(index_elements=["message_seq"])
+        self.resolve_call = prepare(
+            calls.update()
+            .where(call_id, c.status == CallStatus.AWAITING_APPROVAL.value)
+            .values(_values(calls, ["status", "result", "updated_at"]))
+        )
+        self.insert_audit = prepare(
+            insert(decision_audit)
+            .values(_values(decision_audit, _AUDIT_COLUMNS))
+            .on_conflict_do_nothing(index_elements=["message_seq"])
+        )
+        self.resolve_with_audit = prepare(_resolve_with_audit()) if dialect.name == "postgresql" else None
         # One statement takes the call: concurrent claims (other executors) re-check the row and find it taken.
-        self.claim = (
+        self.claim = prepare(
             calls.update()
             .where(
-                *_where_call(
-                    c.tool.is_not(None),
-                    sa.or_(
-                        c.status == CallStatus.READY.value,
-                        sa.and_(c.status == running, c.lease_until <= sa.bindparam("b_now")),
-                    ),
-                )
+                call_id,
+                c.tool.is_not(None),
+                sa.or_(
+                    c.status == CallStatus.READY.value,
+                    sa.and_(c.status == running, c.lease_until <= _bind("b_now", UtcDateTime())),
+                ),
             )
             .values(
                 status=running,
-                lease_owner=sa.bindparam("b_owner"),
-                lease_until=sa.bindparam("b_lease_until"),
+                lease_owner=_bind("b_owner", sa.String()),
+                lease_until=_bind("b_lease_until", UtcDateTime()),
                 attempts=c.attempts + 1,
-                updated_at=sa.bindparam("b_now"),
+                updated_at=_bind("b_now", UtcDateTime()),
             )
             .returning(*calls.c)
         )
-        held = _where_call(
-            c.status == running, c.lease_owner == sa.bindparam("b_owner"), c.attempts == sa.bindparam("b_attempt")
+        held = (call_id, c.status == running, c.lease_owner == _bind("b_owner"), c.attempts == _bind("b_attempt"))
+        self.renew_lease = prepare(calls.update().where(*held).values(_values(calls, ["lease_until"])))
+        self.finish = prepare(
+            calls.update()
+            .where(*held)
+            .values(_values(calls, ["status", "result", "lease_owner", "lease_until", "updated_at"]))
         )
-        self.renew_lease = calls.update().where(*held)
-        self.finish = calls.update().where(*held)
-        self.insert_outbox = outbox.insert()
+        self.insert_outbox = prepare(outbox.insert().values(_values(outbox, _OUTBOX_COLUMNS)))
         unpublished = sa.select(outbox).where(o.published_at.is_(None))
         self.unpublished = {
-            (by_call, by_age): unpublished.where(
-                *([o.call_id == sa.bindparam("call_id")] if by_call else []),
-                *([o.created_at <= sa.bindparam("created_before")] if by_age else []),
+            (by_call, by_age): prepare(
+                unpublished.where(
+                    *([o.call_id == _bind("b_call_id")] if by_call else []),
+                    *([o.created_at <= _bind("b_created_before", UtcDateTime())] if by_age else []),
+                )
+                .order_by(o.id)
+                .limit(_bind("b_limit", sa.Integer()))
             )
-            .order_by(o.id)
-            .limit(sa.bindparam("limit"))
             for by_call in (False, True)
             for by_age in (False, True)
         }
+        # The ids are a list of any length: compiled per execution (a batch of marks every few milliseconds).
         self.mark_published = (
             outbox.update()
             .where(o.msg_id.in_(sa.bindparam("msg_ids", expanding=True)), o.published_at.is_(None))
             .values(published_at=sa.bindparam("at"))
         )
-        self.due_for_expiry = (
+        self.due_for_expiry = prepare(
             sa.select(approvals)
-            .where(a.status == ApprovalStatus.PENDING.value, a.expires_at <= sa.bindparam("now"))
+            .where(a.status == ApprovalStatus.PENDING.value, a.expires_at <= _bind("b_now", UtcDateTime()))
             .order_by(a.expires_at)
-            .limit(sa.bindparam("limit"))
+            .limit(_bind("b_limit", sa.Integer()))
         )
-        self.calls_to_resume = (
+        self.calls_to_resume = prepare(
             sa.select(calls)
             .where(
                 c.tool.is_not(None),
                 sa.or_(
-                    sa.and_(c.status == CallStatus.READY.value, c.updated_at <= sa.bindparam("ready_before")),
-                    sa.and_(c.status == running, c.lease_until <= sa.bindparam("now")),
+                    sa.and_(
+                        c.status == CallStatus.READY.value,
+                        c.updated_at <= _bind("b_ready_before", UtcDateTime()),
+                    ),
+                    sa.and_(c.status == running, c.lease_until <= _bind("b_now", UtcDateTime())),
                 ),
             )
             .order_by(c.created_at)
-            .limit(sa.bindparam("limit"))
+            .limit(_bind("b_limit", sa.Integer()))
         )
-        self.count_pending = (
-            sa.select(sa.func.count()).select_from(approvals).where(a.status == ApprovalStatus.PENDING.value)
+        self.count_pending = prepare(
+            sa.select(sa.func.count().label("pending"))
+            .select_from(approvals)
+            .where(a.status == ApprovalStatus.PENDING.value)
         )
-        listed = sa.select(approvals).where(a.tenant == sa.bindparam("tenant"))
+        listed = sa.select(approvals).where(a.tenant == _bind("b_tenant"))
         order = (a.requested_at, a.approval_id)
-        self.approvals_pending = (
-            listed.where(a.status == ApprovalStatus.PENDING.value).order_by(*order).limit(sa.bindparam("limit"))
+        limit = _bind("b_limit", sa.Integer())
+        self.approvals_pending = prepare(
+            listed.where(a.status == ApprovalStatus.PENDING.value).order_by(*order).limit(limit)
         )
-        self.approvals_all = listed.order_by(*order).limit(sa.bindparam("limit"))
-        self.approval_of_tenant = listed.where(a.approval_id == sa.bindparam("approval_id"))
-        self.audit_all = sa.select(decision_audit).order_by(d.id)
-        self.audit_of_approval = self.audit_all.where(d.approval_id == sa.bindparam("approval_id"))
+        self.approvals_all = prepare(listed.order_by(*order).limit(limit))
+        self.approval_of_tenant = prepare(listed.where(a.approval_id == _bind("b_approval_id")))
+        self.audit_all = prepare(sa.select(decision_audit).order_by(d.id))
+        self.audit_of_approval = prepare(
+            sa.select(decision_audit).where(d.approval_id == _bind("b_approval_id")).order_by(d.id)
+        )
 
 
 class SqlLedger:
@@ -347,38 +587,41 @@ class SqlLedger:
         self._conn = connection
         self._s = statements
 
-    def _first(self, statement: sa.Executable, **params: Any) -> sa.Row[Any] | None:
-        return self._conn.execute(statement, params).first()
-
-    def _all(self, statement: sa.Executable, **params: Any) -> list[sa.Row[Any]]:
-        return list(self._conn.execute(statement, params).all())
-
-    def _changed(self, statement: sa.Executable, params: dict[str, Any]) -> bool:
-        return self._conn.execute(statement, params).rowcount == 1
-
     def call(self, call_id: str) -> CallRecord | None:
-        row = self._first(self._s.call, call_id=call_id)
+        row = self._s.call.first(self._conn, {"b_call_id": call_id})
         return None if row is None else _call(row)
 
     def withdrawal(self, call_id: str) -> Withdrawal | None:
-        row = self._first(self._s.call, call_id=call_id)
+        row = self._s.call.first(self._conn, {"b_call_id": call_id})
         return None if row is None else _withdrawal(row)
 
     def approval(self, approval_id: str) -> ApprovalRecord | None:
-        row = self._first(self._s.approval, approval_id=approval_id)
+        row = self._s.approval.first(self._conn, {"b_approval_id": approval_id})
         return None if row is None else _approval(row)
 
     def audit_entry(self, message_seq: int) -> AuditEntry | None:
-        row = self._first(self._s.audit_entry, message_seq=message_seq)
+        row = self._s.audit_entry.first(self._conn, {"b_message_seq": message_seq})
         return None if row is None else _audit(row)
+
+    def decision_context(
+        self, message_seq: int, approval_id: str
+    ) -> tuple[AuditEntry | None, ApprovalRecord | None, CallRecord | None]:
+        row = self._s.decision_context.first(self._conn, {"b_message_seq": message_seq, "b_approval_id": approval_id})
+        assert row is not None
+        audited = self.audit_entry(message_seq) if row["audited"] is not None else None
+        if row["a_approval_id"] is None:
+            return audited, None, None
+        approval = _approval(_prefixed(row, "a_"))
+        call = _call(_prefixed(row, "c_")) if row["c_call_id"] is not None else None
+        return audited, approval, call
 
     def insert_call(self, call: CallRecord, approval: ApprovalRecord | None, messages: list[OutgoingMessage]) -> bool:
         now = datetime.now(UTC)
-        if not self._changed(self._s.insert_call, _call_values(call, now)):
+        if not self._s.insert_call.changed(self._conn, _call_values(call, now)):
             return False
         if approval is not None:
-            self._conn.execute(
-                self._s.insert_approval,
+            self._s.insert_approval.run(
+                self._conn,
                 {
                     "approval_id": approval.approval_id,
                     "call_id": approval.call_id,
@@ -401,18 +644,15 @@ class SqlLedger:
 
     def register_withdrawn(self, call: CallRecord, messages: list[OutgoingMessage]) -> bool:
         now = datetime.now(UTC)
-        values = _call_values(call, now)
-        values["b_call_id"] = values.pop("call_id")
-        for kept in ("tenant", "task_id", "created_at", "attempts"):
-            values.pop(kept)
-        if not self._changed(self._s.register_withdrawn, values):
+        values = {**_call_values(call, now), "b_call_id": call.call_id}
+        if not self._s.register_withdrawn.changed(self._conn, values):
             return False
         self._add_outbox(call.call_id, messages, now)
         return True
 
     def insert_withdrawal(self, withdrawal: Withdrawal) -> bool:
-        return self._changed(
-            self._s.insert_withdrawal,
+        return self._s.insert_withdrawal.changed(
+            self._conn,
             {
                 "call_id": withdrawal.call_id,
                 "tenant": withdrawal.tenant,
@@ -427,8 +667,8 @@ class SqlLedger:
         )
 
     def mark_withdrawn(self, withdrawal: Withdrawal) -> None:
-        self._conn.execute(
-            self._s.mark_withdrawn,
+        self._s.mark_withdrawn.run(
+            self._conn,
             {
                 "b_call_id": withdrawal.call_id,
                 "withdrawn_at": withdrawal.at,
@@ -440,8 +680,8 @@ class SqlLedger:
         self, call_id: str, expected: CallStatus, result: ToolResult, messages: list[OutgoingMessage]
     ) -> bool:
         now = datetime.now(UTC)
-        changed = self._changed(
-            self._s.withdraw_call,
+        changed = self._s.withdraw_call.changed(
+            self._conn,
             {
                 "b_call_id": call_id,
                 "b_expected": expected.value,
@@ -455,8 +695,8 @@ class SqlLedger:
         return changed
 
     def resolve_approval(self, resolution: Resolution) -> bool:
-        call_id = self._conn.execute(
-            self._s.resolve_approval,
+        row = self._s.resolve_approval.first(
+            self._conn,
             {
                 "b_approval_id": resolution.approval_id,
                 "status": resolution.status.value,
@@ -465,11 +705,12 @@ class SqlLedger:
                 "decision_reason": resolution.reason,
                 "decision_seq": resolution.decision_seq,
             },
-        ).scalar_one_or_none()
-        if call_id is None:
+        )
+        if row is None:
             return False
-        self._conn.execute(
-            self._s.resolve_call,
+        call_id = row["call_id"]
+        self._s.resolve_call.run(
+            self._conn,
             {
                 "b_call_id": call_id,
                 "status": resolution.call_status.value,
@@ -480,32 +721,48 @@ class SqlLedger:
         self._add_outbox(call_id, resolution.outbox, resolution.at)
         return True
 
-    def add_audit(self, entry: AuditEntry) -> bool:
-        payload = entry.payload[:MAX_AUDIT_PAYLOAD] if entry.payload is not None else None
-        return self._changed(
-            self._s.insert_audit,
+    def resolve_with_audit(self, resolution: Resolution, entry: AuditEntry) -> bool:
+        statement = self._s.resolve_with_audit
+        if statement is None:
+            if not self.resolve_approval(resolution):
+                return False
+            if not self.add_audit(entry):
+                raise DecisionAuditedError(f"decision {entry.message_seq} was audited by another delivery")
+            return True
+        row = statement.first(
+            self._conn,
             {
-                "message_seq": entry.message_seq,
-                "received_at": entry.received_at,
-                "tenant": entry.tenant,
-                "subject_approver": entry.subject_approver,
-                "approver": entry.approver,
-                "approval_id": entry.approval_id,
-                "decision": entry.decision,
-                "outcome": entry.outcome,
-                "reason_code": entry.reason_code,
-                "detail": entry.detail,
-                "payload": payload,
+                "r_approval_id": resolution.approval_id,
+                "r_status": resolution.status.value,
+                "r_by": resolution.by,
+                "r_at": resolution.at,
+                "r_reason": resolution.reason,
+                "r_seq": resolution.decision_seq,
+                "r_call_status": resolution.call_status.value,
+                "r_result": _result_to_json(resolution.call_result),
+                **{f"u_{name}": value for name, value in _audit_values(entry).items()},
             },
         )
+        assert row is not None
+        if row["call_id"] is None:
+            return False
+        if row["audited"] != 1:
+            raise DecisionAuditedError(f"decision {entry.message_seq} was audited by another delivery")
+        self._add_outbox(row["call_id"], resolution.outbox, resolution.at)
+        return True
+
+    def add_audit(self, entry: AuditEntry) -> bool:
+        return self._s.insert_audit.changed(self._conn, _audit_values(entry))
 
     def claim(self, call_id: str, owner: str, now: datetime, lease_until: datetime) -> CallRecord | None:
-        row = self._first(self._s.claim, b_call_id=call_id, b_owner=owner, b_now=now, b_lease_until=lease_until)
+        row = self._s.claim.first(
+            self._conn, {"b_call_id": call_id, "b_owner": owner, "b_now": now, "b_lease_until": lease_until}
+        )
         return None if row is None else _call(row)
 
     def renew_lease(self, claim: Claim, lease_until: datetime) -> bool:
-        return self._changed(
-            self._s.renew_lease,
+        return self._s.renew_lease.changed(
+            self._conn,
             {
                 "b_call_id": claim.call_id,
                 "b_owner": claim.owner,
@@ -516,8 +773,8 @@ class SqlLedger:
 
     def finish(self, claim: Claim, completion: Completion) -> bool:
         now = datetime.now(UTC)
-        changed = self._changed(
-            self._s.finish,
+        changed = self._s.finish.changed(
+            self._conn,
             {
                 "b_call_id": claim.call_id,
                 "b_owner": claim.owner,
@@ -537,14 +794,14 @@ class SqlLedger:
         self, call_id: str | None = None, *, created_before: datetime | None = None, limit: int = 500
     ) -> list[StoredMessage]:
         statement = self._s.unpublished[(call_id is not None, created_before is not None)]
-        params: dict[str, Any] = {"limit": limit}
-        if call_id is not None:
-            params["call_id"] = call_id
-        if created_before is not None:
-            params["created_before"] = created_before
+        rows = statement.rows(self._conn, {"b_call_id": call_id, "b_created_before": created_before, "b_limit": limit})
         return [
-            StoredMessage(row.id, row.call_id, OutgoingMessage(row.subject, row.msg_id, row.payload, row.traceparent))
-            for row in self._all(statement, **params)
+            StoredMessage(
+                row["id"],
+                row["call_id"],
+                OutgoingMessage(row["subject"], row["msg_id"], row["payload"], row["traceparent"]),
+            )
+            for row in rows
         ]
 
     def mark_published(self, msg_ids: list[str], at: datetime) -> None:
@@ -552,49 +809,71 @@ class SqlLedger:
             self._conn.execute(self._s.mark_published, {"msg_ids": msg_ids, "at": at})
 
     def due_for_expiry(self, now: datetime, limit: int = 500) -> list[ApprovalRecord]:
-        return [_approval(row) for row in self._all(self._s.due_for_expiry, now=now, limit=limit)]
+        return [_approval(row) for row in self._s.due_for_expiry.rows(self._conn, {"b_now": now, "b_limit": limit})]
 
     def calls_to_resume(self, now: datetime, *, ready_before: datetime, limit: int = 500) -> list[CallRecord]:
-        rows = self._all(self._s.calls_to_resume, now=now, ready_before=ready_before, limit=limit)
+        rows = self._s.calls_to_resume.rows(
+            self._conn, {"b_now": now, "b_ready_before": ready_before, "b_limit": limit}
+        )
         found = (_call(row) for row in rows)
         return [call for call in found if call is not None]
 
     def count_pending(self) -> int:
-        return int(self._conn.execute(self._s.count_pending).scalar_one())
+        row = self._s.count_pending.first(self._conn, {})
+        assert row is not None
+        return int(row["pending"])
 
     def approvals(
         self, tenant: str, *, include_resolved: bool, approval_id: str | None = None, limit: int = 500
     ) -> list[ApprovalRecord]:
+        values = {"b_tenant": tenant, "b_approval_id": approval_id, "b_limit": limit}
         if approval_id is not None:
-            rows = self._all(self._s.approval_of_tenant, tenant=tenant, approval_id=approval_id)
+            statement = self._s.approval_of_tenant
         elif include_resolved:
-            rows = self._all(self._s.approvals_all, tenant=tenant, limit=limit)
+            statement = self._s.approvals_all
         else:
-            rows = self._all(self._s.approvals_pending, tenant=tenant, limit=limit)
-        return [_approval(row) for row in rows]
+            statement = self._s.approvals_pending
+        return [_approval(row) for row in statement.rows(self._conn, values)]
 
     def audit_entries(self, approval_id: str | None = None) -> list[AuditEntry]:
         if approval_id is None:
-            return [_audit(row) for row in self._all(self._s.audit_all)]
-        return [_audit(row) for row in self._all(self._s.audit_of_approval, approval_id=approval_id)]
+            return [_audit(row) for row in self._s.audit_all.rows(self._conn, {})]
+        return [_audit(row) for row in self._s.audit_of_approval.rows(self._conn, {"b_approval_id": approval_id})]
 
     def _add_outbox(self, call_id: str, messages: list[OutgoingMessage], now: datetime) -> None:
-        if messages:
-            self._conn.execute(
-                self._s.insert_outbox,
-                [
-                    {
-                        "call_id": call_id,
-                        "subject": m.subject,
-                        "msg_id": m.msg_id,
-                        "payload": m.payload,
-                        "traceparent": m.traceparent,
-                        "created_at": now,
-                        "published_at": None,
-                    }
-                    for m in messages
-                ],
-            )
+        # Written with every other unit's messages, in one statement just before the transaction commits.
+        _pending_outbox(self._conn).extend(
+            {
+                "call_id": call_id,
+                "subject": m.subject,
+                "msg_id": m.msg_id,
+                "payload": m.payload,
+                "traceparent": m.traceparent,
+                "created_at": now,
+                "published_at": None,
+            }
+            for m in messages
+        )
+
+
+_OUTBOX_ROWS = "agentbus_outbox_rows"
+
+
+def _pending_outbox(connection: sa.Connection) -> list[dict[str, Any]]:
+    """The outbox rows of the transaction under way, kept with the connection until it commits."""
+    rows: list[dict[str, Any]] = connection.info.setdefault(_OUTBOX_ROWS, [])
+    return rows
+
+
+def _begin_buffering(connection: sa.Connection) -> None:
+    connection.info.pop(_OUTBOX_ROWS, None)
+
+
+def _write_outbox(connection: sa.Connection, statements: _Statements) -> None:
+    """Insert the transaction's outbox rows in one statement (one round trip), oldest first."""
+    rows = connection.info.pop(_OUTBOX_ROWS, None)
+    if rows:
+        statements.insert_outbox.run_many(connection, rows)
 
 
 # --- the writer ------------------------------------------------------------------------------------------
@@ -654,6 +933,7 @@ class _Backend:
     """What runs units on the store's one connection: a transaction of many, or one held open across awaits."""
 
     dialect: Dialect
+    statements: _Statements
 
     async def run_batch(self, units: list[Unit]) -> list[_Outcome]:
         raise NotImplementedError
@@ -672,11 +952,13 @@ class _Backend:
         raise NotImplementedError
 
 
-def _run_units(connection: sa.Connection, units: list[Unit]) -> list[_Outcome]:
+def _run_units(connection: sa.Connection, units: list[Unit], statements: _Statements) -> list[_Outcome]:
     """Run the units in one transaction; if that fails (and not for an outage), each again in its own."""
     try:
+        _begin_buffering(connection)
         with connection.begin():
             values = [unit(connection) for unit in units]
+            _write_outbox(connection, statements)
         return [_Outcome(value) for value in values]
     except Exception as error:
         if is_outage(error):
@@ -684,14 +966,17 @@ def _run_units(connection: sa.Connection, units: list[Unit]) -> list[_Outcome]:
         failed = error
     if len(units) == 1 and not _is_conflict(failed):
         return [_Outcome(error=failed)]
-    return [_run_alone(connection, unit) for unit in units]
+    return [_run_alone(connection, unit, statements) for unit in units]
 
 
-def _run_alone(connection: sa.Connection, unit: Unit) -> _Outcome:
+def _run_alone(connection: sa.Connection, unit: Unit, statements: _Statements) -> _Outcome:
     for attempt in range(_RETRIES_PER_UNIT):
         try:
+            _begin_buffering(connection)
             with connection.begin():
-                return _Outcome(unit(connection))
+                value = unit(connection)
+                _write_outbox(connection, statements)
+                return _Outcome(value)
         except Exception as error:
             if is_outage(error):
                 raise
@@ -718,19 +1003,27 @@ def _prepare_sqlite(engine: sa.Engine) -> None:
 
 
 class _SqliteBackend(_Backend):
-    """The connection lives in a thread of its own; a whole batch runs there in one hop from the event loop."""
+    """One sqlite3 connection. Its statements run on the event loop, where each takes microseconds; what may block
+    runs on a thread of its own: BEGIN IMMEDIATE (which may wait for another process's write lock) and COMMIT
+    (the fsync). Handing every statement to a thread would cost more than the statement: sqlite3 gives up the
+    interpreter lock on each one and the thread must win it back from a busy event loop."""
 
     def __init__(self, url: URL, busy_timeout_seconds: float) -> None:
         database = url.database or ""
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         self._engine = sa.create_engine(
-            url.set(drivername="sqlite"), connect_args={"timeout": busy_timeout_seconds}, poolclass=sa.pool.NullPool
+            url.set(drivername="sqlite"),
+            # Used from the event loop and the store's thread, never from both at once: the writer is sequential.
+            connect_args={"timeout": busy_timeout_seconds, "check_same_thread": False},
+            poolclass=sa.pool.NullPool,
         )
         _prepare_sqlite(self._engine)
         self.dialect = self._engine.dialect
+        self.statements = _Statements(self.dialect)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-sqlite")
         self._connection: sa.Connection | None = None
+        self._transaction: sa.Transaction | None = None
 
     def _connected(self) -> sa.Connection:
         if self._connection is None:
@@ -738,39 +1031,87 @@ class _SqliteBackend(_Backend):
         return self._connection
 
     def _drop(self) -> None:
+        self._transaction = None
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.close()
             self._connection = None
 
-    async def _in_thread(self, work: Callable[[], T]) -> T:
-        def guarded() -> T:
-            try:
-                return work()
-            except Exception as error:
-                if is_outage(error):
-                    self._drop()
-                    raise _unavailable(error) from error
-                raise
+    def _guarded(self, work: Callable[[], T]) -> T:
+        try:
+            return work()
+        except Exception as error:
+            if is_outage(error):
+                self._drop()
+                raise _unavailable(error) from error
+            raise
 
-        return await asyncio.get_running_loop().run_in_executor(self._thread, guarded)
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._guarded, work)
+
+    def _begin(self) -> sa.Connection:
+        connection = self._connected()
+        _begin_buffering(connection)
+        self._transaction = connection.begin()
+        return connection
+
+    def _rollback(self) -> None:
+        transaction, self._transaction = self._transaction, None
+        if transaction is not None:
+            with contextlib.suppress(Exception):
+                transaction.rollback()
+
+    async def _transact(self, work: Callable[[sa.Connection], T]) -> T:
+        connection = await self._in_thread(self._begin)
+        try:
+            value = self._guarded(lambda: work(connection))
+            # The outbox rows go in with the statements: only the commit's fsync waits on the thread.
+            self._guarded(lambda: _write_outbox(connection, self.statements))
+        except BaseException:
+            await self._in_thread(self._rollback)
+            raise
+        transaction, self._transaction = self._transaction, None
+        assert transaction is not None
+        await self._in_thread(transaction.commit)
+        return value
 
     async def run_batch(self, units: list[Unit]) -> list[_Outcome]:
-        return await self._in_thread(lambda: _run_units(self._connected(), units))
+        try:
+            values = await self._transact(lambda connection: [unit(connection) for unit in units])
+            return [_Outcome(value) for value in values]
+        except StoreUnavailableError:
+            raise
+        except Exception as error:
+            failed = error
+        if len(units) == 1 and not _is_conflict(failed):
+            return [_Outcome(error=failed)]
+        return [await self._alone(unit) for unit in units]
+
+    async def _alone(self, unit: Unit) -> _Outcome:
+        for attempt in range(_RETRIES_PER_UNIT):
+            try:
+                return _Outcome(await self._transact(unit))
+            except StoreUnavailableError:
+                raise
+            except Exception as error:
+                if not _is_conflict(error) or attempt + 1 == _RETRIES_PER_UNIT:
+                    return _Outcome(error=error)
+        raise AssertionError("unreachable")
 
     async def in_transaction(self, unit: Unit) -> Any:
-        return await self._in_thread(lambda: unit(self._connected()))
+        return self._guarded(lambda: unit(self._connected()))
 
     async def run_exclusive(self, work: Callable[[_Transaction], Awaitable[T]]) -> T:
-        transaction: list[sa.Transaction] = []
-        await self._in_thread(lambda: transaction.append(self._connected().begin()))
+        await self._in_thread(self._begin)
         try:
             value = await work(_Transaction(self))
+            self._guarded(lambda: _write_outbox(self._connected(), self.statements))
         except BaseException:
-            with contextlib.suppress(Exception):
-                await self._in_thread(transaction[0].rollback)
+            await self._in_thread(self._rollback)
             raise
-        await self._in_thread(transaction[0].commit)
+        transaction, self._transaction = self._transaction, None
+        assert transaction is not None
+        await self._in_thread(transaction.commit)
         return value
 
     async def migrate(self) -> None:
@@ -798,6 +1139,7 @@ class _PostgresBackend(_Backend):
             connect_args={"timeout": _POSTGRES_CONNECT_TIMEOUT_SECONDS},
         )
         self.dialect = self._engine.dialect
+        self.statements = _Statements(self.dialect)
         self._connection: AsyncConnection | None = None
 
     async def _connected(self) -> AsyncConnection:
@@ -830,15 +1172,18 @@ class _PostgresBackend(_Backend):
             raise
 
     async def run_batch(self, units: list[Unit]) -> list[_Outcome]:
-        return await self._guarded(lambda connection: connection.run_sync(_run_units, units))
+        return await self._guarded(lambda connection: connection.run_sync(_run_units, units, self.statements))
 
     async def in_transaction(self, unit: Unit) -> Any:
         return await self._guarded(lambda connection: connection.run_sync(unit))
 
     async def run_exclusive(self, work: Callable[[_Transaction], Awaitable[T]]) -> T:
         async def exclusive(connection: AsyncConnection) -> T:
+            await connection.run_sync(_begin_buffering)
             async with connection.begin():
-                return await work(_Transaction(self))
+                value = await work(_Transaction(self))
+                await connection.run_sync(_write_outbox, self.statements)
+                return value
 
         return await self._guarded(exclusive)
 
@@ -893,7 +1238,7 @@ class SqlApprovalStore:
             if url.get_backend_name() == "sqlite"
             else _PostgresBackend(url)
         )
-        self._statements = _Statements(self._backend.dialect)
+        self._statements = self._backend.statements
         self._queue: _Queue | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closed = False

@@ -76,11 +76,16 @@ class AcceptCall:
         else:
             if registered.kind is _Registration.WITHDRAWN_FIRST:
                 x.metrics.calls.labels(tool_label, CallStatus.WITHDRAWN.value).inc()
+                await x.publish(registered.outbox)
             elif plan.result is not None:
                 x.metrics.calls.labels(tool_label, plan.result.error_code or "failed").inc()
+                await x.publish(registered.outbox)
             elif plan.approval is not None:
                 x.metrics.approvals_requested.labels(call.tool).inc()
-            await x.publish(registered.outbox)
+                # The request to approvers and the update to the runner: on two streams, in no particular order.
+                await x.publish_together(registered.outbox)
+            else:
+                await x.publish(registered.outbox)
         await x.faults.reach("call_published")
         approval = registered.approval
         if record.status is CallStatus.AWAITING_APPROVAL and approval is not None:
@@ -110,7 +115,7 @@ class AcceptCall:
         result: ToolResult | None = None
         if tool is None:
             result = unknown_tool_result(call.tool, list(self._x.tools))
-        elif errors := argument_errors(tool.definition.parameters, call.arguments):
+        elif errors := argument_errors(tool.arguments, call.arguments):
             result = invalid_arguments_result(call.tool, errors)
         if result is not None:
             record = replace(record, status=CallStatus.FAILED, result=result)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import jsonschema
 from agentbus.contracts.common import utc_now
 from agentbus.runtime.logging import get_logger
 from agentbus.runtime.spans import SpanAttribute, SpanEmitter
@@ -29,6 +30,7 @@ _MARK_DELAY_SECONDS = 0.05
 class LoadedTool:
     definition: ToolDefinition
     policy: CompiledPolicy
+    arguments: jsonschema.Draft202012Validator
 
 
 class Executor:
@@ -72,6 +74,13 @@ class Executor:
             self._to_mark.append(message.msg_id)
             if self._marker is None or self._marker.done():
                 self._marker = asyncio.create_task(self._mark_published(), name="outbox-marks")
+
+    async def publish_together(self, messages: list[OutgoingMessage]) -> None:
+        """Publish messages whose order does not matter (each on its own stream) at once: one ack wait for all."""
+        await asyncio.gather(*(self._publisher.publish(message) for message in messages))
+        self._to_mark.extend(message.msg_id for message in messages)
+        if self._marker is None or self._marker.done():
+            self._marker = asyncio.create_task(self._mark_published(), name="outbox-marks")
 
     async def flush(self, call_id: str | None, *, created_before: datetime | None = None) -> None:
         """Publish what a call (or every call) still has unpublished, oldest first."""

@@ -18,7 +18,7 @@ from agentbus.contracts.approvals import ApprovalDecision
 from agentbus.runtime.logging import get_logger
 from agentbus.tool_executor.domain import ApprovalRecord, ApprovalStatus, CallRecord, CallStatus, denied_result
 from agentbus.tool_executor.policy import DecisionFacts, Refusal, check_decision
-from agentbus.tool_executor.ports import AuditEntry, Ledger, OutgoingMessage, Resolution
+from agentbus.tool_executor.ports import AuditEntry, DecisionAuditedError, Ledger, OutgoingMessage, Resolution
 from agentbus.tool_executor.service.context import Executor
 from agentbus.tool_executor.service.execute import ExecuteCall
 from agentbus.tool_executor.service.expiry import Expired, announce, expire_in
@@ -49,10 +49,6 @@ class DecisionReport:
     @property
     def refusal(self) -> Refusal | None:
         return Refusal(self.entry.reason_code) if self.entry.reason_code else None
-
-
-class _ConcurrentDeliveryError(Exception):
-    """Another executor audited the same decision message first: roll back; the redelivery replays it."""
 
 
 @dataclass(frozen=True)
@@ -100,13 +96,12 @@ class Decide:
 
     def _decide(self, ledger: Ledger, decision: ApprovalDecision, received: AuditEntry, now: datetime) -> _Decided:
         """The unit of work: check the decision against the approval as it is now, and resolve it or refuse."""
-        if (audited := ledger.audit_entry(received.message_seq)) is not None:
+        audited, approval, call = ledger.decision_context(received.message_seq, decision.approval_id)
+        if audited is not None:
             return _replayed(ledger, audited)
         tenant, approver = received.tenant, received.subject_approver
-        approval = ledger.approval(decision.approval_id)
         if approval is not None and approval.tenant != tenant:
-            approval = None
-        call = ledger.call(approval.call_id) if approval is not None else None
+            approval, call = None, None
         tool = self._x.tools.get(approval.tool) if approval is not None else None
         entry = replace(
             received,
@@ -156,16 +151,14 @@ class Decide:
             call_result=result,
             outbox=outbox,
         )
-        if not ledger.resolve_approval(resolution):
+        accepted = replace(entry, outcome=ACCEPTED, detail=f"the approval is {status.value}")
+        if not ledger.resolve_with_audit(resolution, accepted):
             lost = replace(
                 entry,
                 reason_code=Refusal.ALREADY_RESOLVED.value,
                 detail="another decision resolved this approval first",
             )
             return _refused(ledger, lost, approval, None)
-        accepted = replace(entry, outcome=ACCEPTED, detail=f"the approval is {status.value}")
-        if not ledger.add_audit(accepted):
-            raise _ConcurrentDeliveryError
         return _Decided(DecisionOutcome.ACCEPTED, accepted, approval, call, status, tuple(outbox))
 
     async def _after(self, decided: _Decided) -> DecisionReport:
@@ -202,7 +195,12 @@ class Decide:
         if status is ApprovalStatus.DENIED:
             x.metrics.calls.labels(approval.tool, "denied").inc()
         await x.faults.reach("decision_committed")
-        await x.publish(list(decided.outbox))
+        if status is ApprovalStatus.APPROVED:
+            # The resolution for approvers and the update for the runner: on two streams, in no particular order.
+            await x.publish_together(list(decided.outbox))
+        else:
+            # Denied: the result follows the resolution on the runner's stream.
+            await x.publish(list(decided.outbox))
         await x.publish_verdict(entry)
         if status is ApprovalStatus.APPROVED:
             await self._execute.drive(approval.call_id)
@@ -214,7 +212,7 @@ def _audit_malformed(ledger: Ledger, entry: AuditEntry) -> _Decided:
     if (audited := ledger.audit_entry(entry.message_seq)) is not None:
         return _Decided(DecisionOutcome.MALFORMED, audited, replayed=True)
     if not ledger.add_audit(entry):
-        raise _ConcurrentDeliveryError
+        raise DecisionAuditedError(f"decision {entry.message_seq} was audited by another delivery")
     return _Decided(DecisionOutcome.MALFORMED, entry)
 
 
@@ -227,7 +225,7 @@ def _replayed(ledger: Ledger, audited: AuditEntry) -> _Decided:
 
 def _refused(ledger: Ledger, entry: AuditEntry, approval: ApprovalRecord | None, expired: Expired | None) -> _Decided:
     if not ledger.add_audit(entry):
-        raise _ConcurrentDeliveryError
+        raise DecisionAuditedError(f"decision {entry.message_seq} was audited by another delivery")
     return _Decided(DecisionOutcome.REFUSED, entry, approval, expired=expired)
 
 

@@ -105,10 +105,11 @@ class _Lease:
 
 
 class ExecuteCall:
-    def __init__(self, executor: Executor, runners: Mapping[str, ToolRunner]) -> None:
+    def __init__(self, executor: Executor, runners: Mapping[str, ToolRunner], *, max_running_tools: int) -> None:
         self._x = executor
         self._runners = runners
         self._background: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(max_running_tools)
 
     def running_here(self, call_id: str) -> bool:
         """Whether this process is executing (or waiting to execute) the call in the background."""
@@ -170,9 +171,11 @@ class ExecuteCall:
         lease: _Lease | None = _Lease(self._x, claim)
         try:
             if definition.kind == "python" and definition.python is not None and definition.python.transactional:
-                completion = await self._x.store.complete_with_effects(
-                    claim, lambda connection: self._in_transaction(record, definition, invocation, connection)
-                )
+                # The slot first: the store's writer is held for the whole transaction, so nothing in it may wait.
+                async with self._slots:
+                    completion = await self._x.store.complete_with_effects(
+                        claim, lambda connection: self._in_transaction(record, definition, invocation, connection)
+                    )
             else:
                 try:
                     output = await self._run(definition, invocation)
@@ -227,7 +230,8 @@ class ExecuteCall:
         for attempt in range(attempts):
             last = attempt + 1 >= attempts
             try:
-                return await self._invoke(definition, invocation, None)
+                async with self._slots:
+                    return await self._invoke(definition, invocation, None)
             except ToolUnavailableError as exc:
                 if definition.rerun_safe:
                     raise
