@@ -5,9 +5,11 @@ that was not written for this project (read with `ast` from source files; nothin
 
 - **stdlib**: docstrings of functions, methods and classes in a fixed list of Python standard-library
   modules (the queries are stored in bench/data/eval_queries.jsonl).
-- **numpy**: docstrings of the same kind in a fixed list of numpy's modules (the version uv.lock pins;
-  queries in bench/data/eval_queries_numpy.jsonl). A second corpus with another vocabulary and style
-  (Parameters/Returns/Examples sections), so a setting tuned on one set is checked on another.
+- **numpy**: docstrings of the same kind in a fixed list of numpy's modules, derived once (numpy 2.3.5)
+  and stored whole, documents and queries, in bench/data/eval_numpy.jsonl (numpy's docstrings are
+  BSD-3-Clause), so the set does not change with the numpy a machine happens to have. A second corpus
+  with another vocabulary and style (Parameters/Returns/Examples sections), so a setting tuned on one set
+  is checked on another.
 
 In both:
 - A **document** is a docstring without its first line (its summary): the body that explains the object.
@@ -32,7 +34,9 @@ Baselines, on whole documents (no chunking): **textbook BM25** (Okapi, k1 1.2, b
 `\\w+` words, nothing else) and **exact cosine** over the same MiniLM's embeddings of each whole document
 (cut at 256 tokens, as the model is).
 
-    uv run python bench/eval_retrieval.py [--set stdlib|numpy|all] [--sweep] [--write-queries]
+    uv run python bench/eval_retrieval.py [--set stdlib|numpy|all] [--sweep] [--write-sets]
+
+`--write-sets` derives both sets afresh and stores the stdlib queries and the whole numpy set.
 """
 
 from __future__ import annotations
@@ -189,7 +193,8 @@ MODES: tuple[Literal["dense", "bm25", "hybrid"], ...] = ("dense", "bm25", "hybri
 SWEEP_WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))
 TENANT = "eval"
 DATA_DIR = Path(__file__).resolve().parent / "data"
-QUERY_FILES = {"stdlib": DATA_DIR / "eval_queries.jsonl", "numpy": DATA_DIR / "eval_queries_numpy.jsonl"}
+STDLIB_QUERIES_FILE = DATA_DIR / "eval_queries.jsonl"
+NUMPY_SET_FILE = DATA_DIR / "eval_numpy.jsonl"
 Metrics = dict[str, float]
 
 
@@ -250,12 +255,47 @@ def derive_examples(name: str) -> list[Example]:
     return examples
 
 
-def load_set(name: str, max_documents: int, queries: int, seed: int) -> EvalSet:
+def derive_set(name: str, max_documents: int, queries: int, seed: int) -> EvalSet:
     rng = random.Random(seed)
     examples = derive_examples(name)
     rng.shuffle(examples)
     examples = examples[:max_documents]
     return EvalSet(name, examples, rng.sample(examples, min(queries, len(examples))))
+
+
+def load_set(name: str, max_documents: int = 300, queries: int = 150, seed: int = 11) -> EvalSet:
+    """The stdlib set derived now; the numpy set as stored (derived when the file is missing)."""
+    if name != "numpy" or not NUMPY_SET_FILE.exists():
+        return derive_set(name, max_documents, queries, seed)
+    documents, picked = [], []
+    for line in NUMPY_SET_FILE.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        example = Example(row["document_id"], row["query"], row["body"])
+        documents.append(example)
+        if row["is_query"]:
+            picked.append((row["query_order"], example))
+    return EvalSet(name, documents, [example for _, example in sorted(picked)])
+
+
+def write_set(eval_set: EvalSet) -> None:
+    if eval_set.name == "stdlib":
+        with STDLIB_QUERIES_FILE.open("w", encoding="utf-8") as out:
+            for example in eval_set.queries:
+                line = {"query": example.query, "relevant": example.document_id, "split": example.split}
+                out.write(json.dumps(line) + "\n")
+        return
+    order = {example.document_id: i for i, example in enumerate(eval_set.queries)}
+    with NUMPY_SET_FILE.open("w", encoding="utf-8") as out:
+        for example in eval_set.documents:
+            row = {
+                "document_id": example.document_id,
+                "query": example.query,
+                "body": example.body,
+                "is_query": example.document_id in order,
+                "query_order": order.get(example.document_id),
+                "split": example.split,
+            }
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -422,7 +462,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=150, help="queries per set (a seeded sample)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--sweep", action="store_true", help="hybrid figures for every dense weight")
-    parser.add_argument("--write-queries", action="store_true", help="write the judgements to bench/data")
+    parser.add_argument("--write-sets", action="store_true", help="derive both sets and store them in bench/data")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
     args = parser.parse_args()
     names = ("stdlib", "numpy") if args.set == "all" else (args.set,)
@@ -430,13 +470,12 @@ def main() -> None:
     embedder.load()
     report: dict[str, object] = {"dense_weight": default_policy().dense_weight}
     for name in names:
-        eval_set = load_set(name, args.max_documents, args.queries, args.seed)
+        if args.write_sets:
+            eval_set = derive_set(name, args.max_documents, args.queries, args.seed)
+            write_set(eval_set)
+        else:
+            eval_set = load_set(name, args.max_documents, args.queries, args.seed)
         log(f"{name}: {len(eval_set.documents)} documents, {len(eval_set.queries)} queries")
-        if args.write_queries:
-            with QUERY_FILES[name].open("w", encoding="utf-8") as out:
-                for example in eval_set.queries:
-                    line = {"query": example.query, "relevant": example.document_id, "split": example.split}
-                    out.write(json.dumps(line) + "\n")
         figures, sweep, ingest = asyncio.run(evaluate(eval_set, embedder, sweep=args.sweep))
         report[name] = {"figures": figures, "sweep": {str(w): f for w, f in sweep.items()}, "ingest": ingest}
         for split in ("all", "dev", "held-out"):

@@ -16,6 +16,9 @@ from agentbus.runtime.service import run_service
 from pydantic import ValidationError
 
 BOOTSTRAP_COMMAND = "bootstrap"
+GIL_SWITCH_INTERVAL_SECONDS = 0.001
+"""How long a thread decoding Milvus results may hold the interpreter before the event loop gets a turn.
+Python's default, 5 ms, is as long as a /healthz answer or a ready reply could wait for each such turn."""
 
 
 async def bootstrap(settings: RetrieverSettings) -> list[str]:
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if args:
         print(f"usage: python -m agentbus.retriever [{BOOTSTRAP_COMMAND}]", file=sys.stderr)
         raise SystemExit(2)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     run_service(Service.RETRIEVER, lambda: create_app(RetrieverSettings()))
 
 
