@@ -114,6 +114,38 @@ async def test_a_database_outage_is_waited_for_and_never_dead_letters_a_call_or_
         assert _handled(executor, spec.durable, "dead_lettered") == 0
 
 
+async def test_a_tool_that_finishes_while_the_database_is_down_keeps_its_outcome(
+    start_executor: StartExecutor,
+    own_client: NatsClient,
+    runner: RunnerStandIn,
+    tmp_path: Path,
+    postgres_url: str,
+) -> None:
+    executor = await start_executor(database_url=postgres_url)
+    marker = tmp_path / "through.txt"
+    call = make_call("slow_marker", {"path": str(marker), "sleep": 1.0}, tenant=new_id("t"))
+    await publish_call(own_client, call)
+    async with asyncio.timeout(20):
+        while not marker.exists():
+            await asyncio.sleep(0.02)
+    switch = PostgresSwitch(postgres_url.rsplit("/", 1)[1])
+    try:
+        await switch.down()
+        async with asyncio.timeout(20):
+            while marker.read_text().splitlines() != ["run", "done"]:
+                await asyncio.sleep(0.05)
+        # Longer than the lease: its renewal failed meanwhile, and the sweep sees a lapsed claim once it can read.
+        await asyncio.sleep(executor.config.execution_lease_seconds * 1.5)
+    finally:
+        await switch.close()
+    result = await runner.wait_for(call.call_id, "result", timeout=60)
+    assert result.ok, result.content
+    assert marker.read_text().splitlines() == ["run", "done"]
+    recorded = await executor.store.get_call(call.call_id)
+    assert recorded is not None
+    assert (recorded.status, recorded.attempts) == (CallStatus.SUCCEEDED, 1), "never taken over"
+
+
 async def test_the_sweep_publishes_what_was_committed_but_not_published(
     executor: ToolExecutorApp, own_client: NatsClient, runner: RunnerStandIn
 ) -> None:

@@ -8,13 +8,20 @@ store's only connection. The writer takes every unit queued while its previous t
 runs them together in one transaction: many decisions, claims and completions share one commit (one fsync)
 instead of paying one each. A unit's result is returned only after its transaction committed, so nothing is
 published about a change that might still be lost. If a batch fails, it is rolled back and each of its units
-runs again in a transaction of its own, so one bad unit fails alone. On SQLite the whole batch runs in the
-writer's own thread (one hop from the event loop per batch, not per statement); on Postgres it runs on one
-asyncpg connection.
+runs again in a transaction of its own, so one bad unit fails alone. The outbox rows of a whole batch are
+written in one statement just before its commit.
+
+On SQLite the statements run on the event loop (microseconds each) and only BEGIN IMMEDIATE and COMMIT, which
+may wait for a lock or an fsync, go to the store's thread: two hops per batch, none per statement. On Postgres a
+batch runs on one asyncpg connection, one round trip per statement, so the hot paths take as few as possible
+(a decision's reads are one query; an accepted decision's writes are one statement).
+
+A transactional tool (python `transactional: true`) runs inside a transaction of its own on the writer: its
+effects commit with the call's outcome, and other units wait until it is done, so such tools must be quick.
 
 Every state change is a compare-and-set (`UPDATE ... WHERE status = <expected>`), so two decisions can never
-both win, even between executors sharing a database, and the statements of the hot paths are Core
-statements built once per store (their compiled form is cached), not the ORM.
+both win, even between executors sharing a database. The statements are Core statements compiled once per
+store and run on the driver's cursor (see `_Prepared`), not the ORM.
 
 A database that cannot be reached raises `StoreUnavailableError`: the message being handled waits for it.
 """
@@ -953,7 +960,7 @@ class _Backend:
 
 
 def _run_units(connection: sa.Connection, units: list[Unit], statements: _Statements) -> list[_Outcome]:
-    """Run the units in one transaction; if that fails (and not for an outage), each again in its own."""
+    """Postgres: run the units in one transaction; if that fails (and not for an outage), each again in its own."""
     try:
         _begin_buffering(connection)
         with connection.begin():

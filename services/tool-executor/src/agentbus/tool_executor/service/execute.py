@@ -109,11 +109,10 @@ class ExecuteCall:
         self._x = executor
         self._runners = runners
         self._background: dict[str, asyncio.Task[None]] = {}
+        self._executing: set[str] = set()
+        """Calls this process holds a claim on. The sweep leaves them alone even when their lease lapsed (its
+        renewal failed while the database was away): their outcome is on its way here."""
         self._slots = asyncio.Semaphore(max_running_tools)
-
-    def running_here(self, call_id: str) -> bool:
-        """Whether this process is executing (or waiting to execute) the call in the background."""
-        return call_id in self._background
 
     async def drive(self, call_id: str, *, in_background: bool = False) -> None:
         """Claim a ready call (or one a stopped executor left running) and finish it."""
@@ -123,6 +122,15 @@ class ExecuteCall:
         if claimed is None:
             return
         claim = Claim(call_id, x.owner, claimed.attempts)
+        self._executing.add(call_id)
+        try:
+            await self._run_claimed(claimed, claim, in_background=in_background)
+        finally:
+            self._executing.discard(call_id)
+
+    async def _run_claimed(self, claimed: CallRecord, claim: Claim, *, in_background: bool) -> None:
+        x = self._x
+        call_id = claimed.call_id
         tool = x.tools.get(claimed.tool)
         if tool is None:
             result = unknown_tool_result(claimed.tool, list(x.tools))
@@ -142,7 +150,7 @@ class ExecuteCall:
 
     def resume(self, record: CallRecord) -> None:
         """Drive, in the background, a call the sweep found ready or left running; once per process."""
-        if record.call_id not in self._background:
+        if record.call_id not in self._background and record.call_id not in self._executing:
             self._spawn(record.call_id, self._drive_logged(record.call_id))
 
     async def cancel_background(self) -> None:
@@ -260,6 +268,7 @@ class ExecuteCall:
         unavailable: ToolUnavailableError,
     ) -> None:
         definition = tool.definition
+        self._executing.add(record.call_id)
         try:
             completion = await self._wait(record, definition, invocation, lease, unavailable)
             if completion is not None:
@@ -267,6 +276,7 @@ class ExecuteCall:
                 completion = await self._record(claim, completion)
         finally:
             await lease.stop()
+            self._executing.discard(record.call_id)
         span_trace, parent_span = trace_of(record)
         await self._finished(record, definition, completion, started, span_trace, parent_span)
 
