@@ -10,7 +10,7 @@ child process), reached over NATS as any client reaches it:
 2. **Ingest**: real documents (stdlib docstrings) published as DocumentsIngest batches of 8 on
    `agentbus.rag.ingest.<tenant>.<submitter>`; chunks/s from the first publish until the consumer holds
    nothing. The floor: the same chunks embedded by the same MiniLM in this process (`embed_sync`, all at
-   once), measured just before, in the same run.
+   once, numpy's default BLAS threads), measured just before and just after; the faster of the two counts.
 3. **Search** over a `--chunks` corpus (10k) in one tenant. Embedding 10k chunks on two cores takes
    many minutes, so the corpus is loaded with **pre-computed vectors**: perturbed copies of real MiniLM
    embeddings of docstring sentences, with texts made of those real sentences (and their BM25 terms),
@@ -200,10 +200,14 @@ async def bench_ingest(nats_url: str, work: Path, documents: list[tuple[str, str
     embedder = MiniLmEmbedder(batch_size=settings.embedding_batch_size)
     embedder.load()
     embedder.embed_sync(chunks[:8])
-    started = time.perf_counter()
-    embedder.embed_sync(chunks)
-    model_rate = len(chunks) / (time.perf_counter() - started)
-    log(f"ingest floor: the model embeds {len(chunks)} chunks at {model_rate:.1f}/s in this process")
+
+    def model_rate() -> float:
+        started = time.perf_counter()
+        embedder.embed_sync(chunks)
+        return len(chunks) / (time.perf_counter() - started)
+
+    before = model_rate()
+    log(f"ingest floor: the model embeds {len(chunks)} chunks at {before:.1f}/s in this process")
 
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
@@ -223,8 +227,10 @@ async def bench_ingest(nats_url: str, work: Path, documents: list[tuple[str, str
             await asyncio.sleep(0.05)
         service_rate = len(chunks) / (time.perf_counter() - started)
     await nc.close()
-    log(f"ingest service: {service_rate:.1f} chunks/s")
-    return {"chunks": len(chunks), "model_chunks_per_s": model_rate, "service_chunks_per_s": service_rate}
+    after = model_rate()
+    log(f"ingest service: {service_rate:.1f} chunks/s; the model again: {after:.1f}/s")
+    # The faster of the two floors, taken around the service's run: the stricter comparison on a noisy machine.
+    return {"chunks": len(chunks), "model_chunks_per_s": max(before, after), "service_chunks_per_s": service_rate}
 
 
 # --- the search corpus -----------------------------------------------------------------------------
@@ -408,6 +414,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     queries = search_queries()
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
         work = Path(tmp)
+        if args.keep:
+            work = Path(tempfile.mkdtemp(prefix="bench-retrieval-kept-"))
+            log(f"logs and files kept in {work}")
         (work / "nats").mkdir()
         server = NatsServerProcess(
             store_dir=work / "nats", port=free_port(), monitor_port=free_port(), log_file=work / "nats.log"
@@ -438,6 +447,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=512, help="real sentences embedded for the vector pool")
     parser.add_argument("--skip-quality", action="store_true", help="leave out the quality evaluation")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the retriever logs and Milvus files")
     args = parser.parse_args()
     results = asyncio.run(run(args))
     print(f"\nretriever benchmark ({results['machine']})")

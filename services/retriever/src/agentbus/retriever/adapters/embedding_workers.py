@@ -1,10 +1,11 @@
 """MiniLM forward passes in worker processes, and the workers' entry point.
 
-The forward pass is numpy: its matrix products release the interpreter lock, but for a short query most
-of its time is per-call overhead that holds it, and OpenBLAS' helper threads spin between the many small
-products (a single query cost ~60 ms of CPU in the service's process for ~7 ms of work). Each worker is a
-process of its own with one BLAS thread (set before numpy loads), so embeddings neither take the
-service's lock nor spin, and `workers` processes use that many cores.
+The forward pass is numpy: its matrix products release the interpreter lock, but the many small steps
+between them hold it, and on threads of the service they competed with the event loop, NATS and result
+decoding. OpenBLAS' helper threads also cost more than they give on a short query's small products (one
+query: 16 ms of CPU for 8 ms of wall time with two BLAS threads, 13 ms of CPU with one). Each worker is a
+process of its own with one BLAS thread (set before numpy loads), so embeddings never take the service's
+lock, and `workers` processes use that many cores.
 
 Protocol on the worker's standard input and output: a request is a 4-byte big-endian length and a UTF-8
 JSON list of texts; a reply is a status byte (0 ok, 1 error), a 4-byte length, then the float32 matrix
