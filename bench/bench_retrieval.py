@@ -76,16 +76,19 @@ HEALTH_POLLER = textwrap.dedent(
     """
     import http.client, sys, time
     host, port, interval, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-    latencies = []
     conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
         while True:
             started = time.perf_counter()
-            conn.request("GET", "/healthz")
-            conn.getresponse().read()
-            latencies.append(time.perf_counter() - started)
+            try:
+                conn.request("GET", "/healthz")
+                conn.getresponse().read()
+                line = str(time.perf_counter() - started)
+            except OSError as exc:
+                conn.close()
+                line = f"failed:{exc!r}"
             with open(out, "a") as f:
-                f.write(f"{latencies[-1]}\\n")
+                f.write(line + "\\n")
             time.sleep(max(0.0, interval - (time.perf_counter() - started)))
     except KeyboardInterrupt:
         pass
@@ -143,6 +146,11 @@ class Retriever:
             )
         return self
 
+    def check_running(self) -> None:
+        assert self.process is not None
+        if (code := self.process.poll()) is not None:
+            raise RuntimeError(f"the retriever exited with {code}; its log: {self._log_path}")
+
     def cpu(self) -> float:
         """CPU seconds of the retriever and its children (the Milvus Lite server)."""
         assert self.process is not None
@@ -184,11 +192,19 @@ def health_poller(port: int, out: Path) -> Iterator[Path]:
         yield out
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def read_latencies(path: Path) -> list[float]:
-    return [float(line) for line in path.read_text().split()] if path.exists() else []
+    """The poller's latencies; a /healthz request that failed stops the benchmark (the figure would lie)."""
+    lines = path.read_text().split("\n") if path.exists() else []
+    if failed := [line for line in lines if line.startswith("failed:")]:
+        raise RuntimeError(f"/healthz failed {len(failed)} times, e.g. {failed[0]}; see the retriever's log")
+    return [float(line) for line in lines if line]
 
 
 # --- ingest ----------------------------------------------------------------------------------------
@@ -298,6 +314,7 @@ async def search_run(nc: Any, retriever: Retriever, queries: list[str], clients:
             await asyncio.gather(*(one(q) for q in queries[start : start + clients]))
         elapsed = time.perf_counter() - started
     cpu = retriever.cpu() - cpu_before
+    retriever.check_running()
     health_ms = [v * 1000 for v in read_latencies(health)]
     return {
         "p50_ms": statistics.median(latencies) * 1000,
