@@ -149,8 +149,8 @@ class Books:
         return verdict
 
     async def record(self, *entries: PricedUsage) -> list[bool]:
-        ops = [UsageOp(partition_of(entry.usage.tenant), entry) for entry in entries]
-        return list(await asyncio.gather(*(self.committer.submit(op) for op in ops)))
+        ops = [UsageOp(partition_of(entry.usage.tenant), [entry]) for entry in entries]
+        return [new for results in await asyncio.gather(*(self.committer.submit(op) for op in ops)) for new in results]
 
     async def close(self, tenant: str, task_id: str) -> int:
         released: int = await self.committer.submit(CloseOp(partition_of(tenant), tenant, task_id))
@@ -183,6 +183,7 @@ async def open_books(
     ttl_seconds: float = 600.0,
     replica: str | None = None,
     lease_seconds: float = 3600.0,
+    max_batch: int = 1000,
 ) -> AsyncIterator[Books]:
     """A migrated store and a group committer that took every partition's lease and rebuilt its books."""
     store = SqlAccountantStore(url, schema=schema)
@@ -194,7 +195,7 @@ async def open_books(
         AccountantMetrics(CollectorRegistry()),
         replica=name,
         reservation_ttl_seconds=ttl_seconds,
-        max_batch=1000,
+        max_batch=max_batch,
         clock=clock,
     )
     committer.start()

@@ -32,7 +32,14 @@ from agentbus.cost_accountant.domain import (
 )
 from agentbus.cost_accountant.ownership import fair_share, takeable
 from agentbus.cost_accountant.ports import LeaseRow, PricedUsage, ReservationInput
-from agentbus.cost_accountant.pricing import PriceTable, PricingError, _token_cost, price_tokens, price_usage
+from agentbus.cost_accountant.pricing import (
+    NodeClassPrice,
+    PriceTable,
+    PricingError,
+    _token_cost,
+    price_tokens,
+    price_usage,
+)
 from agentbus.runtime.errors import ConfigurationError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -202,6 +209,19 @@ def test_tokens_priced_in_whole_nano_dollars_agree_with_the_decimal_rule() -> No
             assert price_tokens(table, model, prompt, completion).nano == usd_to_nano(
                 _token_cost(price, prompt, completion)
             ), (model, prompt, completion)
+            # A record with GPU-seconds too is rounded once, as the whole Decimal sum would be.
+            record = usage(
+                kind="llm",
+                model=model,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                gpu_seconds=1.7,
+                node_class="gpu",
+            )
+            node = Decimal("3.33") * Decimal("1.7") / 3600
+            expected = usd_to_nano(_token_cost(price, prompt, completion) + node)
+            with_gpu = table.model_copy(update={"node_classes": {"gpu": NodeClassPrice(per_gpu_hour=Decimal("3.33"))}})
+            assert price_usage(with_gpu, record).nano == expected, (model, prompt, completion)
 
 
 # --- the book ------------------------------------------------------------------------------------------

@@ -248,6 +248,7 @@ async def test_an_unknown_model_is_priced_by_the_default_rule_and_flagged(
         llm_usage(tenant, usage_id, model="brand-new", prompt_tokens=100_000, completion_tokens=0),
         tenant,
     )
+    # Answered only once the record is committed: the ledger row is there, and the record counted.
     assert (await task_cost(own_client, tenant, "task-1", [usage_id])).missing_usage_ids == []
     row = await accountant.store.ledger_row(tenant, usage_id)
     assert row is not None

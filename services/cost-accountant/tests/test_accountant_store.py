@@ -29,13 +29,18 @@ from accountant_support import (
     reservation,
     upgrade_to,
 )
+from agentbus.contracts.budget import TaskCostRequest
 from agentbus.contracts.registry import BUDGET_PARTITIONS
 from agentbus.cost_accountant.adapters.schema import metadata
 from agentbus.cost_accountant.adapters.sql_store import SqlAccountantStore
-from agentbus.cost_accountant.committer import NotServing, ReserveOp
+from agentbus.cost_accountant.committer import NotServing, ReserveOp, StoreUnavailable, UsageOp
 from agentbus.cost_accountant.domain import usd_to_nano
+from agentbus.cost_accountant.metrics import AccountantMetrics
+from agentbus.cost_accountant.pricing import PriceTable
+from agentbus.cost_accountant.service import AccountantService
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -205,6 +210,21 @@ async def test_tenants_sharing_task_usage_and_reservation_ids_are_kept_apart(db:
             assert await recount(books.store, tenant) == books.counters(tenant)
 
 
+async def test_a_usage_id_in_the_ledger_under_another_task_is_still_a_repeat(db: tuple[str, str | None]) -> None:
+    """Records are checked against their task's usage ids in memory; one whose id the ledger holds under
+    another task fails its commit once, and is then found in the ledger and counted as the repeat it is."""
+    async with open_books(*db, clock=Clock()) as books:
+        assert await books.record(priced("llm:x", 0.5, task_id="t1")) == [True]
+        await books.reserve(reservation("r", 0.1, task="t2"))  # t2 in memory, with no usage of its own
+        with pytest.raises(StoreUnavailable):
+            await books.record(priced("llm:x", 0.5, task_id="t2"))
+        assert await books.record(priced("llm:x", 0.5, task_id="t2")) == [False]
+        assert books.counter("acme", "tenant:acme", MONTH).spent_nano == usd_to_nano(0.5)
+        # Rebuilt after the failed commit: the monthly counters, and the tasks it holds, are the database's.
+        stored = await recount(books.store, "acme")
+        assert books.counters("acme") == {k: v for k, v in stored.items() if k[1] != "task" or k[0] == "task:t2"}
+
+
 async def test_a_reservation_id_gets_its_first_verdict_again(db: tuple[str, str | None]) -> None:
     async with open_books(*db, TENANT_BUDGET, clock=Clock()) as books:
         first = await books.reserve(reservation("r1", 0.8))
@@ -340,6 +360,24 @@ async def test_a_partition_taken_over_is_fenced_and_commits_nothing(db: tuple[st
         verdict = await paused.reserve(reservation("still-mine", 0.1, tenant=tenant_elsewhere))
         assert verdict is not None
         assert verdict.allowed
+
+
+async def test_a_cost_is_never_answered_from_a_decision_not_yet_committed(db: tuple[str, str | None]) -> None:
+    """One operation per batch: the query loads its task in one commit, and the committer decides the next
+    batch (a usage record of that task) before the query resumes. The answer must wait for that commit too."""
+    async with open_books(*db, clock=Clock(), max_batch=1) as books:
+        service = AccountantService(
+            books.committer, books.store, PriceTable.model_validate({}), AccountantMetrics(CollectorRegistry())
+        )
+        asked = asyncio.create_task(
+            service.task_cost(TaskCostRequest(tenant="acme", task_id="t1", usage_ids=["llm:u1"], wait_seconds=0))
+        )
+        await asyncio.sleep(0)  # the query queues the load of its task
+        recorded = books.committer.enqueue(UsageOp(partition_of("acme"), [priced("llm:u1", 0.3)]))
+        answer = await asked
+        assert recorded.done()  # answered after the record's commit, never before
+        assert answer is not None
+        assert (answer.missing_usage_ids, answer.cost_usd) == ([], 0.3)
 
 
 async def test_forgotten_tasks_are_read_again_with_their_verdicts(db: tuple[str, str | None]) -> None:

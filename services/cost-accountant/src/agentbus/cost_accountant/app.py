@@ -17,7 +17,7 @@ from agentbus.contracts.registry import (
     SubjectSpec,
     accountant_usage_consumer,
 )
-from agentbus.cost_accountant.adapters.nats_bus import JetStreamAlertSink, Responder
+from agentbus.cost_accountant.adapters.nats_bus import BatchConsumer, JetStreamAlertSink, Responder
 from agentbus.cost_accountant.adapters.sql_store import SqlAccountantStore
 from agentbus.cost_accountant.budgets import BudgetPolicy
 from agentbus.cost_accountant.committer import FaultPoints, GroupCommitter
@@ -71,7 +71,7 @@ class AccountantApp(BusService):
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._report: Responder | None = None
-        self._served: dict[int, tuple[Responder, ConsumerRunner]] = {}
+        self._served: dict[int, tuple[Responder, BatchConsumer]] = {}
         self._loops: list[asyncio.Task[None]] = []
 
     @property
@@ -153,6 +153,7 @@ class AccountantApp(BusService):
         # Reports read the database: any replica answers them.
         self._report = Responder(nc, Service.COST_ACCOUNTANT.value, concurrency=self._config.request_concurrency)
         await self._report.serve(COST_REPORT.wildcard, self._handlers.on_cost_report)
+        await nc.flush()
         self._ownership = PartitionOwnership(
             self.store,
             self.committer,
@@ -183,16 +184,19 @@ class AccountantApp(BusService):
         await responder.serve(_partition_subject(TASK_COST, partition), handlers.on_task_cost)
         # Plain ACK after the record's group commit: the ledger is keyed by usage id, so a lost ack only
         # brings a redelivery that writes nothing.
-        consumer = ConsumerRunner(
+        batch = self._config.ingest_fetch_batch
+        consumer = BatchConsumer(
             self._js,
             accountant_usage_consumer(partition),
-            handlers.on_usage_recorded,
+            handlers.on_usage_batch,
             ack_policy=AckPolicy.ACK,
             metrics=self.metrics,
-            concurrency=self._config.ingest_concurrency,
-            batch=self._config.ingest_fetch_batch,
+            batch=batch,
+            in_flight=max(1, -(-self._config.ingest_concurrency // batch)),
         )
         await consumer.start()
+        # The server knows the subscriptions once it answered a ping: only then is the partition served.
+        await self._nc.flush()
         self._served[partition] = (responder, consumer)
 
     async def unserve(self, partition: int) -> None:

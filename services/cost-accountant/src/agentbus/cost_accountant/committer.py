@@ -21,7 +21,7 @@ import collections
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +38,7 @@ from agentbus.runtime.logging import get_logger
 _log = get_logger(__name__)
 
 _REPAIR_INTERVAL_SECONDS = 0.5
+_VERIFY_USAGE_SECONDS = 60.0
 
 
 class NotServing(Exception):  # noqa: N818 - a state, not a failure of the caller
@@ -79,25 +80,28 @@ class Op:
     def __post_init__(self) -> None:
         self.future = asyncio.get_running_loop().create_future()
 
-    def task_key(self) -> TaskKey | None:
-        return None
+    def task_keys(self) -> Iterable[TaskKey]:
+        """The tasks the operation needs in memory."""
+        return ()
 
 
 @dataclass(eq=False)
 class ReserveOp(Op):
     request: ReservationInput
 
-    def task_key(self) -> TaskKey:
-        return (self.request.tenant, self.request.task_id)
+    def task_keys(self) -> Iterable[TaskKey]:
+        return ((self.request.tenant, self.request.task_id),)
 
 
 @dataclass(eq=False)
 class UsageOp(Op):
-    priced: PricedUsage
+    """Usage records of one partition (a whole fetch of its consumer); the result says, per record, whether it
+    was new to the ledger."""
 
-    def task_key(self) -> TaskKey | None:
-        usage = self.priced.usage
-        return (usage.tenant, usage.task_id) if usage.task_id is not None else None
+    entries: list[PricedUsage]
+
+    def task_keys(self) -> Iterable[TaskKey]:
+        return {(e.usage.tenant, e.usage.task_id) for e in self.entries if e.usage.task_id is not None}
 
 
 @dataclass(eq=False)
@@ -105,8 +109,8 @@ class CloseOp(Op):
     tenant: str
     task_id: str
 
-    def task_key(self) -> TaskKey:
-        return (self.tenant, self.task_id)
+    def task_keys(self) -> Iterable[TaskKey]:
+        return ((self.tenant, self.task_id),)
 
 
 @dataclass(eq=False)
@@ -116,8 +120,8 @@ class LoadOp(Op):
     tenant: str
     task_id: str
 
-    def task_key(self) -> TaskKey:
-        return (self.tenant, self.task_id)
+    def task_keys(self) -> Iterable[TaskKey]:
+        return ((self.tenant, self.task_id),)
 
 
 @dataclass(eq=False)
@@ -191,6 +195,7 @@ class GroupCommitter:
         self._broken: dict[int, int] = {}
         """Partitions owned (epoch) whose book must be rebuilt before they serve again."""
         self._last_repair = 0.0
+        self._verify_usage_until = 0.0
         self._valid_until: dict[int, float] = {}
         self._queue: collections.deque[Op | _Control] = collections.deque()
         self._wake = asyncio.Event()
@@ -421,8 +426,12 @@ class GroupCommitter:
                 touched[op.partition] = book
             op.result = self._apply(op, book, now, loaded)
             decided.append(op)
-            if isinstance(op, UsageOp) and op.result and (key := op.task_key()) is not None:
-                usage_tasks.add(key)
+            if isinstance(op, UsageOp):
+                usage_tasks.update(
+                    (entry.usage.tenant, entry.usage.task_id)
+                    for entry, new in zip(op.entries, op.result, strict=True)
+                    if new and entry.usage.task_id is not None
+                )
         if not decided:
             return
         await self._faults.reach("decided")
@@ -433,6 +442,8 @@ class GroupCommitter:
             fenced = await self._store.commit(self.replica, epochs, plans)
         except Exception as exc:
             _log.warning("group_commit_failed", partitions=sorted(touched), error=repr(exc))
+            self._verify_usage_until = time.monotonic() + _VERIFY_USAGE_SECONDS
+            self._last_repair = 0.0  # the next batch rebuilds at once; only repeated failures wait between tries
             for partition in touched:
                 self._break(partition)
             error = StoreUnavailable(f"the budget store failed: {exc.__class__.__name__}; ask again")
@@ -465,11 +476,20 @@ class GroupCommitter:
         wanted: dict[TaskKey, int] = {}
         usage: list[tuple[str, str]] = []
         for op in live:
-            key = op.task_key()
-            if key is not None and not self.books[op.partition].has_task(key):
-                wanted[key] = op.partition
+            known = self.books[op.partition]
+            for key in op.task_keys():
+                if not known.has_task(key):
+                    wanted[key] = op.partition
             if isinstance(op, UsageOp):
-                usage.append((op.priced.usage.tenant, op.priced.usage.usage_id))
+                # A record of a task is checked against the task's usage ids, which the book holds (a task is
+                # read with all of them): only records of no task are looked up in the ledger. After a failed
+                # commit every record is, for a while, in case one was in the ledger under another task.
+                verify = time.monotonic() < self._verify_usage_until
+                usage.extend(
+                    (entry.usage.tenant, entry.usage.usage_id)
+                    for entry in op.entries
+                    if verify or entry.usage.task_id is None
+                )
         if not wanted and not usage:
             return _NOTHING_LOADED
         try:
@@ -492,8 +512,11 @@ class GroupCommitter:
             verdict: Verdict | None = book.reserve(op.request, now)
             return verdict
         if isinstance(op, UsageOp):
-            usage = op.priced.usage
-            return book.record(op.priced, now, in_ledger=(usage.tenant, usage.usage_id) in loaded.usage_in_ledger)
+            in_ledger = loaded.usage_in_ledger
+            return [
+                book.record(entry, now, in_ledger=(entry.usage.tenant, entry.usage.usage_id) in in_ledger)
+                for entry in op.entries
+            ]
         if isinstance(op, CloseOp):
             return book.close(op.tenant, op.task_id, now)
         if isinstance(op, ExpireOp):

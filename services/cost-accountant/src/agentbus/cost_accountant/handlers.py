@@ -30,6 +30,7 @@ from agentbus.contracts.registry import (
 )
 from agentbus.contracts.usage import UsageRecorded
 from agentbus.cost_accountant.committer import NotServing, StoreUnavailable
+from agentbus.cost_accountant.ports import PricedUsage
 from agentbus.cost_accountant.service import AccountantService
 from agentbus.runtime.consumer import Delivery
 from agentbus.runtime.errors import DependencyUnavailableError, TerminalError
@@ -119,22 +120,49 @@ class AccountantHandlers:
         self._spans = spans or NullSpanEmitter()
 
     async def on_usage_recorded(self, delivery: Delivery) -> None:
+        """One usage record (see `on_usage_batch`): raises what the consumer must do with it."""
+        outcome = (await self.on_usage_batch([delivery]))[0]
+        if outcome is not None:
+            raise outcome
+
+    async def on_usage_batch(self, deliveries: list[Delivery]) -> list[Exception | None]:
+        """A fetch of usage records, written in one group commit. Per record: None (recorded, or a repeat), a
+        TerminalError (can never be priced or charged: dead-letter it), or DependencyUnavailableError (the
+        ledger or the partition is not available here now: wait)."""
+        outcomes: list[Exception | None] = [None] * len(deliveries)
+        priced: list[PricedUsage] = []
+        valid: list[int] = []
+        for index, delivery in enumerate(deliveries):
+            try:
+                priced.append(self._priced(delivery))
+            except TerminalError as exc:
+                outcomes[index] = exc
+                continue
+            valid.append(index)
+        if not priced:
+            return outcomes
+        try:
+            await self._service.record_many(priced)
+        except NotServing as exc:
+            # The partition moved to another replica meanwhile: it reads the records when they are redelivered.
+            waiting = DependencyUnavailableError(f"budget partition not served here: {exc}")
+            for index in valid:
+                outcomes[index] = waiting
+        except StoreUnavailable as exc:
+            # The ledger is the record of truth: wait for the database however long it is away.
+            waiting = DependencyUnavailableError(f"the ledger could not be written: {exc}")
+            for index in valid:
+                outcomes[index] = waiting
+        return outcomes
+
+    def _priced(self, delivery: Delivery) -> PricedUsage:
         try:
             usage = UsageRecorded.model_validate_json(delivery.data)
         except ValidationError as exc:
             raise _usage_error(exc) from exc
-        bind_message_context(tenant=usage.tenant, task_id=usage.task_id, usage_id=usage.usage_id)
         if (error := _USAGE.check(delivery.subject, usage.tenant)) is not None:
-            raise TerminalError(error.code, error.message)
-        priced = self._service.price(usage)
-        try:
-            await self._service.record(priced)
-        except NotServing as exc:
-            # The partition moved to another replica meanwhile: it reads the record when it is redelivered.
-            raise DependencyUnavailableError(f"budget partition not served here: {exc}") from exc
-        except StoreUnavailable as exc:
-            # The ledger is the record of truth: wait for the database however long it is away.
-            raise DependencyUnavailableError(f"the ledger could not be written: {exc}") from exc
+            raise TerminalError(error.code, f"usage {usage.usage_id}: {error.message}")
+        return self._service.price(usage)
 
     def on_budget_reserve(self, message: Request) -> Awaitable[BudgetReserveReply | None]:
         """Reservations are the hot path: without a trace to record, the answer is a future the request

@@ -141,11 +141,16 @@ def price_usage(table: PriceTable, usage: UsageRecorded) -> Price:
     _check_quantities(usage)
     total = Decimal(0)
     by_default = False
+    whole_nano = 0
     if usage.kind == "llm":
         if not usage.model:
             raise PricingError("missing_model", "an llm usage record must name its model")
         model_price, by_default = table.model_price(usage.model)
-        total += _token_cost(model_price, usage.prompt_tokens, usage.completion_tokens)
+        whole = _whole_nano_per_token(model_price.prompt_per_million, model_price.completion_per_million)
+        if whole is not None:  # exact in integers; every record is priced here
+            whole_nano = usage.prompt_tokens * whole[0] + usage.completion_tokens * whole[1]
+        else:
+            total += _token_cost(model_price, usage.prompt_tokens, usage.completion_tokens)
     if usage.kind in ("llm", "gpu") and (usage.gpu_seconds > 0 or usage.kind == "gpu"):
         if not usage.node_class:
             raise PricingError("missing_node_class", "GPU-seconds must name the node class they ran on")
@@ -158,4 +163,4 @@ def price_usage(table: PriceTable, usage: UsageRecorded) -> Price:
             raise PricingError("missing_tool", "a tool usage record must name its tool")
         tool_price, by_default = table.tool_price(tool)
         total += tool_price.per_call
-    return Price(usd_to_nano(total), by_default)
+    return Price(whole_nano + (usd_to_nano(total) if total else 0), by_default)

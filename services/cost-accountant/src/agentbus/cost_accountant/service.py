@@ -9,6 +9,7 @@ caller asks again, reaching the partition's owner.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -84,6 +85,9 @@ class AccountantService:
         self._outcomes = {
             outcome: metrics.reservations.labels(outcome) for outcome in ("allowed", "denied", "closed", "error")
         }
+        self._recorded = metrics.usage_records.labels("recorded")
+        self._duplicate = metrics.usage_records.labels("duplicate")
+        self._usage_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 
     # --- usage -------------------------------------------------------------------------------------
 
@@ -101,31 +105,56 @@ class AccountantService:
         return PricedUsage(usage, price.nano, price.priced_by_default)
 
     async def record(self, priced: PricedUsage) -> bool:
-        """Post a priced record to the ledger, in a transaction shared with every decision made at the same
-        time; False when its usage id was in the ledger already. Raises NotServing or StoreUnavailable."""
-        usage = priced.usage
-        committed = self._committer.enqueue(UsageOp(partition_of(usage.tenant), priced))
-        # Counted as the commit completes, before anyone woken by the same commit (a cost query) answers.
-        committed.add_done_callback(lambda future: self._counted(priced, future))
-        new: bool = await committed
-        return new
+        """Post a priced record to the ledger (see `record_many`); False when its usage id was there already."""
+        return (await self.record_many([priced]))[0]
 
-    def _counted(self, entry: PricedUsage, future: asyncio.Future[Any]) -> None:
+    async def record_many(self, entries: list[PricedUsage]) -> list[bool]:
+        """Post priced records to the ledger, in the transaction shared with every decision made at the same
+        time; per record, whether it was new (False: its usage id was in the ledger already). Raises
+        NotServing or StoreUnavailable, for all of them."""
+        by_partition: dict[int, list[PricedUsage]] = {}
+        for entry in entries:
+            by_partition.setdefault(partition_of(entry.usage.tenant), []).append(entry)
+        ops = [UsageOp(partition, group) for partition, group in by_partition.items()]
+        for op in ops:
+            committed = self._committer.enqueue(op)
+            # Counted as the commit completes, before anyone woken by the same commit (a cost query) answers.
+            committed.add_done_callback(functools.partial(self._counted, op.entries))
+        results: dict[int, bool] = {}
+        for op in ops:
+            for entry, new in zip(op.entries, await op.future, strict=True):
+                results[id(entry)] = new
+        return [results[id(entry)] for entry in entries]
+
+    def _counted(self, entries: list[PricedUsage], future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
-        new = bool(future.result())
-        self._metrics.usage_records.labels("recorded" if new else "duplicate").inc()
-        if new:
-            self._count(entry)
+        for entry, new in zip(entries, future.result(), strict=True):
+            if new:
+                self._recorded.inc()
+                self._count(entry)
+            else:
+                self._duplicate.inc()
 
     def _count(self, entry: PricedUsage) -> None:
         usage = entry.usage
         model = usage.model or ""
-        self._metrics.cost_usd.labels(usage.tenant, model, usage.kind).inc(nano_to_usd(entry.cost_nano))
+        key = (usage.tenant, model, usage.kind)
+        children = self._usage_children.get(key)
+        if children is None:
+            # Looked up once per tenant, model and kind: every record is counted.
+            children = (
+                self._metrics.cost_usd.labels(usage.tenant, model, usage.kind),
+                self._metrics.tokens.labels(usage.tenant, model, "prompt"),
+                self._metrics.tokens.labels(usage.tenant, model, "completion"),
+            )
+            self._usage_children[key] = children
+        cost, prompt, completion = children
+        cost.inc(nano_to_usd(entry.cost_nano))
         if usage.prompt_tokens:
-            self._metrics.tokens.labels(usage.tenant, model, "prompt").inc(usage.prompt_tokens)
+            prompt.inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            self._metrics.tokens.labels(usage.tenant, model, "completion").inc(usage.completion_tokens)
+            completion.inc(usage.completion_tokens)
         if usage.gpu_seconds:
             self._metrics.gpu_seconds.labels(usage.tenant, usage.node_class or "").inc(usage.gpu_seconds)
         if entry.priced_by_default:
@@ -273,18 +302,23 @@ class AccountantService:
         return TaskCostReply(task_id=request.task_id, cost_usd=nano_to_usd(cost), missing_usage_ids=missing)
 
     async def _current_book(self, partition: int, key: TaskKey) -> PartitionBook | None:
-        """The partition's book holding the task with nothing uncommitted, straight from memory while the lease
-        surely holds, else once the committer loaded the task and passed the fence. None: not ours."""
+        """The partition's book holding the task with nothing of it uncommitted: straight from memory while
+        the lease surely holds, else once the committer loaded the task and passed the fence. None: the
+        partition is not (or no longer) this replica's."""
         book = self._committer.readable(partition)
-        task = book.tasks.get(key) if book is not None else None
-        if book is not None and task is not None and not book.pending(task):
-            return book
-        try:
-            await self._committer.submit(LoadOp(partition, key[0], key[1]))
-        except NotServing:
-            return None
-        book = self._committer.books.get(partition)
-        return book if book is not None and key in book.tasks else None
+        while True:
+            task = book.tasks.get(key) if book is not None else None
+            if book is not None and task is not None and not book.pending(task):
+                return book
+            # Wait for a commit. The committer may decide the next batch before this coroutine resumes, so
+            # the check above runs again after every one.
+            try:
+                await self._committer.submit(LoadOp(partition, key[0], key[1]))
+            except NotServing:
+                return None
+            book = self._committer.books.get(partition)
+            if book is None:
+                return None
 
     async def report(self, request: CostReportRequest) -> CostReportReply:
         try:

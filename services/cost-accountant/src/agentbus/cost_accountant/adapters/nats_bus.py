@@ -1,4 +1,5 @@
-"""The accountant on NATS: its alerts onto JetStream, and request/reply subscriptions that may stay silent."""
+"""The accountant on NATS: its alerts onto JetStream, request/reply subscriptions that may stay silent, and a
+consumer that hands whole fetches of usage records to their handler."""
 
 from __future__ import annotations
 
@@ -6,12 +7,25 @@ import asyncio
 import collections
 import contextlib
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.errors
 from agentbus.contracts.budget import BudgetAlert
-from agentbus.contracts.registry import BUDGET_ALERT, Header
+from agentbus.contracts.common import ErrorInfo
+from agentbus.contracts.registry import BUDGET_ALERT, ConsumerSpec, Header
+from agentbus.runtime.consumer import (
+    NATS_OUTAGE_ERRORS,
+    RETRIES_EXHAUSTED_CODE,
+    AckPolicy,
+    Delivery,
+    dependency_retry_delay,
+)
+from agentbus.runtime.deadletter import dead_letter
+from agentbus.runtime.errors import DependencyUnavailableError, RetryableError, TerminalError
 from agentbus.runtime.logging import get_logger
+from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.publishing import publish_message
 from agentbus.runtime.replies import Request
 from agentbus.runtime.tracing import TraceContext
@@ -125,3 +139,165 @@ class Responder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._publisher
             self._publisher = None
+
+
+BatchHandler = Callable[[list[Delivery]], Awaitable[list[Exception | None]]]
+"""Handles a whole fetch: per message None (done: ack it) or the exception it would have raised alone."""
+
+
+class BatchConsumer:
+    """A durable pull consumer whose handler takes each fetch whole, for messages that are written together
+    anyway (usage records share one group commit): one decode pass, one operation and one wait per fetch,
+    where a consumer handling messages one by one spends a task, a future and a context per message.
+
+    What happens to each message is the runtime consumer's rule (agentbus.runtime.consumer): acked with
+    `ack_policy` once handled; a `TerminalError` is dead-lettered at once; a `DependencyUnavailableError` is
+    redelivered with backoff for as long as it takes; any other failure is retried after the spec's delay and
+    dead-lettered after `max_deliver`. Up to `in_flight` fetches are handled at once.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        spec: ConsumerSpec,
+        handler: BatchHandler,
+        *,
+        ack_policy: AckPolicy,
+        metrics: ConsumerMetrics,
+        batch: int,
+        in_flight: int,
+        fetch_timeout: float = 2.0,
+    ) -> None:
+        self._js = js
+        self._spec = spec
+        self._handler = handler
+        self._ack_policy = ack_policy
+        self._metrics = metrics
+        self._batch = batch
+        self._slots = asyncio.Semaphore(in_flight)
+        self._fetch_timeout = fetch_timeout
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._loop: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def spec(self) -> ConsumerSpec:
+        return self._spec
+
+    @property
+    def running(self) -> bool:
+        return self._sub is not None and self._loop is not None and not self._loop.done()
+
+    async def start(self) -> None:
+        """Bind to the durable consumer (created by the bootstrap, never here) and start pulling."""
+        self._sub = await self._js.pull_subscribe_bind(durable=self._spec.durable, stream=self._spec.stream)
+        self._loop = asyncio.create_task(self._pull(), name=f"pull:{self._spec.durable}")
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop pulling, let the fetches in hand finish for up to `drain_timeout`, then unbind. Whatever is
+        left unacked is redelivered to the next owner."""
+        self._stopping = True
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        if self._in_flight:
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _pull(self) -> None:
+        assert self._sub is not None
+        while not self._stopping:
+            await self._slots.acquire()
+            try:
+                msgs = await self._sub.fetch(self._batch, timeout=self._fetch_timeout)
+            except (nats.errors.TimeoutError, TimeoutError):
+                self._slots.release()
+                continue
+            except nats.errors.ConnectionClosedError:
+                self._slots.release()
+                return
+            except Exception as exc:  # a reconnect or a server hiccup: keep pulling
+                self._slots.release()
+                _log.warning("fetch_failed", consumer=self._spec.durable, error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            task = asyncio.create_task(self._handle(msgs))
+            self._in_flight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            _log.error("batch_handling_failed", consumer=self._spec.durable, error=repr(error))
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        deliveries = []
+        for msg in msgs:
+            metadata = msg.metadata
+            headers = dict(msg.headers or {})
+            deliveries.append(
+                Delivery(
+                    subject=msg.subject,
+                    data=msg.data,
+                    headers=headers,
+                    deliveries=metadata.num_delivered,
+                    stream_seq=metadata.sequence.stream,
+                    trace=TraceContext.parse(headers.get(Header.TRACEPARENT.value)),
+                )
+            )
+        started = time.perf_counter()
+        try:
+            outcomes = await self._handler(deliveries)
+        except Exception as exc:
+            _log.exception("handler_failed", consumer=self._spec.durable)
+            outcomes = [exc] * len(deliveries)
+        self._metrics.handler_seconds.labels(self._spec.durable).observe(time.perf_counter() - started)
+        durable = self._spec.durable
+        for msg, delivery, outcome in zip(msgs, deliveries, outcomes, strict=True):
+            if outcome is None:
+                await (msg.ack_sync() if self._ack_policy is AckPolicy.ACK_SYNC else msg.ack())
+                self._metrics.handled.labels(durable, "acked").inc()
+            elif isinstance(outcome, TerminalError):
+                await self._give_up(msg, delivery, ErrorInfo(code=outcome.code, message=outcome.message))
+            elif isinstance(outcome, DependencyUnavailableError):
+                with contextlib.suppress(*NATS_OUTAGE_ERRORS):
+                    await msg.nak(delay=dependency_retry_delay(self._spec, delivery.deliveries))
+                self._metrics.handled.labels(durable, "waiting").inc()
+            else:
+                delay = outcome.delay_seconds if isinstance(outcome, RetryableError) else None
+                await self._retry_or_give_up(msg, delivery, outcome, delay)
+        if any(isinstance(outcome, DependencyUnavailableError) for outcome in outcomes):
+            # One line per fetch that waits, no traceback: an outage is a state, not a bug.
+            reason = next(str(o) for o in outcomes if isinstance(o, DependencyUnavailableError))
+            _log.warning("dependency_unavailable", consumer=durable, reason=reason, messages=len(outcomes))
+
+    async def _retry_or_give_up(self, msg: Msg, delivery: Delivery, error: Exception, delay: float | None) -> None:
+        if delivery.deliveries >= self._spec.max_deliver:
+            message = f"gave up after {delivery.deliveries} deliveries; last error: {error!r}"
+            await self._give_up(msg, delivery, ErrorInfo(code=RETRIES_EXHAUSTED_CODE, message=message))
+            return
+        await msg.nak(delay=delay if delay is not None else self._spec.retry_delay_seconds)
+        self._metrics.handled.labels(self._spec.durable, "retried").inc()
+
+    async def _give_up(self, msg: Msg, delivery: Delivery, error: ErrorInfo) -> None:
+        try:
+            await dead_letter(self._js, self._spec, delivery, error)
+        except Exception:
+            # The dead letter was not stored: keep the message and try again later rather than lose it.
+            _log.exception("dead_letter_failed", consumer=self._spec.durable)
+            await msg.nak(delay=self._spec.retry_delay_seconds)
+            return
+        await msg.ack_sync()
+        _log.warning("dead_lettered", consumer=self._spec.durable, code=error.code, reason=error.message)
+        self._metrics.handled.labels(self._spec.durable, "dead_lettered").inc()
+        self._metrics.dead_letters.labels(self._spec.durable, error.code).inc()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sqlite3
 import sys
@@ -128,9 +129,6 @@ _LOAD_TASK_LEDGER = select(ledger.c.tenant, ledger.c.task_id, ledger.c.usage_id,
 )
 _LOAD_TASK_HOLDS = select(reservations).where(
     tuple_(reservations.c.tenant, reservations.c.task_id).in_(bindparam("keys", expanding=True))
-)
-_USAGE_IN_LEDGER = select(ledger.c.tenant, ledger.c.usage_id).where(
-    tuple_(ledger.c.tenant, ledger.c.usage_id).in_(bindparam("keys", expanding=True))
 )
 _TASKS_HOLDING = select(reservations.c.tenant, reservations.c.task_id).where(reservations.c.status == "open").distinct()
 _MONTH = func.substr(ledger.c.day, 1, 7)
@@ -242,17 +240,6 @@ class _SqliteDriver:
         self._connection.executemany(sql, rows)
 
 
-class _SqlAlchemyDriver:
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-
-    def rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        return list(self._connection.exec_driver_sql(sql, params).all())
-
-    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        self._connection.exec_driver_sql(sql, rows)
-
-
 def _sqlite_datetime(moment: datetime | None) -> str | None:
     """The text SQLAlchemy stores a SQLite DATETIME as (the driver is given values directly)."""
     if moment is None:
@@ -284,13 +271,9 @@ class _DialectStatements:
         self.heartbeat = heartbeat.on_conflict_do_update(
             index_elements=["replica_id"], set_={"heartbeat_at": heartbeat.excluded.heartbeat_at}
         )
-        # Postgres: hold this replica's lease rows until commit, so that a take-over waits for this transaction.
-        # SQLite: the write lock is held already; the few rows are all read.
-        self.fence = (
-            "SELECT partition_id, owner, epoch FROM budget_partitions WHERE partition_id = ANY($1) FOR SHARE"
-            if dialect == "postgresql"
-            else "SELECT partition_id, owner, epoch FROM budget_partitions"
-        )
+        # SQLite's group commit reads the fence as its first statement: the write lock is held already, and
+        # the few rows are all read. (Postgres checks it inside its one statement: see _PostgresGroupCommit.)
+        self.fence = "SELECT partition_id, owner, epoch FROM budget_partitions"
 
 
 _STATEMENTS = {dialect: _DialectStatements(dialect) for dialect in ("sqlite", "postgresql")}
@@ -396,10 +379,6 @@ class _Database(Protocol):
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in one write transaction on the writer connection."""
-        ...
-
-    async def write_driver(self, work: Callable[[_Driver], T]) -> T:
-        """`write`, with the driver's own connection (the group commit)."""
         ...
 
     async def read_latest(self, work: Callable[[Connection], T]) -> T:
@@ -548,9 +527,6 @@ class _PostgresDatabase:
                     await connection.invalidate()
                 raise
 
-    async def write_driver(self, work: Callable[[_Driver], T]) -> T:
-        return await self.write(lambda connection: work(_SqlAlchemyDriver(connection)))
-
     async def fetch_alone(self, sql: str, arguments: list[Any]) -> list[Any]:
         """Run one statement as its own transaction on the writer connection, straight through asyncpg."""
         async with self._lock:
@@ -627,16 +603,51 @@ class SqlAccountantStore:
     # --- the books ---------------------------------------------------------------------------------
 
     async def load(self, tasks: Sequence[TaskKey], usage: Sequence[tuple[str, str]]) -> Loaded:
-        """Tasks as the database has them, and which of the (tenant, usage_id) keys the ledger holds."""
+        """Tasks as the database has them, and which of the (tenant, usage_id) keys the ledger holds.
+
+        Every group commit that takes usage records reads here first, so the queries go to the driver
+        directly: on Postgres joins with `unnest`ed key arrays (one statement each, whatever the number of
+        keys), on SQLite row-value lists, on the writer's own connection."""
         task_keys, usage_keys = list(tasks), list(usage)
+        if isinstance(self._db, _PostgresDatabase):
+            return await self._load_postgres(self._db, task_keys, usage_keys)
 
         def work(connection: Connection) -> Loaded:
-            in_ledger: set[tuple[str, str]] = set()
-            for chunk in _chunks(usage_keys):
-                in_ledger.update((row[0], row[1]) for row in connection.execute(_USAGE_IN_LEDGER, {"keys": chunk}))
-            return Loaded(tasks=_load_tasks(connection, task_keys), usage_in_ledger=in_ledger)
+            raw = connection.connection.driver_connection
+            assert isinstance(raw, sqlite3.Connection)
+
+            def by_keys(query: _KeyQuery, keys: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
+                rows: list[tuple[Any, ...]] = []
+                for chunk in _chunks(keys):
+                    flat = [value for key in chunk for value in key]
+                    rows.extend(raw.execute(query.sqlite(len(chunk)), flat).fetchall())
+                return rows
+
+            in_ledger = {(row[0], row[1]) for row in by_keys(_USAGE_BY_KEY, usage_keys)}
+            found = by_keys(_TASKS_BY_KEY, task_keys)
+            holds = by_keys(_HOLDS_BY_TASK, [(row[0], row[1]) for row in found])
+            return Loaded(
+                tasks=_stored_tasks(found, by_keys(_LEDGER_BY_TASK, task_keys), holds, _parse_sqlite_datetime),
+                usage_in_ledger=in_ledger,
+            )
 
         return await self._db.read_latest(work)
+
+    @staticmethod
+    async def _load_postgres(
+        db: _PostgresDatabase, task_keys: list[TaskKey], usage_keys: list[tuple[str, str]]
+    ) -> Loaded:
+        async def by_keys(query: _KeyQuery, keys: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
+            if not keys:
+                return []
+            firsts, seconds = zip(*keys, strict=True)
+            return [tuple(row) for row in await db.fetch_alone(query.postgres, [list(firsts), list(seconds)])]
+
+        in_ledger = {(row[0], row[1]) for row in await by_keys(_USAGE_BY_KEY, usage_keys)}
+        found = await by_keys(_TASKS_BY_KEY, task_keys)
+        holds = await by_keys(_HOLDS_BY_TASK, [(row[0], row[1]) for row in found])
+        ledger_rows = await by_keys(_LEDGER_BY_TASK, task_keys)
+        return Loaded(tasks=_stored_tasks(found, ledger_rows, holds, _as_datetime), usage_in_ledger=in_ledger)
 
     async def snapshot(self, partitions: Sequence[int], since: datetime) -> Snapshot:
         """What rebuilding the books of `partitions` needs: monthly spend from `since`, tasks holding budget."""
@@ -660,12 +671,16 @@ class SqlAccountantStore:
         partitions fenced out (none of their changes written)."""
         sql = self._sql
         rows = {partition: _PlanRows.of(plan, sql) for partition, plan in plans.items() if plan}
-
-        fence_params = (list(epochs),) if self._db.dialect == "postgresql" else ()
+        db = self._db
+        if isinstance(db, _PostgresDatabase):
+            statement = _PG_GROUP_COMMIT
+            kept = await db.fetch_alone(statement.sql, statement.arguments(replica, epochs, rows))
+            return set(epochs) - {row[0] for row in kept}
+        assert isinstance(db, _SqliteDatabase)
 
         def work(driver: _Driver) -> set[int]:
             fenced = set(epochs)
-            for partition, owner, epoch in driver.rows(sql.fence, fence_params):
+            for partition, owner, epoch in driver.rows(sql.fence, ()):
                 if partition in epochs and owner == replica and epoch == epochs[partition]:
                     fenced.discard(partition)
             kept = [plan for partition, plan in rows.items() if partition not in fenced]
@@ -677,7 +692,7 @@ class SqlAccountantStore:
             sql.insert_alerts.run(driver, [r for plan in kept for r in plan.alerts])
             return fenced
 
-        return await self._db.write_driver(work)
+        return await db.write_driver(work)
 
     # --- leases ------------------------------------------------------------------------------------
 
@@ -828,6 +843,108 @@ class SqlAccountantStore:
         return {
             row.partition_id: LeaseRow(row.partition_id, row.owner, row.epoch, row.lease_expires_at) for row in rows
         }
+
+
+class _KeyQuery:
+    """Rows of a table whose (tenant, key) is one of a list of pairs: SQL for each dialect, built once."""
+
+    def __init__(self, table: Any, key: str, columns: tuple[str, ...]) -> None:
+        listed = ", ".join(f'x."{column}"' for column in columns)
+        # Built from the schema's own names only: no value ever goes into this text.
+        self._sqlite = f'SELECT {listed} FROM {table.name} AS x WHERE (x."tenant", x."{key}") IN (VALUES '  # noqa: S608
+        self.postgres = (
+            f"SELECT {listed} FROM {table.name} AS x "  # noqa: S608
+            f"JOIN unnest($1::text[], $2::text[]) AS k(tenant, {key}) "
+            f'ON x."tenant" = k.tenant AND x."{key}" = k.{key}'
+        )
+
+    @functools.cache  # noqa: B019 - a few lengths of a few module-level queries
+    def sqlite(self, pairs: int) -> str:
+        return self._sqlite + ",".join(["(?,?)"] * pairs) + ")"
+
+
+_TASK_COLUMNS = ("tenant", "task_id", "agent", "submitted_by", "budget_nanousd", "first_seen_at", "closed_at")
+_HOLD_COLUMNS = (
+    "tenant",
+    "task_id",
+    "reservation_id",
+    "agent",
+    "submitted_by",
+    "kind",
+    "model",
+    "tool",
+    "amount_nanousd",
+    "status",
+    "denied_budget",
+    "limit_nanousd",
+    "committed_nanousd",
+    "scopes",
+    "created_at",
+    "expires_at",
+    "closed_at",
+)
+_USAGE_BY_KEY = _KeyQuery(ledger, "usage_id", ("tenant", "usage_id"))
+_TASKS_BY_KEY = _KeyQuery(tasks, "task_id", _TASK_COLUMNS)
+_LEDGER_BY_TASK = _KeyQuery(ledger, "task_id", ("tenant", "task_id", "usage_id", "cost_nanousd"))
+_HOLDS_BY_TASK = _KeyQuery(reservations, "task_id", _HOLD_COLUMNS)
+
+
+def _parse_sqlite_datetime(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    return value if isinstance(value, datetime) else None
+
+
+def _stored_tasks(
+    task_rows: list[tuple[Any, ...]],
+    ledger_rows: list[tuple[Any, ...]],
+    hold_rows: list[tuple[Any, ...]],
+    dt: Callable[[Any], datetime | None],
+) -> dict[TaskKey, StoredTask]:
+    """Tasks from driver rows (in the column orders of the key queries above)."""
+    rows = {(row[0], row[1]): row for row in task_rows}
+    usage: dict[TaskKey, dict[str, int]] = {}
+    for tenant, task_id, usage_id, cost in ledger_rows:
+        usage.setdefault((tenant, task_id), {})[usage_id] = int(cost)
+    holds: dict[TaskKey, list[StoredHold]] = {}
+    for row in hold_rows:
+        created, expires = dt(row[14]), dt(row[15])
+        assert created is not None
+        assert expires is not None
+        holds.setdefault((row[0], row[1]), []).append(
+            StoredHold(
+                tenant=row[0],
+                task_id=row[1],
+                reservation_id=row[2],
+                agent=row[3],
+                user=row[4],
+                kind=row[5],
+                model=row[6],
+                tool=row[7],
+                amount_nano=int(row[8]),
+                status=row[9],
+                keys=tuple((scope, period) for scope, period in json.loads(row[13])),
+                denied_budget=row[10],
+                limit_nano=row[11],
+                committed_nano=row[12],
+                created_at=created,
+                expires_at=expires,
+                closed_at=dt(row[16]),
+            )
+        )
+    found: dict[TaskKey, StoredTask] = {}
+    for key in set(rows) | set(usage):
+        task = rows.get(key)
+        found[key] = StoredTask(
+            tenant=key[0],
+            task_id=key[1],
+            row=(task[2], task[3], task[4], dt(task[5]), dt(task[6])) if task is not None else None,
+            usage=usage.get(key, {}),
+            holds=holds.get(key, []),
+        )
+    return found
 
 
 def _load_tasks(connection: Connection, keys: list[TaskKey]) -> dict[TaskKey, StoredTask]:
