@@ -15,8 +15,9 @@ from agentbus.retriever.adapters.milvus import (
 )
 from agentbus.retriever.adapters.minilm import MiniLmEmbedder
 from agentbus.retriever.adapters.openai_embeddings import OpenAIEmbedder
+from agentbus.retriever.adapters.rerank_endpoint import RerankEndpoint
 from agentbus.retriever.handlers import RetrieverHandlers
-from agentbus.retriever.ports import Embedder, EmbeddingError
+from agentbus.retriever.ports import Embedder, EmbeddingError, Reranker
 from agentbus.retriever.service import RetrieverMetrics, RetrieverPolicy, RetrieverService
 from agentbus.retriever.settings import RetrieverSettings
 from agentbus.runtime.consumer import AckPolicy, ConsumerRunner
@@ -52,6 +53,18 @@ def create_embedder(settings: RetrieverSettings) -> Embedder:
         batch_size=settings.embedding_batch_size,
         processes=settings.embedding_process_count,
         query_cache_size=settings.query_cache_size,
+    )
+
+
+def create_reranker(settings: RetrieverSettings) -> Reranker | None:
+    """The re-ranking stage the settings configure, if any (none ships with the suite)."""
+    if settings.rerank_url is None:
+        return None
+    return RerankEndpoint(
+        settings.rerank_url,
+        settings.rerank_model,
+        api_key=settings.rerank_api_key,
+        timeout_seconds=settings.rerank_timeout_seconds,
     )
 
 
@@ -96,6 +109,7 @@ class RetrieverApp(BusService):
         self.embedder = embedder or create_embedder(settings)
         self.retriever_metrics = RetrieverMetrics(self.registry)
         self.index: MilvusVectorIndex | None = None
+        self.reranker = create_reranker(settings)
         self.handlers: RetrieverHandlers | None = None
         self._search_sub: Subscription | None = None
         self.add_health_check(lambda: self._search_sub is not None)
@@ -113,8 +127,9 @@ class RetrieverApp(BusService):
             tenant_allow_list=settings.tenant_allow_list,
             candidates_per_k=settings.candidates_per_k,
             dense_weight=settings.hybrid_dense_weight,
+            rerank_candidates=settings.rerank_candidates,
         )
-        service = RetrieverService(self.embedder, self.index, policy, self.retriever_metrics)
+        service = RetrieverService(self.embedder, self.index, policy, self.retriever_metrics, self.reranker)
         self.handlers = handlers = RetrieverHandlers(js, service, settings.search_concurrency, self.span_emitter)
         self._search_sub = await nc.subscribe(
             RAG_SEARCH.wildcard, queue=SEARCH_QUEUE_GROUP, cb=handlers.on_search_request
@@ -154,6 +169,8 @@ class RetrieverApp(BusService):
         if self.index is not None:
             await self.index.close()
         await self.embedder.close()
+        if self.reranker is not None:
+            await self.reranker.close()
 
 
 def create_app(

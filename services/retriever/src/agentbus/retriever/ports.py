@@ -1,4 +1,4 @@
-"""The retriever's ports: an embedding model and a vector index."""
+"""The retriever's ports: an embedding model, a vector index and an optional re-ranker."""
 
 from __future__ import annotations
 
@@ -80,5 +80,17 @@ class VectorIndex(Protocol):
         ...
 
     async def has_any(self, expression: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class RerankError(Exception):
+    """The re-ranker failed; searches then keep the first stage's order."""
+
+
+class Reranker(Protocol):
+    """Scores how well each text answers the query (higher is better), one score per text, in order."""
+
+    async def rerank(self, query: str, texts: Sequence[str]) -> list[float]: ...
 
     async def close(self) -> None: ...

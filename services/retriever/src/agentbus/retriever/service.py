@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agentbus.contracts.common import ErrorInfo
 from agentbus.contracts.rag import DocumentsDelete, DocumentsIngest, RetrievedChunk, SearchReply, SearchRequest
@@ -23,7 +23,7 @@ from agentbus.retriever.domain import (
     stale_chunks_filter,
     tenant_condition,
 )
-from agentbus.retriever.ports import ChunkRow, Embedder, EmbeddingError, Hit, VectorIndex
+from agentbus.retriever.ports import ChunkRow, Embedder, EmbeddingError, Hit, Reranker, RerankError, VectorIndex
 from agentbus.runtime.errors import RetryableError
 from agentbus.runtime.logging import get_logger
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -48,6 +48,8 @@ class RetrieverPolicy:
     """Hybrid search: dense and BM25 each propose top_k * this many chunks for fusion."""
     dense_weight: float = 0.75
     """Hybrid search: the dense list's share of the fused score (see `domain.fuse`)."""
+    rerank_candidates: int = 20
+    """With a re-ranker: how many first-stage chunks it re-orders (at least top_k)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,11 @@ class RetrieverMetrics:
         self.chunks_indexed = Counter(
             "agentbus_retrieval_chunks_indexed_total", "Chunks embedded and upserted.", registry=registry
         )
+        self.rerank_failures = Counter(
+            "agentbus_retrieval_rerank_failures_total",
+            "Searches answered in first-stage order because the re-ranker failed.",
+            registry=registry,
+        )
         self.foreign_hits = Counter(
             "agentbus_retrieval_foreign_hits_dropped_total",
             "Hits of another tenant removed before replying (the index filter should make this 0).",
@@ -108,12 +115,18 @@ def _rejection(code: str, message: str) -> SearchReply:
 
 class RetrieverService:
     def __init__(
-        self, embedder: Embedder, index: VectorIndex, policy: RetrieverPolicy, metrics: RetrieverMetrics
+        self,
+        embedder: Embedder,
+        index: VectorIndex,
+        policy: RetrieverPolicy,
+        metrics: RetrieverMetrics,
+        reranker: Reranker | None = None,
     ) -> None:
         self._embedder = embedder
         self._index = index
         self._policy = policy
         self._metrics = metrics
+        self._reranker = reranker
 
     def _check_tenant(self, tenant: str, subject_tenant: str) -> None:
         if tenant != subject_tenant:
@@ -244,17 +257,32 @@ class RetrieverService:
         return SearchReply(chunks=chunks)
 
     async def _ranked(self, request: SearchRequest, vector: list[float], expression: str) -> list[Hit]:
+        if self._reranker is None:
+            return await self._first_stage(request, vector, expression, request.top_k)
+        limit = max(request.top_k, self._policy.rerank_candidates)
+        hits = await self._first_stage(request, vector, expression, limit)
+        try:
+            scores = await self._reranker.rerank(request.query, [hit.text for hit in hits]) if hits else []
+        except RerankError as exc:
+            # The optional stage must not fail a search: the first stage's order is still a good answer.
+            self._metrics.rerank_failures.inc()
+            _log.warning("rerank_failed", tenant=request.tenant, error=str(exc))
+            return hits[: request.top_k]
+        order = sorted(range(len(hits)), key=lambda i: -scores[i])  # stable: first-stage order breaks ties
+        return [replace(hits[i], score=scores[i]) for i in order[: request.top_k]]
+
+    async def _first_stage(self, request: SearchRequest, vector: list[float], expression: str, limit: int) -> list[Hit]:
         if request.mode == "dense":
-            return await self._index.search_dense(vector, expression, request.top_k)
+            return await self._index.search_dense(vector, expression, limit)
         terms = analyzed_text(request.query)
         if request.mode == "bm25":
             # A query of stop words alone has no BM25 terms: nothing matches it lexically.
-            return await self._index.search_bm25(terms, expression, request.top_k) if terms else []
-        candidates = request.top_k * self._policy.candidates_per_k
+            return await self._index.search_bm25(terms, expression, limit) if terms else []
         if not terms:
-            return await self._index.search_dense(vector, expression, request.top_k)
+            return await self._index.search_dense(vector, expression, limit)
+        candidates = limit * self._policy.candidates_per_k
         dense, bm25 = await asyncio.gather(
             self._index.search_dense(vector, expression, candidates),
             self._index.search_bm25(terms, expression, candidates),
         )
-        return fuse(dense, bm25, dense_weight=self._policy.dense_weight, limit=request.top_k)
+        return fuse(dense, bm25, dense_weight=self._policy.dense_weight, limit=limit)

@@ -62,6 +62,16 @@ class RetrieverSettings(ServiceSettings):
         le=1.0,
         description="Hybrid search: the dense list's share of the fused (min-max normalised) score.",
     )
+    rerank_url: str | None = Field(
+        default=None,
+        description="Base URL of a rerank endpoint (POST {rerank_url}/rerank, e.g. vLLM); unset: no re-ranking.",
+    )
+    rerank_model: str = Field(default="", description="The re-ranking model name to send.")
+    rerank_api_key: str | None = Field(default=None, description="Bearer token of the rerank endpoint, if any.")
+    rerank_candidates: int = Field(
+        default=20, ge=1, le=200, description="First-stage chunks the re-ranker re-orders (at least top_k)."
+    )
+    rerank_timeout_seconds: float = Field(default=10.0, gt=0, description="Per re-ranking request.")
     query_cache_size: int = Field(default=4096, ge=0, description="Query embeddings kept (LRU); 0 keeps none.")
     search_concurrency: int = Field(default=64, ge=1, description="Searches handled at once.")
     index_threads: int = Field(default=16, ge=1, description="Threads running Milvus calls off the event loop.")
