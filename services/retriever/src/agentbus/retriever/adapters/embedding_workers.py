@@ -89,6 +89,9 @@ class EmbeddingWorkers:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=env,
+                # Its own session, so signals sent to the service's process group leave it to the service,
+                # which still needs it while draining; the worker ends when its input closes.
+                start_new_session=True,
             )
             assert process.stdout is not None
             if await process.stdout.readline() != READY:

@@ -43,6 +43,9 @@ class LiteServer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            # Its own session: a Ctrl-C or SIGTERM sent to the retriever's process group must not stop the
+            # engine while the retriever still drains searches; the child ends when its input closes.
+            start_new_session=True,
         )
         assert process.stdout is not None
         line: list[str] = []
