@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from agentbus.retriever.adapters.milvus import MilvusVectorIndex, connect, ensure_collection
+from agentbus.retriever.adapters.milvus import MilvusVectorIndex, connect, ensure_collection, open_client
 from agentbus.retriever.analysis import analyzed_text
 from agentbus.retriever.domain import chunk_key, tenant_condition
 from agentbus.retriever.ports import ChunkRow
@@ -69,3 +69,23 @@ async def test_concurrent_searches_share_calls_but_never_tenants(tmp_path: Path)
         assert max(calls) > 1
     finally:
         await index.close()
+
+
+def test_a_lite_file_is_served_by_a_child_process_until_its_input_closes(tmp_path: Path) -> None:
+    client, server = open_client(str(tmp_path / "served.db"))
+    assert server is not None
+    process = server._process
+    assert process is not None
+    try:
+        assert ensure_collection(client, "chunks", DIMENSION)[0].startswith("created collection chunks")
+        assert client.has_collection("chunks")
+    finally:
+        client.close()
+        server.stop()
+    assert process.returncode == 0
+    # The file's lock went with the child: this process can open it now and finds what the child wrote.
+    again = connect(str(tmp_path / "served.db"))
+    try:
+        assert again.has_collection("chunks")
+    finally:
+        again.close()
