@@ -85,3 +85,19 @@ async def test_concurrent_queries_are_embedded_alike_and_repeats_come_from_the_c
     assert np.abs(np.stack(vectors) - minilm.embed_sync(texts)).max() < 1e-5
     again = await minilm.embed_query(texts[3])
     assert again is vectors[3]
+
+
+async def test_a_killed_worker_fails_only_its_own_pass_and_is_replaced(minilm: MiniLmEmbedder) -> None:
+    embedder = MiniLmEmbedder(processes=1, query_cache_size=0)
+    await embedder.start()
+    try:
+        assert embedder._workers is not None
+        [worker] = embedder._workers._workers
+        worker.process.kill()
+        await worker.process.wait()
+        with pytest.raises(EmbeddingError):
+            await embedder.embed_query("sent to the dead process")
+        vector = await embedder.embed_query("answered by its replacement")
+    finally:
+        await embedder.close()
+    assert np.abs(vector - minilm.embed_sync(["answered by its replacement"])[0]).max() < 1e-5

@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 import numpy as np
 from agentbus.retriever.ports import EmbeddingError
+from agentbus.runtime.logging import get_logger
 from numpy.typing import NDArray
 
 Matrix = NDArray[np.float32]
@@ -37,6 +38,7 @@ OK, FAILED = 0, 1
 QUERY_PRIORITY, DOCUMENT_PRIORITY = 0, 1
 SINGLE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _HEADER = struct.Struct(">I")
+_log = get_logger(__name__)
 
 
 @dataclass(order=True)
@@ -80,26 +82,32 @@ class EmbeddingWorkers:
         self._alive = 0
 
     async def start(self) -> None:
-        env = {**os.environ, **SINGLE_THREAD_ENV, "AGENTBUS_EMBEDDING_BATCH_SIZE": str(self._batch_size)}
         for _ in range(self._count):
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                __name__,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                env=env,
-                # Its own session, so signals sent to the service's process group leave it to the service,
-                # which still needs it while draining; the worker ends when its input closes.
-                start_new_session=True,
-            )
-            assert process.stdout is not None
-            if await process.stdout.readline() != READY:
-                raise EmbeddingError("an embedding worker did not start", retryable=False)
-            worker = _Worker(process)
-            self._workers.append(worker)
+            worker = await self._spawn()
             self._alive += 1
             self._loops.append(asyncio.create_task(self._serve(worker)))
+
+    async def _spawn(self) -> _Worker:
+        env = {**os.environ, **SINGLE_THREAD_ENV, "AGENTBUS_EMBEDDING_BATCH_SIZE": str(self._batch_size)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            __name__,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            # Its own session, so signals sent to the service's process group leave it to the service,
+            # which still needs it while draining; the worker ends when its input closes.
+            start_new_session=True,
+        )
+        assert process.stdout is not None
+        if await process.stdout.readline() != READY:
+            process.kill()
+            await process.wait()
+            raise EmbeddingError("an embedding worker did not start", retryable=False)
+        worker = _Worker(process)
+        self._workers.append(worker)
+        return worker
 
     async def embed(self, texts: Sequence[str], priority: int) -> Matrix:
         if not self._alive:
@@ -125,14 +133,20 @@ class EmbeddingWorkers:
                         exc if isinstance(exc, EmbeddingError) else EmbeddingError(repr(exc), retryable=True)
                     )
                 if not isinstance(exc, EmbeddingError):
-                    self._worker_gone()
-                    return
+                    # The process is gone (killed, out of memory): replace it, or stop serving if that fails.
+                    self._workers.remove(worker)
+                    try:
+                        worker = await self._spawn()
+                    except (EmbeddingError, OSError):
+                        _log.exception("embedding_worker_not_replaced")
+                        self._worker_gone()
+                        return
                 continue
             if not job.done.done():
                 job.done.set_result(result)
 
     def _worker_gone(self) -> None:
-        """A worker process ended: when none is left, queued jobs fail instead of waiting for ever."""
+        """A worker could not be replaced: when none is left, queued jobs fail instead of waiting for ever."""
         self._alive -= 1
         if not self._alive:
             self._fail_queued()
