@@ -138,7 +138,7 @@ async def _to_resume(store: SqlApprovalStore, now: datetime) -> list[CallRecord]
 
 
 async def _claim(store: SqlApprovalStore, call_id: str, owner: str, now: datetime) -> CallRecord | None:
-    return await store.transact(lambda ledger: ledger.claim(call_id, owner, now, now + timedelta(seconds=30)))
+    return await store.claim(call_id, owner, now, now + timedelta(seconds=30))
 
 
 async def test_a_call_is_inserted_once_with_its_approval_and_messages(store: SqlApprovalStore) -> None:
@@ -234,10 +234,36 @@ async def test_concurrent_claims_exactly_one_runs(store: SqlApprovalStore) -> No
     now = _now()
     claims = await asyncio.gather(*(_claim(store, call.call_id, f"owner-{n}", now) for n in range(8)))
     assert sum(c is not None for c in claims) == 1
+    again = await asyncio.gather(*(_claim(store, call.call_id, "owner-0", now) for _ in range(3)))
+    assert again == [None] * 3, "the same owner asking again in one batch takes nothing either"
     running = await store.get_call(call.call_id)
     assert running is not None
     assert running.status is CallStatus.RUNNING
     assert running.attempts == 1
+
+
+async def test_claims_and_completions_queued_together_are_each_applied_once(store: SqlApprovalStore) -> None:
+    calls = [_call(CallStatus.READY) for _ in range(20)]
+    for call in calls:
+        await _insert(store, call)
+    now = _now()
+    duplicated = [call.call_id for call in calls] + [calls[0].call_id, calls[1].call_id]
+    claimed = await asyncio.gather(*(_claim(store, call_id, "owner", now) for call_id in duplicated))
+    assert [c is not None for c in claimed] == [True] * 20 + [False, False]
+    assert all(c.attempts == 1 and c.lease_owner == "owner" for c in claimed if c is not None)
+    completions = [
+        Completion(CallStatus.SUCCEEDED if n % 2 else CallStatus.FAILED, ToolResult(bool(n % 2), f"r{n}"))
+        for n in range(20)
+    ]
+    recorded = await asyncio.gather(
+        *(store.finish(Claim(c.call_id, "owner", 1), done) for c, done in zip(calls, completions, strict=True)),
+        store.finish(Claim(calls[0].call_id, "intruder", 1), completions[0]),
+    )
+    assert recorded == [True] * 20 + [False]
+    for call, done in zip(calls, completions, strict=True):
+        stored = await store.get_call(call.call_id)
+        assert stored is not None
+        assert (stored.status, stored.result, stored.lease_owner) == (done.status, done.result, None)
 
 
 async def test_a_running_call_is_taken_over_only_after_its_lease_lapsed(store: SqlApprovalStore) -> None:
@@ -258,9 +284,14 @@ async def test_a_running_call_is_taken_over_only_after_its_lease_lapsed(store: S
     until = later + timedelta(seconds=60)
     assert not await store.transact(lambda ledger: ledger.renew_lease(stale, until))
     assert await store.transact(lambda ledger: ledger.renew_lease(current, until))
-    done = Completion(CallStatus.SUCCEEDED, ToolResult(True, "done"))
-    assert not await store.transact(lambda ledger: ledger.finish(stale, done)), "a stale holder cannot record"
-    assert await store.transact(lambda ledger: ledger.finish(current, done))
+    done = Completion(CallStatus.SUCCEEDED, ToolResult(True, "done"), [_message(call, "result")])
+    # Queued together, recorded together: only the current holder's completion counts.
+    recorded = list(await asyncio.gather(store.finish(stale, done), store.finish(current, done)))
+    assert recorded == [False, True], "a stale holder cannot record"
+    assert [m.message.msg_id for m in await store.transact(lambda ledger: ledger.unpublished(call.call_id))] == [
+        f"tool:{call.call_id}:result"
+    ]
+    assert await _claim(store, call.call_id, "third", later + timedelta(days=1)) is None, "a finished call stays so"
 
 
 async def test_a_completion_commits_its_effect_with_the_ledger_or_neither(store: SqlApprovalStore) -> None:
@@ -349,6 +380,29 @@ async def test_units_of_work_commit_together_and_a_failing_one_fails_alone(store
     assert [r for n, r in enumerate(results) if n != 10] == [True] * 20
     for call in calls:
         assert await store.get_call(call.call_id) is not None
+
+
+async def test_decisions_checked_together_each_see_their_own_approval_and_audit(store: SqlApprovalStore) -> None:
+    pending = [await _pending(store) for _ in range(5)]
+    audited = AuditEntry(77, "acme", "alice", "refused", _now(), approval_id=pending[0][1].approval_id)
+    await store.transact(lambda ledger: ledger.add_audit(audited))
+    keys = [(77, pending[0][1].approval_id)] + [(100 + n, a.approval_id) for n, (_, a) in enumerate(pending)]
+    keys.append((200, "apr_unknown"))
+
+    async def context(seq: int, approval_id: str) -> tuple[int | None, str | None, str | None]:
+        entry, approval, call = await store.transact(
+            lambda ledger: ledger.decision_context(seq, approval_id), decision=(seq, approval_id)
+        )
+        return (
+            entry.message_seq if entry else None,
+            approval.approval_id if approval else None,
+            call.call_id if call else None,
+        )
+
+    seen = await asyncio.gather(*(context(seq, approval_id) for seq, approval_id in keys))
+    assert seen[0] == (77, pending[0][1].approval_id, pending[0][0].call_id), "delivered before: its audit entry"
+    assert seen[1:6] == [(None, a.approval_id, c.call_id) for c, a in pending]
+    assert seen[6] == (None, None, None)
 
 
 async def test_the_audit_keeps_one_row_per_decision_message(store: SqlApprovalStore) -> None:

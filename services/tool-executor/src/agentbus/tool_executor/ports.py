@@ -85,6 +85,16 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class ClaimRequest:
+    """A request to take a call: READY, or RUNNING with its lease lapsed by `now`, for `owner` until `lease_until`."""
+
+    call_id: str
+    owner: str
+    now: datetime
+    lease_until: datetime
+
+
+@dataclass(frozen=True)
 class Completion:
     """How an execution ends, and what to publish about it."""
 
@@ -222,8 +232,19 @@ class EffectConnection(Protocol):
 class ExecutorStore(Protocol):
     """Units of work over the ledger, group-committed by one writer."""
 
-    async def transact(self, work: Callable[[Ledger], T]) -> T:
-        """Run `work` in a transaction (shared with other units) and return its result once committed."""
+    async def transact(self, work: Callable[[Ledger], T], *, decision: tuple[int, str] | None = None) -> T:
+        """Run `work` in a transaction (shared with other units) and return its result once committed.
+
+        `decision` (message seq, approval id): `work` asks for this decision's context; the store may read the
+        contexts of the decisions it runs together in one go."""
+        ...
+
+    async def claim(self, call_id: str, owner: str, now: datetime, lease_until: datetime) -> CallRecord | None:
+        """`Ledger.claim` as a unit of its own; claims queued together are taken together."""
+        ...
+
+    async def finish(self, claim: Claim, completion: Completion) -> bool:
+        """`Ledger.finish` as a unit of its own; completions queued together are recorded together."""
         ...
 
     async def complete_with_effects(

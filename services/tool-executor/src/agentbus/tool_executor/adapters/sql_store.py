@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -53,6 +54,7 @@ from agentbus.tool_executor.domain import (
 from agentbus.tool_executor.ports import (
     AuditEntry,
     Claim,
+    ClaimRequest,
     Completion,
     DecisionAuditedError,
     EffectConnection,
@@ -429,6 +431,85 @@ def _resolve_with_audit() -> sa.Select[Any]:
     )
 
 
+def _decision_contexts() -> sa.Select[Any]:
+    """Postgres: what the decisions of a whole batch are checked against, in one query (see
+    `SqlLedger.decision_context`)."""
+    a, c, d = approvals.c, calls.c, decision_audit.c
+    keys = sa.select(
+        sa.func.unnest(_bind("b_seqs", postgresql.ARRAY(sa.BigInteger()))).label("seq"),
+        sa.func.unnest(_bind("b_approval_ids", postgresql.ARRAY(sa.String()))).label("approval_id"),
+    ).subquery("keys")
+    return sa.select(
+        keys.c.seq.label("key_seq"),
+        keys.c.approval_id.label("key_approval_id"),
+        d.message_seq.label("audited"),
+        *(column.label(f"a_{column.name}") for column in approvals.c),
+        *(column.label(f"c_{column.name}") for column in calls.c),
+    ).select_from(
+        keys.outerjoin(decision_audit, d.message_seq == keys.c.seq)
+        .outerjoin(approvals, a.approval_id == keys.c.approval_id)
+        .outerjoin(calls, c.call_id == a.call_id)
+    )
+
+
+def _claim_many() -> sa.Update:
+    """Postgres: the claims of a whole batch in one statement (see `SqlLedger.claim`)."""
+    c = calls.c
+    requests = sa.select(
+        sa.func.unnest(_bind("b_call_ids", postgresql.ARRAY(sa.String()))).label("call_id"),
+        sa.func.unnest(_bind("b_nows", postgresql.ARRAY(UtcDateTime()))).label("now"),
+        sa.func.unnest(_bind("b_lease_untils", postgresql.ARRAY(UtcDateTime()))).label("lease_until"),
+    ).subquery("requests")
+    running = CallStatus.RUNNING.value
+    return (
+        calls.update()
+        .where(
+            c.call_id == requests.c.call_id,
+            c.tool.is_not(None),
+            sa.or_(
+                c.status == CallStatus.READY.value,
+                sa.and_(c.status == running, c.lease_until <= requests.c.now),
+            ),
+        )
+        .values(
+            status=running,
+            lease_owner=_bind("b_owner", sa.String()),
+            lease_until=requests.c.lease_until,
+            attempts=c.attempts + 1,
+            updated_at=requests.c.now,
+        )
+        .returning(*calls.c)
+    )
+
+
+def _finish_many() -> sa.Update:
+    """Postgres: the completions of a whole batch in one statement (see `SqlLedger.finish`)."""
+    c = calls.c
+    outcomes = sa.select(
+        sa.func.unnest(_bind("b_call_ids", postgresql.ARRAY(sa.String()))).label("call_id"),
+        sa.func.unnest(_bind("b_attempts", postgresql.ARRAY(sa.Integer()))).label("attempt"),
+        sa.func.unnest(_bind("b_statuses", postgresql.ARRAY(sa.String()))).label("status"),
+        sa.func.unnest(_bind("b_results", postgresql.ARRAY(sa.Text()))).label("result"),
+    ).subquery("outcomes")
+    return (
+        calls.update()
+        .where(
+            c.call_id == outcomes.c.call_id,
+            c.status == CallStatus.RUNNING.value,
+            c.lease_owner == _bind("b_owner", sa.String()),
+            c.attempts == outcomes.c.attempt,
+        )
+        .values(
+            status=outcomes.c.status,
+            result=sa.cast(outcomes.c.result, sa.JSON()),
+            lease_owner=None,
+            lease_until=None,
+            updated_at=_bind("b_now", UtcDateTime()),
+        )
+        .returning(c.call_id)
+    )
+
+
 class _Statements:
     """Every statement the store runs, built and compiled once for its dialect."""
 
@@ -499,7 +580,11 @@ class _Statements:
             .values(_values(decision_audit, _AUDIT_COLUMNS))
             .on_conflict_do_nothing(index_elements=["message_seq"])
         )
-        self.resolve_with_audit = prepare(_resolve_with_audit()) if dialect.name == "postgresql" else None
+        postgres = dialect.name == "postgresql"
+        self.resolve_with_audit = prepare(_resolve_with_audit()) if postgres else None
+        self.claim_many = prepare(_claim_many()) if postgres else None
+        self.decision_contexts = prepare(_decision_contexts()) if postgres else None
+        self.finish_many = prepare(_finish_many()) if postgres else None
         # One statement takes the call: concurrent claims (other executors) re-check the row and find it taken.
         self.claim = prepare(
             calls.update()
@@ -610,10 +695,25 @@ class SqlLedger:
         row = self._s.audit_entry.first(self._conn, {"b_message_seq": message_seq})
         return None if row is None else _audit(row)
 
+    def prefetch_decisions(self, keys: list[tuple[int, str]]) -> None:
+        """Read the contexts of several decisions in one query, for `decision_context` to find in this transaction.
+        A context read here may be overtaken by a unit earlier in the batch; the compare-and-set that applies a
+        decision is what decides, so a decision beaten that way is refused as already resolved, as it would be."""
+        if self._s.decision_contexts is None or not keys:
+            return
+        values = {"b_seqs": [seq for seq, _ in keys], "b_approval_ids": [approval_id for _, approval_id in keys]}
+        found = _prefetched(self._conn)
+        for row in self._s.decision_contexts.rows(self._conn, values):
+            found[(row["key_seq"], row["key_approval_id"])] = row
+
     def decision_context(
         self, message_seq: int, approval_id: str
     ) -> tuple[AuditEntry | None, ApprovalRecord | None, CallRecord | None]:
-        row = self._s.decision_context.first(self._conn, {"b_message_seq": message_seq, "b_approval_id": approval_id})
+        row = _prefetched(self._conn).pop((message_seq, approval_id), None)
+        if row is None:
+            row = self._s.decision_context.first(
+                self._conn, {"b_message_seq": message_seq, "b_approval_id": approval_id}
+            )
         assert row is not None
         audited = self.audit_entry(message_seq) if row["audited"] is not None else None
         if row["a_approval_id"] is None:
@@ -767,6 +867,56 @@ class SqlLedger:
         )
         return None if row is None else _call(row)
 
+    def claim_many(self, requests: list[ClaimRequest]) -> list[CallRecord | None]:
+        """Several claims at once: on Postgres one statement per owner. Each call is claimed once; a second
+        request for the same call gets None, as a concurrent claim would."""
+        taken: dict[str, CallRecord | None] = {}
+        for owner in dict.fromkeys(request.owner for request in requests):
+            mine = {r.call_id: r for r in requests if r.owner == owner and r.call_id not in taken}
+            if self._s.claim_many is None:
+                for request in mine.values():
+                    taken[request.call_id] = self.claim(request.call_id, owner, request.now, request.lease_until)
+                continue
+            values = {
+                "b_owner": owner,
+                "b_call_ids": list(mine),
+                "b_nows": [r.now for r in mine.values()],
+                "b_lease_untils": [r.lease_until for r in mine.values()],
+            }
+            claimed = {row["call_id"]: _call(row) for row in self._s.claim_many.rows(self._conn, values)}
+            taken.update({call_id: claimed.get(call_id) for call_id in mine})
+        answers: list[CallRecord | None] = []
+        for request in requests:
+            answers.append(taken.pop(request.call_id, None))
+        return answers
+
+    def finish_many(self, outcomes: list[tuple[Claim, Completion]]) -> list[bool]:
+        """Several completions at once: on Postgres one statement per owner."""
+        if self._s.finish_many is None:
+            return [self.finish(claim, completion) for claim, completion in outcomes]
+        now = datetime.now(UTC)
+        finished: set[tuple[str, int]] = set()
+        for owner in dict.fromkeys(claim.owner for claim, _ in outcomes):
+            mine = [(claim, completion) for claim, completion in outcomes if claim.owner == owner]
+            values = {
+                "b_owner": owner,
+                "b_now": now,
+                "b_call_ids": [claim.call_id for claim, _ in mine],
+                "b_attempts": [claim.attempt for claim, _ in mine],
+                "b_statuses": [completion.status.value for _, completion in mine],
+                "b_results": [json.dumps(_result_to_json(completion.result)) for _, completion in mine],
+            }
+            done = {row["call_id"] for row in self._s.finish_many.rows(self._conn, values)}
+            finished.update((claim.call_id, claim.attempt) for claim, _ in mine if claim.call_id in done)
+        answers = []
+        for claim, completion in outcomes:
+            recorded = (claim.call_id, claim.attempt) in finished
+            finished.discard((claim.call_id, claim.attempt))
+            if recorded:
+                self._add_outbox(claim.call_id, completion.outbox, now)
+            answers.append(recorded)
+        return answers
+
     def renew_lease(self, claim: Claim, lease_until: datetime) -> bool:
         return self._s.renew_lease.changed(
             self._conn,
@@ -872,8 +1022,18 @@ def _pending_outbox(connection: sa.Connection) -> list[dict[str, Any]]:
     return rows
 
 
+_PREFETCHED = "agentbus_prefetched_decisions"
+
+
+def _prefetched(connection: sa.Connection) -> dict[tuple[int, str], dict[str, Any]]:
+    """Decision contexts read ahead for the transaction under way."""
+    found: dict[tuple[int, str], dict[str, Any]] = connection.info.setdefault(_PREFETCHED, {})
+    return found
+
+
 def _begin_buffering(connection: sa.Connection) -> None:
     connection.info.pop(_OUTBOX_ROWS, None)
+    connection.info.pop(_PREFETCHED, None)
 
 
 def _write_outbox(connection: sa.Connection, statements: _Statements) -> None:
@@ -898,6 +1058,10 @@ class _Job(Generic[T]):
     future: asyncio.Future[T]
     unit: Unit | None = None
     exclusive: Callable[[_Transaction], Awaitable[T]] | None = None
+    claim: ClaimRequest | None = None
+    finish: tuple[Claim, Completion] | None = None
+    decision: tuple[int, str] | None = None
+    """(message seq, approval id) of the decision the unit checks, read ahead with the batch's others."""
 
 
 @dataclass
@@ -1266,14 +1430,24 @@ class SqlApprovalStore:
 
     # --- units of work -----------------------------------------------------------------------------------
 
-    async def transact(self, work: Callable[[Ledger], T]) -> T:
+    async def transact(self, work: Callable[[Ledger], T], *, decision: tuple[int, str] | None = None) -> T:
         statements = self._statements
 
         def unit(connection: sa.Connection) -> T:
             return work(SqlLedger(connection, statements))
 
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Job(future, unit=unit))
+        self._enqueue(_Job(future, unit=unit, decision=decision))
+        return await future
+
+    async def claim(self, call_id: str, owner: str, now: datetime, lease_until: datetime) -> CallRecord | None:
+        future: asyncio.Future[CallRecord | None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Job(future, claim=ClaimRequest(call_id, owner, now, lease_until)))
+        return await future
+
+    async def finish(self, claim: Claim, completion: Completion) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Job(future, finish=(claim, completion)))
         return await future
 
     async def complete_with_effects(
@@ -1320,20 +1494,42 @@ class SqlApprovalStore:
             await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[_Job[Any]]) -> None:
-        units = [job.unit for job in batch if job.unit is not None]
+        statements = self._statements
+        plain = [job for job in batch if job.unit is not None]
+        claims = [job for job in batch if job.claim is not None]
+        finishes = [job for job in batch if job.finish is not None]
+        units: list[Unit] = [job.unit for job in plain if job.unit is not None]
+        groups: list[list[_Job[Any]]] = [[job] for job in plain]
+        decisions = [job.decision for job in plain if job.decision is not None]
+        if len(decisions) > 1 and statements.decision_contexts is not None:
+            units.insert(0, lambda connection: SqlLedger(connection, statements).prefetch_decisions(decisions))
+            groups.insert(0, [])
+        # The batch's claims, and its completions, each as one unit: one statement apiece on Postgres.
+        if claims:
+            requests = [job.claim for job in claims if job.claim is not None]
+            units.append(lambda connection: SqlLedger(connection, statements).claim_many(requests))
+            groups.append(claims)
+        if finishes:
+            outcomes = [job.finish for job in finishes if job.finish is not None]
+            units.append(lambda connection: SqlLedger(connection, statements).finish_many(outcomes))
+            groups.append(finishes)
         try:
-            outcomes = await self._backend.run_batch(units)
+            results = await self._backend.run_batch(units)
         except BaseException as error:
             for job in batch:
                 _fail(job, error)
             if not isinstance(error, Exception):
                 raise
             return
-        for job, outcome in zip(batch, outcomes, strict=True):
-            if outcome.error is not None:
-                _fail(job, outcome.error)
-            elif not job.future.done():
-                job.future.set_result(outcome.value)
+        for group, result in zip(groups, results, strict=True):
+            if not group:
+                continue
+            values = result.value if len(group) > 1 or group[0].unit is None else [result.value]
+            for index, job in enumerate(group):
+                if result.error is not None:
+                    _fail(job, result.error)
+                elif not job.future.done():
+                    job.future.set_result(values[index])
 
     async def _run_exclusive(self, job: _Job[Any]) -> None:
         assert job.exclusive is not None

@@ -91,7 +91,10 @@ class Decide:
             )
             decided = await x.store.transact(lambda ledger: _audit_malformed(ledger, malformed))
         else:
-            decided = await x.store.transact(lambda ledger: self._decide(ledger, decision, received, now))
+            decided = await x.store.transact(
+                lambda ledger: self._decide(ledger, decision, received, now),
+                decision=(message_seq, decision.approval_id),
+            )
         return await self._after(decided)
 
     def _decide(self, ledger: Ledger, decision: ApprovalDecision, received: AuditEntry, now: datetime) -> _Decided:

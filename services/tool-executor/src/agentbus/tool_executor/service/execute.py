@@ -118,7 +118,7 @@ class ExecuteCall:
         """Claim a ready call (or one a stopped executor left running) and finish it."""
         x = self._x
         now = x.clock()
-        claimed = await x.store.transact(lambda ledger: ledger.claim(call_id, x.owner, now, now + x.lease))
+        claimed = await x.store.claim(call_id, x.owner, now, now + x.lease)
         if claimed is None:
             return
         claim = Claim(call_id, x.owner, claimed.attempts)
@@ -331,7 +331,7 @@ class ExecuteCall:
         delay = _WAIT_FIRST_DELAY_SECONDS
         while True:
             try:
-                recorded = await self._x.store.transact(lambda ledger: ledger.finish(claim, completion))
+                recorded = await self._x.store.finish(claim, completion)
             except StoreUnavailableError as exc:
                 _log.warning("execution_outcome_waits_for_store", call_id=claim.call_id, error=str(exc))
                 await asyncio.sleep(delay)
