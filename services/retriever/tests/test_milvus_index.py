@@ -89,3 +89,16 @@ def test_a_lite_file_is_served_by_a_child_process_until_its_input_closes(tmp_pat
         assert again.has_collection("chunks")
     finally:
         again.close()
+
+
+def test_an_index_whose_lite_process_died_is_not_serving(tmp_path: Path) -> None:
+    client, server = open_client(str(tmp_path / "dies.db"))
+    assert server is not None
+    index = MilvusVectorIndex(client, "chunks", owned=server)
+    assert index.serving()
+    assert server._process is not None
+    server._process.kill()
+    server._process.wait()
+    assert not index.serving()
+    client.close()
+    server.stop()

@@ -113,6 +113,8 @@ class RetrieverApp(BusService):
         self.handlers: RetrieverHandlers | None = None
         self._search_sub: Subscription | None = None
         self.add_health_check(lambda: self._search_sub is not None)
+        # /readyz fails when the Lite process died, so the supervisor (agentbus up, Kubernetes) restarts us.
+        self.add_health_check(lambda: self.index is None or self.index.serving())
 
     async def _wire(self, nc: NatsClient, js: JetStreamContext, metrics: ConsumerMetrics) -> list[ConsumerRunner]:
         settings = self.retriever_settings

@@ -57,6 +57,9 @@ class LiteServer:
             raise LiteServerError(f"Milvus Lite did not start serving {self.path} (exit code {process.poll()})")
         return f"http://127.0.0.1:{int(line[0][len(READY_PREFIX) :])}"
 
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is None:

@@ -280,6 +280,10 @@ class MilvusVectorIndex:
         self._unflushed_since: float | None = None
         self._searches = _SearchBatcher(self._run, self._search_sync, MAX_QUERIES_PER_CALL)
 
+    def serving(self) -> bool:
+        """False once the Lite process this index started has died (nothing can be searched then)."""
+        return self.owned is None or self.owned.alive()
+
     async def _run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(call, *args, **kwargs))
