@@ -56,7 +56,13 @@ async def suite(
             )
         ),
         create_retriever(
-            RetrieverSettings(nats_url=bootstrapped_nats.url, milvus_uri=str(milvus), drain_timeout_seconds=2)
+            RetrieverSettings(
+                nats_url=bootstrapped_nats.url,
+                milvus_uri=str(milvus),
+                drain_timeout_seconds=2,
+                # Embedding in this process: the test session needs no worker processes of its own.
+                embedding_processes=0,
+            )
         ),
         create_trace_exporter(
             TraceExporterSettings(

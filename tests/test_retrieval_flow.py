@@ -19,7 +19,8 @@ OTHER_TENANT_SECRET = "Globex internal: refunds are never granted to anyone."
 
 async def _ingest_and_wait(nc: NatsClient, tenant: str, document: IngestDocument, probe: str) -> None:
     message = DocumentsIngest(tenant=tenant, documents=[document])
-    await nc.jetstream().publish(RAG_INGEST_DOCUMENTS.format(tenant=tenant), message.model_dump_json().encode())
+    subject = RAG_INGEST_DOCUMENTS.format(tenant=tenant, submitter=f"{tenant}-app")
+    await nc.jetstream().publish(subject, message.model_dump_json().encode())
     request = SearchRequest(tenant=tenant, query=probe, top_k=5)
     async with asyncio.timeout(60):
         while True:
