@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from agentbus.contracts.budget import BudgetAlert
 from agentbus.cost_accountant.budgets import BudgetPolicy
@@ -101,8 +102,7 @@ class TaskBook:
         return (Scope.task(self.task_id), TASK_PERIOD)
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
+class LedgerEntry(NamedTuple):
     """A priced usage record as the ledger keeps it: attributed to the task's agent and user."""
 
     priced: PricedUsage

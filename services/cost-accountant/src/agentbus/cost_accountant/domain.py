@@ -10,10 +10,12 @@ The limit rule: spending exactly up to a hard limit is allowed. A reservation is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
+from typing import NamedTuple
 
 NANO_PER_USD = 1_000_000_000
 
@@ -73,9 +75,9 @@ class Scope:
         return f"tenant:{tenant}"
 
 
-@dataclass(frozen=True)
-class Attribution:
-    """Who a cost belongs to: every scope it lands in is derived from this."""
+class Attribution(NamedTuple):
+    """Who a cost belongs to: every scope it lands in is derived from this. (A tuple: one is built for every
+    decision and every usage record.)"""
 
     tenant: str
     task_id: str | None
@@ -93,8 +95,9 @@ class ScopeLimit:
     hard_nano: int | None = None
     soft_nano: int | None = None
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple[str, str]:
+        # Cached: the policy hands the same scope objects to every decision of a month.
         return (self.scope, self.period)
 
 

@@ -30,7 +30,7 @@ from agentbus.contracts.registry import (
 )
 from agentbus.contracts.usage import UsageRecorded
 from agentbus.cost_accountant.committer import NotServing, StoreUnavailable
-from agentbus.cost_accountant.ports import PricedUsage
+from agentbus.cost_accountant.ports import InboundMessage, PricedUsage
 from agentbus.cost_accountant.service import AccountantService
 from agentbus.runtime.consumer import Delivery
 from agentbus.runtime.errors import DependencyUnavailableError, TerminalError
@@ -121,20 +121,20 @@ class AccountantHandlers:
 
     async def on_usage_recorded(self, delivery: Delivery) -> None:
         """One usage record (see `on_usage_batch`): raises what the consumer must do with it."""
-        outcome = (await self.on_usage_batch([delivery]))[0]
+        outcome = (await self.on_usage_batch([InboundMessage(delivery.subject, delivery.data)]))[0]
         if outcome is not None:
             raise outcome
 
-    async def on_usage_batch(self, deliveries: list[Delivery]) -> list[Exception | None]:
+    async def on_usage_batch(self, messages: list[InboundMessage]) -> list[Exception | None]:
         """A fetch of usage records, written in one group commit. Per record: None (recorded, or a repeat), a
         TerminalError (can never be priced or charged: dead-letter it), or DependencyUnavailableError (the
         ledger or the partition is not available here now: wait)."""
-        outcomes: list[Exception | None] = [None] * len(deliveries)
+        outcomes: list[Exception | None] = [None] * len(messages)
         priced: list[PricedUsage] = []
         valid: list[int] = []
-        for index, delivery in enumerate(deliveries):
+        for index, message in enumerate(messages):
             try:
-                priced.append(self._priced(delivery))
+                priced.append(self._priced(message))
             except TerminalError as exc:
                 outcomes[index] = exc
                 continue
@@ -155,12 +155,12 @@ class AccountantHandlers:
                 outcomes[index] = waiting
         return outcomes
 
-    def _priced(self, delivery: Delivery) -> PricedUsage:
+    def _priced(self, message: InboundMessage) -> PricedUsage:
         try:
-            usage = UsageRecorded.model_validate_json(delivery.data)
+            usage = UsageRecorded.model_validate_json(message.data)
         except ValidationError as exc:
             raise _usage_error(exc) from exc
-        if (error := _USAGE.check(delivery.subject, usage.tenant)) is not None:
+        if (error := _USAGE.check(message.subject, usage.tenant)) is not None:
             raise TerminalError(error.code, f"usage {usage.usage_id}: {error.message}")
         return self._service.price(usage)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from agentbus.contracts.budget import BudgetAlert
 from agentbus.contracts.usage import UsageRecorded
@@ -33,13 +33,19 @@ class ReservationInput:
     task_budget_nano: int | None
 
 
-@dataclass(frozen=True)
-class PricedUsage:
-    """A valid usage record and its price."""
+class PricedUsage(NamedTuple):
+    """A valid usage record and its price. (A tuple: one is built for every record ingested.)"""
 
     usage: UsageRecorded
     cost_nano: int
     priced_by_default: bool
+
+
+class InboundMessage(NamedTuple):
+    """What a batch handler reads of a message: its subject and its bytes."""
+
+    subject: str
+    data: bytes
 
 
 @dataclass(frozen=True)

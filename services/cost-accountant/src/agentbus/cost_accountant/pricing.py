@@ -124,9 +124,14 @@ def price_tool_call(table: PriceTable, tool: str) -> Price:
 
 
 def _check_quantities(usage: UsageRecorded) -> None:
-    for name, value in (("prompt_tokens", usage.prompt_tokens), ("completion_tokens", usage.completion_tokens)):
-        if value > MAX_TOKENS_PER_RECORD:
-            raise PricingError("implausible_quantity", f"{name}={value} is more than one record can hold")
+    if usage.prompt_tokens > MAX_TOKENS_PER_RECORD:
+        raise PricingError(
+            "implausible_quantity", f"prompt_tokens={usage.prompt_tokens} is more than one record can hold"
+        )
+    if usage.completion_tokens > MAX_TOKENS_PER_RECORD:
+        raise PricingError(
+            "implausible_quantity", f"completion_tokens={usage.completion_tokens} is more than one record can hold"
+        )
     if usage.gpu_seconds > MAX_GPU_SECONDS_PER_RECORD:
         raise PricingError("implausible_quantity", f"gpu_seconds={usage.gpu_seconds} is more than one record can hold")
 

@@ -15,6 +15,7 @@ import nats.errors
 from agentbus.contracts.budget import BudgetAlert
 from agentbus.contracts.common import ErrorInfo
 from agentbus.contracts.registry import BUDGET_ALERT, ConsumerSpec, Header
+from agentbus.cost_accountant.ports import InboundMessage
 from agentbus.runtime.consumer import (
     NATS_OUTAGE_ERRORS,
     RETRIES_EXHAUSTED_CODE,
@@ -141,7 +142,7 @@ class Responder:
             self._publisher = None
 
 
-BatchHandler = Callable[[list[Delivery]], Awaitable[list[Exception | None]]]
+BatchHandler = Callable[[list[InboundMessage]], Awaitable[list[Exception | None]]]
 """Handles a whole fetch: per message None (done: ack it) or the exception it would have raised alone."""
 
 
@@ -241,33 +242,23 @@ class BatchConsumer:
             _log.error("batch_handling_failed", consumer=self._spec.durable, error=repr(error))
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        deliveries = []
-        for msg in msgs:
-            metadata = msg.metadata
-            headers = dict(msg.headers or {})
-            deliveries.append(
-                Delivery(
-                    subject=msg.subject,
-                    data=msg.data,
-                    headers=headers,
-                    deliveries=metadata.num_delivered,
-                    stream_seq=metadata.sequence.stream,
-                    trace=TraceContext.parse(headers.get(Header.TRACEPARENT.value)),
-                )
-            )
         started = time.perf_counter()
         try:
-            outcomes = await self._handler(deliveries)
+            outcomes = await self._handler([InboundMessage(msg.subject, msg.data) for msg in msgs])
         except Exception as exc:
             _log.exception("handler_failed", consumer=self._spec.durable)
-            outcomes = [exc] * len(deliveries)
+            outcomes = [exc] * len(msgs)
         self._metrics.handler_seconds.labels(self._spec.durable).observe(time.perf_counter() - started)
         durable = self._spec.durable
-        for msg, delivery, outcome in zip(msgs, deliveries, outcomes, strict=True):
+        acked = 0
+        for msg, outcome in zip(msgs, outcomes, strict=True):
             if outcome is None:
                 await (msg.ack_sync() if self._ack_policy is AckPolicy.ACK_SYNC else msg.ack())
-                self._metrics.handled.labels(durable, "acked").inc()
-            elif isinstance(outcome, TerminalError):
+                acked += 1
+                continue
+            # Only a message that failed is read whole (its delivery count and stream sequence).
+            delivery = _delivery(msg)
+            if isinstance(outcome, TerminalError):
                 await self._give_up(msg, delivery, ErrorInfo(code=outcome.code, message=outcome.message))
             elif isinstance(outcome, DependencyUnavailableError):
                 with contextlib.suppress(*NATS_OUTAGE_ERRORS):
@@ -276,6 +267,8 @@ class BatchConsumer:
             else:
                 delay = outcome.delay_seconds if isinstance(outcome, RetryableError) else None
                 await self._retry_or_give_up(msg, delivery, outcome, delay)
+        if acked:
+            self._metrics.handled.labels(durable, "acked").inc(acked)
         if any(isinstance(outcome, DependencyUnavailableError) for outcome in outcomes):
             # One line per fetch that waits, no traceback: an outage is a state, not a bug.
             reason = next(str(o) for o in outcomes if isinstance(o, DependencyUnavailableError))
@@ -301,3 +294,16 @@ class BatchConsumer:
         _log.warning("dead_lettered", consumer=self._spec.durable, code=error.code, reason=error.message)
         self._metrics.handled.labels(self._spec.durable, "dead_lettered").inc()
         self._metrics.dead_letters.labels(self._spec.durable, error.code).inc()
+
+
+def _delivery(msg: Msg) -> Delivery:
+    metadata = msg.metadata
+    headers = dict(msg.headers or {})
+    return Delivery(
+        subject=msg.subject,
+        data=msg.data,
+        headers=headers,
+        deliveries=metadata.num_delivered,
+        stream_seq=metadata.sequence.stream,
+        trace=TraceContext.parse(headers.get(Header.TRACEPARENT.value)),
+    )

@@ -297,13 +297,25 @@ class _PostgresGroupCommit:
     """The whole group commit on Postgres as one statement, run on its own (its own transaction): one round
     trip, however many rows. Each table's rows go as one array per column (plus each row's partition) and
     are unnested into data-modifying CTEs; the first CTE is the fence, locking this replica's lease rows
-    `FOR SHARE`, and every change is kept only for the partitions it returns. The statement returns them."""
+    `FOR SHARE`, and every change is kept only for the partitions it returns. The statement returns them.
+
+    A batch has rows for a few tables only (reservations: new holds and tasks; usage: ledger rows and
+    settled holds): the statement names just those, one text per combination, built when first needed."""
 
     SECTIONS = ("new_tasks", "closed_tasks", "new_holds", "changed_holds", "ledger", "alerts")
 
     def __init__(self) -> None:
+        self._statements: dict[tuple[str, ...], str] = {}
+
+    def sql(self, sections: tuple[str, ...]) -> str:
+        statement = self._statements.get(sections)
+        if statement is None:
+            self._statements[sections] = statement = self._build(sections)
+        return statement
+
+    @staticmethod
+    def _build(wanted: tuple[str, ...]) -> str:
         numbers = iter(range(1, 1000))
-        sections: list[str] = []
 
         def unnest(columns: list[tuple[str, str]]) -> str:
             arrays = ", ".join(f"${next(numbers)}::{kind}[]" for _, kind in columns)
@@ -313,7 +325,7 @@ class _PostgresGroupCommit:
         def typed(table: Any, names: tuple[str, ...]) -> list[tuple[str, str]]:
             return [("partition_id", "int4")] + [(name, _pg_type(table.c[name])) for name in names]
 
-        # Built at import from the schema's own names only: no value ever goes into this text.
+        # Built from the schema's own names only: no value ever goes into this text.
         kept = "r.partition_id IN (SELECT partition_id FROM fence)"
         fence = (
             "fence AS (SELECT p.partition_id FROM budget_partitions AS p "  # noqa: S608
@@ -322,39 +334,40 @@ class _PostgresGroupCommit:
             "FOR SHARE OF p)"
         )
 
-        def insert(name: str, table: Any, conflict: str = "") -> None:
+        def insert(name: str, table: Any, conflict: str = "") -> str:
             columns = tuple(column.name for column in table.columns)
             listed = ", ".join(f'"{column}"' for column in columns)
             source = unnest(typed(table, columns))
-            sections.append(
+            return (
                 f"{name} AS (INSERT INTO {table.name} ({listed}) SELECT {listed} FROM {source} WHERE {kept}{conflict})"  # noqa: S608
             )
 
-        def change(name: str, table: Any, keys: tuple[str, ...], values: tuple[str, ...]) -> None:
+        def change(name: str, table: Any, keys: tuple[str, ...], values: tuple[str, ...]) -> str:
             source = unnest(typed(table, keys + values))
             assign = ", ".join(f'"{column}" = r."{column}"' for column in values)
             match = " AND ".join(f't."{column}" = r."{column}"' for column in keys)
-            sections.append(f"{name} AS (UPDATE {table.name} AS t SET {assign} FROM {source} WHERE {match} AND {kept})")  # noqa: S608
+            return f"{name} AS (UPDATE {table.name} AS t SET {assign} FROM {source} WHERE {match} AND {kept})"  # noqa: S608
 
-        insert("new_tasks", tasks)
-        change("closed_tasks", tasks, ("tenant", "task_id"), ("closed_at",))
-        insert("new_holds", reservations)
-        change("changed_holds", reservations, ("tenant", "task_id", "reservation_id"), ("status", "closed_at"))
-        insert("ledger_rows", ledger)
-        insert("alerts", budget_alerts, " ON CONFLICT (alert_id) DO NOTHING")
-        self.sql = "WITH " + ",\n".join([fence, *sections]) + "\nSELECT partition_id FROM fence"
-        self.widths = {
-            "new_tasks": len(tasks.columns),
-            "closed_tasks": 3,
-            "new_holds": len(reservations.columns),
-            "changed_holds": 5,
-            "ledger": len(ledger.columns),
-            "alerts": len(budget_alerts.columns),
+        builders: dict[str, Callable[[], str]] = {
+            "new_tasks": lambda: insert("new_tasks", tasks),
+            "closed_tasks": lambda: change("closed_tasks", tasks, ("tenant", "task_id"), ("closed_at",)),
+            "new_holds": lambda: insert("new_holds", reservations),
+            "changed_holds": lambda: change(
+                "changed_holds", reservations, ("tenant", "task_id", "reservation_id"), ("status", "closed_at")
+            ),
+            "ledger": lambda: insert("ledger_rows", ledger),
+            "alerts": lambda: insert("alerts", budget_alerts, " ON CONFLICT (alert_id) DO NOTHING"),
         }
+        sections = [builders[section]() for section in wanted]  # in order: the parameters are numbered so
+        return "WITH " + ",\n".join([fence, *sections]) + "\nSELECT partition_id FROM fence"
 
-    def arguments(self, replica: str, epochs: Mapping[int, int], rows: Mapping[int, _PlanRows]) -> list[Any]:
-        """The statement's arguments: the fence's, then, per section, the rows' partitions and columns."""
+    def statement(
+        self, replica: str, epochs: Mapping[int, int], rows: Mapping[int, _PlanRows]
+    ) -> tuple[str, list[Any]]:
+        """The statement for these rows and its arguments: the fence's, then, per section with rows, the rows'
+        partitions and then their columns."""
         arguments: list[Any] = [list(epochs), list(epochs.values()), replica]
+        sections: list[str] = []
         for section in self.SECTIONS:
             partitions: list[int] = []
             table: list[tuple[Any, ...]] = []
@@ -362,10 +375,12 @@ class _PostgresGroupCommit:
                 section_rows = getattr(plan, section)
                 partitions.extend([partition] * len(section_rows))
                 table.extend(section_rows)
+            if not table:
+                continue
+            sections.append(section)
             arguments.append(partitions)
-            columns = list(zip(*table, strict=True)) if table else [() for _ in range(self.widths[section])]
-            arguments.extend(list(column) for column in columns)
-        return arguments
+            arguments.extend(list(column) for column in zip(*table, strict=True))
+        return self.sql(tuple(sections)), arguments
 
 
 _PG_GROUP_COMMIT = _PostgresGroupCommit()
@@ -673,8 +688,8 @@ class SqlAccountantStore:
         rows = {partition: _PlanRows.of(plan, sql) for partition, plan in plans.items() if plan}
         db = self._db
         if isinstance(db, _PostgresDatabase):
-            statement = _PG_GROUP_COMMIT
-            kept = await db.fetch_alone(statement.sql, statement.arguments(replica, epochs, rows))
+            sql_text, arguments = _PG_GROUP_COMMIT.statement(replica, epochs, rows)
+            kept = await db.fetch_alone(sql_text, arguments)
             return set(epochs) - {row[0] for row in kept}
         assert isinstance(db, _SqliteDatabase)
 
@@ -1011,7 +1026,7 @@ class _PlanRows:
 
     @classmethod
     def of(cls, plan: Plan, sql: _DialectStatements) -> _PlanRows:
-        dt = sql.datetime
+        dt = _last_value(sql.datetime)
         rows = cls()
         rows.ledger = [_ledger_row(entry, dt) for entry in plan.ledger]
         rows.new_holds = [_hold_row(hold, dt) for hold in plan.new_holds.values()]
@@ -1036,6 +1051,18 @@ class _PlanRows:
             (alert.alert_id, alert.tenant, alert.model_dump_json(), dt(_naive(alert.at)), None) for alert in plan.alerts
         ]
         return rows
+
+
+def _last_value(convert: Callable[[datetime | None], Any]) -> Callable[[datetime | None], Any]:
+    """`convert`, remembering its last answer: a batch's rows share their decision time."""
+    last: list[Any] = [None, None]
+
+    def converted(moment: datetime | None) -> Any:
+        if moment is not last[0]:
+            last[0], last[1] = moment, convert(moment)
+        return last[1]
+
+    return converted
 
 
 def _ledger_row(entry: LedgerEntry, dt: Callable[[datetime | None], Any]) -> tuple[Any, ...]:
