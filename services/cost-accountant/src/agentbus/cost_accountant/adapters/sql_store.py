@@ -74,7 +74,6 @@ from sqlalchemy import (
     insert,
     select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -115,21 +114,6 @@ def _chunks(items: Sequence[T]) -> Iterator[list[T]]:
 
 # --- statements, built once ------------------------------------------------------------------------
 
-_LOAD_TASKS = select(
-    tasks.c.tenant,
-    tasks.c.task_id,
-    tasks.c.agent,
-    tasks.c.submitted_by,
-    tasks.c.budget_nanousd,
-    tasks.c.first_seen_at,
-    tasks.c.closed_at,
-).where(tuple_(tasks.c.tenant, tasks.c.task_id).in_(bindparam("keys", expanding=True)))
-_LOAD_TASK_LEDGER = select(ledger.c.tenant, ledger.c.task_id, ledger.c.usage_id, ledger.c.cost_nanousd).where(
-    tuple_(ledger.c.tenant, ledger.c.task_id).in_(bindparam("keys", expanding=True))
-)
-_LOAD_TASK_HOLDS = select(reservations).where(
-    tuple_(reservations.c.tenant, reservations.c.task_id).in_(bindparam("keys", expanding=True))
-)
 _TASKS_HOLDING = select(reservations.c.tenant, reservations.c.task_id).where(reservations.c.status == "open").distinct()
 _MONTH = func.substr(ledger.c.day, 1, 7)
 _MONTHLY_SPEND = (
@@ -669,17 +653,19 @@ class SqlAccountantStore:
         wanted = set(partitions)
         moment = _naive(since)
 
-        def work(connection: Connection) -> Snapshot:
+        def work(connection: Connection) -> tuple[list[TaskKey], list[MonthlySpend]]:
             holding = [(row[0], row[1]) for row in connection.execute(_TASKS_HOLDING) if _partition(row[0]) in wanted]
             monthly = [
                 MonthlySpend(row.tenant, row.submitted_by, row.agent, row.model, row.month, int(row.spent))
                 for row in connection.execute(_MONTHLY_SPEND, {"since": moment})
                 if _partition(row.tenant) in wanted
             ]
-            return Snapshot(monthly=monthly, tasks=list(_load_tasks(connection, holding).values()))
+            return holding, monthly
 
         # The committer is idle while it rebuilds, so a reader connection sees every commit already.
-        return await self._db.read(work)
+        holding, monthly = await self._db.read(work)
+        loaded = await self.load(holding, [])
+        return Snapshot(monthly=monthly, tasks=list(loaded.tasks.values()))
 
     async def commit(self, replica: str, epochs: Mapping[int, int], plans: Mapping[int, Plan]) -> set[int]:
         """Write the plans of the partitions still leased to (replica, epoch), in one transaction; the
@@ -865,8 +851,9 @@ class _KeyQuery:
 
     def __init__(self, table: Any, key: str, columns: tuple[str, ...]) -> None:
         listed = ", ".join(f'x."{column}"' for column in columns)
-        # Built from the schema's own names only: no value ever goes into this text.
-        self._sqlite = f'SELECT {listed} FROM {table.name} AS x WHERE (x."tenant", x."{key}") IN (VALUES '  # noqa: S608
+        # Built from the schema's own names only: no value ever goes into this text. The keys are joined (a
+        # row-value IN list would make SQLite scan the whole table instead of using the index).
+        self._sqlite_join = f'SELECT {listed} FROM k JOIN {table.name} AS x ON x."tenant" = k.a AND x."{key}" = k.b'  # noqa: S608
         self.postgres = (
             f"SELECT {listed} FROM {table.name} AS x "  # noqa: S608
             f"JOIN unnest($1::text[], $2::text[]) AS k(tenant, {key}) "
@@ -875,7 +862,7 @@ class _KeyQuery:
 
     @functools.cache  # noqa: B019 - a few lengths of a few module-level queries
     def sqlite(self, pairs: int) -> str:
-        return self._sqlite + ",".join(["(?,?)"] * pairs) + ")"
+        return "WITH k(a, b) AS (VALUES " + ",".join(["(?,?)"] * pairs) + ") " + self._sqlite_join
 
 
 _TASK_COLUMNS = ("tenant", "task_id", "agent", "submitted_by", "budget_nanousd", "first_seen_at", "closed_at")
@@ -956,55 +943,6 @@ def _stored_tasks(
             tenant=key[0],
             task_id=key[1],
             row=(task[2], task[3], task[4], dt(task[5]), dt(task[6])) if task is not None else None,
-            usage=usage.get(key, {}),
-            holds=holds.get(key, []),
-        )
-    return found
-
-
-def _load_tasks(connection: Connection, keys: list[TaskKey]) -> dict[TaskKey, StoredTask]:
-    """Every task of `keys` the database knows anything of: its row, its ledger rows, its reservations."""
-    rows: dict[TaskKey, Any] = {}
-    usage: dict[TaskKey, dict[str, int]] = {}
-    holds: dict[TaskKey, list[StoredHold]] = {}
-    for chunk in _chunks(keys):
-        for task in connection.execute(_LOAD_TASKS, {"keys": chunk}):
-            rows[(task.tenant, task.task_id)] = task
-        for entry in connection.execute(_LOAD_TASK_LEDGER, {"keys": chunk}):
-            usage.setdefault((entry.tenant, entry.task_id), {})[entry.usage_id] = entry.cost_nanousd
-    # Reservations always come with their task's row (written in the same transaction).
-    for chunk in _chunks(list(rows)):
-        for row in connection.execute(_LOAD_TASK_HOLDS, {"keys": chunk}):
-            holds.setdefault((row.tenant, row.task_id), []).append(
-                StoredHold(
-                    tenant=row.tenant,
-                    task_id=row.task_id,
-                    reservation_id=row.reservation_id,
-                    agent=row.agent,
-                    user=row.submitted_by,
-                    kind=row.kind,
-                    model=row.model,
-                    tool=row.tool,
-                    amount_nano=row.amount_nanousd,
-                    status=row.status,
-                    keys=tuple((scope, period) for scope, period in json.loads(row.scopes)),
-                    denied_budget=row.denied_budget,
-                    limit_nano=row.limit_nanousd,
-                    committed_nano=row.committed_nanousd,
-                    created_at=row.created_at,
-                    expires_at=row.expires_at,
-                    closed_at=row.closed_at,
-                )
-            )
-    found: dict[TaskKey, StoredTask] = {}
-    for key in set(rows) | set(usage):
-        stored = rows.get(key)
-        found[key] = StoredTask(
-            tenant=key[0],
-            task_id=key[1],
-            row=(stored.agent, stored.submitted_by, stored.budget_nanousd, stored.first_seen_at, stored.closed_at)
-            if stored is not None
-            else None,
             usage=usage.get(key, {}),
             holds=holds.get(key, []),
         )
