@@ -17,8 +17,10 @@ Figures, not a test. For each database (a SQLite file, a Postgres schema), on on
    some) are published, then ingested by the accountant through its partition consumers, and by the floor:
    one plain nats-py consumer process (`floor-ingest`) pulling the same records from its own durable
    consumer (fetch 256, json.loads, one executemany into a table shaped like the ledger, with the same
-   primary key and indexes, and one commit per fetch, then ack). Rate = rows written between the first and
-   the last row seen (the table is polled every 20 ms), so start-up is left out. The order alternates.
+   primary key and indexes, and one commit per fetch, then ack). Rate = records acked between the first and
+   the last ack seen (both ack only after the commit that wrote the record; the consumers' state is asked
+   of the server every 20 ms), so start-up is left out; afterwards every record must be in its table,
+   once. The order alternates.
 
     uv run python bench/bench_accountant.py [--runs 32] [--per-run 200] [--repeat 3] [--events 20000]
                                             [--databases sqlite,postgres] [--phases reservations,ingest]
@@ -54,7 +56,14 @@ import asyncpg  # type: ignore[import-untyped]
 import nats
 import yaml
 from agentbus.contracts.budget import BudgetReserveRequest
-from agentbus.contracts.registry import BUDGET_RESERVE, USAGE, USAGE_RECORDED, Header, budget_subject
+from agentbus.contracts.registry import (
+    ACCOUNTANT_USAGE,
+    BUDGET_RESERVE,
+    USAGE,
+    USAGE_RECORDED,
+    Header,
+    budget_subject,
+)
 from agentbus.contracts.usage import UsageRecorded
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.server import NatsServerProcess, free_port
@@ -456,19 +465,34 @@ async def publish_usage(url: str, events: int, run: str) -> None:
     await nc.close()
 
 
-async def ingest_rate(db: Database, table: str, expected: int, timeout: float = 600.0) -> float:
-    """Rows written per second between the first and the last row seen in `table`."""
-    deadline = time.perf_counter() + timeout
-    first: tuple[float, int] | None = None
-    while time.perf_counter() < deadline:
-        count = int(await scalar(db, f"SELECT count(*) FROM {table}"))
-        now = time.perf_counter()
-        if count and first is None:
-            first = (now, count)
-        if count >= expected and first is not None:
-            return (count - first[1]) / (now - first[0]) if now > first[0] else float("nan")
-        await asyncio.sleep(0.02)
-    raise TimeoutError(f"{table}: fewer than {expected} rows after {timeout}s")
+async def ingest_rate(url: str, durables: list[str], events: int, timeout: float = 600.0) -> float:
+    """Records acked per second between the first and the last ack seen on `durables` (both systems ack a
+    record only after the transaction that wrote it committed). The consumers' state is asked of the server
+    every 20 ms, which costs the same however large the tables have grown."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+
+    async def outstanding() -> int:
+        infos = await asyncio.gather(*(js.consumer_info(USAGE.name, durable) for durable in durables))
+        return sum(info.num_pending + info.num_ack_pending for info in infos)
+
+    try:
+        deadline = time.perf_counter() + timeout
+        total: int | None = None
+        first: tuple[float, int] | None = None
+        while time.perf_counter() < deadline:
+            left = await outstanding()
+            now = time.perf_counter()
+            total = left if total is None else max(total, left)
+            done = total - left
+            if done and first is None:
+                first = (now, done)
+            if total >= events and left == 0 and first is not None:
+                return (done - first[1]) / (now - first[0]) if now > first[0] else float("nan")
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"{durables}: records still outstanding after {timeout}s")
+    finally:
+        await nc.close()
 
 
 @dataclass
@@ -568,7 +592,7 @@ async def bench_ingest(
     await tables.close()
     port = int(env["AGENTBUS_ACCOUNTANT_HTTP_PORT"])
     with process([sys.executable, "-m", "agentbus.cost_accountant"], env) as accountant:
-        wait_ready(port, accountant)  # migrated: the ledger exists before the first count
+        wait_ready(port, accountant)  # migrated: the ledger exists before anything is counted
     floor_ingest_args = [sys.executable, __file__, "floor-ingest", server.url, db.url, db.schema or ""]
     for repeat in range(args.repeat):
         log(f"[{kind}] ingest {repeat + 1}/{args.repeat}: publishing {args.events} usage records")
@@ -576,15 +600,16 @@ async def bench_ingest(
         order = ["floor", "agentbus"] if repeat % 2 == 0 else ["agentbus", "floor"]
         for system in order:
             if system == "floor":
-                expected = int(await scalar(db, "SELECT count(*) FROM floor_ledger")) + args.events
                 with process(floor_ingest_args, dict(os.environ)):
-                    rate = await ingest_rate(db, "floor_ledger", expected)
+                    rate = await ingest_rate(server.url, [FLOOR_DURABLE], args.events)
                 figures.floor_ingest.append(rate)
             else:
-                expected = int(await scalar(db, "SELECT count(*) FROM ledger")) + args.events
                 with process([sys.executable, "-m", "agentbus.cost_accountant"], env):
-                    rate = await ingest_rate(db, "ledger", expected)
+                    rate = await ingest_rate(server.url, [spec.durable for spec in ACCOUNTANT_USAGE], args.events)
                 figures.ingest.append(rate)
+            written = int(await scalar(db, f"SELECT count(*) FROM {'floor_ledger' if system == 'floor' else 'ledger'}"))
+            if written != args.events * (repeat + 1):
+                raise RuntimeError(f"{system}: {written} rows written, {args.events * (repeat + 1)} published")
             log(f"[{kind}] {system:<8} ingest {rate:8.0f} records/s")
 
 
