@@ -46,6 +46,7 @@ from typing import Any
 from agentbus.cli.config import read_env_file
 from agentbus.cli.identities import ADMIN_USER, CredentialStore, approver_user, submitter_user
 from agentbus.cli.suite import PIDS_FILE_NAME
+from agentbus.contracts import registry
 from agentbus.contracts.approvals import ApprovalDecision, ApprovalsListReply, ApprovalsListRequest
 from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.registry import (
@@ -252,12 +253,20 @@ async def inject(suite: SuiteProcess, faults: list[Fault], started: float, log: 
     paused: list[asyncio.Task[None]] = []
     for fault in faults:
         await asyncio.sleep(max(0.0, started + fault.at - time.monotonic()))
-        pid = suite.pids().get(fault.target)
-        for _ in range(20):  # the target may be between a death and its restart: wait for it
+        target = fault.target
+        pid = suite.pids().get(target)
+        for _ in range(4):  # the target may be between a death and its restart: wait for it a moment
             if pid is not None and _alive(pid):
                 break
             await asyncio.sleep(0.5)
-            pid = suite.pids().get(fault.target)
+            pid = suite.pids().get(target)
+        else:
+            # Still down (its restarts are backing off): the fault goes to another process instead.
+            alive = [(name, p) for name, p in suite.pids().items() if _alive(p)]
+            if not alive:
+                continue
+            target, pid = random.choice(alive)
+            fault = Fault(fault.at, fault.action, target, fault.seconds)
         if pid is None:
             continue
         try:
@@ -556,6 +565,27 @@ async def _connect(url: str, credentials: CredentialStore, user: str) -> NatsCli
     return await connect_nats(url, f"chaos-{user}", user=credential.user, password=credential.password)
 
 
+async def _quiesce(admin: NatsClient, timeout: float) -> None:
+    """Wait until no durable consumer of the suite has work pending or unacknowledged."""
+    js = admin.jetstream()
+    deadline = time.monotonic() + timeout
+    quiet_since: float | None = None
+    while time.monotonic() < deadline:
+        busy = []
+        for consumer in registry.consumers():
+            with contextlib.suppress(Exception):
+                info = await js.consumer_info(consumer.stream, consumer.durable)
+                if (info.num_pending or 0) + (info.num_ack_pending or 0):
+                    busy.append(consumer.durable)
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= 3:
+            return
+        await asyncio.sleep(1)
+
+
 async def _settle(
     admin: NatsClient, tasks: dict[str, PlannedTask], timeout: float, driver: Driver
 ) -> dict[str, list[dict[str, Any]]]:
@@ -618,8 +648,9 @@ async def run_once(
             await approving
             log(f"run {seed}: faults over ({injected}); waiting for every task to end")
             events = await _settle(admin, tasks, settle_timeout, driver)
-            # Closing budgets, exporting spans and publishing marks finish shortly after the last event.
-            await asyncio.sleep(8)
+            # Closing budgets, pricing usage and exporting spans finish after the last event (a service the
+            # faults restarted several times may still be in its restart backoff): wait for the queues.
+            await _quiesce(admin, settle_timeout)
             letters = await dead_letters(admin)
         finally:
             for nc in (admin, submitter, *approvers.values()):
