@@ -267,8 +267,6 @@ async def inject(suite: SuiteProcess, faults: list[Fault], started: float, log: 
                 continue
             target, pid = random.choice(alive)
             fault = Fault(fault.at, fault.action, target, fault.seconds)
-        if pid is None:
-            continue
         try:
             if fault.action == "kill":
                 os.kill(pid, signal.SIGKILL)
