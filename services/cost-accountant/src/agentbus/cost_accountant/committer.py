@@ -1,10 +1,10 @@
 """Group commit: every decision of the partitions this replica owns is made in memory and written in batches.
 
 One task, the committer, takes everything queued since the last commit (up to `max_batch`): it reads from
-the database only what the batch needs and memory does not hold (a task not seen lately, whether a usage id
-is in the ledger already), decides every operation in order against the books, writes all of it in one
-transaction, and only then answers. The next batch is decided as soon as that commit returns, so batches grow
-with load and a lone request is written at once.
+the database only what the batch needs and memory does not hold (a task not seen lately, with its usage ids;
+whether a usage record of no task is in the ledger already), decides every operation in order against the
+books, writes all of it in one transaction, and only then answers. The next batch is decided as soon as that
+commit returns, so batches grow with load and a lone request is written at once.
 
 The transaction is fenced: it writes a partition's changes only while the partition's lease epoch in the
 database is still this replica's. A partition found superseded is dropped at once and its operations are
