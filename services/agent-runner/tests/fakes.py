@@ -9,6 +9,7 @@ from agentbus.agent_runner.ports import (
     RevisionConflictError,
     RunExistsError,
     RunRecord,
+    TaskCost,
 )
 from agentbus.contracts.budget import BudgetReserveReply, BudgetReserveRequest
 
@@ -66,6 +67,8 @@ class FakeBudgetGate:
         self.reserved: list[str] = []
         self.closed: list[str] = []
         self.cost_queries: list[list[str]] = []
+        self.unpriced: set[str] = set()
+        """Usage ids the ledger does not have yet."""
 
     def _check(self) -> None:
         if self.down:
@@ -93,7 +96,7 @@ class FakeBudgetGate:
         if task_id not in self.closed:
             self.closed.append(task_id)
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float:
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> TaskCost:
         self._check()
         self.cost_queries.append(list(usage_ids))
-        return self.cost_usd
+        return TaskCost(self.cost_usd, [u for u in usage_ids if u in self.unpriced])

@@ -171,3 +171,16 @@ async def test_a_run_whose_message_was_given_up_on_fails_and_a_lost_submission_i
     assert "acme.t2" not in store.records, "only a given-up submission claims a task id"
     await service.fail("acme", "t2", "the submission was given up on", claim=True)
     assert store.records["acme.t2"][0].state.status == "failed"
+
+
+async def test_a_finished_run_waits_for_a_usage_record_still_on_its_way_to_the_ledger() -> None:
+    store, publisher, budget = FakeRunStore(), FakePublisher(), FakeBudgetGate(cost_usd=0.5)
+    service = _service(store, publisher, budget)
+    await service.submit(_submission(), None)
+    budget.unpriced = {"llm:acme.t1.step-1"}
+    with pytest.raises(DependencyUnavailableError):
+        await service.advance(_answer(), None)
+    assert "completed" not in _kinds(publisher), "the terminal event does not go out short of a cost"
+    budget.unpriced = set()
+    await service.advance(_answer(), None)  # redelivered once the record is in the ledger
+    assert json.loads(_event(publisher, "completed"))["cost_usd"] == 0.5

@@ -658,7 +658,9 @@ def accountant_usage_consumer(partition: int) -> ConsumerSpec:
         filter_subject=USAGE_RECORDED.pattern.format(partition=partition, tenant="*"),
         service=Service.COST_ACCOUNTANT,
         description=f"Prices usage records of budget partition {partition} into the ledger and settles reservations.",
-        ack_wait_seconds=30.0,
+        # Short: a record held by an accountant that died comes back soon, since a finished run's terminal
+        # event waits for every usage record it named to be priced.
+        ack_wait_seconds=10.0,
         max_deliver=5,
         max_ack_pending=4096,
     )

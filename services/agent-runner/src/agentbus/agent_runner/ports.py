@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from agentbus.agent_runner.domain import RunState
@@ -80,6 +81,14 @@ class BudgetRefusedError(Exception):
     """The accountant refused the request as invalid (it can never succeed): the run fails with the reason."""
 
 
+@dataclass(frozen=True)
+class TaskCost:
+    """A run's priced cost, and which of the usage records it asked for were not in the ledger yet."""
+
+    cost_usd: float
+    missing_usage_ids: list[str] = field(default_factory=list)
+
+
 class BudgetGate(Protocol):
     """The cost-accountant, as the runner sees it: reservations before calls, the priced cost at the end."""
 
@@ -87,9 +96,9 @@ class BudgetGate(Protocol):
 
     async def close(self, tenant: str, task_id: str) -> None: ...
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float:
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> TaskCost:
         """The run's priced cost once every record of `usage_ids` is in the ledger (the accountant waits
-        for them, briefly)."""
+        for them, briefly), or what it is so far with the records still missing."""
         ...
 
 

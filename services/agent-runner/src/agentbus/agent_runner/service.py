@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from agentbus.agent_runner import domain
@@ -83,6 +83,8 @@ from prometheus_client import CollectorRegistry, Counter
 _log = get_logger(__name__)
 
 _MAX_CONFLICT_RETRIES = 20
+USAGE_PATIENCE = timedelta(minutes=10)
+"""How long a finished run's terminal event waits for a usage record it named to reach the ledger."""
 
 Decide = Callable[[RunState | None], Transition | None]
 
@@ -323,12 +325,25 @@ class RunnerService:
                 await self._budget.close(state.tenant, state.task_id)
             elif item.price is not None:
                 if cost is None:
-                    cost = await self._budget.task_cost(state.tenant, state.task_id, state.usage_ids)
+                    cost = await self._price(state, item)
                 await self._publisher.publish(_priced(item, cost))
             else:
                 await self._publisher.publish(item)
         cleared = record.model_copy(update={"outbox": []})
         return _Done(cleared, await self._store.update(key, cleared, revision), cost)
+
+    async def _price(self, state: RunState, item: OutboxItem) -> float:
+        """The run's cost on every usage record it caused. Each was published before the message that named
+        it, so a record not yet in the ledger is on its way (an accountant restarting, a redelivery): the
+        terminal event waits for it rather than going out short, for `USAGE_PATIENCE` after the run ended."""
+        priced = await self._budget.task_cost(state.tenant, state.task_id, state.usage_ids)
+        if not priced.missing_usage_ids:
+            return priced.cost_usd
+        ended = TASK_EVENT_ADAPTER.validate_json(item.payload).at if item.price == "event" else self._clock()
+        if self._clock() - ended < USAGE_PATIENCE:
+            raise BudgetUnavailableError(f"usage records not in the ledger yet: {priced.missing_usage_ids}")
+        _log.warning("task_priced_without_usage", missing=priced.missing_usage_ids)
+        return priced.cost_usd
 
     async def _reserve_or_end(self, state: RunState, item: OutboxItem) -> Transition | None:
         """Reserve what a call needs; None when allowed, else the transition that ends the run without it."""

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from agentbus.agent_runner.ports import BudgetRefusedError, BudgetTaskClosedError, BudgetUnavailableError
+from agentbus.agent_runner.ports import (
+    BudgetRefusedError,
+    BudgetTaskClosedError,
+    BudgetUnavailableError,
+    TaskCost,
+)
 from agentbus.contracts.budget import (
     BudgetReleaseRequest,
     BudgetReserveReply,
@@ -76,9 +81,9 @@ class NatsBudgetGate:
             raise BudgetUnavailableError(f"unreadable release reply: {exc}") from exc
         self._check(reply.error)
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float:
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> TaskCost:
         """The run's priced cost; the accountant answers once every record of `usage_ids` is in its ledger,
-        or after `cost_wait_seconds` with what it has (a record lost on its way is then left out)."""
+        or after `cost_wait_seconds` with what it has and the records still missing."""
         request = TaskCostRequest(tenant=tenant, task_id=task_id, usage_ids=usage_ids, wait_seconds=self._cost_wait)
         data = await self._ask(TASK_COST, tenant, request, self._cost_wait + self._timeout)
         try:
@@ -86,9 +91,7 @@ class NatsBudgetGate:
         except ValidationError as exc:
             raise BudgetUnavailableError(f"unreadable cost reply: {exc}") from exc
         self._check(reply.error)
-        if reply.missing_usage_ids:
-            _log.warning("task_cost_without_late_usage", missing=reply.missing_usage_ids)
-        return reply.cost_usd
+        return TaskCost(reply.cost_usd, list(reply.missing_usage_ids))
 
 
 class UnlimitedBudgetGate:
@@ -100,5 +103,5 @@ class UnlimitedBudgetGate:
     async def close(self, tenant: str, task_id: str) -> None:
         return None
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> float:
-        return 0.0
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> TaskCost:
+        return TaskCost(0.0)
