@@ -1491,7 +1491,13 @@ class SqlApprovalStore:
             batch: list[_Job[Any]] = []
             while queue.jobs and queue.jobs[0].exclusive is None and len(batch) < MAX_BATCH_UNITS:
                 batch.append(queue.jobs.popleft())
-            await self._run_batch(batch)
+            try:
+                await self._run_batch(batch)
+            except Exception as error:
+                # Whatever went wrong, no caller may be left waiting for an answer that will not come.
+                _log.exception("store_batch_failed", units=len(batch))
+                for job in batch:
+                    _fail(job, error)
 
     async def _run_batch(self, batch: list[_Job[Any]]) -> None:
         statements = self._statements
