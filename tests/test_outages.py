@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
         AGENTS_DIR,
         config_dir=REPO_ROOT / "config",
         tools_dir=REPO_ROOT / "tools",
-        echo=open(os.devnull, "w"),  # noqa: SIM115 - the suite's progress lines are not the test's output
+        echo=io.StringIO(),  # the suite's progress lines are not the test's output
     )
     try:
         running.start(ready_timeout=90)
