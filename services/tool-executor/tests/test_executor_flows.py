@@ -53,6 +53,7 @@ async def test_a_call_that_needs_no_approval_runs_once_and_is_billed_once(
     result = await runner.wait_for(call.call_id, "result")
     assert result.ok, result.content
     assert "exit status 0" in result.content
+    assert (result.approval_id, result.outcome) == (None, None), "no approval, none named"
     # The runner's publish repeated beyond the dedupe window (a new message with the same call id):
     again = call.model_copy(update={"tool_call_id": "call_1_again"})
     await own_client.jetstream().publish(f"agentbus.tools.calls.{tenant}", again.model_dump_json().encode())
@@ -87,6 +88,8 @@ async def test_a_high_priority_ticket_waits_for_approval_then_is_created_exactly
     result = await runner.wait_for(call.call_id, "result")
     assert result.ok
     assert result.content.startswith("Created ticket TCK-")
+    # The result repeats the approval it followed: updates may reach the runner out of order.
+    assert (result.approval_id, result.outcome, result.by) == (approval_id, "approved", "alice")
     assert [r["outcome"] for r in await resolutions(own_client, tenant)] == ["approved"]
 
     # The same decision sent again, and the call redelivered: nothing runs a second time.
@@ -126,6 +129,7 @@ async def test_a_denied_call_never_executes_and_the_model_reads_why(
     assert result.error.code == "approval_denied"
     assert "denied by approver bob" in result.content
     assert "not during the freeze" in result.content
+    assert (result.approval_id, result.outcome, result.by) == (approval_id_for(call.call_id), "denied", "bob")
     resolved = await runner.wait_for(call.call_id, "approval_resolved")
     assert (resolved.outcome, resolved.by) == ("denied", "bob")
     await runner.settle(0.5)
@@ -223,6 +227,7 @@ async def test_an_unanswered_approval_expires_and_the_runner_is_told(
     assert not result.ok
     assert result.error is not None
     assert result.error.code == "approval_expired"
+    assert (result.approval_id, result.outcome, result.by) == (approval_id_for(call.call_id), "expired", None)
     assert [r["outcome"] for r in await resolutions(own_client, tenant)] == ["expired"]
     # Too late: refused, and nothing runs.
     late = decision_payload(approval_id_for(call.call_id), "alice", "approve", sha(call))

@@ -289,6 +289,7 @@ async def test_killed_during_a_transactional_execution_reruns_it_once(
     await executor_process.start()
     result = await runner.wait_for(call.call_id, "result", timeout=30)
     assert result.ok, result.content
+    assert (result.outcome, result.by) == ("approved", "alice"), "a rerun's result names the approval too"
     await _drained(own_client)
     assert await _tickets(executor_process, call.call_id) == 1
     assert len(await usage_records(own_client, tenant)) == 1

@@ -55,6 +55,7 @@ async def test_a_call_awaiting_approval_is_withdrawn_its_approval_expires_and_it
     assert result.error is not None
     assert result.error.code == "call_withdrawn"
     assert "task ended: task cancelled" in result.content
+    assert (result.approval_id, result.outcome, result.by) == (approval_id_for(call.call_id), "expired", None)
     assert [r["outcome"] for r in await resolutions(own_client, tenant)] == ["expired"]
     approval = await executor.store.get(approval_id_for(call.call_id))
     assert approval is not None

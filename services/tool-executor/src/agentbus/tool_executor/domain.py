@@ -119,6 +119,8 @@ class CallRecord:
     attempts: int = 0
     result: ToolResult | None = None
     withdrawn: Withdrawal | None = None
+    approved_by: str | None = None
+    """Who approved it, when it waited for approval (read with a claim: its result names the approval)."""
 
 
 @dataclass(frozen=True)

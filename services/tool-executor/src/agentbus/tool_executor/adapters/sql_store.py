@@ -212,6 +212,7 @@ def _call(m: Row) -> CallRecord | None:
         attempts=m["attempts"],
         result=_result_from_json(m["result"]),
         withdrawn=_withdrawal(m),
+        approved_by=m.get("approved_by"),
     )
 
 
@@ -452,6 +453,16 @@ def _decision_contexts() -> sa.Select[Any]:
     )
 
 
+def _approved_by() -> sa.Label[Any]:
+    """Who approved a claimed call: its result names the approval."""
+    return (
+        sa.select(approvals.c.decided_by)
+        .where(approvals.c.call_id == calls.c.call_id)
+        .scalar_subquery()
+        .label("approved_by")
+    )
+
+
 def _claim_many() -> sa.Update:
     """Postgres: the claims of a whole batch in one statement (see `SqlLedger.claim`)."""
     c = calls.c
@@ -478,7 +489,7 @@ def _claim_many() -> sa.Update:
             attempts=c.attempts + 1,
             updated_at=requests.c.now,
         )
-        .returning(*calls.c)
+        .returning(*calls.c, _approved_by())
     )
 
 
@@ -603,7 +614,7 @@ class _Statements:
                 attempts=c.attempts + 1,
                 updated_at=_bind("b_now", UtcDateTime()),
             )
-            .returning(*calls.c)
+            .returning(*calls.c, _approved_by())
         )
         held = (call_id, c.status == running, c.lease_owner == _bind("b_owner"), c.attempts == _bind("b_attempt"))
         self.renew_lease = prepare(calls.update().where(*held).values(_values(calls, ["lease_until"])))

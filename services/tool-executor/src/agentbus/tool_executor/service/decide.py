@@ -22,7 +22,13 @@ from agentbus.tool_executor.ports import AuditEntry, DecisionAuditedError, Ledge
 from agentbus.tool_executor.service.context import Executor
 from agentbus.tool_executor.service.execute import ExecuteCall
 from agentbus.tool_executor.service.expiry import Expired, announce, expire_in
-from agentbus.tool_executor.service.messages import ACCEPTED, REFUSED, resolved_messages, result_message
+from agentbus.tool_executor.service.messages import (
+    ACCEPTED,
+    REFUSED,
+    ApprovalOutcome,
+    resolved_messages,
+    result_message,
+)
 from pydantic import ValidationError
 
 _log = get_logger(__name__)
@@ -142,7 +148,8 @@ class Decide:
         result = None
         if not approved:
             result = denied_result(approval.tool, approver, decision.reason)
-            outbox.append(result_message(call, result))
+            denied = ApprovalOutcome(approval.approval_id, status.value, approver)
+            outbox.append(result_message(call, result, approval=denied))
         resolution = Resolution(
             approval_id=approval.approval_id,
             status=status,

@@ -20,7 +20,7 @@ from agentbus.tool_executor.domain import (
 )
 from agentbus.tool_executor.ports import Ledger, OutgoingMessage, Resolution
 from agentbus.tool_executor.service.context import Executor
-from agentbus.tool_executor.service.messages import resolved_messages, result_message
+from agentbus.tool_executor.service.messages import ApprovalOutcome, resolved_messages, result_message
 
 OVERDUE_REASON = "no decision before the approval expired"
 
@@ -51,7 +51,11 @@ def expire_in(
     if call is None:
         return None
     ended = result if result is not None else expired_result(approval.tool, approval.expires_at)
-    outbox = [*resolved_messages(call, approval, ApprovalStatus.EXPIRED, None, now), result_message(call, ended)]
+    expired = ApprovalOutcome(approval.approval_id, ApprovalStatus.EXPIRED.value, None)
+    outbox = [
+        *resolved_messages(call, approval, ApprovalStatus.EXPIRED, None, now),
+        result_message(call, ended, approval=expired),
+    ]
     resolution = Resolution(
         approval_id=approval.approval_id,
         status=ApprovalStatus.EXPIRED,

@@ -3,6 +3,7 @@ and resolutions for approvers, usage for the accountant, verdicts for the approv
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -60,7 +61,30 @@ def update_message(record: CallRecord, kind: str, **fields: Any) -> OutgoingMess
     )
 
 
-def result_message(record: CallRecord, result: ToolResult, usage_ids: list[str] | None = None) -> OutgoingMessage:
+@dataclass(frozen=True)
+class ApprovalOutcome:
+    """How the approval a call waited for ended, repeated on its result: updates of one call may reach the
+    runner out of order, and a result that arrives first still tells it the approval's outcome."""
+
+    approval_id: str
+    outcome: str
+    by: str | None
+
+
+def approval_of_executed(record: CallRecord) -> ApprovalOutcome | None:
+    """A call that ran (or was claimed) after waiting for approval was approved."""
+    if record.approval_id is None:
+        return None
+    return ApprovalOutcome(record.approval_id, ApprovalStatus.APPROVED.value, record.approved_by)
+
+
+def result_message(
+    record: CallRecord,
+    result: ToolResult,
+    usage_ids: list[str] | None = None,
+    *,
+    approval: ApprovalOutcome | None = None,
+) -> OutgoingMessage:
     error = (
         ErrorInfo(code=result.error_code, message=result.error_message or result.error_code)
         if result.error_code
@@ -74,6 +98,11 @@ def result_message(record: CallRecord, result: ToolResult, usage_ids: list[str] 
         error=error,
         citations=[RetrievedChunk.model_validate(c) for c in result.citations],
         usage_ids=usage_ids or [],
+        **(
+            {"approval_id": approval.approval_id, "outcome": approval.outcome, "by": approval.by}
+            if approval is not None
+            else {}
+        ),
     )
 
 
@@ -166,14 +195,16 @@ def completion_of(record: CallRecord, definition: ToolDefinition, output: ToolOu
             usage.model_dump_json(),
             trace.traceparent,
         ),
-        result_message(record, result, usage_ids=[usage.usage_id, *output.usage_ids]),
+        result_message(
+            record, result, usage_ids=[usage.usage_id, *output.usage_ids], approval=approval_of_executed(record)
+        ),
     ]
     return Completion(CallStatus.SUCCEEDED if result.ok else CallStatus.FAILED, result, outbox)
 
 
 def failed_completion(record: CallRecord, status: CallStatus, result: ToolResult) -> Completion:
     """An execution that ends without the tool running (again): no usage."""
-    return Completion(status, result, [result_message(record, result)])
+    return Completion(status, result, [result_message(record, result, approval=approval_of_executed(record))])
 
 
 def verdict_of(entry: AuditEntry) -> tuple[str, str]:

@@ -27,7 +27,7 @@ from agentbus.tool_executor.domain import (
 from agentbus.tool_executor.ports import Ledger, OutgoingMessage
 from agentbus.tool_executor.service.context import Executor
 from agentbus.tool_executor.service.expiry import Expired, announce, expire_in
-from agentbus.tool_executor.service.messages import result_message
+from agentbus.tool_executor.service.messages import ApprovalOutcome, result_message
 
 _log = get_logger(__name__)
 
@@ -102,7 +102,11 @@ def _withdraw(ledger: Ledger, withdrawal: Withdrawal) -> _Withdrawn:
             if expired is not None:
                 return _Withdrawn(Found.AWAITING_APPROVAL, call, expired)
     if call.status is CallStatus.READY:
-        outbox = [result_message(call, result)]
+        approved = ledger.approval(call.approval_id) if call.approval_id is not None else None
+        decided = (
+            ApprovalOutcome(approved.approval_id, approved.status.value, approved.decided_by) if approved else None
+        )
+        outbox = [result_message(call, result, approval=decided)]
         if ledger.withdraw_call(call.call_id, CallStatus.READY, result, outbox):
             return _Withdrawn(Found.READY, call, outbox=tuple(outbox))
         # Claimed meanwhile (by another executor): it runs.
