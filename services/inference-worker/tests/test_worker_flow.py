@@ -28,6 +28,7 @@ from agentbus.contracts.registry import (
     USAGE_RECORDED,
     ConsumerSpec,
     Header,
+    budget_subject,
     inference_consumer,
 )
 from agentbus.contracts.tasks import TaskToken
@@ -160,7 +161,7 @@ async def test_streams_tokens_then_publishes_result_and_usage(
     assert "".join(event.text for event, _ in tokens) == result.message.content
     assert [msg_id for _, msg_id in tokens] == [token_msg_id(request.request_id, e.chunk) for e, _ in tokens]
 
-    stored = await js.get_last_msg(USAGE.name, USAGE_RECORDED.format(tenant=tenant))
+    stored = await js.get_last_msg(USAGE.name, budget_subject(USAGE_RECORDED, tenant))
     assert stored.data is not None
     usage = UsageRecorded.model_validate_json(stored.data)
     assert usage.usage_id == f"llm:{request.request_id}" == usage.reservation_id
