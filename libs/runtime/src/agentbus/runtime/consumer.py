@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 import nats.errors
 from agentbus.contracts.common import ErrorInfo
@@ -107,7 +108,6 @@ class ConsumerRunner:
         self._js = js
         self._spec = spec
         self._handler = handler
-        self._ack_policy = ack_policy
         self._metrics = metrics
         self._concurrency = concurrency
         self._batch = batch
@@ -115,6 +115,7 @@ class ConsumerRunner:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._handling_since: dict[int, tuple[Msg, float]] = {}
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._settlement = Settlement(js, spec, ack_policy, metrics)
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -193,16 +194,7 @@ class ConsumerRunner:
             _log.error("message_handling_failed", consumer=self._spec.durable, error=repr(error))
 
     async def _handle(self, msg: Msg) -> None:
-        metadata = msg.metadata
-        headers = dict(msg.headers or {})
-        delivery = Delivery(
-            subject=msg.subject,
-            data=msg.data,
-            headers=headers,
-            deliveries=metadata.num_delivered,
-            stream_seq=metadata.sequence.stream,
-            trace=TraceContext.parse(headers.get(Header.TRACEPARENT.value)),
-        )
+        delivery = delivery_of(msg)
         bind_message_context(
             consumer=self._spec.durable,
             trace_id=delivery.trace.trace_id if delivery.trace else None,
@@ -211,23 +203,12 @@ class ConsumerRunner:
         self._handling_since[id(msg)] = (msg, started)
         try:
             await self._handler(delivery)
-        except TerminalError as exc:
-            await self._give_up(msg, delivery, ErrorInfo(code=exc.code, message=exc.message))
-        except DependencyUnavailableError as exc:
-            await self._wait_for_dependency(msg, delivery, str(exc))
-        except NATS_OUTAGE_ERRORS as exc:
-            await self._wait_for_dependency(msg, delivery, f"NATS: {exc.__class__.__name__}")
-        except RetryableError as exc:
-            await self._retry_or_give_up(msg, delivery, exc, exc.delay_seconds)
         except Exception as exc:
-            _log.exception("handler_failed", consumer=self._spec.durable, subject=delivery.subject)
-            await self._retry_or_give_up(msg, delivery, exc, None)
+            if not isinstance(exc, (TerminalError, RetryableError, *NATS_OUTAGE_ERRORS)):
+                _log.exception("handler_failed", consumer=self._spec.durable, subject=delivery.subject)
+            await self._settlement.failed(msg, delivery, exc)
         else:
-            if self._ack_policy is AckPolicy.ACK_SYNC:
-                await msg.ack_sync()
-            else:
-                await msg.ack()
-            self._metrics.handled.labels(self._spec.durable, "acked").inc()
+            await self._settlement.acked(msg)
         finally:
             del self._handling_since[id(msg)]
             self._metrics.handler_seconds.labels(self._spec.durable).observe(time.perf_counter() - started)
@@ -244,31 +225,79 @@ class ConsumerRunner:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
 
-    async def _wait_for_dependency(self, msg: Msg, delivery: Delivery, reason: str) -> None:
+
+def delivery_of(msg: Msg) -> Delivery:
+    """A delivered message as handlers see it."""
+    metadata = msg.metadata
+    headers = dict(msg.headers or {})
+    return Delivery(
+        subject=msg.subject,
+        data=msg.data,
+        headers=headers,
+        deliveries=metadata.num_delivered,
+        stream_seq=metadata.sequence.stream,
+        trace=TraceContext.parse(headers.get(Header.TRACEPARENT.value)),
+    )
+
+
+class Settlement:
+    """What happens to a message once its handler is done with it: the one rule every consumer follows.
+
+    Success: acked with the consumer's ack policy. `TerminalError`: dead-lettered at once. A dependency
+    outage (`DependencyUnavailableError`, or NATS itself unreachable): redelivered with backoff and jitter,
+    never dead-lettered. Anything else: redelivered after the spec's delay (or the error's own), and
+    dead-lettered after `max_deliver` deliveries.
+    """
+
+    def __init__(
+        self, js: JetStreamContext, spec: ConsumerSpec, ack_policy: AckPolicy, metrics: ConsumerMetrics
+    ) -> None:
+        self._js = js
+        self._spec = spec
+        self._ack_policy = ack_policy
+        self._metrics = metrics
+
+    async def acked(self, msg: Msg) -> None:
+        await (msg.ack_sync() if self._ack_policy is AckPolicy.ACK_SYNC else msg.ack())
+        self._metrics.handled.labels(self._spec.durable, "acked").inc()
+
+    async def failed(self, msg: Msg, delivery: Delivery, error: Exception, *, quiet: bool = False) -> None:
+        """`quiet`: the caller logs the outage itself (once for many messages)."""
+        if isinstance(error, TerminalError):
+            await self.give_up(msg, delivery, ErrorInfo(code=error.code, message=error.message))
+        elif isinstance(error, DependencyUnavailableError):
+            await self.wait_for_dependency(msg, delivery, str(error), quiet=quiet)
+        elif isinstance(error, NATS_OUTAGE_ERRORS):
+            await self.wait_for_dependency(msg, delivery, f"NATS: {error.__class__.__name__}", quiet=quiet)
+        else:
+            delay = error.delay_seconds if isinstance(error, RetryableError) else None
+            await self.retry_or_give_up(msg, delivery, error, delay)
+
+    async def wait_for_dependency(self, msg: Msg, delivery: Delivery, reason: str, *, quiet: bool = False) -> None:
         delay = dependency_retry_delay(self._spec, delivery.deliveries)
-        # One line per failed attempt, no traceback: an outage is a state, not a bug.
-        _log.warning(
-            "dependency_unavailable",
-            consumer=self._spec.durable,
-            reason=reason,
-            deliveries=delivery.deliveries,
-            retry_in_seconds=round(delay, 2),
-        )
+        if not quiet:
+            # One line per failed attempt, no traceback: an outage is a state, not a bug.
+            _log.warning(
+                "dependency_unavailable",
+                consumer=self._spec.durable,
+                reason=reason,
+                deliveries=delivery.deliveries,
+                retry_in_seconds=round(delay, 2),
+            )
         # The nak itself may fail while NATS is away: the server then redelivers after ack_wait.
         with contextlib.suppress(*NATS_OUTAGE_ERRORS):
             await msg.nak(delay=delay)
         self._metrics.handled.labels(self._spec.durable, "waiting").inc()
 
-    async def _retry_or_give_up(self, msg: Msg, delivery: Delivery, exc: Exception, delay: float | None) -> None:
+    async def retry_or_give_up(self, msg: Msg, delivery: Delivery, error: Exception, delay: float | None) -> None:
         if delivery.deliveries >= self._spec.max_deliver:
-            code = RETRIES_EXHAUSTED_CODE
-            message = f"gave up after {delivery.deliveries} deliveries; last error: {exc!r}"
-            await self._give_up(msg, delivery, ErrorInfo(code=code, message=message))
+            message = f"gave up after {delivery.deliveries} deliveries; last error: {error!r}"
+            await self.give_up(msg, delivery, ErrorInfo(code=RETRIES_EXHAUSTED_CODE, message=message))
             return
         await msg.nak(delay=delay if delay is not None else self._spec.retry_delay_seconds)
         self._metrics.handled.labels(self._spec.durable, "retried").inc()
 
-    async def _give_up(self, msg: Msg, delivery: Delivery, error: ErrorInfo) -> None:
+    async def give_up(self, msg: Msg, delivery: Delivery, error: ErrorInfo) -> None:
         try:
             await dead_letter(self._js, self._spec, delivery, error)
         except Exception:
@@ -280,3 +309,131 @@ class ConsumerRunner:
         _log.warning("dead_lettered", consumer=self._spec.durable, code=error.code, reason=error.message)
         self._metrics.handled.labels(self._spec.durable, "dead_lettered").inc()
         self._metrics.dead_letters.labels(self._spec.durable, error.code).inc()
+
+
+class Inbound(NamedTuple):
+    """A message of a fetch handled whole: what a batch handler reads."""
+
+    subject: str
+    data: bytes
+
+
+BatchHandler = Callable[[list[Inbound]], Awaitable[list[Exception | None]]]
+"""Handles a whole fetch: per message None (done: ack it) or the exception it would have raised alone."""
+
+
+class BatchConsumerRunner:
+    """A durable pull consumer whose handler takes each fetch whole, for messages written together anyway
+    (usage records share one group commit): one decode pass, one operation and one wait per fetch, where a
+    consumer handling messages one by one spends a task, a future and a context per message. Each message is
+    then settled by the same rule as every consumer's (`Settlement`). Up to `in_flight` fetches at once.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        spec: ConsumerSpec,
+        handler: BatchHandler,
+        *,
+        ack_policy: AckPolicy,
+        metrics: ConsumerMetrics,
+        batch: int,
+        in_flight: int,
+        fetch_timeout: float = 2.0,
+    ) -> None:
+        self._js = js
+        self._spec = spec
+        self._handler = handler
+        self._metrics = metrics
+        self._settlement = Settlement(js, spec, ack_policy, metrics)
+        self._ack_policy = ack_policy
+        self._batch = batch
+        self._slots = asyncio.Semaphore(in_flight)
+        self._fetch_timeout = fetch_timeout
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._loop: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def spec(self) -> ConsumerSpec:
+        return self._spec
+
+    @property
+    def running(self) -> bool:
+        return self._sub is not None and self._loop is not None and not self._loop.done()
+
+    async def start(self) -> None:
+        """Bind to the durable consumer (created by the bootstrap, never here) and start pulling."""
+        self._sub = await self._js.pull_subscribe_bind(durable=self._spec.durable, stream=self._spec.stream)
+        self._loop = asyncio.create_task(self._pull(), name=f"pull:{self._spec.durable}")
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop pulling, let the fetches in hand finish for up to `drain_timeout`, then unbind. Whatever is
+        left unacked is redelivered (to another replica, or the next owner)."""
+        self._stopping = True
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        if self._in_flight:
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _pull(self) -> None:
+        assert self._sub is not None
+        while not self._stopping:
+            await self._slots.acquire()
+            try:
+                msgs = await self._sub.fetch(self._batch, timeout=self._fetch_timeout)
+            except (nats.errors.TimeoutError, TimeoutError):
+                self._slots.release()
+                continue
+            except nats.errors.ConnectionClosedError:
+                self._slots.release()
+                return
+            except Exception as exc:  # a reconnect or a server hiccup: keep pulling
+                self._slots.release()
+                _log.warning("fetch_failed", consumer=self._spec.durable, error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            task = asyncio.create_task(self._handle(msgs))
+            self._in_flight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            _log.error("batch_handling_failed", consumer=self._spec.durable, error=repr(error))
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes = await self._handler([Inbound(msg.subject, msg.data) for msg in msgs])
+        except Exception as exc:
+            _log.exception("handler_failed", consumer=self._spec.durable)
+            outcomes = [exc] * len(msgs)
+        self._metrics.handler_seconds.labels(self._spec.durable).observe(time.perf_counter() - started)
+        acked = 0
+        for msg, outcome in zip(msgs, outcomes, strict=True):
+            if outcome is None:
+                await (msg.ack_sync() if self._ack_policy is AckPolicy.ACK_SYNC else msg.ack())
+                acked += 1
+            else:
+                # Only a message that failed is read whole (its delivery count and stream sequence).
+                await self._settlement.failed(msg, delivery_of(msg), outcome, quiet=True)
+        if acked:
+            self._metrics.handled.labels(self._spec.durable, "acked").inc(acked)
+        if waiting := [o for o in outcomes if isinstance(o, DependencyUnavailableError)]:
+            # One line per fetch that waits, no traceback: an outage is a state, not a bug.
+            _log.warning(
+                "dependency_unavailable", consumer=self._spec.durable, reason=str(waiting[0]), messages=len(outcomes)
+            )

@@ -17,7 +17,7 @@ from agentbus.contracts.registry import (
     SubjectSpec,
     accountant_usage_consumer,
 )
-from agentbus.cost_accountant.adapters.nats_bus import BatchConsumer, JetStreamAlertSink, Responder
+from agentbus.cost_accountant.adapters.nats_bus import JetStreamAlertSink
 from agentbus.cost_accountant.adapters.sql_store import SqlAccountantStore
 from agentbus.cost_accountant.budgets import BudgetPolicy
 from agentbus.cost_accountant.committer import FaultPoints, GroupCommitter
@@ -28,10 +28,11 @@ from agentbus.cost_accountant.ownership import PartitionOwnership
 from agentbus.cost_accountant.pricing import PriceTable
 from agentbus.cost_accountant.service import AccountantService
 from agentbus.cost_accountant.settings import FAULT_POINTS, AccountantSettings
-from agentbus.runtime.consumer import AckPolicy, ConsumerRunner
+from agentbus.runtime.consumer import AckPolicy, BatchConsumerRunner, ConsumerRunner
 from agentbus.runtime.errors import ConfigurationError
 from agentbus.runtime.logging import get_logger
 from agentbus.runtime.metrics import ConsumerMetrics
+from agentbus.runtime.replies import ReplyServer
 from agentbus.runtime.service import BusService
 from agentbus.runtime.spans import SpanEmitter
 from nats.aio.client import Client as NatsClient
@@ -70,8 +71,8 @@ class AccountantApp(BusService):
         self._handlers: AccountantHandlers | None = None
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
-        self._report: Responder | None = None
-        self._served: dict[int, tuple[Responder, BatchConsumer]] = {}
+        self._report: ReplyServer | None = None
+        self._served: dict[int, tuple[ReplyServer, BatchConsumerRunner]] = {}
         self._loops: list[asyncio.Task[None]] = []
 
     @property
@@ -151,7 +152,7 @@ class AccountantApp(BusService):
         self._nc, self._js = nc, js
         self._handlers = AccountantHandlers(service, self.spans)
         # Reports read the database: any replica answers them.
-        self._report = Responder(nc, Service.COST_ACCOUNTANT.value, concurrency=self._config.request_concurrency)
+        self._report = ReplyServer(nc, Service.COST_ACCOUNTANT.value, concurrency=self._config.request_concurrency)
         await self._report.serve(COST_REPORT.wildcard, self._handlers.on_cost_report)
         await nc.flush()
         self._ownership = PartitionOwnership(
@@ -178,14 +179,14 @@ class AccountantApp(BusService):
         if partition in self._served or self._nc is None or self._js is None or self._handlers is None:
             return
         handlers = self._handlers
-        responder = Responder(self._nc, Service.COST_ACCOUNTANT.value, concurrency=self._config.request_concurrency)
+        responder = ReplyServer(self._nc, Service.COST_ACCOUNTANT.value, concurrency=self._config.request_concurrency)
         await responder.serve(_partition_subject(BUDGET_RESERVE, partition), handlers.on_budget_reserve)
         await responder.serve(_partition_subject(BUDGET_RELEASE, partition), handlers.on_budget_release)
         await responder.serve(_partition_subject(TASK_COST, partition), handlers.on_task_cost)
         # Plain ACK after the record's group commit: the ledger is keyed by usage id, so a lost ack only
         # brings a redelivery that writes nothing.
         batch = self._config.ingest_fetch_batch
-        consumer = BatchConsumer(
+        consumer = BatchConsumerRunner(
             self._js,
             accountant_usage_consumer(partition),
             handlers.on_usage_batch,

@@ -30,9 +30,9 @@ from agentbus.contracts.registry import (
 )
 from agentbus.contracts.usage import UsageRecorded
 from agentbus.cost_accountant.committer import NotServing, StoreUnavailable
-from agentbus.cost_accountant.ports import InboundMessage, PricedUsage
+from agentbus.cost_accountant.ports import PricedUsage
 from agentbus.cost_accountant.service import AccountantService
-from agentbus.runtime.consumer import Delivery
+from agentbus.runtime.consumer import Delivery, Inbound
 from agentbus.runtime.errors import DependencyUnavailableError, TerminalError
 from agentbus.runtime.logging import bind_message_context
 from agentbus.runtime.replies import Request
@@ -121,11 +121,11 @@ class AccountantHandlers:
 
     async def on_usage_recorded(self, delivery: Delivery) -> None:
         """One usage record (see `on_usage_batch`): raises what the consumer must do with it."""
-        outcome = (await self.on_usage_batch([InboundMessage(delivery.subject, delivery.data)]))[0]
+        outcome = (await self.on_usage_batch([Inbound(delivery.subject, delivery.data)]))[0]
         if outcome is not None:
             raise outcome
 
-    async def on_usage_batch(self, messages: list[InboundMessage]) -> list[Exception | None]:
+    async def on_usage_batch(self, messages: list[Inbound]) -> list[Exception | None]:
         """A fetch of usage records, written in one group commit. Per record: None (recorded, or a repeat), a
         TerminalError (can never be priced or charged: dead-letter it), or DependencyUnavailableError (the
         ledger or the partition is not available here now: wait)."""
@@ -155,7 +155,7 @@ class AccountantHandlers:
                 outcomes[index] = waiting
         return outcomes
 
-    def _priced(self, message: InboundMessage) -> PricedUsage:
+    def _priced(self, message: Inbound) -> PricedUsage:
         try:
             usage = UsageRecorded.model_validate_json(message.data)
         except ValidationError as exc:

@@ -41,13 +41,6 @@ class PricedUsage(NamedTuple):
     priced_by_default: bool
 
 
-class InboundMessage(NamedTuple):
-    """What a batch handler reads of a message: its subject and its bytes."""
-
-    subject: str
-    data: bytes
-
-
 @dataclass(frozen=True)
 class ReportLine:
     key: str
