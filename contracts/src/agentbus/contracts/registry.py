@@ -38,6 +38,17 @@ from agentbus.contracts.spans import SpanRecorded
 from agentbus.contracts.tasks import TaskCancelRequested, TaskReplayReply, TaskReplayRequest, TaskSubmitted
 from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate, ToolCallWithdrawn
 from agentbus.contracts.usage import UsageRecorded
+from agentbus.contracts.workflows import (
+    WorkflowAdmission,
+    WorkflowCancelRequested,
+    WorkflowEvent,
+    WorkflowReplayReply,
+    WorkflowReplayRequest,
+    WorkflowsListReply,
+    WorkflowsListRequest,
+    WorkflowSubmitted,
+    WorkflowTimer,
+)
 from pydantic import BaseModel
 
 SUBJECT_ROOT = "agentbus"
@@ -172,6 +183,7 @@ class Service(StrEnum):
     RETRIEVER = "retriever"
     COST_ACCOUNTANT = "cost-accountant"
     TRACE_EXPORTER = "trace-exporter"
+    WORKFLOW_ORCHESTRATOR = "workflow-orchestrator"
 
 
 # --- streams -------------------------------------------------------------------------------------
@@ -297,6 +309,32 @@ DEAD_LETTERS = StreamSpec(
     max_age_seconds=30 * 86400,
     max_msg_size=8 * 1024 * 1024 + 64 * 1024,
 )
+WORKFLOWS = StreamSpec(
+    name="AGENTBUS_WORKFLOWS",
+    subjects=("agentbus.workflows.submit.*.*", "agentbus.workflows.cancel.*.*"),
+    retention=Retention.WORK_QUEUE,
+    description="Workflow run submissions and cancellations, each consumed once by the workflow-orchestrator.",
+    max_age_seconds=7 * 86400,
+    duplicate_window_seconds=PUBLIC_INPUT_DUPLICATE_WINDOW_SECONDS,
+)
+WORKFLOW_EVENTS = StreamSpec(
+    name="AGENTBUS_WORKFLOW_EVENTS",
+    subjects=("agentbus.workflows.events.*.*",),
+    retention=Retention.LIMITS,
+    description="Every workflow run's public event stream, replayable from seq 1.",
+    max_age_seconds=30 * 86400,
+)
+WORKFLOW_SIGNALS = StreamSpec(
+    name="AGENTBUS_WORKFLOW_SIGNALS",
+    subjects=("agentbus.workflows.schedules.*.*", "agentbus.workflows.timers.*", "agentbus.workflows.admissions.*"),
+    retention=Retention.WORK_QUEUE,
+    description=(
+        "The orchestrator's own signals: each run's deadline, scheduled when the run is accepted and published as a "
+        "timer when due, and the admissions its workflow's concurrency limit decides for queued or replaced runs."
+    ),
+    max_age_seconds=31 * 86400,
+    allow_msg_schedules=True,
+)
 
 STREAMS: tuple[StreamSpec, ...] = (
     TASKS,
@@ -313,6 +351,9 @@ STREAMS: tuple[StreamSpec, ...] = (
     BUDGET_ALERTS,
     SPANS,
     DEAD_LETTERS,
+    WORKFLOWS,
+    WORKFLOW_EVENTS,
+    WORKFLOW_SIGNALS,
 )
 
 # --- subjects ------------------------------------------------------------------------------------
@@ -488,6 +529,64 @@ DEAD_LETTER = SubjectSpec(
     False,
     "A message a consumer gave up on.",
 )
+WORKFLOW_SUBMIT = SubjectSpec(
+    "agentbus.workflows.submit.{tenant}.{submitter}",
+    WorkflowSubmitted,
+    WORKFLOWS.name,
+    True,
+    "Run a workflow. The last token is the submitter, bound by nats-server; every step's task is submitted as them.",
+)
+WORKFLOW_CANCEL = SubjectSpec(
+    "agentbus.workflows.cancel.{tenant}.{submitter}",
+    WorkflowCancelRequested,
+    WORKFLOWS.name,
+    True,
+    "Cancel a workflow run and its running steps; the last token is the submitter who cancels.",
+)
+WORKFLOW_EVENT = SubjectSpec(
+    "agentbus.workflows.events.{tenant}.{run_id}",
+    WorkflowEvent,
+    WORKFLOW_EVENTS.name,
+    True,
+    "A workflow run's events: accepted, step_started, step_completed, ..., then one terminal event.",
+)
+WORKFLOW_REPLAY = SubjectSpec(
+    "agentbus.workflows.replay.{tenant}.{run_id}",
+    WorkflowReplayRequest,
+    None,
+    True,
+    "A workflow run's stored events, from a given seq (request/reply).",
+    reply=WorkflowReplayReply,
+)
+WORKFLOWS_LIST = SubjectSpec(
+    "agentbus.workflows.list.{tenant}",
+    WorkflowsListRequest,
+    None,
+    True,
+    "The workflows the orchestrator knows: inputs, steps, limits (request/reply).",
+    reply=WorkflowsListReply,
+)
+WORKFLOW_SCHEDULE = SubjectSpec(
+    "agentbus.workflows.schedules.{tenant}.{run_id}",
+    WorkflowTimer,
+    WORKFLOW_SIGNALS.name,
+    False,
+    "A workflow run's deadline, scheduled (header Nats-Schedule) to be published on its timer subject when due.",
+)
+WORKFLOW_TIMER = SubjectSpec(
+    "agentbus.workflows.timers.{tenant}",
+    WorkflowTimer,
+    WORKFLOW_SIGNALS.name,
+    False,
+    "A workflow run's deadline, published when due.",
+)
+WORKFLOW_ADMISSION = SubjectSpec(
+    "agentbus.workflows.admissions.{tenant}",
+    WorkflowAdmission,
+    WORKFLOW_SIGNALS.name,
+    False,
+    "A queued run admitted, or a running one replaced, by its workflow's concurrency limit.",
+)
 
 SUBJECTS: tuple[SubjectSpec, ...] = (
     TASK_SUBMIT,
@@ -518,6 +617,14 @@ SUBJECTS: tuple[SubjectSpec, ...] = (
     BUDGET_ALERT,
     SPAN,
     DEAD_LETTER,
+    WORKFLOW_SUBMIT,
+    WORKFLOW_CANCEL,
+    WORKFLOW_EVENT,
+    WORKFLOW_REPLAY,
+    WORKFLOWS_LIST,
+    WORKFLOW_SCHEDULE,
+    WORKFLOW_TIMER,
+    WORKFLOW_ADMISSION,
 )
 
 # --- durable consumers ---------------------------------------------------------------------------
@@ -680,6 +787,57 @@ TRACE_EXPORTER_SPANS = ConsumerSpec(
     max_ack_pending=10_000,
 )
 
+# Orchestrator transitions take milliseconds, like the runner's: a short ack_wait brings an input held by a
+# killed orchestrator back within seconds (and with it the transition's stored outbox).
+ORCHESTRATOR_ACK_WAIT_SECONDS = 10.0
+
+ORCHESTRATOR_SUBMISSIONS = ConsumerSpec(
+    durable="workflow-orchestrator-submissions",
+    stream=WORKFLOWS.name,
+    filter_subject=WORKFLOW_SUBMIT.wildcard,
+    service=Service.WORKFLOW_ORCHESTRATOR,
+    description="Starts workflow runs from submissions.",
+    ack_wait_seconds=ORCHESTRATOR_ACK_WAIT_SECONDS,
+    max_deliver=5,
+)
+ORCHESTRATOR_CANCELLATIONS = ConsumerSpec(
+    durable="workflow-orchestrator-cancellations",
+    stream=WORKFLOWS.name,
+    filter_subject=WORKFLOW_CANCEL.wildcard,
+    service=Service.WORKFLOW_ORCHESTRATOR,
+    description="Cancels workflow runs and their running steps.",
+    ack_wait_seconds=ORCHESTRATOR_ACK_WAIT_SECONDS,
+    max_deliver=5,
+)
+ORCHESTRATOR_TASK_EVENTS = ConsumerSpec(
+    durable="workflow-orchestrator-task-events",
+    stream=TASK_EVENTS.name,
+    filter_subject=TASK_EVENT.wildcard,
+    service=Service.WORKFLOW_ORCHESTRATOR,
+    description="Advances workflow runs with the events of their steps' tasks; other tasks' events are passed over.",
+    ack_wait_seconds=ORCHESTRATOR_ACK_WAIT_SECONDS,
+    max_deliver=5,
+    max_ack_pending=4096,
+)
+ORCHESTRATOR_TIMERS = ConsumerSpec(
+    durable="workflow-orchestrator-timers",
+    stream=WORKFLOW_SIGNALS.name,
+    filter_subject=WORKFLOW_TIMER.wildcard,
+    service=Service.WORKFLOW_ORCHESTRATOR,
+    description="Ends workflow runs at their deadline.",
+    ack_wait_seconds=ORCHESTRATOR_ACK_WAIT_SECONDS,
+    max_deliver=5,
+)
+ORCHESTRATOR_ADMISSIONS = ConsumerSpec(
+    durable="workflow-orchestrator-admissions",
+    stream=WORKFLOW_SIGNALS.name,
+    filter_subject=WORKFLOW_ADMISSION.wildcard,
+    service=Service.WORKFLOW_ORCHESTRATOR,
+    description="Starts queued workflow runs given a slot; cancels runs a newer one replaced.",
+    ack_wait_seconds=ORCHESTRATOR_ACK_WAIT_SECONDS,
+    max_deliver=5,
+)
+
 INFERENCE_DURABLE_PREFIX = "inference-worker-"
 
 
@@ -715,6 +873,11 @@ STATIC_CONSUMERS: tuple[ConsumerSpec, ...] = (
     RETRIEVER_DELETES,
     *ACCOUNTANT_USAGE,
     TRACE_EXPORTER_SPANS,
+    ORCHESTRATOR_SUBMISSIONS,
+    ORCHESTRATOR_CANCELLATIONS,
+    ORCHESTRATOR_TASK_EVENTS,
+    ORCHESTRATOR_TIMERS,
+    ORCHESTRATOR_ADMISSIONS,
 )
 
 DEFAULT_MODELS: tuple[str, ...] = ("scripted",)
@@ -734,7 +897,17 @@ RUNS = KeyValueSpec(
     history=1,
 )
 
-KEY_VALUE_BUCKETS: tuple[KeyValueSpec, ...] = (RUNS,)
+WORKFLOW_RUNS = KeyValueSpec(
+    bucket="AGENTBUS_WORKFLOW_RUNS",
+    description=(
+        "Workflow run state (`run.<tenant>.<run_id>`), each workflow's concurrency slots per tenant "
+        "(`slots.<tenant>.<workflow>`) and which run each step task belongs to (`step.<tenant>.<task_id>`), "
+        "written compare-and-set."
+    ),
+    history=1,
+)
+
+KEY_VALUE_BUCKETS: tuple[KeyValueSpec, ...] = (RUNS, WORKFLOW_RUNS)
 
 
 def stream_named(name: str) -> StreamSpec:
