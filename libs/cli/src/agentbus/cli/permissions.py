@@ -49,6 +49,11 @@ from agentbus.contracts.registry import (
     LLM_ABORT,
     LLM_REQUEST,
     LLM_RESULT,
+    ORCHESTRATOR_ADMISSIONS,
+    ORCHESTRATOR_CANCELLATIONS,
+    ORCHESTRATOR_SUBMISSIONS,
+    ORCHESTRATOR_TASK_EVENTS,
+    ORCHESTRATOR_TIMERS,
     RAG_DELETE_DOCUMENTS,
     RAG_INGEST_DOCUMENTS,
     RAG_SEARCH,
@@ -74,6 +79,15 @@ from agentbus.contracts.registry import (
     TOOL_WITHDRAW,
     TRACE_EXPORTER_SPANS,
     USAGE_RECORDED,
+    WORKFLOW_ADMISSION,
+    WORKFLOW_CANCEL,
+    WORKFLOW_EVENT,
+    WORKFLOW_EVENTS,
+    WORKFLOW_REPLAY,
+    WORKFLOW_RUNS,
+    WORKFLOW_SCHEDULE,
+    WORKFLOW_SUBMIT,
+    WORKFLOWS_LIST,
     ConsumerSpec,
     KeyValueSpec,
     Service,
@@ -161,6 +175,22 @@ SERVICE_ACCESS: tuple[ServiceAccess, ...] = (
         answers=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST, COST_REPORT),
     ),
     ServiceAccess(Service.TRACE_EXPORTER, consumes=(TRACE_EXPORTER_SPANS,)),
+    ServiceAccess(
+        Service.WORKFLOW_ORCHESTRATOR,
+        consumes=(
+            ORCHESTRATOR_SUBMISSIONS,
+            ORCHESTRATOR_CANCELLATIONS,
+            ORCHESTRATOR_TASK_EVENTS,
+            ORCHESTRATOR_TIMERS,
+            ORCHESTRATOR_ADMISSIONS,
+        ),
+        # Each step is an ordinary task, submitted (and cancelled) as the run's submitter: the one service that
+        # publishes on submitters' subjects, for identities the server bound on the workflow's own subjects.
+        publishes=(WORKFLOW_EVENT, TASK_SUBMIT, TASK_CANCEL, WORKFLOW_SCHEDULE, WORKFLOW_ADMISSION, SPAN),
+        answers=(WORKFLOW_REPLAY, WORKFLOWS_LIST),
+        reads=(WORKFLOW_EVENTS,),
+        buckets=(WORKFLOW_RUNS,),
+    ),
 )
 
 
@@ -235,7 +265,8 @@ def service_permissions(service: Service, models: tuple[str, ...] = registry.DEF
 
 
 def submitter_permissions(submitter: str, tenants: Iterable[str]) -> NatsPermissions:
-    """Submit, cancel and ingest as `submitter` for `tenants`; follow and replay those tenants' task events."""
+    """Submit, cancel and ingest as `submitter` for `tenants` (tasks and workflow runs); follow and replay those
+    tenants' task and workflow events; list their workflows."""
     publish: list[str] = []
     subscribe = [_inbox(submitter_user(submitter))]
     for tenant in tenants:
@@ -246,8 +277,15 @@ def submitter_permissions(submitter: str, tenants: Iterable[str]) -> NatsPermiss
             RAG_DELETE_DOCUMENTS.format(tenant=tenant, submitter=submitter),
             TASK_REPLAY.pattern.format(tenant=tenant, task_id="*"),
             RAG_SEARCH.format(tenant=tenant),
+            WORKFLOW_SUBMIT.format(tenant=tenant, submitter=submitter),
+            WORKFLOW_CANCEL.format(tenant=tenant, submitter=submitter),
+            WORKFLOW_REPLAY.pattern.format(tenant=tenant, run_id="*"),
+            WORKFLOWS_LIST.format(tenant=tenant),
         ]
-        subscribe.append(TASK_EVENT.pattern.format(tenant=tenant, task_id="*"))
+        subscribe += [
+            TASK_EVENT.pattern.format(tenant=tenant, task_id="*"),
+            WORKFLOW_EVENT.pattern.format(tenant=tenant, run_id="*"),
+        ]
     return NatsPermissions(publish=_unique(publish), subscribe=_unique(subscribe))
 
 
