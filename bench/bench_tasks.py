@@ -215,7 +215,7 @@ async def throughput_trial(
         payload = workload.payload(task_id)
         acks.append(await connected.js.publish_async(system.submit_subject, payload, headers={MSG_ID: task_id}))
     await asyncio.gather(*acks)
-    finished = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(60.0, n * workload.steps / 20))
+    finished = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(180.0, n * workload.steps / 5))
     elapsed = max(finished) - started
     await wait_drained(connected.ops, system)
     cpu = {role: (cpu_seconds(pid) - cpu_before[role]) / n for role, pid in system.pids.items()}
