@@ -183,6 +183,8 @@ class Service(StrEnum):
     RETRIEVER = "retriever"
     COST_ACCOUNTANT = "cost-accountant"
     TRACE_EXPORTER = "trace-exporter"
+    GATEWAY = "gateway"
+    """The web console and HTTP API: acts on the bus as each logged-in identity's own NATS user."""
     WORKFLOW_ORCHESTRATOR = "workflow-orchestrator"
 
 

@@ -110,7 +110,8 @@ class ServiceAccess:
     publishes: subjects it publishes to (JetStream or core notices). requests: request/reply subjects it
     asks. answers: request/reply subjects it serves. listens: core notices it subscribes to. reads:
     streams it looks into (stored messages by sequence or subject, its own ephemeral replays). buckets:
-    KV buckets it reads and writes.
+    KV buckets it reads and writes. inspects_consumers: reads the state (pending, ack-pending) of every
+    durable consumer, and nothing else of them.
     """
 
     service: Service
@@ -122,6 +123,7 @@ class ServiceAccess:
     listens: tuple[SubjectSpec, ...] = ()
     reads: tuple[StreamSpec, ...] = ()
     buckets: tuple[KeyValueSpec, ...] = field(default=())
+    inspects_consumers: bool = False
 
     def consumers(self, models: tuple[str, ...]) -> tuple[ConsumerSpec, ...]:
         """Its durable consumers in a deployment that serves `models`."""
@@ -175,6 +177,8 @@ SERVICE_ACCESS: tuple[ServiceAccess, ...] = (
         answers=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST, COST_REPORT),
     ),
     ServiceAccess(Service.TRACE_EXPORTER, consumes=(TRACE_EXPORTER_SPANS,)),
+    # The gateway acts for people as their own users; as itself it only reads what the operator pages show.
+    ServiceAccess(Service.GATEWAY, requests=(COST_REPORT,), inspects_consumers=True),
     ServiceAccess(
         Service.WORKFLOW_ORCHESTRATOR,
         consumes=(
@@ -260,6 +264,8 @@ def service_permissions(service: Service, models: tuple[str, ...] = registry.DEF
         publish += _stream_read_publish(stream)
     for bucket in access.buckets:
         publish += _bucket_publish(bucket)
+    if access.inspects_consumers:
+        publish += [f"{JS_API}.CONSUMER.INFO.{spec.stream}.{spec.durable}" for spec in registry.consumers(models)]
     subscribe = [_inbox(user)] + [spec.wildcard for spec in (*access.answers, *access.listens)]
     return NatsPermissions(publish=_unique(publish), subscribe=_unique(subscribe), allow_responses=bool(access.answers))
 
