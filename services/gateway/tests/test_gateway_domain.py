@@ -36,22 +36,23 @@ from agentbus.gateway.domain import (
 )
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
-TASK = {"task_id": "t1", "tenant": "acme"}
 
 
 def _token(seq: int, step: int, chunk: int) -> TaskToken:
-    return TaskToken(**TASK, seq=seq, step=step, chunk=chunk, text=f"c{chunk}")
+    return TaskToken(task_id="t1", tenant="acme", seq=seq, step=step, chunk=chunk, text=f"c{chunk}")
 
 
 def _run() -> list[TaskEvent]:
     return [
-        TaskAccepted(**TASK, seq=1, agent="ops", model="scripted", max_steps=4),
+        TaskAccepted(task_id="t1", tenant="acme", seq=1, agent="ops", model="scripted", max_steps=4),
         _token(1, 1, 1),
         _token(1, 1, 2),
-        TaskStep(**TASK, seq=2, step=1),
-        TaskApprovalPending(**TASK, seq=3, approval_id="a1", tool="create_ticket"),
-        TaskApprovalResolved(**TASK, seq=4, approval_id="a1", outcome="approved", by="alice"),
-        TaskCompleted(**TASK, seq=5, output="done", usage=TokenUsage(prompt_tokens=3), cost_usd=0.25, steps=2),
+        TaskStep(task_id="t1", tenant="acme", seq=2, step=1),
+        TaskApprovalPending(task_id="t1", tenant="acme", seq=3, approval_id="a1", tool="create_ticket"),
+        TaskApprovalResolved(task_id="t1", tenant="acme", seq=4, approval_id="a1", outcome="approved", by="alice"),
+        TaskCompleted(
+            task_id="t1", tenant="acme", seq=5, output="done", usage=TokenUsage(prompt_tokens=3), cost_usd=0.25, steps=2
+        ),
     ]
 
 
@@ -101,7 +102,9 @@ def test_task_state_follows_the_events() -> None:
         [],
         run[-1].at,
     )
-    failed = task_state([run[0], TaskFailed(**TASK, seq=2, error=ErrorInfo(code="llm_error", message="down"))])
+    failed = task_state(
+        [run[0], TaskFailed(task_id="t1", tenant="acme", seq=2, error=ErrorInfo(code="llm_error", message="down"))]
+    )
     assert failed is not None
     assert failed.status == "failed"
     assert failed.error is not None
