@@ -14,13 +14,14 @@ import fcntl
 import importlib.util
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -45,10 +46,20 @@ from agentbus.cli.permissions import nats_users
 from agentbus.contracts.registry import DEFAULT_MODELS, Service
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
-from agentbus.runtime.server import NatsServerError, NatsServerProcess, NatsUser, free_port, port_is_free
+from agentbus.runtime.server import (
+    NatsServerError,
+    NatsServerProcess,
+    NatsUser,
+    free_port,
+    port_is_free,
+    write_private_file,
+)
 
 PREFERRED_NATS_PORT = 4222
 PREFERRED_MONITOR_PORT = 8222
+PREFERRED_GATEWAY_PORT = 8089
+GATEWAY_SECRET_FILE_NAME = "gateway-session-secret"  # noqa: S105 - a file name, not a secret
+"""In the credentials folder: signs the gateway's session cookies and API tokens (kept across restarts)."""
 DEFAULT_CONFIG_DIR = Path("config")
 DEFAULT_TOOLS_DIR = Path("tools")
 LOCK_FILE_NAME = "up.lock"
@@ -132,6 +143,7 @@ SUITE_SERVICES: tuple[tuple[Service, str, str], ...] = (
     (Service.RETRIEVER, "agentbus.retriever", "AGENTBUS_RETRIEVER_"),
     (Service.COST_ACCOUNTANT, "agentbus.cost_accountant", "AGENTBUS_ACCOUNTANT_"),
     (Service.TRACE_EXPORTER, "agentbus.trace_exporter", "AGENTBUS_TRACES_"),
+    (Service.GATEWAY, "agentbus.gateway", "AGENTBUS_GATEWAY_"),
 )
 """Every service of the suite: its name, its module (run as `python -m`) and its settings' env prefix."""
 
@@ -191,6 +203,13 @@ def implemented_services(
         Service.TRACE_EXPORTER: {
             "JSONL_PATH": str(state / "traces.jsonl"),
             "LEDGER_PATH": str(state / "trace-exporter-ledger.sqlite3"),
+        },
+        Service.GATEWAY: {
+            "IDENTITIES_FILE": str(state / IDENTITIES_FILE_NAME),
+            "CREDENTIALS_DIR": str(state / CREDENTIALS_DIR_NAME),
+            "SESSION_SECRET_FILE": str(state / CREDENTIALS_DIR_NAME / GATEWAY_SECRET_FILE_NAME),
+            "BUDGETS_FILE": str(config / "budgets.yaml"),
+            "MODELS": json.dumps(list(models)),
         },
     }
     if Service.COST_ACCOUNTANT not in runnable:
@@ -321,7 +340,17 @@ class Suite:
         self._say(f"wrote {env_path}")
         changes = asyncio.run(self._apply())
         self._say(f"streams applied ({len(changes)} streams, consumers and buckets)")
-        for spec in implemented_services(self.paths, self.models, self._only):
+        specs = implemented_services(self.paths, self.models, self._only)
+        # The gateway last: it is told the URL of every service started before it.
+        for spec in sorted(specs, key=lambda s: s.name == Service.GATEWAY):
+            if spec.name == Service.GATEWAY:
+                if not self.enforce_identities:
+                    self._say("gateway not started: people log in as identities, and none are enforced")
+                    continue
+                spec = self._gateway_spec(spec)
+                port = PREFERRED_GATEWAY_PORT if port_is_free(PREFERRED_GATEWAY_PORT) else None
+                self.services.append(self._spawn(spec, port))
+                continue
             self.services.append(self._spawn(spec))
         self._write_pids()
         deadline = time.monotonic() + ready_timeout
@@ -338,6 +367,24 @@ class Suite:
                     raise StartupError(f"{service.spec.name} not ready after {ready_timeout}s; see {service.log_path}")
                 time.sleep(0.1)
             self._say(f"{service.spec.name} ready (pid {service.process.pid}, http :{service.http_port})")
+        if self.gateway_url is not None:
+            self._say(f"console and HTTP API at {self.gateway_url} (approvals inbox: {self.gateway_url}/inbox)")
+
+    @property
+    def gateway_url(self) -> str | None:
+        """Where the gateway serves the console and the HTTP API, once started."""
+        found = [s for s in self.services if s.spec.name == Service.GATEWAY]
+        return f"http://127.0.0.1:{found[0].http_port}" if found else None
+
+    def _gateway_spec(self, spec: ServiceProcessSpec) -> ServiceProcessSpec:
+        """The gateway's settings: every service started before it (for its health page), and its signing
+        secret, made once and kept so that sessions and tokens outlive a restart."""
+        secret = self.credentials.directory / GATEWAY_SECRET_FILE_NAME
+        if not secret.exists():
+            self.credentials.directory.mkdir(parents=True, exist_ok=True)
+            write_private_file(secret, secrets.token_urlsafe(48) + "\n")
+        urls = {s.spec.name: f"http://127.0.0.1:{s.http_port}" for s in self.services}
+        return replace(spec, extra_env={**spec.extra_env, "SERVICE_URLS": json.dumps(urls)})
 
     def supervise(self) -> None:
         """One round of supervision: restart what died (after its backoff). Raises StartupError when a service
