@@ -323,7 +323,7 @@ def floor_processes(url: str, concurrency: int, batch: int, env: dict[str, str])
                 process.wait()
 
 
-SYSTEMS = ("suite", "no-budgets", "runner+worker", "floor")
+SYSTEMS = ("suite", "no-budgets", "runner-worker", "floor")
 
 
 def print_table(results: Results, args: argparse.Namespace) -> dict[str, Any]:
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         suites = {
             "suite": _suite(root / "suite", None, tuning),
             "no-budgets": _suite(root / "no-budgets", None, {**tuning, "AGENTBUS_RUNNER_BUDGETS_ENABLED": "false"}),
-            "runner+worker": _suite(
+            "runner-worker": _suite(
                 root / "runner-worker", frozenset({Service.AGENT_RUNNER, Service.INFERENCE_WORKER}), tuning
             ),
         }
