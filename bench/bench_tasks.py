@@ -6,7 +6,7 @@ deterministic offline engine, NOT a language model) and the floor:
 
 - `suite`: every service, budgets on (each LLM step reserved with the cost-accountant, every run priced);
 - `no-budgets`: every service, the runner's budgets switched off;
-- `runner+worker`: only the agent-runner and the inference-worker (budgets off);
+- `runner-worker`: only the agent-runner and the inference-worker (budgets off);
 - `floor`: bench/floor.py, the same hops, acks and KV writes in plain nats-py, as two processes, on the
   first suite's nats-server with its own streams.
 

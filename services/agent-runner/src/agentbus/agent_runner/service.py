@@ -108,11 +108,10 @@ def run_key(tenant: str, task_id: str) -> str:
 
 @dataclass(frozen=True)
 class _Done:
-    """What carrying out an outbox ended with: the record as stored, its revision, the priced cost if any."""
+    """What carrying out an outbox ended with: the record as stored, and its revision."""
 
     record: RunRecord
     revision: int
-    cost_usd: float | None
 
 
 class RunnerService:
@@ -330,7 +329,7 @@ class RunnerService:
             else:
                 await self._publisher.publish(item)
         cleared = record.model_copy(update={"outbox": []})
-        return _Done(cleared, await self._store.update(key, cleared, revision), cost)
+        return _Done(cleared, await self._store.update(key, cleared, revision))
 
     async def _price(self, state: RunState, item: OutboxItem) -> float:
         """The run's cost on every usage record it caused. Each was published before the message that named
@@ -356,10 +355,7 @@ class RunnerService:
             return domain.fail_internal(state, f"the budget reservation was refused: {exc}")
         return None if verdict.allowed else domain.deny_budget(state, verdict)
 
-    async def _replace_outbox(self, key: str, record: RunRecord, revision: int, ending: Transition | None) -> _Done:
-        if ending is None:  # the stored run had ended already: nothing of its outbox is left to do
-            cleared = record.model_copy(update={"outbox": []})
-            return _Done(cleared, await self._store.update(key, cleared, revision), None)
+    async def _replace_outbox(self, key: str, record: RunRecord, revision: int, ending: Transition) -> _Done:
         ended = RunRecord(
             state=ending.state,
             trace_id=record.trace_id,
