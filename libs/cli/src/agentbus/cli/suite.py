@@ -62,6 +62,7 @@ GATEWAY_SECRET_FILE_NAME = "gateway-session-secret"  # noqa: S105 - a file name,
 """In the credentials folder: signs the gateway's session cookies and API tokens (kept across restarts)."""
 DEFAULT_CONFIG_DIR = Path("config")
 DEFAULT_TOOLS_DIR = Path("tools")
+DEFAULT_WORKFLOWS_DIR = Path("workflows")
 LOCK_FILE_NAME = "up.lock"
 PIDS_FILE_NAME = "pids.json"
 CONFIGURATION_ERROR_STATUS = 2
@@ -143,6 +144,7 @@ SUITE_SERVICES: tuple[tuple[Service, str, str], ...] = (
     (Service.RETRIEVER, "agentbus.retriever", "AGENTBUS_RETRIEVER_"),
     (Service.COST_ACCOUNTANT, "agentbus.cost_accountant", "AGENTBUS_ACCOUNTANT_"),
     (Service.TRACE_EXPORTER, "agentbus.trace_exporter", "AGENTBUS_TRACES_"),
+    (Service.WORKFLOW_ORCHESTRATOR, "agentbus.workflow_orchestrator", "AGENTBUS_ORCHESTRATOR_"),
     (Service.GATEWAY, "agentbus.gateway", "AGENTBUS_GATEWAY_"),
 )
 """Every service of the suite: its name, its module (run as `python -m`) and its settings' env prefix."""
@@ -164,10 +166,24 @@ class SuitePaths:
     agents_dir: Path
     config_dir: Path
     tools_dir: Path
+    workflows_dir: Path = DEFAULT_WORKFLOWS_DIR
 
     @classmethod
-    def resolve(cls, state_dir: Path, agents_dir: Path, config_dir: Path, tools_dir: Path) -> SuitePaths:
-        return cls(state_dir.resolve(), agents_dir.resolve(), config_dir.resolve(), tools_dir.resolve())
+    def resolve(
+        cls,
+        state_dir: Path,
+        agents_dir: Path,
+        config_dir: Path,
+        tools_dir: Path,
+        workflows_dir: Path = DEFAULT_WORKFLOWS_DIR,
+    ) -> SuitePaths:
+        return cls(
+            state_dir.resolve(),
+            agents_dir.resolve(),
+            config_dir.resolve(),
+            tools_dir.resolve(),
+            workflows_dir.resolve(),
+        )
 
     def sqlite_url(self, name: str) -> str:
         return f"sqlite+aiosqlite:///{self.state_dir / name}"
@@ -203,6 +219,10 @@ def implemented_services(
         Service.TRACE_EXPORTER: {
             "JSONL_PATH": str(state / "traces.jsonl"),
             "LEDGER_PATH": str(state / "trace-exporter-ledger.sqlite3"),
+        },
+        Service.WORKFLOW_ORCHESTRATOR: {
+            "WORKFLOWS_DIR": str(paths.workflows_dir),
+            "AGENTS_DIR": str(paths.agents_dir),
         },
         Service.GATEWAY: {
             "IDENTITIES_FILE": str(state / IDENTITIES_FILE_NAME),
@@ -274,8 +294,9 @@ class Suite:
         *,
         only: frozenset[Service] | None = None,
         environment: dict[str, str] | None = None,
+        workflows_dir: Path = DEFAULT_WORKFLOWS_DIR,
     ) -> None:
-        self.paths = SuitePaths.resolve(state_dir, agents_dir, config_dir, tools_dir)
+        self.paths = SuitePaths.resolve(state_dir, agents_dir, config_dir, tools_dir, workflows_dir)
         self._only = only
         self._environment = environment or {}
         self.state_dir = self.paths.state_dir
