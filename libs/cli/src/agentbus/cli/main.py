@@ -25,11 +25,13 @@ from agentbus.cli.suite import (
     CONFIGURATION_ERROR_STATUS,
     DEFAULT_CONFIG_DIR,
     DEFAULT_TOOLS_DIR,
+    DEFAULT_WORKFLOWS_DIR,
     StartupError,
     Suite,
     SuiteLockedError,
 )
 from agentbus.cli.tasks import ANONYMOUS_SUBMITTER, describe, submit_task
+from agentbus.cli.workflows import run_workflow_command, workflows_group
 from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_CANCEL, TASK_EVENT, TASK_EVENTS
 from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TaskCancelRequested, TaskEvent, TaskSubmitted
 from agentbus.runtime.bootstrap import apply_topology
@@ -109,6 +111,8 @@ cli.add_command(doctor_command, "doctor")
 cli.add_command(cost_group)
 cli.add_command(ingest_command, "ingest")
 cli.add_command(search_command, "search")
+cli.add_command(workflows_group)
+cli.add_command(run_workflow_command, "run-workflow")
 
 
 @cli.command()
@@ -124,7 +128,16 @@ cli.add_command(search_command, "search")
     help="Model routing, prices, budgets, approver groups.",
 )
 @click.option("--tools-dir", type=click.Path(path_type=Path), default=DEFAULT_TOOLS_DIR, show_default=True)
-def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path, config_dir: Path, tools_dir: Path) -> None:
+@click.option("--workflows-dir", type=click.Path(path_type=Path), default=DEFAULT_WORKFLOWS_DIR, show_default=True)
+def up(
+    nats_url: str | None,
+    agents_dir: Path,
+    models: str,
+    state_dir: Path,
+    config_dir: Path,
+    tools_dir: Path,
+    workflows_dir: Path,
+) -> None:
     """Start nats-server (JetStream under ./.agentbus/), apply streams, run every service; Ctrl-C stops all.
 
     The server enforces identities: every service, submitter and approver of ./.agentbus/identities.yaml
@@ -139,6 +152,7 @@ def up(nats_url: str | None, agents_dir: Path, models: str, state_dir: Path, con
         enforce_identities=True,
         config_dir=config_dir,
         tools_dir=tools_dir,
+        workflows_dir=workflows_dir,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
