@@ -27,6 +27,7 @@ from agentbus.gateway.domain import (
     CostDimension,
     CostRow,
     EventCursor,
+    ForbiddenError,
     Identity,
     InvalidRequestError,
     Limit,
@@ -278,7 +279,7 @@ class GatewayService:
         self, identity: Identity, tenant: str | None, include_resolved: bool = False
     ) -> list[ApprovalEntry]:
         """The approvals of the identity's tenants (or one of them), oldest first, as the executor lists them."""
-        tenants = [tenant] if tenant is not None else list(identity.approves_for)
+        tenants = self._approver_tenants(identity, tenant)
         found: list[ApprovalEntry] = []
         for each in tenants:
             found += await self._list(identity, each, ApprovalsListRequest(include_resolved=include_resolved))
@@ -305,8 +306,16 @@ class GatewayService:
                 elif isinstance(change, ApprovalResolved):
                     yield change
 
+    def _approver_tenants(self, identity: Identity, tenant: str | None) -> list[str]:
+        if tenant is not None:
+            identity.approver(tenant)
+            return [tenant]
+        if not identity.approves_for:
+            raise ForbiddenError(f"{identity.name} is not an approver of any tenant")
+        return list(identity.approves_for)
+
     async def find_approval(self, identity: Identity, approval_id: str, tenant: str | None) -> ApprovalEntry:
-        tenants = [tenant] if tenant is not None else list(identity.approves_for)
+        tenants = self._approver_tenants(identity, tenant)
         request = ApprovalsListRequest(include_resolved=True, approval_id=approval_id)
         for each in tenants:
             entries = await self._list(identity, each, request)
@@ -325,8 +334,6 @@ class GatewayService:
     ) -> DecisionOutcome:
         """Publish the decision as the identity's own approver and wait for the executor's verdict on it. The
         hash is the one the approver was shown: the executor refuses it if the call's arguments differ."""
-        if tenant is not None:
-            identity.approver(tenant)
         entry = await self.find_approval(identity, approval_id, tenant)
         request = entry.request
         actor = identity.approver(request.tenant)

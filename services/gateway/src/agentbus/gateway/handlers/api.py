@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from agentbus.contracts.approvals import ApprovalDecision, ApprovalDecisionVerdict, ApprovalEntry
 from agentbus.contracts.common import ID_PATTERN
@@ -35,8 +35,11 @@ class Problem(BaseModel):
     detail: str = Field(description="What went wrong, for a person.")
 
 
-def _problems(*codes: int, extra: dict[int | str, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
-    """The documented error answers (each a Problem), and `extra` answers of the call itself."""
+def _problems(
+    *codes: int, extra: dict[int | str, dict[str, Any]] | None = None, streams: bool = False
+) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers (each a Problem), and `extra` answers of the call itself. `streams`: the
+    route's own answer is an event stream, while its errors are still JSON."""
     meaning = {
         401: "No valid credentials.",
         403: "The identity may not do this (the gateway's check or nats-server's permissions).",
@@ -44,13 +47,31 @@ def _problems(*codes: int, extra: dict[int | str, dict[str, Any]] | None = None)
         400: "The request names something impossible (a tenant to pick, an invalid decision).",
         503: "A service the call needs did not answer.",
     }
+    as_json = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
     problems: dict[int | str, dict[str, Any]] = {
-        code: {"model": Problem, "description": meaning[code]} for code in codes
+        code: {"description": meaning[code], **(as_json if streams else {"model": Problem})} for code in codes
     }
     return {**(extra or {}), **problems}
 
 
 _FIELDS = TaskSubmitted.model_fields
+_EVENT_FRAME: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string", "description": "The event's kind."},
+        "id": {"type": "string", "description": "The event's seq; token events have none."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in get_args(get_args(TaskEvent)[0])],
+                "discriminator": {"propertyName": "kind"},
+            },
+        },
+    },
+}
+"""One server-sent event of a task's stream: a TaskEvent of the wire contract as its data."""
 
 
 class TaskSubmission(BaseModel):
@@ -226,7 +247,16 @@ async def _stream_start(
     "/tasks/{task_id}/events",
     response_class=EventSourceResponse,
     responses=_problems(
-        400, 401, 403, 404, 503, extra={204: {"description": "The client saw the terminal event already."}}
+        400,
+        401,
+        403,
+        404,
+        503,
+        extra={
+            200: {"content": {"text/event-stream": {"itemSchema": _EVENT_FRAME}}},
+            204: {"description": "The client saw the terminal event already."},
+        },
+        streams=True,
     ),
     summary="A task's events as server-sent events, from seq 1 or after Last-Event-ID, until its terminal event",
     description=(
