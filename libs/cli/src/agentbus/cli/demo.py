@@ -17,7 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agentbus.cli.config import CREDENTIALS_DIR_VARIABLE, IDENTITIES_FILE_VARIABLE, NATS_URL_VARIABLE
-from agentbus.cli.suite import CONFIGURATION_ERROR_STATUS, StartupError, Suite, SuiteLockedError
+from agentbus.cli.suite import (
+    CONFIGURATION_ERROR_STATUS,
+    PREFERRED_GATEWAY_PORT,
+    StartupError,
+    Suite,
+    SuiteLockedError,
+)
 from agentbus.cli.tasks import describe, submit_task
 from agentbus.contracts.tasks import TaskApprovalPending, TaskEvent, TaskSubmitted
 from agentbus.runtime.connection import connect_nats
@@ -102,8 +108,10 @@ def main() -> None:
     print("Starting the embedded suite (model: scripted, a deterministic offline engine, not an LLM)")
     failure = "a task did not complete"
     ok = False
+    inbox = f"http://127.0.0.1:{PREFERRED_GATEWAY_PORT}/inbox"
     try:
         suite.start()
+        inbox = f"{suite.gateway_url or inbox.removesuffix('/inbox')}/inbox"
         _cli(suite, "ingest", TENANT, SAMPLE_CORPUS)
         ok = asyncio.run(_run_samples(suite))
     except (StartupError, SuiteLockedError) as exc:
@@ -114,6 +122,10 @@ def main() -> None:
     finally:
         suite.stop()
     print("\ndemo " + ("finished: every task completed" if ok else f"FAILED: {failure}"))
+    print(
+        f"The approvals inbox: {inbox} while `make up` runs (log in as {APPROVER} with the password in "
+        f".agentbus/credentials/approver-{APPROVER}.json)"
+    )
     sys.exit(0 if ok else 1)
 
 

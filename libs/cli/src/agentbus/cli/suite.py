@@ -369,8 +369,8 @@ class Suite:
                     self._say("gateway not started: people log in as identities, and none are enforced")
                     continue
                 spec = self._gateway_spec(spec)
-                port = PREFERRED_GATEWAY_PORT if port_is_free(PREFERRED_GATEWAY_PORT) else None
-                self.services.append(self._spawn(spec, port))
+                gateway_port = PREFERRED_GATEWAY_PORT if port_is_free(PREFERRED_GATEWAY_PORT) else None
+                self.services.append(self._spawn(spec, gateway_port))
                 continue
             self.services.append(self._spawn(spec))
         self._write_pids()
