@@ -248,10 +248,15 @@ def test_the_deadline_fails_the_run_and_cancels_its_running_steps() -> None:
     assert domain.wake(expired.state, timer, NOW + timedelta(seconds=62)) is None
 
 
-def test_a_step_task_gets_no_more_time_than_its_timeout_or_what_the_run_has_left() -> None:
-    spec = _spec(_step("a", timeout="30s"), _step("b"), timeout="10m")
+def test_a_step_task_gets_its_timeout_or_what_the_run_has_left_with_a_grace_for_the_runs_deadline() -> None:
+    spec = _spec(_step("a", timeout="30s"), _step("b"), _step("c", timeout="1h"), timeout="10m")
     started = _start(spec)
-    assert {t.metadata["workflow_step"]: t.deadline_seconds for t in started.tasks} == {"a": 30, "b": 600}
+    deadlines = {t.metadata["workflow_step"]: t.deadline_seconds for t in started.tasks}
+    assert deadlines == {
+        "a": 30,
+        "b": 600 + domain.TASK_DEADLINE_GRACE_SECONDS,
+        "c": 600 + domain.TASK_DEADLINE_GRACE_SECONDS,
+    }
 
 
 def test_cancel_ends_the_run_once_as_the_canceller() -> None:

@@ -57,6 +57,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_TASK_INPUT_CHARS = 100_000
 """What a task's input may hold (the task contract's limit)."""
+TASK_DEADLINE_GRACE_SECONDS = 30.0
+"""A step task's own deadline outlasts its run's by this much: the run's deadline ends both (and cancels the
+task), while the task's own is the backstop should no orchestrator be there to do it."""
 MAX_OUTPUTS_CHARS = 256 * 1024
 """What one step's extracted outputs may weigh as JSON: the run's record must stay well under NATS's 1 MiB."""
 STEP_TASK_PREFIX = "wf-"
@@ -463,7 +466,7 @@ def _start_step(draft: _Draft, name: str) -> None:
     task_id = step_task_id(state.tenant, state.run_id, state.nonce, name, attempt)
     budget = _share(state, name)
     assert state.deadline_at is not None
-    remaining = max((state.deadline_at - draft.now).total_seconds(), 1.0)
+    remaining = max((state.deadline_at - draft.now).total_seconds(), 0.0) + TASK_DEADLINE_GRACE_SECONDS
     deadline = min(spec_step.timeout, remaining) if spec_step.timeout is not None else remaining
     draft.set_step(
         step.model_copy(

@@ -407,6 +407,9 @@ class OrchestratorService:
                     traceparent=TraceContext(trace_id, step_span_id(tenant, run_id, step)).traceparent,
                 )
             )
+        if transition.release:
+            # Before the terminal event: whoever hears the run ended finds its slot free.
+            items.append(OutboxItem(kind="release"))
         items.extend(
             OutboxItem(
                 subject=WORKFLOW_EVENT.format(tenant=tenant, run_id=run_id),
@@ -429,8 +432,6 @@ class OrchestratorService:
         items.extend(self._step_span(state, name, trace_id) for name in transition.ended_steps)
         if transition.ended:
             items.append(self._run_span(transition, trace_id, parent_span_id))
-        if transition.release:
-            items.append(OutboxItem(kind="release"))
         return items
 
     @staticmethod
