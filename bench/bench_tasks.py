@@ -310,7 +310,9 @@ def floor_processes(url: str, concurrency: int, batch: int, env: dict[str, str])
             assert process.stdout is not None
             if process.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"floor {role} did not start (exit status {process.poll()})")
-        yield {role: process.pid for role, process in processes.items()}
+        # Named as the suite's processes are, so their CPU lines up in the table.
+        names = {"runner": "agent-runner", "worker": "inference-worker"}
+        yield {names[role]: process.pid for role, process in processes.items()}
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -335,8 +337,8 @@ def print_table(results: Results, args: argparse.Namespace) -> dict[str, Any]:
         ("1-step latency p99 ms", "1-step latency p99, ms"),
         ("3-step latency p50 ms", "3-step latency p50, ms"),
         ("3-step per-step p50 ms", "3-step per-step p50, ms"),
-        ("1-step runner CPU ms/task", "runner CPU per 1-step task, ms"),
-        ("1-step accountant CPU ms/task", "accountant CPU per 1-step task, ms"),
+        ("1-step agent-runner CPU ms/task", "runner CPU per 1-step task, ms"),
+        ("1-step cost-accountant CPU ms/task", "accountant CPU per 1-step task, ms"),
         ("1-step nats-server CPU ms/task", "nats-server CPU per 1-step task, ms"),
     ]
     width = max(len(label) for _, label in metrics)
@@ -387,15 +389,7 @@ def _suite(state_dir: Path, only: frozenset[Service] | None, environment: dict[s
 def _system(name: str, suite: Suite) -> System:
     assert suite.server is not None
     assert suite.server.pid is not None
-    roles = {
-        Service.AGENT_RUNNER: "runner",
-        Service.INFERENCE_WORKER: "worker",
-        Service.COST_ACCOUNTANT: "accountant",
-        Service.TOOL_EXECUTOR: "executor",
-        Service.RETRIEVER: "retriever",
-        Service.TRACE_EXPORTER: "traces",
-    }
-    pids = {roles[Service(s.spec.name)]: s.process.pid for s in suite.services}
+    pids = {s.spec.name: s.process.pid for s in suite.services}
     running = {Service(s.spec.name) for s in suite.services}
     consumers = tuple(
         (c.stream, c.durable)
