@@ -177,6 +177,7 @@ CONFIG_COPIES: dict[str, tuple[list[Path], Path]] = {
     "model-routing": ([REPO_ROOT / "config" / "models.yaml"], SPECS_DIR),
     "cost-config": ([REPO_ROOT / "config" / "prices.yaml", REPO_ROOT / "config" / "budgets.yaml"], SPECS_DIR),
     "approvers": ([REPO_ROOT / "config" / "approvers.yaml"], SPECS_DIR),
+    "workflow-specs": (sorted((REPO_ROOT / "workflows").glob("*.y*ml")), BASE_DIR / "workflow-orchestrator"),
 }
 
 # (Deployment, setting naming a folder or file it reads) -> the ConfigMap mounted there.
@@ -188,6 +189,8 @@ CONFIG_MOUNTS: dict[tuple[str, str], str] = {
     ("tool-executor", "AGENTBUS_EXECUTOR_APPROVERS_FILE"): "approvers",
     ("cost-accountant", "AGENTBUS_ACCOUNTANT_PRICES_FILE"): "cost-config",
     ("cost-accountant", "AGENTBUS_ACCOUNTANT_BUDGETS_FILE"): "cost-config",
+    ("workflow-orchestrator", "AGENTBUS_ORCHESTRATOR_WORKFLOWS_DIR"): "workflow-specs",
+    ("workflow-orchestrator", "AGENTBUS_ORCHESTRATOR_AGENTS_DIR"): "agent-specs",
 }
 
 # (Deployment, setting naming a file it writes): the root filesystem is read-only, so it must be on a volume.
