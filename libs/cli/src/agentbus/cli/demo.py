@@ -1,6 +1,7 @@
 """`make demo`: start the embedded suite with identities enforced, ingest the sample corpus, run sample tasks
 end to end (one waits for a human approval, given with `agentbus approvals approve`; one answers from the
-corpus with citations), print their events, stop, exit 0.
+corpus with citations), print their events, run the research-report workflow with `agentbus run-workflow
+--wait` (its two analyses in parallel), stop, exit 0.
 
 The model is `scripted`: a deterministic offline engine for demos and tests, not a language model.
 """
@@ -45,6 +46,7 @@ SAMPLE_TASKS = (
 )
 """One task per sample agent, the same as in examples/README.md."""
 SAMPLE_CORPUS = "examples/corpus/support"
+SAMPLE_WORKFLOW = ("research-report", "--input", "topic=AI agents in 2026", "--input", "depth=deep")
 
 
 def _cli(suite: Suite, *arguments: str) -> None:
@@ -114,10 +116,12 @@ def main() -> None:
         inbox = f"{suite.gateway_url or inbox.removesuffix('/inbox')}/inbox"
         _cli(suite, "ingest", TENANT, SAMPLE_CORPUS)
         ok = asyncio.run(_run_samples(suite))
+        _cli(suite, "run-workflow", *SAMPLE_WORKFLOW, "--wait")
     except (StartupError, SuiteLockedError) as exc:
         print(f"\ndemo FAILED: {exc}")
         sys.exit(CONFIGURATION_ERROR_STATUS if isinstance(exc, StartupError) else 1)
     except subprocess.CalledProcessError as exc:
+        ok = False
         failure = f"`agentbus {' '.join(exc.cmd[3:])}` exited with {exc.returncode}"
     finally:
         suite.stop()
