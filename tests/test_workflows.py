@@ -190,6 +190,24 @@ async def test_the_research_report_runs_its_analyses_in_parallel_and_assembles_i
         assert task[0]["agent"] == step["agent"]
 
 
+async def test_the_run_budget_is_shared_among_its_steps_tasks_and_its_cost_is_theirs(nats_client: NatsClient) -> None:
+    run_id = _run_id("budget")
+    await _submit(nats_client, "research-report", run_id, input={"topic": "budgets"}, budget_usd=1.0)
+    events = await _events(nats_client, run_id)
+    assert events[0]["budget_usd"] == 1.0
+    started = {e["step"]: e for e in events if e["kind"] == "step_started"}
+    # Five steps to start: the first gets a fifth; nothing was spent (scripted is free), so each analysis
+    # gets a quarter of the rest, and so on.
+    assert started["research"]["budget_usd"] == pytest.approx(0.2)
+    assert started["analyze-trends"]["budget_usd"] == pytest.approx(0.25)
+    assert started["analyze-sentiment"]["budget_usd"] == pytest.approx(0.25)
+    for step in started.values():
+        accepted = (await task_events(nats_client, step["task_id"]))[0]
+        assert accepted["budget_usd"] == pytest.approx(step["budget_usd"]), "the task runs under its share"
+    steps_cost = sum(e["cost_usd"] for e in events if e["kind"] == "step_completed")
+    assert events[-1]["cost_usd"] == pytest.approx(steps_cost)
+
+
 async def test_a_failing_step_is_retried_as_a_new_task_each_time_then_the_run_fails(nats_client: NatsClient) -> None:
     run_id = _run_id("retried")
     await _submit(nats_client, "retried", run_id)
