@@ -46,8 +46,8 @@ demo: install ## Start the embedded suite, run a sample task end to end, print i
 up: install ## Run the embedded suite until Ctrl-C
 	$(UV) run agentbus up
 
-bench: install ## Benchmarks against raw nats-py on the same server (figures, not tests)
-	$(UV) run python bench/bench_tasks.py
+bench: install ## The whole suite and the accountant against their floors, in one run each (figures, not tests)
+	$(UV) run python bench/bench_tasks.py && $(UV) run python bench/bench_accountant.py
 
 attack: install ## The attack suite over raw NATS against the whole suite (identities enforced); prints attacks: N tried, N refused, 0 breaches
 	$(UV) run pytest tests/test_attacks.py -q -s -p no:cacheprovider
