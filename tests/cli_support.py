@@ -69,16 +69,18 @@ class Suite:
 
 
 def prepare_folder(cwd: Path, agents: Sequence[str] | None = None, identities: str | None = None) -> None:
-    """A folder laid out as the repository is for `agentbus up`: `agents/` (only `agents` when named),
-    `config/`, `tools/`, `workflows/` and `examples/`, and `.agentbus/identities.yaml` when given."""
+    """A folder laid out as the repository is for `agentbus up`: `agents/` (only `agents` when named; then no
+    `workflows/`, whose steps name the others), `config/`, `tools/` and `examples/`, and
+    `.agentbus/identities.yaml` when given."""
     cwd.mkdir(parents=True, exist_ok=True)
     if agents is None:
         (cwd / "agents").symlink_to(REPO_ROOT / "agents")
+        (cwd / "workflows").symlink_to(REPO_ROOT / "workflows")
     else:
         (cwd / "agents").mkdir()
         for name in agents:
             (cwd / "agents" / f"{name}.yaml").symlink_to(REPO_ROOT / "agents" / f"{name}.yaml")
-    for folder in ("config", "tools", "workflows", "examples"):
+    for folder in ("config", "tools", "examples"):
         (cwd / folder).symlink_to(REPO_ROOT / folder)
     if identities is not None:
         (cwd / ".agentbus").mkdir()
