@@ -62,6 +62,11 @@ class LlmRequest(BusMessage):
     event_seq: int | None = Field(
         default=None, ge=1, description="The task's last event seq when the step was requested; token events carry it."
     )
+    purpose: Literal["step", "summary"] = Field(
+        default="step",
+        description="step: a step of the agent's loop. summary: a summary of a session's oldest turns, which "
+        "replaces them in its history (costed and budgeted with the task that asked for it).",
+    )
 
 
 class LlmResult(BusMessage):

@@ -34,6 +34,14 @@ from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.llm import LlmAbort, LlmRequest, LlmResult
 from agentbus.contracts.rag import DocumentsDelete, DocumentsIngest, SearchReply, SearchRequest
 from agentbus.contracts.runs import RunTimer
+from agentbus.contracts.sessions import (
+    SessionDeleteReply,
+    SessionDeleteRequest,
+    SessionShowReply,
+    SessionShowRequest,
+    SessionsListReply,
+    SessionsListRequest,
+)
 from agentbus.contracts.spans import SpanRecorded
 from agentbus.contracts.tasks import TaskCancelRequested, TaskReplayReply, TaskReplayRequest, TaskSubmitted
 from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate, ToolCallWithdrawn
@@ -590,6 +598,31 @@ WORKFLOW_ADMISSION = SubjectSpec(
     "A queued run admitted, or a running one replaced, by its workflow's concurrency limit.",
 )
 
+SESSIONS_LIST = SubjectSpec(
+    "agentbus.sessions.list.{tenant}.{submitter}",
+    SessionsListRequest,
+    None,
+    True,
+    "The submitter's sessions in the tenant (request/reply); the last token is the submitter, bound by nats-server.",
+    reply=SessionsListReply,
+)
+SESSION_SHOW = SubjectSpec(
+    "agentbus.sessions.show.{tenant}.{submitter}",
+    SessionShowRequest,
+    None,
+    True,
+    "One of the submitter's sessions with its history and summary (request/reply).",
+    reply=SessionShowReply,
+)
+SESSION_DELETE = SubjectSpec(
+    "agentbus.sessions.delete.{tenant}.{submitter}",
+    SessionDeleteRequest,
+    None,
+    True,
+    "Forget one of the submitter's sessions (request/reply); refused while a task of it runs or waits.",
+    reply=SessionDeleteReply,
+)
+
 SUBJECTS: tuple[SubjectSpec, ...] = (
     TASK_SUBMIT,
     TASK_CANCEL,
@@ -627,6 +660,9 @@ SUBJECTS: tuple[SubjectSpec, ...] = (
     WORKFLOW_SCHEDULE,
     WORKFLOW_TIMER,
     WORKFLOW_ADMISSION,
+    SESSIONS_LIST,
+    SESSION_SHOW,
+    SESSION_DELETE,
 )
 
 # --- durable consumers ---------------------------------------------------------------------------
@@ -909,7 +945,17 @@ WORKFLOW_RUNS = KeyValueSpec(
     history=1,
 )
 
-KEY_VALUE_BUCKETS: tuple[KeyValueSpec, ...] = (RUNS, WORKFLOW_RUNS)
+SESSIONS = KeyValueSpec(
+    bucket="AGENTBUS_SESSIONS",
+    description=(
+        "Sessions of the memory stores of type nats-kv (`<store>.<tenant>.<submitter>.<session_id>`): the "
+        "conversation so far, its summary, the running task and those waiting, written compare-and-set; each "
+        "write carries its store's TTL (a per-message TTL), so an idle session expires."
+    ),
+    history=1,
+)
+
+KEY_VALUE_BUCKETS: tuple[KeyValueSpec, ...] = (RUNS, WORKFLOW_RUNS, SESSIONS)
 
 
 def stream_named(name: str) -> StreamSpec:

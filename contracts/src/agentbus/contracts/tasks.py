@@ -33,6 +33,14 @@ class TaskSubmitted(BusMessage):
         description="Seconds the task may take from acceptance; after that it fails with `deadline_exceeded`. "
         "The agent's `timeout_seconds` (or the suite's default) when absent.",
     )
+    session_id: Identifier | None = Field(
+        default=None,
+        description="A conversation this task continues: it sees the session's history (earlier inputs and "
+        "answers) before its own input, and runs after the session's running task ends (or is rejected "
+        "`session_busy`, by the memory store's policy). A session belongs to its tenant and its submitter: "
+        "the same id under another tenant or submitter is another session. The agent needs a memory store "
+        "(else `session_unsupported`).",
+    )
 
 
 class TaskCancelRequested(BusMessage):
@@ -60,6 +68,12 @@ class TaskAccepted(_TaskEventBase):
     model: str = Field(description="Model the agent uses.")
     max_steps: int = Field(ge=1, description="Most LLM steps this run may take.")
     budget_usd: float | None = Field(default=None, ge=0, description="Effective budget for the task.")
+    session_id: Identifier | None = Field(default=None, description="The session the task continues, if any.")
+    queued: bool = Field(
+        default=False,
+        description="The session runs another task: this one starts when that one has ended (it may wait for "
+        "several, first come first served).",
+    )
 
 
 class TaskRejected(_TaskEventBase):
