@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -30,6 +31,15 @@ class AgentSpec(BaseModel):
         description="Deadline of one task from acceptance (a submission's deadline_seconds overrides it); the "
         "runner's default when absent.",
     )
+    memory: Identifier | None = Field(
+        default=None,
+        description="The memory store (`memory/*.yaml`) of its sessions and long-term memory; without one, a "
+        "submission naming a session is rejected `session_unsupported`.",
+    )
+    session_tool_results: bool = Field(
+        default=False,
+        description="Keep its tool calls and results in a session's history, besides inputs and answers.",
+    )
 
 
 class AgentSpecError(ConfigurationError):
@@ -43,7 +53,11 @@ def _field_path(location: tuple[int | str, ...]) -> str:
     return path or "(top level)"
 
 
-def load_agent_specs(directory: Path, known_tools: set[str]) -> dict[str, AgentSpec]:
+SpecCheck = Callable[[AgentSpec], tuple[str, str] | None]
+"""A further check of a valid spec: None, or the field at fault and why."""
+
+
+def load_agent_specs(directory: Path, known_tools: set[str], check: SpecCheck | None = None) -> dict[str, AgentSpec]:
     """Every `*.yaml`/`*.yml` spec in `directory`, by name. Raises AgentSpecError on the first bad one."""
     if not directory.is_dir():
         raise AgentSpecError(f"{directory}: agent spec folder does not exist")
@@ -66,6 +80,8 @@ def load_agent_specs(directory: Path, known_tools: set[str]) -> dict[str, AgentS
                 raise AgentSpecError(
                     f"{path}: field 'tools[{index}]': unknown tool {tool!r}; known: {sorted(known_tools)}"
                 )
+        if check is not None and (fault := check(spec)) is not None:
+            raise AgentSpecError(f"{path}: field '{fault[0]}': {fault[1]}")
         if spec.name in specs:
             raise AgentSpecError(f"{path}: field 'name': agent {spec.name!r} is defined twice")
         specs[spec.name] = spec
