@@ -114,7 +114,8 @@ async def test_a_cancel_from_another_tenant_is_refused(nats_client: NatsClient) 
     await task_events(nats_client, task_id)
     dead = await js.subscribe("agentbus.deadletter.AGENTBUS_TASKS.agent-runner-cancellations")
     # The payload claims acme while the subject says globex: the subject is the authenticated tenant.
-    await js.publish("agentbus.tasks.cancel.globex.globex-app", json.dumps({"task_id": task_id, "tenant": "acme"}).encode())
+    cancel = json.dumps({"task_id": task_id, "tenant": "acme"}).encode()
+    await js.publish("agentbus.tasks.cancel.globex.globex-app", cancel)
     letter = DeadLetter.model_validate_json((await dead.next_msg(timeout=10)).data)
     await dead.unsubscribe()
     assert letter.error.code == "tenant_mismatch"

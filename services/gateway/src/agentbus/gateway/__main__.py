@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 from agentbus.contracts.registry import Service
@@ -35,7 +37,17 @@ def main() -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=min(STREAMS_CLOSE_SECONDS, max(int(settings.drain_timeout_seconds), 1)),
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    server = uvicorn.Server(config)
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    # uvicorn re-raises the signal it shut down on once it restored the handlers it found: with these in
+    # place, that re-raise only asks again for the stop that already happened, and the process exits 0
+    # after a graceful shutdown, like every other service, instead of dying by the signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    asyncio.run(server.serve())
 
 
 if __name__ == "__main__":
