@@ -96,7 +96,10 @@ class FakeBudgetGate:
         if task_id not in self.closed:
             self.closed.append(task_id)
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> TaskCost:
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str], *, close: bool = False) -> TaskCost:
         self._check()
         self.cost_queries.append(list(usage_ids))
-        return TaskCost(self.cost_usd, [u for u in usage_ids if u in self.unpriced])
+        missing = [u for u in usage_ids if u in self.unpriced]
+        if close and not missing:
+            await self.close(tenant, task_id)
+        return TaskCost(self.cost_usd, missing, close and not missing)

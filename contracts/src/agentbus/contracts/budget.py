@@ -62,14 +62,21 @@ class TaskCostRequest(BusMessage):
         le=30,
         description="Answer once every record of `usage_ids` is in the ledger, or after this long at most.",
     )
+    close: bool = Field(
+        default=False,
+        description="Once every record of `usage_ids` is in the ledger, also close the task (as "
+        "BudgetReleaseRequest does): a finished run is priced and closed in one request.",
+    )
 
 
 class TaskCostReply(BusMessage):
-    """The cost of a task so far; `missing_usage_ids` lists asked-for records not yet in the ledger."""
+    """The cost of a task so far; `missing_usage_ids` lists asked-for records not yet in the ledger (and
+    then a `close` was not done)."""
 
     task_id: str
     cost_usd: float = Field(ge=0)
     missing_usage_ids: list[str] = Field(default_factory=list)
+    closed: bool = Field(default=False, description="The task was closed by this request (or before it).")
     error: ErrorInfo | None = None
 
 

@@ -87,6 +87,8 @@ class TaskCost:
 
     cost_usd: float
     missing_usage_ids: list[str] = field(default_factory=list)
+    closed: bool = False
+    """The accountant closed the task in the same request (asked with `close`)."""
 
 
 class BudgetGate(Protocol):
@@ -96,9 +98,10 @@ class BudgetGate(Protocol):
 
     async def close(self, tenant: str, task_id: str) -> None: ...
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> TaskCost:
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str], *, close: bool = False) -> TaskCost:
         """The run's priced cost once every record of `usage_ids` is in the ledger (the accountant waits
-        for them, briefly), or what it is so far with the records still missing."""
+        for them, briefly), or what it is so far with the records still missing. With `close`, a run priced
+        on all of them is closed too, in the same request."""
         ...
 
 

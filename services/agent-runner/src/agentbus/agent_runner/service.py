@@ -45,6 +45,7 @@ from agentbus.agent_runner.ports import (
     RunExistsError,
     RunRecord,
     RunStore,
+    TaskCost,
 )
 from agentbus.agent_runner.specs import AgentSpec
 from agentbus.contracts.budget import BudgetReserveRequest
@@ -315,34 +316,39 @@ class RunnerService:
         """
         state = record.state
         cost: float | None = None
+        # A finished run's terminal event is priced and its budget closed in one request to the accountant.
+        closing = any(item.kind == "close_budget" for item in record.outbox)
+        closed = False
         for item in record.outbox:
             if item.kind == "reserve":
                 ending = await self._reserve_or_end(state, item)
                 if ending is not None:
                     return await self._replace_outbox(key, record, revision, ending)
             elif item.kind == "close_budget":
-                await self._budget.close(state.tenant, state.task_id)
+                if not closed:
+                    await self._budget.close(state.tenant, state.task_id)
             elif item.price is not None:
                 if cost is None:
-                    cost = await self._price(state, item)
+                    priced = await self._price(state, item, close=closing)
+                    cost, closed = priced.cost_usd, priced.closed
                 await self._publisher.publish(_priced(item, cost))
             else:
                 await self._publisher.publish(item)
         cleared = record.model_copy(update={"outbox": []})
         return _Done(cleared, await self._store.update(key, cleared, revision))
 
-    async def _price(self, state: RunState, item: OutboxItem) -> float:
+    async def _price(self, state: RunState, item: OutboxItem, *, close: bool) -> TaskCost:
         """The run's cost on every usage record it caused. Each was published before the message that named
         it, so a record not yet in the ledger is on its way (an accountant restarting, a redelivery): the
         terminal event waits for it rather than going out short, for `USAGE_PATIENCE` after the run ended."""
-        priced = await self._budget.task_cost(state.tenant, state.task_id, state.usage_ids)
+        priced = await self._budget.task_cost(state.tenant, state.task_id, state.usage_ids, close=close)
         if not priced.missing_usage_ids:
-            return priced.cost_usd
+            return priced
         ended = TASK_EVENT_ADAPTER.validate_json(item.payload).at if item.price == "event" else self._clock()
         if self._clock() - ended < USAGE_PATIENCE:
             raise BudgetUnavailableError(f"usage records not in the ledger yet: {priced.missing_usage_ids}")
         _log.warning("task_priced_without_usage", missing=priced.missing_usage_ids)
-        return priced.cost_usd
+        return priced
 
     async def _reserve_or_end(self, state: RunState, item: OutboxItem) -> Transition | None:
         """Reserve what a call needs; None when allowed, else the transition that ends the run without it."""

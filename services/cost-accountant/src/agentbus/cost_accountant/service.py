@@ -297,9 +297,18 @@ class AccountantService:
                 if book is None:
                     return None
                 cost, missing = book.task_cost(key, request.usage_ids)
+            closed = False
+            if request.close and not missing:
+                # The run is priced on everything it named: close it in the same request, one hop less.
+                await self._committer.submit(CloseOp(partition, request.tenant, request.task_id))
+                closed = True
+        except NotServing:
+            return None
         except StoreUnavailable as exc:
             return TaskCostReply(task_id=request.task_id, cost_usd=0.0, error=_error(STORE_UNAVAILABLE, str(exc)))
-        return TaskCostReply(task_id=request.task_id, cost_usd=nano_to_usd(cost), missing_usage_ids=missing)
+        return TaskCostReply(
+            task_id=request.task_id, cost_usd=nano_to_usd(cost), missing_usage_ids=missing, closed=closed
+        )
 
     async def _current_book(self, partition: int, key: TaskKey) -> PartitionBook | None:
         """The partition's book holding the task with nothing of it uncommitted: straight from memory while

@@ -81,17 +81,19 @@ class NatsBudgetGate:
             raise BudgetUnavailableError(f"unreadable release reply: {exc}") from exc
         self._check(reply.error)
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> TaskCost:
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str], *, close: bool = False) -> TaskCost:
         """The run's priced cost; the accountant answers once every record of `usage_ids` is in its ledger,
         or after `cost_wait_seconds` with what it has and the records still missing."""
-        request = TaskCostRequest(tenant=tenant, task_id=task_id, usage_ids=usage_ids, wait_seconds=self._cost_wait)
+        request = TaskCostRequest(
+            tenant=tenant, task_id=task_id, usage_ids=usage_ids, wait_seconds=self._cost_wait, close=close
+        )
         data = await self._ask(TASK_COST, tenant, request, self._cost_wait + self._timeout)
         try:
             reply = TaskCostReply.model_validate_json(data)
         except ValidationError as exc:
             raise BudgetUnavailableError(f"unreadable cost reply: {exc}") from exc
         self._check(reply.error)
-        return TaskCost(reply.cost_usd, list(reply.missing_usage_ids))
+        return TaskCost(reply.cost_usd, list(reply.missing_usage_ids), reply.closed)
 
 
 class UnlimitedBudgetGate:
@@ -103,5 +105,5 @@ class UnlimitedBudgetGate:
     async def close(self, tenant: str, task_id: str) -> None:
         return None
 
-    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str]) -> TaskCost:
-        return TaskCost(0.0)
+    async def task_cost(self, tenant: str, task_id: str, usage_ids: list[str], *, close: bool = False) -> TaskCost:
+        return TaskCost(0.0, closed=close)
