@@ -144,11 +144,14 @@ StartExecutor = Callable[..., Awaitable[ToolExecutorApp]]
 
 
 def prepare_config(root: Path) -> tuple[Path, Path]:
-    """A tools folder (the repository's tools plus the test tools) and an approvers file under `root`."""
+    """A tools folder (the repository's tools, less its MCP tool servers, plus the test tools) and an approvers
+    file under `root`."""
     tools = root / "tools"
     tools.mkdir(parents=True, exist_ok=True)
     for path in REPO_TOOLS.glob("*.yaml"):
-        shutil.copy(path, tools / path.name)
+        # MCP tool servers are tested with servers of their own (test_executor_mcp.py).
+        if "\nkind: mcp\n" not in path.read_text():
+            shutil.copy(path, tools / path.name)
     for name, text in TEST_TOOLS.items():
         (tools / name).write_text(text)
     approvers = root / "approvers.yaml"

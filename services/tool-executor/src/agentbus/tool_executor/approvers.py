@@ -64,6 +64,7 @@ def check_groups(definition: ToolDefinition, directory: ApproverDirectory, appro
             if entry.startswith("group:") and not directory.group_defined(tenant, group):
                 scope = "any tenant" if tenant == ANY_TENANT else f"tenant {tenant!r} or '*'"
                 raise ApproversFileError(
-                    f"{definition.source}: field 'approval.approvers.{tenant}[{index}]': group {group!r} is not "
+                    f"{definition.source}: field '{definition.field(f'approval.approvers.{tenant}[{index}]')}': "
+                    f"group {group!r} is not "
                     f"defined for {scope} in {approvers_file}"
                 )

@@ -190,13 +190,23 @@ def expired_result(tool: str, expires_at: datetime) -> ToolResult:
     return ToolResult(False, content, "approval_expired", f"approval expired at {expires_at.isoformat()}")
 
 
-def interrupted_result(tool: str) -> ToolResult:
-    content = (
-        f"execution_interrupted: outcome unknown. The executor stopped while {tool!r} was running, before its "
-        "outcome was recorded, and this tool is not safe to run twice, so it was not run again. Check whether "
-        "its effect happened before calling it again."
+EXECUTION_INTERRUPTED = "execution_interrupted"
+
+
+def interrupted_result(tool: str, lost: str | None = None) -> ToolResult:
+    """The call started and its outcome is unknown: the executor stopped while it ran, or (`lost`) what the
+    tool ran on went away. The tool is not safe to run twice, so it was not run again."""
+    what = (
+        f"{tool!r} lost its connection while it ran ({lost})"
+        if lost
+        else (f"The executor stopped while {tool!r} was running, before its outcome was recorded")
     )
-    return ToolResult(False, content, "execution_interrupted", "outcome unknown: stopped during execution")
+    content = (
+        f"execution_interrupted: outcome unknown. {what}, and this tool is not safe to run twice, so it was not "
+        "run again. Check whether its effect happened before calling it again."
+    )
+    detail = f"outcome unknown: {lost}" if lost else "outcome unknown: stopped during execution"
+    return ToolResult(False, content, EXECUTION_INTERRUPTED, detail)
 
 
 def withdrawn_result(tool: str, withdrawal: Withdrawal) -> ToolResult:

@@ -320,6 +320,29 @@ class ToolUnavailableError(TransientToolError):
         self.waiting_for = waiting_for
 
 
+class ToolNotStartedError(ToolUnavailableError):
+    """What the tool needs was not there when the call was about to start: nothing was sent, so any tool, safe
+    to run twice or not, waits for it and then runs."""
+
+
+class ToolInterruptedError(ToolUnavailableError):
+    """What the tool needs went away while the call ran: its outcome is unknown. A tool that is safe to run
+    again waits for it and runs again; any other call ends `execution_interrupted`."""
+
+
+class DependencyGate(Protocol):
+    """What a kind of tool needs before a call of it may start (an MCP server's connection). A call whose tool
+    finds it unavailable is not claimed: it stays ready, and waits."""
+
+    def unavailable(self, definition: ToolDefinition) -> str | None:
+        """What the tool waits for, when that is not available now."""
+        ...
+
+    async def wait(self, definition: ToolDefinition, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for it; whether it is available now."""
+        ...
+
+
 class ToolRunner(Protocol):
     """Runs one kind of tool."""
 

@@ -17,7 +17,7 @@ import nats.errors
 from agentbus.contracts.rag import SearchReply, SearchRequest
 from agentbus.contracts.registry import RAG_SEARCH, Header
 from agentbus.runtime.errors import ConfigurationError
-from agentbus.runtime.tool_registry import SecretHeader, ToolDefinition
+from agentbus.runtime.tool_registry import McpHttpTransport, McpServerDefinition, SecretHeader, ToolDefinition
 from agentbus.tool_executor.adapters.sandbox import SandboxLimits, run_sandboxed
 from agentbus.tool_executor.ports import (
     EffectConnection,
@@ -35,7 +35,8 @@ RETRIEVER = "the retriever"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _clip(text: str) -> str:
+def clip_content(text: str) -> str:
+    """At most MAX_CONTENT_CHARS of a tool's output, saying how much was cut."""
     if len(text) <= MAX_CONTENT_CHARS:
         return text
     return text[:MAX_CONTENT_CHARS] + f"\n... ({len(text) - MAX_CONTENT_CHARS} more characters cut)"
@@ -122,7 +123,7 @@ class PythonRunner:
             output = await self.callables[definition.name](dict(invocation.arguments), context)
         except ToolFailedError as exc:
             return ToolOutput.failure(exc.code, exc.message)
-        return output if isinstance(output, ToolOutput) else ToolOutput(True, _clip(output))
+        return output if isinstance(output, ToolOutput) else ToolOutput(True, clip_content(output))
 
 
 # --- shell -----------------------------------------------------------------------------------------
@@ -152,7 +153,9 @@ class ShellRunner:
                 "timeout", f"the command ran longer than {definition.timeout_seconds:g} s and was killed"
             )
         cut = " (output cut)" if result.truncated else ""
-        content = _clip(f"exit status {result.exit_code}{cut}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        content = clip_content(
+            f"exit status {result.exit_code}{cut}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
         if result.exit_code != 0:
             return ToolOutput(False, content, "exit_status", f"the command exited with status {result.exit_code}")
         return ToolOutput(True, content)
@@ -168,6 +171,22 @@ def missing_secrets(definition: ToolDefinition, environ: Mapping[str, str]) -> l
         f"http.headers.{name} (${value.secret_env})"
         for name, value in definition.http.headers.items()
         if isinstance(value, SecretHeader) and value.secret_env not in environ
+    ]
+
+
+def missing_server_secrets(server: McpServerDefinition, environ: Mapping[str, str]) -> list[str]:
+    """An MCP server's secret variables that are not set, as the fields that name them."""
+    transport = server.transport
+    if isinstance(transport, McpHttpTransport):
+        return [
+            f"transport.headers.{name} (${value.secret_env})"
+            for name, value in transport.headers.items()
+            if isinstance(value, SecretHeader) and value.secret_env not in environ
+        ]
+    return [
+        f"transport.secret_env.{name} (${variable})"
+        for name, variable in transport.secret_env.items()
+        if variable not in environ
     ]
 
 
@@ -214,7 +233,7 @@ class HttpRunner:
             raise TransientToolError("timeout", f"{config.method} {url} timed out") from exc
         except httpx.TransportError as exc:
             raise TransientToolError("unreachable", f"{config.method} {url} failed: {exc}") from exc
-        text = _clip(response.text)
+        text = clip_content(response.text)
         if response.status_code >= 500 or response.status_code == 429:
             raise TransientToolError(f"http_{response.status_code}", f"{config.method} {url}: {text[:500]}")
         if response.status_code >= 400:
@@ -296,4 +315,4 @@ class RetrievalRunner:
             return ToolOutput.failure(reply.error.code, reply.error.message)
         chunks = [chunk.model_dump(mode="json") for chunk in reply.chunks]
         usage = (reply.usage_id,) if reply.usage_id else ()
-        return ToolOutput(True, _clip(format_citations(chunks)), citations=tuple(chunks), usage_ids=usage)
+        return ToolOutput(True, clip_content(format_citations(chunks)), citations=tuple(chunks), usage_ids=usage)

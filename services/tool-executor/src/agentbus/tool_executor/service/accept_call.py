@@ -92,7 +92,7 @@ class AcceptCall:
             if approval.status is ApprovalStatus.PENDING and x.clock() >= approval.expires_at:
                 await expire_overdue(x, approval)
         elif record.status in (CallStatus.READY, CallStatus.RUNNING):
-            await self._execute.drive(call.call_id)
+            await self._execute.drive(call.call_id, tool=call.tool)
         await x.faults.reach("call_before_ack")
 
     def _plan(self, call: ToolCallRequested, trace: TraceContext | None, now: datetime) -> _Plan:

@@ -181,7 +181,7 @@ class Decide:
             if decided.approval is not None:
                 await x.flush(decided.approval.call_id)
                 if decided.approval.status is ApprovalStatus.APPROVED:
-                    await self._execute.drive(decided.approval.call_id)
+                    await self._execute.drive(decided.approval.call_id, tool=decided.approval.tool)
             return report
         if decided.outcome is not DecisionOutcome.ACCEPTED:
             x.metrics.decisions_refused.labels(entry.reason_code or "unknown").inc()
@@ -213,7 +213,7 @@ class Decide:
             await x.publish(list(decided.outbox))
         await x.publish_verdict(entry)
         if status is ApprovalStatus.APPROVED:
-            await self._execute.drive(approval.call_id)
+            await self._execute.drive(approval.call_id, tool=approval.tool)
         await x.faults.reach("decision_before_ack")
         return report
 

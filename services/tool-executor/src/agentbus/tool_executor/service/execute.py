@@ -5,9 +5,13 @@ before the tool starts; the outcome and its messages commit together, only while
 A claim found RUNNING with a lapsed lease was left by a stopped executor: it is taken over, and the call is run
 again only when that is safe (see `ToolDefinition.rerun_safe`); otherwise it ends `interrupted`.
 
-A tool that is safe to run again and finds what it needs unavailable (no retriever answering) waits for it
-rather than failing the call. The wait goes on in the background under the same claim, its lease renewed, so
-the message that started the call is acked and no other executor takes the call over while this one lives;
+A call whose tool has a gate (an MCP server's connection) is not claimed while the gate is closed: it stays
+READY and waits in the background, so nothing was sent and any tool may run once the server is back; if this
+executor stops meanwhile, the sweep of the next one finds it ready. A tool that is safe to run again and finds
+what it needs unavailable while it runs (no retriever answering, an MCP server gone mid-call) waits for it
+rather than failing the call; any other tool whose dependency went away mid-call ends `interrupted`. That wait
+goes on in the background under the same claim, its lease renewed, so the message that started the call is
+acked and no other executor takes the call over while this one lives;
 if this one stops, the lease lapses and another executor runs the call again. It stops waiting when the
 call's task ends (the call is withdrawn).
 """
@@ -36,9 +40,12 @@ from agentbus.tool_executor.domain import (
 from agentbus.tool_executor.ports import (
     Claim,
     Completion,
+    DependencyGate,
     EffectConnection,
     StoreUnavailableError,
+    ToolInterruptedError,
     ToolInvocation,
+    ToolNotStartedError,
     ToolOutput,
     ToolRunner,
     ToolUnavailableError,
@@ -64,6 +71,11 @@ def _wait_delay(waits: int) -> float:
 
 def _timed_out(definition: ToolDefinition) -> ToolOutput:
     return ToolOutput.failure("timeout", f"{definition.name!r} ran longer than {definition.timeout_seconds:g} s")
+
+
+def _interrupted(definition: ToolDefinition, why: str) -> ToolOutput:
+    result = interrupted_result(definition.name, why)
+    return ToolOutput(False, result.content, result.error_code, result.error_message)
 
 
 def _crashed(exc: Exception) -> ToolOutput:
@@ -105,17 +117,34 @@ class _Lease:
 
 
 class ExecuteCall:
-    def __init__(self, executor: Executor, runners: Mapping[str, ToolRunner], *, max_running_tools: int) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        runners: Mapping[str, ToolRunner],
+        *,
+        max_running_tools: int,
+        gates: Mapping[str, DependencyGate] | None = None,
+    ) -> None:
         self._x = executor
         self._runners = runners
+        self._gates = gates or {}
         self._background: dict[str, asyncio.Task[None]] = {}
         self._executing: set[str] = set()
         """Calls this process holds a claim on. The sweep leaves them alone even when their lease lapsed (its
         renewal failed while the database was away): their outcome is on its way here."""
         self._slots = asyncio.Semaphore(max_running_tools)
 
-    async def drive(self, call_id: str, *, in_background: bool = False) -> None:
-        """Claim a ready call (or one a stopped executor left running) and finish it."""
+    async def drive(self, call_id: str, *, tool: str | None = None, in_background: bool = False) -> None:
+        """Claim a ready call (or one a stopped executor left running) and finish it. A call whose tool's gate is
+        closed is left ready and waits for it in the background first."""
+        if tool is not None and self._closed_gate(tool) is not None:
+            if in_background:
+                if not await self._through_gate(call_id, tool):
+                    return
+            else:
+                if call_id not in self._background:
+                    self._spawn(call_id, self._drive_logged(call_id, tool))
+                return
         x = self._x
         now = x.clock()
         claimed = await x.store.claim(call_id, x.owner, now, now + x.lease)
@@ -151,7 +180,37 @@ class ExecuteCall:
     def resume(self, record: CallRecord) -> None:
         """Drive, in the background, a call the sweep found ready or left running; once per process."""
         if record.call_id not in self._background and record.call_id not in self._executing:
-            self._spawn(record.call_id, self._drive_logged(record.call_id))
+            self._spawn(record.call_id, self._drive_logged(record.call_id, record.tool))
+
+    def _closed_gate(self, tool: str) -> str | None:
+        """What the tool waits for before a call of it may start, when that is not available now."""
+        loaded = self._x.tools.get(tool)
+        gate = self._gates.get(loaded.definition.kind) if loaded is not None else None
+        return None if gate is None or loaded is None else gate.unavailable(loaded.definition)
+
+    async def _through_gate(self, call_id: str, tool: str) -> bool:
+        """Wait, with backoff, until the tool's gate opens; False when the call's task ended meanwhile."""
+        loaded = self._x.tools[tool]
+        gate = self._gates[loaded.definition.kind]
+        waits = 0
+        while (waiting_for := gate.unavailable(loaded.definition)) is not None:
+            delay = _wait_delay(waits)
+            waits += 1
+            self._x.metrics.dependency_waits.labels(tool).inc()
+            # One line per attempt, no traceback: an outage is a state, not a bug.
+            _log.warning(
+                "tool_dependency_unavailable",
+                call_id=call_id,
+                tool=tool,
+                waiting_for=waiting_for,
+                started=False,
+                retry_in_seconds=round(delay, 2),
+            )
+            if await gate.wait(loaded.definition, delay):
+                return True
+            if await self._withdrawal(call_id) is not None:
+                return False
+        return True
 
     async def cancel_background(self) -> None:
         """Stop what runs in the background; the claims lapse and another executor (or a restart) finishes."""
@@ -230,8 +289,8 @@ class ExecuteCall:
             return await self._runners[definition.kind].run(definition, invocation, connection)
 
     async def _run(self, definition: ToolDefinition, invocation: ToolInvocation) -> ToolOutput:
-        """Run the tool, trying again as its `retries` allow. Raises ToolUnavailableError only for a tool that
-        is safe to run again: that one waits instead."""
+        """Run the tool, trying again as its `retries` allow. Raises ToolUnavailableError for a tool that is safe
+        to run again, or for a call that was not sent at all: that one waits instead."""
         # Only a tool that is safe to run twice is tried again: for the others, a transient failure may still
         # have had its effect.
         attempts = 1 + (definition.retries if definition.rerun_safe else 0)
@@ -241,8 +300,11 @@ class ExecuteCall:
                 async with self._slots:
                     return await self._invoke(definition, invocation, None)
             except ToolUnavailableError as exc:
-                if definition.rerun_safe:
+                # Not sent at all: any tool may wait. Lost mid-call: only one that is safe to run twice.
+                if definition.rerun_safe or isinstance(exc, ToolNotStartedError):
                     raise
+                if isinstance(exc, ToolInterruptedError):
+                    return _interrupted(definition, exc.message)
                 if last:
                     return ToolOutput.failure(exc.code, exc.message)
             except TransientToolError as exc:
@@ -394,8 +456,8 @@ class ExecuteCall:
         if self._background.get(call_id) is task:
             del self._background[call_id]
 
-    async def _drive_logged(self, call_id: str) -> None:
-        await self.drive(call_id, in_background=True)
+    async def _drive_logged(self, call_id: str, tool: str | None) -> None:
+        await self.drive(call_id, tool=tool, in_background=True)
 
     @staticmethod
     async def _logged(call_id: str, work: Coroutine[Any, Any, None]) -> None:

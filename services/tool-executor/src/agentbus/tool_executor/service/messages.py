@@ -27,7 +27,14 @@ from agentbus.contracts.tools import ToolCallUpdate
 from agentbus.contracts.usage import UsageRecorded
 from agentbus.runtime.tool_registry import ToolDefinition
 from agentbus.runtime.tracing import TraceContext
-from agentbus.tool_executor.domain import ApprovalRecord, ApprovalStatus, CallRecord, CallStatus, ToolResult
+from agentbus.tool_executor.domain import (
+    EXECUTION_INTERRUPTED,
+    ApprovalRecord,
+    ApprovalStatus,
+    CallRecord,
+    CallStatus,
+    ToolResult,
+)
 from agentbus.tool_executor.ports import AuditEntry, Completion, OutgoingMessage, ToolOutput
 
 ACCEPTED = "accepted"
@@ -199,7 +206,11 @@ def completion_of(record: CallRecord, definition: ToolDefinition, output: ToolOu
             record, result, usage_ids=[usage.usage_id, *output.usage_ids], approval=approval_of_executed(record)
         ),
     ]
-    return Completion(CallStatus.SUCCEEDED if result.ok else CallStatus.FAILED, result, outbox)
+    if result.ok:
+        status = CallStatus.SUCCEEDED
+    else:
+        status = CallStatus.INTERRUPTED if result.error_code == EXECUTION_INTERRUPTED else CallStatus.FAILED
+    return Completion(status, result, outbox)
 
 
 def failed_completion(record: CallRecord, status: CallStatus, result: ToolResult) -> Completion:
