@@ -4,8 +4,9 @@
 permissions of each service user are computed from it and from the registry's consumer specs. People
 and applications get narrower rights: a submitter submits, cancels and ingests only on its own token of
 its tenants' subjects, follows those tenants' task events live (core subscriptions) and asks the runner
-for a task's stored events; an approver follows its tenants' approvals live, asks the executor for the
-pending ones, publishes decisions only on its own token and hears the verdict on its own decisions.
+for a task's stored events and for its own sessions; an approver follows its tenants' approvals live,
+asks the executor for the pending ones, publishes decisions only on its own token and hears the verdict
+on its own decisions.
 
 No person or application may use the JetStream API at all. Creating any consumer would let it name a
 push consumer's deliver subject, which nats-server does not check against the creator's permissions
@@ -67,6 +68,10 @@ from agentbus.contracts.registry import (
     RUNNER_TIMERS,
     RUNNER_TOOL_UPDATES,
     RUNS,
+    SESSION_DELETE,
+    SESSION_SHOW,
+    SESSIONS,
+    SESSIONS_LIST,
     SPAN,
     TASK_CANCEL,
     TASK_COST,
@@ -142,12 +147,22 @@ SERVICE_ACCESS: tuple[ServiceAccess, ...] = (
             RUNNER_TIMERS,
             RUNNER_DEAD_LETTERS,
         ),
-        publishes=(TASK_EVENT, LLM_REQUEST, TOOL_CALL, TOOL_WITHDRAW, RUN_SCHEDULE, LLM_ABORT, SPAN),
-        requests=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST),
-        answers=(TASK_REPLAY,),
-        # Replays of a task's stored events, for identities that may not read the stream themselves.
+        # A remember is ingested on the task's submitter's subject, as if they had ingested the fact.
+        publishes=(
+            TASK_EVENT,
+            LLM_REQUEST,
+            TOOL_CALL,
+            TOOL_WITHDRAW,
+            RUN_SCHEDULE,
+            LLM_ABORT,
+            SPAN,
+            RAG_INGEST_DOCUMENTS,
+        ),
+        requests=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST, RAG_SEARCH),
+        # Replays of a task's stored events, and each submitter's own sessions (list, show, delete).
+        answers=(TASK_REPLAY, SESSIONS_LIST, SESSION_SHOW, SESSION_DELETE),
         reads=(TASK_EVENTS,),
-        buckets=(RUNS,),
+        buckets=(RUNS, SESSIONS),
     ),
     ServiceAccess(
         Service.INFERENCE_WORKER,
@@ -272,7 +287,7 @@ def service_permissions(service: Service, models: tuple[str, ...] = registry.DEF
 
 def submitter_permissions(submitter: str, tenants: Iterable[str]) -> NatsPermissions:
     """Submit, cancel and ingest as `submitter` for `tenants` (tasks and workflow runs); follow and replay those
-    tenants' task and workflow events; list their workflows."""
+    tenants' task and workflow events; list their workflows; list, show and delete its own sessions."""
     publish: list[str] = []
     subscribe = [_inbox(submitter_user(submitter))]
     for tenant in tenants:
@@ -287,6 +302,9 @@ def submitter_permissions(submitter: str, tenants: Iterable[str]) -> NatsPermiss
             WORKFLOW_CANCEL.format(tenant=tenant, submitter=submitter),
             WORKFLOW_REPLAY.pattern.format(tenant=tenant, run_id="*"),
             WORKFLOWS_LIST.format(tenant=tenant),
+            SESSIONS_LIST.format(tenant=tenant, submitter=submitter),
+            SESSION_SHOW.format(tenant=tenant, submitter=submitter),
+            SESSION_DELETE.format(tenant=tenant, submitter=submitter),
         ]
         subscribe += [
             TASK_EVENT.pattern.format(tenant=tenant, task_id="*"),

@@ -6,13 +6,19 @@ from agentbus.agent_runner.adapters.jetstream_publisher import JetStreamPublishe
 from agentbus.agent_runner.adapters.nats_budget_gate import NatsBudgetGate, UnlimitedBudgetGate
 from agentbus.agent_runner.adapters.nats_event_log import NatsEventLog
 from agentbus.agent_runner.adapters.nats_kv_run_store import NatsKvRunStore
-from agentbus.agent_runner.domain import RunTiming
+from agentbus.agent_runner.adapters.nats_kv_session_store import NatsKvSessionStore
+from agentbus.agent_runner.adapters.postgres_session_store import PostgresSessionStore
+from agentbus.agent_runner.adapters.redis_session_store import RedisSessionStore
+from agentbus.agent_runner.adapters.retriever_memory import RetrieverMemory
+from agentbus.agent_runner.domain import MEMORY_TOOLS, RunTiming
 from agentbus.agent_runner.handlers import RunnerHandlers
-from agentbus.agent_runner.ports import BudgetGate
+from agentbus.agent_runner.memory import MemoryStoreSpec, load_memory_specs
+from agentbus.agent_runner.ports import BudgetGate, SessionStore
 from agentbus.agent_runner.service import RunnerMetrics, RunnerService
+from agentbus.agent_runner.session_coordinator import SessionCoordinator
 from agentbus.agent_runner.settings import RunnerSettings
-from agentbus.agent_runner.specs import load_agent_specs
-from agentbus.agent_runner.tools import ToolCatalog
+from agentbus.agent_runner.specs import AgentSpec, load_agent_specs
+from agentbus.agent_runner.tools import MEMORY_TOOL_SPECS, ToolCatalog
 from agentbus.contracts.registry import (
     RUNNER_CANCELLATIONS,
     RUNNER_DEAD_LETTERS,
@@ -21,6 +27,10 @@ from agentbus.contracts.registry import (
     RUNNER_TIMERS,
     RUNNER_TOOL_UPDATES,
     RUNS,
+    SESSION_DELETE,
+    SESSION_SHOW,
+    SESSIONS,
+    SESSIONS_LIST,
     TASK_REPLAY,
     Service,
 )
@@ -51,6 +61,9 @@ class RunnerApp(BusService):
         handlers = RunnerHandlers(service)
         self._replies = ReplyServer(nc, Service.AGENT_RUNNER.value, concurrency=self._config.request_concurrency)
         await self._replies.serve(TASK_REPLAY.wildcard, handlers.on_replay_request)
+        await self._replies.serve(SESSIONS_LIST.wildcard, handlers.on_sessions_list_request)
+        await self._replies.serve(SESSION_SHOW.wildcard, handlers.on_session_show_request)
+        await self._replies.serve(SESSION_DELETE.wildcard, handlers.on_session_delete_request)
         # Plain ACK: every transition is idempotent (compare-and-set state, deduplicated publishes),
         # so a lost ack only causes a harmless redelivery.
         return [
@@ -77,6 +90,7 @@ class RunnerApp(BusService):
         if self._replies is not None:
             await self._replies.stop(self._config.drain_timeout_seconds)
         await super().stop()
+        await self._build.close()
 
 
 class RunnerBuild:
@@ -84,8 +98,17 @@ class RunnerBuild:
 
     def __init__(self, settings: RunnerSettings, spans: SpanEmitter, metrics: RunnerMetrics) -> None:
         remote_tools = load_tool_definitions(settings.tools_dir) if settings.tools_dir.is_dir() else {}
-        self._catalog = ToolCatalog({name: definition.spec() for name, definition in remote_tools.items()})
-        self._agents = load_agent_specs(settings.agents_dir, self._catalog.names)
+        clashes = sorted(set(remote_tools) & MEMORY_TOOLS)
+        if clashes:
+            raise ValueError(f"tools {clashes} are the runner's memory tools and cannot be defined for the executor")
+        self._catalog = ToolCatalog(
+            {name: definition.spec() for name, definition in remote_tools.items()} | MEMORY_TOOL_SPECS
+        )
+        # Memory stores load first: an agent naming one that does not exist stops start-up naming its field.
+        self._memory = load_memory_specs(settings.memory_dir)
+        self._urls = {name: spec.connection_url() for name, spec in self._memory.items() if spec.type != "nats-kv"}
+        self._agents = load_agent_specs(settings.agents_dir, self._catalog.names, self._check_memory)
+        self._sessions: SessionCoordinator | None = None
         self._router = (
             load_routing_table(settings.routing_file) if settings.routing_file.is_file() else RoutingTable.empty()
         )
@@ -93,8 +116,38 @@ class RunnerBuild:
         self._spans = spans
         self._metrics = metrics
 
+    def _check_memory(self, agent: AgentSpec) -> tuple[str, str] | None:
+        """An agent's memory store exists; its memory tools need a store that keeps long-term memory."""
+        if agent.memory is not None and agent.memory not in self._memory:
+            return "memory", f"unknown memory store {agent.memory!r}; known: {sorted(self._memory)}"
+        for index, tool in enumerate(agent.tools):
+            if tool not in MEMORY_TOOLS:
+                continue
+            store = self._memory.get(agent.memory) if agent.memory is not None else None
+            if store is None or store.active_long_term is None:
+                return f"tools[{index}]", f"{tool!r} needs a memory store (`memory:`) with long_term memory"
+        return None
+
+    async def _session_store(self, js: JetStreamContext, spec: MemoryStoreSpec) -> SessionStore:
+        if spec.type == "redis":
+            assert spec.redis is not None
+            return RedisSessionStore.from_url(self._urls[spec.name], spec.name, spec.ttl_seconds, spec.redis.key_prefix)
+        if spec.type == "postgres":
+            assert spec.postgres is not None
+            return PostgresSessionStore(self._urls[spec.name], spec.name, spec.ttl_seconds, spec.postgres.table)
+        return NatsKvSessionStore(js, await js.key_value(SESSIONS.bucket), spec.name, spec.ttl_seconds)
+
+    async def close(self) -> None:
+        if self._sessions is not None:
+            await self._sessions.close()
+            self._sessions = None
+
     async def __call__(self, nc: NatsClient, js: JetStreamContext) -> RunnerService:
         settings = self._settings
+        if self._memory:
+            await self.close()
+            stores = {name: await self._session_store(js, spec) for name, spec in self._memory.items()}
+            self._sessions = SessionCoordinator(stores, self._memory)
         budget: BudgetGate = (
             NatsBudgetGate(
                 nc, timeout_seconds=settings.budget_timeout_seconds, cost_wait_seconds=settings.cost_wait_seconds
@@ -115,11 +168,14 @@ class RunnerBuild:
                 default_deadline_seconds=settings.default_deadline_seconds, redrive_seconds=settings.redrive_seconds
             ),
             events=NatsEventLog(js),
+            sessions=self._sessions,
+            memory=RetrieverMemory(nc, js, self._memory, settings.memory_timeout_seconds) if self._memory else None,
         )
 
 
 def create_app(settings: RunnerSettings) -> RunnerApp:
-    """Build the runner. Specs load here, so a bad agent, tool or routing file stops start-up naming it."""
+    """Build the runner. Specs load here, so a bad agent, tool, memory store or routing file stops start-up
+    naming it."""
     registry = CollectorRegistry()
     spans = SpanEmitter(Service.AGENT_RUNNER)
     build = RunnerBuild(settings, spans, RunnerMetrics(registry))

@@ -13,6 +13,17 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
+from agentbus.agent_runner.memory import MemoryStoreSpec
+from agentbus.agent_runner.sessions import (
+    SUMMARY_INSTRUCTIONS,
+    SUMMARY_PREFIX,
+    Admission,
+    SessionKey,
+    SessionTurn,
+    conversation,
+    plan_compaction,
+    transcript,
+)
 from agentbus.agent_runner.specs import AgentSpec
 from agentbus.contracts.budget import BudgetReserveReply
 from agentbus.contracts.common import ErrorInfo, TokenUsage, utc_now
@@ -39,6 +50,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_FALLBACKS = 3
 """Most fallback models one step tries after its model failed, so a cycle in routing cannot loop."""
+REMEMBER = "remember"
+RECALL = "recall"
+MEMORY_TOOLS = frozenset({REMEMBER, RECALL})
+"""Long-term memory tools: the runner carries them out itself, through the retriever (see MemoryCall)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,8 @@ class ErrorCode(StrEnum):
     LLM_ERROR = "llm_error"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL_ERROR = "internal_error"
+    SESSION_BUSY = "session_busy"
+    SESSION_UNSUPPORTED = "session_unsupported"
 
 
 class PendingToolCall(BaseModel):
@@ -94,9 +111,45 @@ class PendingToolCall(BaseModel):
     tool_call_id: str
     name: str
     remote: bool
+    memory: bool = Field(default=False, description="A long-term memory tool, carried out by the runner itself.")
     approval_id: str | None = None
     approval_resolved: bool = False
     result: str | None = None
+
+
+class SessionRef(BaseModel):
+    """The session a run belongs to, and whether its agent keeps tool results in the session's history."""
+
+    model_config = ConfigDict(frozen=True)
+
+    store: str
+    session_id: str
+    submitter: str
+    keep_tool_results: bool = False
+
+    def key(self, tenant: str) -> SessionKey:
+        return SessionKey(self.store, tenant, self.submitter, self.session_id)
+
+
+class SummaryPlan(BaseModel):
+    """A summary the run waits for before its first step: of which turns, and what follows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = Field(description="The summarizing model (routing name).")
+    folded: list[str] = Field(description="Tasks whose turns the summary replaces.")
+    transcript: str = Field(description="What the model summarizes.")
+    context: list[ChatMessage] = Field(description="The turns kept verbatim and the task's input, after the summary.")
+    max_tokens: int = 512
+
+
+class Compaction(BaseModel):
+    """A summary this run made: it replaces the folded turns in the session when the run leaves it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    summary: str
+    folded: list[str]
 
 
 class RunState(BaseModel):
@@ -135,6 +188,12 @@ class RunState(BaseModel):
     )
     deadline_at: datetime | None = Field(default=None, description="When the run fails with deadline_exceeded.")
     redrives: int = Field(default=0, description="Times the current step was re-driven at a wake-up.")
+    memory_store: str | None = Field(default=None, description="The agent's memory store (memory tools, sessions).")
+    session: SessionRef | None = None
+    session_waiting: bool = Field(default=False, description="Accepted, waiting for its session's turn.")
+    turn_start: int = Field(default=0, description="Index in `messages` of the task's own input (after its history).")
+    summarizing: SummaryPlan | None = Field(default=None, description="The summary the run waits for, if any.")
+    compaction: Compaction | None = None
 
     @property
     def terminal(self) -> bool:
@@ -149,6 +208,42 @@ class Toolbox(Protocol):
     def is_local(self, name: str) -> bool: ...
 
     def execute(self, call: ToolCall, allowed: list[str]) -> str: ...
+
+
+class MemoryCall(BaseModel):
+    """A call of a memory tool (remember, recall): the runner carries it out through the retriever, in the
+    tenant's memory collection, and feeds its result back like any tool's. Idempotent on `call_id`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    call_id: str
+    tool_call_id: str
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    task_id: str
+    tenant: str
+    submitted_by: str | None = None
+    store: str
+    session_id: str | None = None
+    step: int
+
+
+class SessionLeave(BaseModel):
+    """A run ended: it leaves its session, with its turn when it completed and the summary it made."""
+
+    model_config = ConfigDict(frozen=True)
+
+    store: str
+    tenant: str
+    submitter: str
+    session_id: str
+    task_id: str
+    turn: SessionTurn | None = None
+    compaction: Compaction | None = None
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey(self.store, self.tenant, self.submitter, self.session_id)
 
 
 class Router(Protocol):
@@ -194,7 +289,10 @@ class Transition:
     wake: RunTimer | None = None
     """The run's next wake-up (it replaces the previous one)."""
     redrive: int = 0
-    """Above 0, `llm_request` and `tool_calls` are what the run already waits for, sent again."""
+    """Above 0, `llm_request`, `tool_calls` and `memory_calls` are what the run already waits for, sent again."""
+    memory_calls: list[MemoryCall] = field(default_factory=list)
+    session_leave: SessionLeave | None = None
+    """The run ended: it leaves its session (with its turn), which goes to the next task waiting for it."""
 
 
 def request_id(tenant: str, task_id: str, step: int) -> str:
@@ -202,6 +300,11 @@ def request_id(tenant: str, task_id: str, step: int) -> str:
     to the tenant, since task ids are the tenants' own (every id derived from it, usage and reservation
     ids included, is then unique across tenants too)."""
     return f"{tenant}.{task_id}.step-{step}"
+
+
+def summary_request_id(tenant: str, task_id: str) -> str:
+    """The id of the request that summarizes a run's session history before its first step."""
+    return f"{tenant}.{task_id}.summary"
 
 
 def call_id(tenant: str, task_id: str, step: int, index: int) -> str:
@@ -224,15 +327,39 @@ def start(
     *,
     now: datetime | None = None,
     timing: RunTiming = DEFAULT_TIMING,
+    memory: MemoryStoreSpec | None = None,
+    admission: Admission | None = None,
 ) -> Transition:
-    """Accept a valid submission, arm its deadline and ask the model for the first step."""
+    """Accept a valid submission, arm its deadline and ask the model for the first step.
+
+    A task of a session (`admission`: what joining the session in the agent's `memory` store gave it) starts
+    after the session's history (summarized first when it is past the store's threshold), or is accepted and
+    waits for its turn, or is rejected `session_busy` by the store's policy.
+    """
     now = now or utc_now()
+    if admission is not None and admission.status == "busy":
+        return reject(
+            submission.task_id,
+            submission.tenant,
+            ErrorCode.SESSION_BUSY,
+            f"session {submission.session_id!r} is running another task, and memory store "
+            f"{memory.name if memory else '?'!r} refuses a session's tasks while one runs (on_busy: reject)",
+        )
     deadline_seconds = submission.deadline_seconds or spec.timeout_seconds or timing.default_deadline_seconds
     messages = [
         ChatMessage(role="system", content=spec.system_prompt),
         ChatMessage(role="user", content=submission.input),
     ]
     budget = submission.budget_usd if submission.budget_usd is not None else spec.budget_usd
+    session = None
+    if submission.session_id is not None and memory is not None:
+        session = SessionRef(
+            store=memory.name,
+            session_id=submission.session_id,
+            submitter=submission.submitted_by or ANONYMOUS,
+            keep_tool_results=spec.session_tool_results,
+        )
+    waiting = admission is not None and admission.status == "waiting"
     state = RunState(
         task_id=submission.task_id,
         tenant=submission.tenant,
@@ -248,6 +375,9 @@ def start(
         pinned_model=router.pinned_deployment(submission.metadata),
         started_at=now,
         deadline_at=now + timedelta(seconds=deadline_seconds),
+        memory_store=spec.memory,
+        session=session,
+        session_waiting=waiting,
     )
     accepted = TaskAccepted(
         task_id=state.task_id,
@@ -257,9 +387,121 @@ def start(
         model=spec.model,
         max_steps=spec.max_steps,
         budget_usd=budget,
+        session_id=session.session_id if session is not None else None,
+        queued=waiting,
     )
-    requested = _request_next_step(state.model_copy(update={"next_seq": state.next_seq + 1}), [accepted], router)
-    return replace(requested, wake=_next_wake(requested.state, now, timing))
+    state = state.model_copy(update={"next_seq": state.next_seq + 1})
+    if waiting:
+        return Transition(state, [accepted], wake=_next_wake(state, now, timing))
+    begun = _begin(state, admission, memory, router, [accepted])
+    return replace(begun, wake=_next_wake(begun.state, now, timing))
+
+
+ANONYMOUS = "anonymous"
+"""The owner of a session whose submission named no submitter (only where identities are not enforced)."""
+
+
+def admit(
+    state: RunState,
+    admission: Admission,
+    memory: MemoryStoreSpec | None,
+    router: Router = DIRECT,
+    *,
+    now: datetime,
+    timing: RunTiming = DEFAULT_TIMING,
+) -> Transition | None:
+    """A run that waits for its session got its turn: it starts after the history, as `start` would have.
+    None if it does not wait (any more) or its turn has not come."""
+    if state.terminal or not state.session_waiting or admission.status != "running":
+        return None
+    if (expired := expire(state, now)) is not None:
+        return expired
+    begun = _begin(state.model_copy(update={"redrives": 0}), admission, memory, router, [])
+    return replace(begun, wake=_next_wake(begun.state, now, timing))
+
+
+def _begin(
+    state: RunState,
+    admission: Admission | None,
+    memory: MemoryStoreSpec | None,
+    router: Router,
+    events: list[TaskEvent],
+) -> Transition:
+    """The run's first request: the step itself, or first a summary of the history's oldest turns."""
+    system_prompt, user_input = state.messages[0].content, state.messages[-1].content
+    summary: str | None = None
+    turns: tuple[SessionTurn, ...] = ()
+    if admission is not None and admission.status == "running":
+        summary, turns = admission.summary, admission.turns
+    plan = plan_compaction(turns, memory) if memory is not None and turns else None
+    compression = memory.active_compression if memory is not None else None
+    if plan is not None and compression is not None:
+        summarizing = SummaryPlan(
+            model=compression.model,
+            folded=[turn.task_id for turn in plan.folded],
+            transcript=transcript(summary, plan.folded),
+            context=conversation(system_prompt, None, plan.kept, user_input)[1:],
+            max_tokens=compression.max_summary_tokens,
+        )
+        waiting = state.model_copy(
+            update={"summarizing": summarizing, "session_waiting": False, "step_started_at": utc_now()}
+        )
+        rid = summary_request_id(state.tenant, state.task_id)
+        return _summary_request(waiting, rid, router.choose(compression.model, rid), events)
+    messages = conversation(system_prompt, summary, turns, user_input)
+    begun = state.model_copy(update={"messages": messages, "turn_start": len(messages) - 1, "session_waiting": False})
+    return _request_next_step(begun, events, router)
+
+
+def _summary_request(state: RunState, rid: str, deployment: str, events: list[TaskEvent]) -> Transition:
+    plan = state.summarizing
+    assert plan is not None
+    request = LlmRequest(
+        request_id=rid,
+        task_id=state.task_id,
+        tenant=state.tenant,
+        agent=state.agent,
+        model=deployment,
+        requested_model=plan.model,
+        step=1,
+        messages=[
+            ChatMessage(role="system", content=SUMMARY_INSTRUCTIONS),
+            ChatMessage(role="user", content=plan.transcript),
+        ],
+        max_tokens=plan.max_tokens,
+        purpose="summary",
+        event_seq=max(state.next_seq - 1, 1),
+    )
+    waiting = state.model_copy(
+        update={"awaiting_request_id": rid, "requested_model": deployment, "attempt_model": plan.model}
+    )
+    return Transition(waiting, events, request)
+
+
+def _summarized(state: RunState, result: LlmResult, router: Router) -> Transition:
+    """The summary came back: the run's conversation is its agent's prompt, the summary, the turns kept
+    verbatim and its input; the session takes the summary when the run leaves it. A summary that failed
+    leaves the history as it was (given to the model as text), and the session unchanged."""
+    plan = state.summarizing
+    assert plan is not None
+    content = result.message.content.strip() if result.error is None and result.message is not None else ""
+    if content:
+        context = ChatMessage(role="system", content=SUMMARY_PREFIX + content)
+        compaction: Compaction | None = Compaction(summary=content, folded=plan.folded)
+    else:
+        context = ChatMessage(role="system", content="The earlier conversation:\n" + plan.transcript)
+        compaction = None
+    messages = [state.messages[0], context, *plan.context]
+    begun = state.model_copy(
+        update={
+            "messages": messages,
+            "turn_start": len(messages) - 1,
+            "summarizing": None,
+            "compaction": compaction,
+            "awaiting_request_id": None,
+        }
+    )
+    return _request_next_step(begun, [], router)
 
 
 def _next_wake(state: RunState, now: datetime, timing: RunTiming) -> RunTimer:
@@ -310,6 +552,8 @@ def apply_llm_result(
     if result.usage_id is not None:
         # The worker published the usage record before the result: the run's cost waits for it.
         state = state.model_copy(update={"usage_ids": [*state.usage_ids, result.usage_id]})
+    if state.summarizing is not None:
+        return _summarized(state.model_copy(update={"usage": usage}), result, router)
     if result.error is not None or result.message is None:
         fallback = router.fallback(state.attempt_model or state.model)
         if fallback is not None and state.fallbacks < MAX_FALLBACKS:
@@ -350,7 +594,7 @@ def apply_llm_result(
             steps=state.step,
             citations=state.citations,
         )
-        return _end(state, RunStatus.COMPLETED, usage, [step_event, completed])
+        return _end(state, RunStatus.COMPLETED, usage, [step_event, completed], answer=message)
     if state.step >= state.max_steps:
         failed = TaskFailed(
             task_id=state.task_id,
@@ -367,9 +611,13 @@ def apply_llm_result(
     allowed = [tool.name for tool in state.tools]
     calls: list[PendingToolCall] = []
     requests: list[ToolCallRequested] = []
+    memory_calls: list[MemoryCall] = []
     for index, call in enumerate(message.tool_calls):
         cid = call_id(state.tenant, state.task_id, state.step, index)
-        if call.name in allowed and not toolbox.is_local(call.name):
+        if call.name in allowed and call.name in MEMORY_TOOLS and state.memory_store is not None:
+            calls.append(PendingToolCall(call_id=cid, tool_call_id=call.id, name=call.name, remote=True, memory=True))
+            memory_calls.append(_memory_call(state, cid, call))
+        elif call.name in allowed and not toolbox.is_local(call.name):
             calls.append(PendingToolCall(call_id=cid, tool_call_id=call.id, name=call.name, remote=True))
             requests.append(
                 ToolCallRequested(
@@ -398,9 +646,25 @@ def apply_llm_result(
             "pending_calls": calls,
         }
     )
-    if requests:
-        return Transition(advanced, [step_event], tool_calls=requests)
+    if requests or memory_calls:
+        return Transition(advanced, [step_event], tool_calls=requests, memory_calls=memory_calls)
     return _continue_after_tools(advanced, [step_event], router)
+
+
+def _memory_call(state: RunState, cid: str, call: ToolCall) -> MemoryCall:
+    assert state.memory_store is not None
+    return MemoryCall(
+        call_id=cid,
+        tool_call_id=call.id,
+        tool=call.name,
+        arguments=call.arguments,
+        task_id=state.task_id,
+        tenant=state.tenant,
+        submitted_by=state.submitted_by,
+        store=state.memory_store,
+        session_id=state.session.session_id if state.session is not None else None,
+        step=state.step,
+    )
 
 
 def _continue_after_tools(state: RunState, events: list[TaskEvent], router: Router) -> Transition:
@@ -498,6 +762,19 @@ def apply_tool_update(state: RunState, update: ToolCallUpdate, router: Router = 
     return Transition(advanced, events)
 
 
+def apply_tool_results(state: RunState, results: list[ToolCallUpdate], router: Router = DIRECT) -> Transition | None:
+    """Several results of one step at once (the runner's memory calls): one transition, their events in order;
+    None if none of them was awaited."""
+    applied: Transition | None = None
+    events: list[TaskEvent] = []
+    for result in results:
+        step = apply_tool_update(applied.state if applied is not None else state, result, router)
+        if step is not None:
+            events += step.events
+            applied = step
+    return replace(applied, events=events) if applied is not None else None
+
+
 def cancel(state: RunState, request: TaskCancelRequested, by: str | None = None) -> Transition | None:
     """Stop a running task; None if it already ended. A late LLM result is then ignored.
 
@@ -550,7 +827,7 @@ def wake(state: RunState, timer: RunTimer, now: datetime, timing: RunTiming = DE
     under new message ids: the worker bills a request once per request id and the executor runs a call
     once per call id, so a re-drive can only help a message that was lost, never repeat an effect.
     """
-    if state.terminal:
+    if state.terminal or timer.kind == "session":
         return None
     if (expired := expire(state, now)) is not None:
         return expired
@@ -561,12 +838,13 @@ def wake(state: RunState, timer: RunTimer, now: datetime, timing: RunTiming = DE
     waiting = state.model_copy(update={"redrives": redrives})
     request = None
     if state.awaiting_request_id is not None and state.requested_model is not None:
-        request = _request(state, state.awaiting_request_id, state.requested_model, []).llm_request
-    calls = _unfinished_calls(state)
+        again = _summary_request if state.summarizing is not None else _request
+        request = again(state, state.awaiting_request_id, state.requested_model, []).llm_request
     return Transition(
         waiting,
         llm_request=request,
-        tool_calls=calls,
+        tool_calls=_unfinished_calls(state),
+        memory_calls=_unfinished_memory_calls(state),
         wake=_next_wake(waiting, now, timing),
         redrive=redrives,
     )
@@ -590,7 +868,19 @@ def _unfinished_calls(state: RunState) -> list[ToolCallRequested]:
             submitted_by=state.submitted_by,
         )
         for pending in state.pending_calls
-        if pending.remote and pending.result is None and pending.tool_call_id in by_id
+        if pending.remote and not pending.memory and pending.result is None and pending.tool_call_id in by_id
+    ]
+
+
+def _unfinished_memory_calls(state: RunState) -> list[MemoryCall]:
+    """The memory tool calls of the current step still without a result."""
+    if state.pending_message is None:
+        return []
+    by_id = {call.id: call for call in state.pending_message.tool_calls}
+    return [
+        _memory_call(state, pending.call_id, by_id[pending.tool_call_id])
+        for pending in state.pending_calls
+        if pending.memory and pending.result is None and pending.tool_call_id in by_id
     ]
 
 
@@ -634,10 +924,17 @@ def cancel_before_start(request: TaskCancelRequested) -> Transition:
 
 
 def _end(
-    state: RunState, status: RunStatus, usage: TokenUsage, events: list[TaskEvent], *, interrupted: bool = False
+    state: RunState,
+    status: RunStatus,
+    usage: TokenUsage,
+    events: list[TaskEvent],
+    *,
+    interrupted: bool = False,
+    answer: ChatMessage | None = None,
 ) -> Transition:
     """The run ends: its budget is closed and the tool calls still out are withdrawn. `interrupted`: it ended
-    while waiting for a step, which is aborted in the engine (best effort)."""
+    while waiting for a step, which is aborted in the engine (best effort). A run of a session leaves it; with
+    its `answer` (it completed), its turn joins the session's history."""
     ended = state.model_copy(
         update={
             "status": status,
@@ -645,16 +942,46 @@ def _end(
             "awaiting_request_id": None,
             "pending_message": None,
             "pending_calls": [],
+            "summarizing": None,
             "next_seq": state.next_seq + len(events),
         }
     )
     withdrawals = [
         ToolCallWithdrawn(call_id=call.call_id, task_id=state.task_id, tenant=state.tenant, reason=f"task {status}")
         for call in state.pending_calls
-        if call.remote and call.result is None
+        if call.remote and not call.memory and call.result is None
     ]
     abort, abort_model = None, None
     if interrupted and state.awaiting_request_id is not None and state.requested_model is not None:
         abort = LlmAbort(request_id=state.awaiting_request_id, task_id=state.task_id)
         abort_model = state.requested_model
-    return Transition(ended, events, abort=abort, abort_model=abort_model, withdrawals=withdrawals, close_budget=True)
+    return Transition(
+        ended,
+        events,
+        abort=abort,
+        abort_model=abort_model,
+        withdrawals=withdrawals,
+        close_budget=True,
+        session_leave=_leave(state, events, answer),
+    )
+
+
+def _leave(state: RunState, events: list[TaskEvent], answer: ChatMessage | None) -> SessionLeave | None:
+    session = state.session
+    if session is None:
+        return None
+    turn = None
+    if answer is not None and not state.session_waiting:
+        own = state.messages[state.turn_start :]
+        kept = own if session.keep_tool_results else own[:1]
+        reply = ChatMessage(role="assistant", content=answer.content)
+        turn = SessionTurn(task_id=state.task_id, at=events[-1].at if events else utc_now(), messages=[*kept, reply])
+    return SessionLeave(
+        store=session.store,
+        tenant=state.tenant,
+        submitter=session.submitter,
+        session_id=session.session_id,
+        task_id=state.task_id,
+        turn=turn,
+        compaction=state.compaction,
+    )

@@ -16,6 +16,9 @@ from agentbus.contracts.registry import (
     LLM_RESULTS,
     RUN_TIMERS,
     RUNNER_DEAD_LETTERS,
+    SESSION_DELETE,
+    SESSION_SHOW,
+    SESSIONS_LIST,
     TASK_CANCEL,
     TASK_REPLAY,
     TASK_SUBMIT,
@@ -25,6 +28,14 @@ from agentbus.contracts.registry import (
     SubjectSpec,
 )
 from agentbus.contracts.runs import RunTimer
+from agentbus.contracts.sessions import (
+    SessionDeleteReply,
+    SessionDeleteRequest,
+    SessionShowReply,
+    SessionShowRequest,
+    SessionsListReply,
+    SessionsListRequest,
+)
 from agentbus.contracts.tasks import TaskCancelRequested, TaskReplayReply, TaskReplayRequest, TaskSubmitted
 from agentbus.contracts.tools import ToolCallUpdate
 from agentbus.runtime.consumer import Delivery
@@ -182,6 +193,52 @@ class RunnerHandlers:
             error = ErrorInfo(code=ErrorCode.SCHEMA_VIOLATION, message=_validation_summary(exc))
             return TaskReplayReply(task_id=task_id, tenant=tenant, error=error)
         return await self._service.replay(tenant, task_id, replay)
+
+    # Sessions: the subject names the tenant and the submitter (bound by nats-server to the requesting user),
+    # so a submitter reaches its own sessions only.
+
+    async def on_sessions_list_request(self, request: Request) -> SessionsListReply:
+        owner = _session_owner(SESSIONS_LIST, request.subject)
+        if isinstance(owner, ErrorInfo):
+            return SessionsListReply(error=owner)
+        try:
+            listing = SessionsListRequest.model_validate_json(request.data or b"{}")
+        except ValidationError as exc:
+            return SessionsListReply(error=ErrorInfo(code=ErrorCode.SCHEMA_VIOLATION, message=_validation_summary(exc)))
+        return await self._service.sessions_list(*owner, listing)
+
+    async def on_session_show_request(self, request: Request) -> SessionShowReply:
+        owner = _session_owner(SESSION_SHOW, request.subject)
+        if isinstance(owner, ErrorInfo):
+            return SessionShowReply(error=owner)
+        try:
+            show = SessionShowRequest.model_validate_json(request.data or b"{}")
+        except ValidationError as exc:
+            return SessionShowReply(error=ErrorInfo(code=ErrorCode.SCHEMA_VIOLATION, message=_validation_summary(exc)))
+        return await self._service.session_show(*owner, show)
+
+    async def on_session_delete_request(self, request: Request) -> SessionDeleteReply:
+        owner = _session_owner(SESSION_DELETE, request.subject)
+        if isinstance(owner, ErrorInfo):
+            return SessionDeleteReply(error=owner)
+        try:
+            delete = SessionDeleteRequest.model_validate_json(request.data or b"{}")
+        except ValidationError as exc:
+            error = ErrorInfo(code=ErrorCode.SCHEMA_VIOLATION, message=_validation_summary(exc))
+            return SessionDeleteReply(error=error)
+        return await self._service.session_delete(*owner, delete)
+
+
+def _session_owner(spec: SubjectSpec, subject: str) -> tuple[str, str] | ErrorInfo:
+    """The tenant and submitter a sessions request names, or why the subject is invalid."""
+    try:
+        tokens = spec.parse(subject)
+    except ValueError as exc:
+        return ErrorInfo(code=INVALID_SUBJECT, message=str(exc))
+    for name, value in tokens.items():
+        if not _ID.fullmatch(value):
+            return ErrorInfo(code=INVALID_SUBJECT, message=f"{name} token {value!r} is not a valid identifier")
+    return tokens["tenant"], tokens["submitter"]
 
 
 def _is_submission(subject: str) -> bool:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from agentbus.agent_runner.domain import RunState
+from agentbus.agent_runner.domain import MemoryCall, RunState
+from agentbus.agent_runner.sessions import SessionKey, SessionRecord
 from agentbus.contracts.budget import BudgetReserveReply, BudgetReserveRequest
+from agentbus.contracts.rag import RetrievedChunk
 from agentbus.contracts.tasks import TaskEvent
 from pydantic import BaseModel, ConfigDict, Field
 
-OutboxKind = Literal["publish", "notice", "reserve", "close_budget"]
+OutboxKind = Literal["publish", "notice", "reserve", "close_budget", "session_leave", "memory"]
 
 
 class OutboxItem(BaseModel):
@@ -18,7 +20,9 @@ class OutboxItem(BaseModel):
 
     publish: a JetStream message (deduplicated by `msg_id`). notice: a best-effort core NATS message.
     reserve: a budget reservation (`payload` is the request) that the items after it wait for: a denial ends
-    the run instead. close_budget: release the run's reservations and refuse later ones.
+    the run instead. close_budget: release the run's reservations and refuse later ones. session_leave: the
+    run leaves its session (`payload` is the SessionLeave), which goes to the next task waiting for it.
+    memory: a memory tool call (`payload` is the MemoryCall), carried out last; its result advances the run.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -111,3 +115,53 @@ class EventLog(Protocol):
     async def events(self, tenant: str, task_id: str, from_seq: int, limit: int) -> tuple[list[TaskEvent], bool]:
         """Stored events with `seq >= from_seq`, in order, at most `limit`; and whether more follow."""
         ...
+
+
+class MemoryUnavailableError(Exception):
+    """A memory store (or the retriever behind long-term memory) does not answer: wait for it."""
+
+
+class SessionExistsError(Exception):
+    """A session record was created meanwhile: re-read it."""
+
+
+class SessionStore(Protocol):
+    """The sessions of one memory store, written compare-and-set. Every write renews the store's TTL: a
+    session nobody wrote for that long is gone. Raises MemoryUnavailableError while the store is down."""
+
+    async def get(self, key: SessionKey) -> tuple[SessionRecord, int] | None: ...
+
+    async def create(self, key: SessionKey, record: SessionRecord) -> int:
+        """Raises SessionExistsError when the key exists."""
+        ...
+
+    async def update(self, key: SessionKey, record: SessionRecord, revision: int) -> int:
+        """Raises RevisionConflictError when the record changed (or expired) since `revision`."""
+        ...
+
+    async def delete(self, key: SessionKey, revision: int) -> bool:
+        """False when the record changed since `revision` (nothing deleted)."""
+        ...
+
+    async def owned(self, tenant: str, submitter: str, limit: int) -> list[SessionRecord]:
+        """The submitter's sessions in the tenant, at most `limit` (in no particular order)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MemoryOutcome:
+    """What a memory tool call gave the model: its text, the memories it found, the usage it caused."""
+
+    content: str
+    ok: bool = True
+    citations: list[RetrievedChunk] = field(default_factory=list)
+    usage_ids: list[str] = field(default_factory=list)
+
+
+class LongTermMemory(Protocol):
+    """remember and recall, in a tenant's memory collection. Idempotent on the call's id; raises
+    MemoryUnavailableError while the retriever does not answer."""
+
+    async def run(self, call: MemoryCall, traceparent: str | None) -> MemoryOutcome: ...

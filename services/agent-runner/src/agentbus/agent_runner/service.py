@@ -11,34 +11,50 @@ answer, the input is redelivered with backoff (`DependencyUnavailableError`). Th
 `accepted` event out, as soon as the first transition is stored; the call that needs a reservation waits
 in the outbox behind it. Only what ends a run (its deadline, a cancellation, a message given up on) goes
 ahead without the accountant: the waiting call is then dropped, since it will never be made.
+
+A task of a session joins it before its first transition is decided (the session's history is part of
+the run's first request, and a busy session may refuse it); a run leaves its session first thing in the
+outbox of its ending, so its terminal event is out only once the next task of the session can see its
+turn. A memory store that is down is waited for like the accountant; a run that ends meanwhile sends its
+terminal event anyway, and leaves the session when the store is back. Memory tool calls (remember,
+recall) are carried out last, by the runner itself: their results are applied to the run in a transition
+stored in place of the outbox, like a budget denial's ending.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from agentbus.agent_runner import domain
+from agentbus.agent_runner import sessions as session_views
 from agentbus.agent_runner.domain import (
+    ANONYMOUS,
     DEFAULT_TIMING,
     DIRECT,
     ErrorCode,
+    MemoryCall,
     Router,
     RunState,
     RunStatus,
     RunTiming,
+    SessionLeave,
     Toolbox,
     Transition,
 )
+from agentbus.agent_runner.memory import MemoryStoreSpec
 from agentbus.agent_runner.ports import (
     BudgetGate,
     BudgetRefusedError,
     BudgetTaskClosedError,
     BudgetUnavailableError,
     EventLog,
+    LongTermMemory,
+    MemoryOutcome,
+    MemoryUnavailableError,
     OutboxItem,
     Publisher,
     RevisionConflictError,
@@ -47,6 +63,8 @@ from agentbus.agent_runner.ports import (
     RunStore,
     TaskCost,
 )
+from agentbus.agent_runner.session_coordinator import SessionBusyError, SessionCoordinator
+from agentbus.agent_runner.sessions import Admission, SessionKey
 from agentbus.agent_runner.specs import AgentSpec
 from agentbus.contracts.budget import BudgetReserveRequest
 from agentbus.contracts.common import ErrorInfo, utc_now
@@ -64,6 +82,14 @@ from agentbus.contracts.registry import (
     Service,
 )
 from agentbus.contracts.runs import RunTimer
+from agentbus.contracts.sessions import (
+    SessionDeleteReply,
+    SessionDeleteRequest,
+    SessionShowReply,
+    SessionShowRequest,
+    SessionsListReply,
+    SessionsListRequest,
+)
 from agentbus.contracts.spans import SpanRecorded
 from agentbus.contracts.tasks import (
     TASK_EVENT_ADAPTER,
@@ -88,6 +114,9 @@ USAGE_PATIENCE = timedelta(minutes=10)
 """How long a finished run's terminal event waits for a usage record it named to reach the ledger."""
 
 Decide = Callable[[RunState | None], Transition | None]
+Current = tuple[RunRecord, int] | None
+_UNREAD = object()
+"""`_transact`'s first read, when the caller has not read the run already."""
 
 
 class RunnerMetrics:
@@ -130,6 +159,8 @@ class RunnerService:
         timing: RunTiming = DEFAULT_TIMING,
         events: EventLog | None = None,
         clock: Callable[[], datetime] = utc_now,
+        sessions: SessionCoordinator | None = None,
+        memory: LongTermMemory | None = None,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -142,14 +173,34 @@ class RunnerService:
         self._timing = timing
         self._events = events
         self._clock = clock
+        self._sessions = sessions
+        self._memory = memory
 
     # --- inputs ------------------------------------------------------------------------------------
 
     async def submit(self, submission: TaskSubmitted, trace: TraceContext | None) -> None:
-        """Start a run; a task id seen before in the tenant (running, ended or rejected) starts nothing."""
+        """Start a run; a task id seen before in the tenant (running, ended or rejected) starts nothing.
+
+        A task of a session joins the session first (unless its run exists already): what that gave it (run
+        now after the history, wait, or be refused) is part of the run's first transition.
+        """
         spec = self._agents.get(submission.agent)
+        store = self._memory_spec(spec.memory if spec is not None else None)
+        current: Current | object = _UNREAD
+        admission: Admission | None = None
+        session_key: SessionKey | None = None
+        joined = False
+        if spec is not None and store is not None and submission.session_id is not None:
+            current = await self._store.get(run_key(submission.tenant, submission.task_id))
+            if current is None:
+                session_key = SessionKey(
+                    store.name, submission.tenant, submission.submitted_by or ANONYMOUS, submission.session_id
+                )
+                admission, joined = await self._join(session_key, submission.task_id)
+        existing: list[RunState] = []
 
         def decide(state: RunState | None) -> Transition | None:
+            existing[:] = [state] if state is not None else []
             if state is not None:
                 return None
             if spec is None:
@@ -159,9 +210,84 @@ class RunnerService:
                     ErrorCode.UNKNOWN_AGENT,
                     f"no agent named {submission.agent!r}; known agents: {sorted(self._agents)}",
                 )
-            return domain.start(submission, spec, self._toolbox, self._router, now=self._clock(), timing=self._timing)
+            if submission.session_id is not None and store is None:
+                return domain.reject(
+                    submission.task_id,
+                    submission.tenant,
+                    ErrorCode.SESSION_UNSUPPORTED,
+                    f"agent {spec.name!r} keeps no sessions: its spec names no memory store (`memory:`)",
+                )
+            return domain.start(
+                submission,
+                spec,
+                self._toolbox,
+                self._router,
+                now=self._clock(),
+                timing=self._timing,
+                memory=store,
+                admission=admission,
+            )
 
-        await self._transact(submission.tenant, submission.task_id, decide, trace)
+        await self._transact(submission.tenant, submission.task_id, decide, trace, current=current)
+        if joined and session_key is not None and existing:
+            # The task id was taken by another submission meanwhile: unless that is this very run of this
+            # session, still going, the session must not keep this task in it.
+            other = existing[0]
+            if other.terminal or other.session is None or other.session.key(submission.tenant) != session_key:
+                leave = SessionLeave(
+                    store=session_key.store,
+                    tenant=session_key.tenant,
+                    submitter=session_key.submitter,
+                    session_id=session_key.session_id,
+                    task_id=submission.task_id,
+                )
+                await self._signal(submission.tenant, await self._sessions_or_fail().leave(leave))
+
+    def _memory_spec(self, store: str | None) -> MemoryStoreSpec | None:
+        if store is None or self._sessions is None:
+            return None
+        return self._sessions.spec(store)
+
+    def _sessions_or_fail(self) -> SessionCoordinator:
+        assert self._sessions is not None
+        return self._sessions
+
+    async def _join(self, key: SessionKey, task_id: str, *, repair: bool = False) -> tuple[Admission, bool]:
+        """Join a session, waiting for its store while it is down; tell the tasks whose turn came meanwhile."""
+        stale = self._stale_in(key) if repair else None
+        try:
+            admission, wrote, signals = await self._sessions_or_fail().join(key, task_id, stale)
+        except MemoryUnavailableError as exc:
+            raise DependencyUnavailableError(str(exc)) from exc
+        await self._signal(key.tenant, signals)
+        return admission, wrote
+
+    def _stale_in(self, key: SessionKey) -> Callable[[str], Awaitable[bool]]:
+        """Whether the task a session names as running ended without leaving it (or is of another session)."""
+
+        async def stale(task_id: str) -> bool:
+            current = await self._store.get(run_key(key.tenant, task_id))
+            if current is None:
+                return False  # it may be starting this very moment
+            record, _ = current
+            state = record.state
+            if state.session is None or state.session.key(key.tenant) != key:
+                return True
+            return state.terminal and not any(item.kind == "session_leave" for item in record.outbox)
+
+        return stale
+
+    async def _signal(self, tenant: str, task_ids: tuple[str, ...]) -> None:
+        """Tell runs waiting for their session that their turn has come: a timer, published at once."""
+        for task_id in task_ids:
+            timer = RunTimer(task_id=task_id, tenant=tenant, due_at=self._clock(), kind="session")
+            await self._publisher.publish(
+                OutboxItem(
+                    subject=RUN_TIMER.format(tenant=tenant),
+                    msg_id=f"session-turn:{run_key(tenant, task_id)}",
+                    payload=timer.model_dump_json(),
+                )
+            )
 
     async def reject(
         self, task_id: str, tenant: str, code: ErrorCode, message: str, trace: TraceContext | None
@@ -206,13 +332,33 @@ class RunnerService:
         await self._transact(update.tenant, update.task_id, decide, trace)
 
     async def wake(self, timer: RunTimer) -> None:
-        """A run's timer fired: end the run at its deadline, or re-drive a step that still waits."""
+        """A run's timer fired: end the run at its deadline, or re-drive a step that still waits. A run that
+        waits for its session asks for it again (its turn came, or the task before it ended without a word)."""
         now = self._clock()
+        current: Current | object = _UNREAD
+        admission: Admission | None = None
+        store: MemoryStoreSpec | None = None
+        if self._sessions is not None and timer.kind in ("session", "step"):
+            current = await self._store.get(run_key(timer.tenant, timer.task_id))
+            state = current[0].state if isinstance(current, tuple) else None
+            if state is not None and state.session_waiting and not state.terminal and state.session is not None:
+                store = self._memory_spec(state.session.store)
+                try:
+                    admission, _ = await self._join(state.session.key(timer.tenant), timer.task_id, repair=True)
+                except DependencyUnavailableError as exc:
+                    # The store is down: the run keeps waiting (and still ends at its deadline).
+                    _log.warning("session_unavailable_at_wake", reason=str(exc))
 
         def decide(state: RunState | None) -> Transition | None:
-            return domain.wake(state, timer, now, self._timing) if state is not None else None
+            if state is None:
+                return None
+            if admission is not None:
+                admitted = domain.admit(state, admission, store, self._router, now=now, timing=self._timing)
+                if admitted is not None:
+                    return admitted
+            return domain.wake(state, timer, now, self._timing)
 
-        await self._transact(timer.tenant, timer.task_id, decide, None, ends_run=True)
+        await self._transact(timer.tenant, timer.task_id, decide, None, ends_run=True, current=current)
 
     async def fail(self, tenant: str, task_id: str, reason: str, *, claim: bool = False) -> None:
         """End a run because a message it depends on was given up on. With `claim`, a task id that has no run
@@ -240,27 +386,75 @@ class RunnerService:
             next_seq=events[-1].seq + 1 if events else request.from_seq,
         )
 
+    # --- people's requests on their sessions ------------------------------------------------------
+
+    async def sessions_list(self, tenant: str, submitter: str, request: SessionsListRequest) -> SessionsListReply:
+        """The submitter's sessions in the tenant, most recently changed first."""
+        if self._sessions is None:
+            return SessionsListReply()
+        try:
+            found = await self._sessions.owned(tenant, submitter, request.store, request.limit + 1)
+        except MemoryUnavailableError as exc:
+            return SessionsListReply(error=ErrorInfo(code="unavailable", message=str(exc)))
+        return SessionsListReply(
+            sessions=[session_views.info(record) for record in found[: request.limit]],
+            more=len(found) > request.limit,
+        )
+
+    async def session_show(self, tenant: str, submitter: str, request: SessionShowRequest) -> SessionShowReply:
+        """One of the submitter's sessions, with its history and summary, in each store that has it."""
+        if self._sessions is None:
+            return SessionShowReply()
+        try:
+            found = await self._sessions.show(tenant, submitter, request.session_id, request.store)
+        except MemoryUnavailableError as exc:
+            return SessionShowReply(error=ErrorInfo(code="unavailable", message=str(exc)))
+        return SessionShowReply(sessions=[session_views.detail(record) for record in found])
+
+    async def session_delete(self, tenant: str, submitter: str, request: SessionDeleteRequest) -> SessionDeleteReply:
+        """Forget one of the submitter's sessions; refused `session_busy` while a task of it runs or waits."""
+        if self._sessions is None:
+            return SessionDeleteReply()
+        try:
+            deleted = await self._sessions.delete(tenant, submitter, request.session_id, request.store)
+        except SessionBusyError as exc:
+            return SessionDeleteReply(error=ErrorInfo(code=ErrorCode.SESSION_BUSY, message=str(exc)))
+        except MemoryUnavailableError as exc:
+            return SessionDeleteReply(error=ErrorInfo(code="unavailable", message=str(exc)))
+        return SessionDeleteReply(deleted=deleted)
+
     # --- the transaction ---------------------------------------------------------------------------
 
     async def _transact(
-        self, tenant: str, task_id: str, decide: Decide, trace: TraceContext | None, *, ends_run: bool = False
+        self,
+        tenant: str,
+        task_id: str,
+        decide: Decide,
+        trace: TraceContext | None,
+        *,
+        ends_run: bool = False,
+        current: Current | object = _UNREAD,
     ) -> None:
         """Apply `decide` to the run, then carry out what it stored.
 
         `ends_run`: the input may end the run without the accountant (deadline, cancel, dead letter); if a
-        leftover call still waits for its reservation, the run ends without making it.
+        leftover call still waits for its reservation, the run ends without making it. `current`: the run
+        as the caller just read it.
         """
         bind_message_context(task_id=task_id, tenant=tenant)
         key = run_key(tenant, task_id)
         for _ in range(_MAX_CONFLICT_RETRIES):
-            current = await self._store.get(key)
+            if current is _UNREAD:
+                current = await self._store.get(key)
+            assert current is None or isinstance(current, tuple)
             record, revision = current if current is not None else (None, 0)
+            current = _UNREAD
             if record is not None and record.outbox:
                 try:
                     done = await self._carry_out(key, record, revision)
                 except RevisionConflictError:
                     continue
-                except BudgetUnavailableError as exc:
+                except (BudgetUnavailableError, MemoryUnavailableError) as exc:
                     transition = decide(record.state) if ends_run else None
                     if transition is None or not transition.state.terminal:
                         raise DependencyUnavailableError(str(exc)) from exc
@@ -293,7 +487,7 @@ class RunnerService:
                 await self._carry_out(key, new_record, revision)
             except RevisionConflictError:
                 pass  # a newer transition was stored: it carried out (idempotently) what it found here
-            except BudgetUnavailableError as exc:
+            except (BudgetUnavailableError, MemoryUnavailableError) as exc:
                 raise DependencyUnavailableError(str(exc)) from exc
             return
         raise RetryableError(f"run {key} kept changing under {_MAX_CONFLICT_RETRIES} attempts")
@@ -310,17 +504,30 @@ class RunnerService:
         """Do the record's outbox in order, then mark it done (compare-and-set).
 
         A reservation that is denied (or refused as invalid) ends the run instead of the calls behind it:
-        that ending is stored in place of the rest of the outbox and carried out in turn. Raises
-        BudgetUnavailableError while the accountant does not answer, RevisionConflictError when a newer
-        record was stored meanwhile.
+        that ending is stored in place of the rest of the outbox and carried out in turn. Memory tool calls
+        come last: their results are applied to the run, and that transition is stored in place of the
+        outbox. Raises BudgetUnavailableError while the accountant does not answer, MemoryUnavailableError
+        while a memory store or the retriever does not (a session not left yet then stays in the outbox, the
+        rest is done), RevisionConflictError when a newer record was stored meanwhile.
         """
         state = record.state
         cost: float | None = None
+        deferred: list[OutboxItem] = []
+        memory_calls: list[OutboxItem] = []
         # A finished run's terminal event is priced and its budget closed in one request to the accountant.
         closing = any(item.kind == "close_budget" for item in record.outbox)
         closed = False
         for item in record.outbox:
-            if item.kind == "reserve":
+            if item.kind == "memory":
+                memory_calls.append(item)
+            elif item.kind == "session_leave":
+                try:
+                    await self._leave(item)
+                except MemoryUnavailableError as exc:
+                    # The run's end goes out now; leaving the session waits for its store.
+                    _log.warning("session_leave_deferred", reason=str(exc))
+                    deferred.append(item)
+            elif item.kind == "reserve":
                 ending = await self._reserve_or_end(state, item)
                 if ending is not None:
                     return await self._replace_outbox(key, record, revision, ending)
@@ -334,8 +541,60 @@ class RunnerService:
                 await self._publisher.publish(_priced(item, cost))
             else:
                 await self._publisher.publish(item)
+        if deferred:
+            await self._store.update(key, record.model_copy(update={"outbox": deferred}), revision)
+            raise MemoryUnavailableError(f"the session of {key} is not left yet: its memory store does not answer")
+        if memory_calls:
+            results = [await self._memory_result(record, item) for item in memory_calls]
+            applied = domain.apply_tool_results(state, results, self._router)
+            if applied is not None:
+                return await self._replace_outbox(key, record, revision, applied)
         cleared = record.model_copy(update={"outbox": []})
         return _Done(cleared, await self._store.update(key, cleared, revision))
+
+    async def _leave(self, item: OutboxItem) -> None:
+        leave = SessionLeave.model_validate_json(item.payload)
+        if self._sessions is None or self._sessions.spec(leave.store) is None:
+            _log.warning("session_store_gone", store=leave.store)
+            return
+        await self._signal(leave.tenant, await self._sessions.leave(leave))
+
+    async def _memory_result(self, record: RunRecord, item: OutboxItem) -> ToolCallUpdate:
+        """Carry out a memory tool call: its outcome, as the tool result the run waits for."""
+        call = MemoryCall.model_validate_json(item.payload)
+        started = self._clock()
+        if self._memory is None:
+            outcome = MemoryOutcome("long-term memory is not available on this runner", ok=False)
+        else:
+            outcome = await self._memory.run(call, item.traceparent)
+        self._spans.record(
+            name=call.tool,
+            kind="tool",
+            trace=TraceContext.in_trace(record.trace_id),
+            parent_span_id=step_span_id(call.tenant, call.task_id, call.step),
+            start=started,
+            end=self._clock(),
+            task_id=call.task_id,
+            tenant=call.tenant,
+            status="ok" if outcome.ok else "error",
+            attributes={
+                SpanAttribute.TOOL: call.tool,
+                SpanAttribute.INPUT: call.arguments,
+                SpanAttribute.OUTPUT: outcome.content,
+            },
+        )
+        return ToolCallUpdate(
+            kind="result",
+            call_id=call.call_id,
+            tool_call_id=call.tool_call_id,
+            task_id=call.task_id,
+            tenant=call.tenant,
+            tool=call.tool,
+            ok=outcome.ok,
+            content=outcome.content,
+            citations=outcome.citations,
+            usage_ids=outcome.usage_ids,
+        )
 
     async def _price(self, state: RunState, item: OutboxItem, *, close: bool) -> TaskCost:
         """The run's cost on every usage record it caused. Each was published before the message that named
@@ -379,7 +638,17 @@ class RunnerService:
         # The calls of a step are children of its agent_step span, so the worker's generation and the
         # executor's tool spans hang under the step that asked for them.
         step_trace = TraceContext(trace_id, step_span_id(state.tenant, state.task_id, state.step)).traceparent
-        items = [
+        items = []
+        if (leave := transition.session_leave) is not None:
+            # First: once the run's end is out, the next task of the session sees this one's turn.
+            items.append(
+                OutboxItem(
+                    kind="session_leave",
+                    msg_id=f"leave:{run_key(state.tenant, state.task_id)}",
+                    payload=leave.model_dump_json(),
+                )
+            )
+        items += [
             OutboxItem(
                 subject=TASK_EVENT.format(tenant=state.tenant, task_id=state.task_id),
                 msg_id=f"event:{run_key(state.tenant, state.task_id)}:{event.seq}",
@@ -436,6 +705,12 @@ class RunnerService:
             items.append(OutboxItem(kind="close_budget", msg_id=f"close:{state.task_id}"))
             if (span := self._task_span(transition, trace_id, parent_span_id)) is not None:
                 items.append(span)
+        items.extend(
+            OutboxItem(
+                kind="memory", msg_id=f"memory:{call.call_id}", payload=call.model_dump_json(), traceparent=step_trace
+            )
+            for call in transition.memory_calls
+        )
         return items
 
     @staticmethod
@@ -523,6 +798,23 @@ class RunnerService:
     def _record_step_span(self, before: RunState | None, transition: Transition, record: RunRecord) -> None:
         """The agent step that just finished, through the emitter (off the hot path, best effort)."""
         state = transition.state
+        if before is not None and before.summarizing is not None and state.summarizing is None:
+            # The session's summary, step 0: the generation that made it hangs under this span.
+            self._spans.record(
+                name="summarize session",
+                kind="agent_step",
+                trace=TraceContext(record.trace_id, step_span_id(state.tenant, state.task_id, 0)),
+                parent_span_id=task_span_id(state.tenant, state.task_id),
+                start=before.step_started_at or self._clock(),
+                end=self._clock(),
+                task_id=state.task_id,
+                tenant=state.tenant,
+                attributes={
+                    "agentbus.step": 0,
+                    SpanAttribute.AGENT: state.agent,
+                    "agentbus.summarized_turns": len(before.summarizing.folded),
+                },
+            )
         step_ended = before is not None and (state.terminal or state.step > before.step)
         if not (step_ended and before is not None and before.step >= 1 and before.step_started_at is not None):
             return

@@ -45,3 +45,11 @@ class RunnerSettings(ServiceSettings):
         "intervals up to an hour): nothing depends on a redelivery arriving.",
     )
     request_concurrency: int = Field(default=16, ge=1, description="Replay requests answered at once.")
+    memory_dir: Path = Field(
+        default=Path("memory"),
+        description="Folder of memory store YAML files (`memory/*.yaml`) that agents name for their sessions and "
+        "long-term memory. May be absent: then no agent may name one.",
+    )
+    memory_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="How long to wait for the retriever on a remember or recall."
+    )

@@ -146,3 +146,29 @@ class ToolCatalog(BuiltinToolbox):
 
     def specs(self, names: list[str]) -> list[ToolSpec]:
         return [self._remote[name] if name in self._remote else BUILTIN_TOOLS[name].spec for name in names]
+
+
+MEMORY_TOOL_SPECS: dict[str, ToolSpec] = {
+    "remember": ToolSpec(
+        name="remember",
+        description="Remember a fact for later tasks (long-term memory of this tenant, kept in the retriever).",
+        parameters={
+            "type": "object",
+            "properties": {"fact": {"type": "string", "description": "The fact, in one or a few sentences."}},
+            "required": ["fact"],
+            "additionalProperties": False,
+        },
+    ),
+    "recall": ToolSpec(
+        name="recall",
+        description="Recall facts remembered in earlier tasks that match a query, with their citations.",
+        parameters={
+            "type": "object",
+            "properties": {"query": {"type": "string", "description": "What to look for."}},
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+    ),
+}
+"""The long-term memory tools: carried out by the runner itself, through the retriever, for agents whose memory
+store keeps long-term memory."""
