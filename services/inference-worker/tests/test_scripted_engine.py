@@ -186,3 +186,30 @@ async def test_empty_parentheses_pass_the_previous_result_on() -> None:
     # With nothing before it, an empty call has empty arguments: the tool's validation says what is missing.
     alone = await engine.generate(_request([ChatMessage(role="user", content="kubectl_apply()")], [APPLY]))
     assert alone.message.tool_calls[0].arguments == {}
+
+
+async def test_a_sessions_earlier_turns_come_before_the_input_it_answers() -> None:
+    """The task's input is the last user message; tool calls of earlier turns are not this task's."""
+    messages = [
+        ChatMessage(role="system", content="s"),
+        ChatMessage(role="user", content="calculator(1+1)"),
+        ChatMessage(role="assistant", content="", tool_calls=[ToolCall(id="c1", name="calculator", arguments={})]),
+        ChatMessage(role="tool", content="2", tool_call_id="c1", name="calculator"),
+        ChatMessage(role="assistant", content="2"),
+        ChatMessage(role="user", content="calculator(3*3)"),
+    ]
+    generation = await ScriptedEngine().generate(_request(messages, [CALC]))
+    assert generation.message.tool_calls[0].arguments == {"expression": "3*3"}
+    plain = await ScriptedEngine().generate(_request([*messages[:5], ChatMessage(role="user", content="hi")], []))
+    assert plain.message.content == f"{SCRIPTED_MODEL_NOTICE} You asked: hi"
+
+
+async def test_a_summary_request_keeps_the_users_lines_in_order() -> None:
+    transcript = "Summary so far: Earlier, User: a\nUser: b\nAssistant: ok\nUser: c"
+    request = _request(
+        [ChatMessage(role="system", content="summarize"), ChatMessage(role="user", content=transcript)], []
+    ).model_copy(update={"purpose": "summary"})
+    generation = await ScriptedEngine().generate(request)
+    assert generation.message.content == "Earlier, Summary so far: Earlier, User: a; User: b; User: c"
+    assert generation.finish_reason == "stop"
+    assert generation.usage.completion_tokens > 0

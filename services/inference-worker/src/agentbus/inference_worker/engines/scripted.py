@@ -12,6 +12,9 @@ It follows a fixed script that is enough to drive real multi-step runs without a
 3. Each step it asks for the next call not yet made (one call per step).
 4. When every call has a result, it answers by quoting them; with no calls, it restates the input.
 
+The input is the request's last user message (a session's earlier turns come before it). A summary request
+(`purpose: summary`) is answered with the user's lines of the transcript it was given, in order.
+
 Token counts are words and punctuation marks, an approximation labelled as such in the docs.
 """
 
@@ -151,9 +154,13 @@ class ScriptedEngine:
 
     async def generate(self, request: LlmRequest, on_text: TextSink | None = None) -> Generation:
         started = time.perf_counter()
-        user_input = next((m.content for m in request.messages if m.role == "user"), "")
+        if request.purpose == "summary":
+            return await self._summary(request, on_text, started)
+        # The task's own input is the last user message: a session's earlier turns come before it.
+        last = max((i for i, m in enumerate(request.messages) if m.role == "user"), default=-1)
+        user_input = request.messages[last].content if last >= 0 else ""
         calls = planned_calls(user_input, request.tools)
-        made = sum(len(m.tool_calls) for m in request.messages if m.role == "assistant")
+        made = sum(len(m.tool_calls) for m in request.messages[last + 1 :] if m.role == "assistant")
         if made < len(calls):
             name, arguments = calls[made]
             offered = next((tool for tool in request.tools if tool.name == name), None)
@@ -165,7 +172,7 @@ class ScriptedEngine:
             )
             finish: Any = "tool_calls"
         else:
-            message = ChatMessage(role="assistant", content=self._answer(user_input, request.messages))
+            message = ChatMessage(role="assistant", content=self._answer(user_input, request.messages[last + 1 :]))
             finish = "stop"
         completion_text = message.content + "".join(c.name + json.dumps(c.arguments) for c in message.tool_calls)
         usage = TokenUsage(
@@ -175,6 +182,18 @@ class ScriptedEngine:
         )
         first_token = await self._emit(message.content, usage.completion_tokens, on_text, started)
         return Generation(message=message, usage=usage, finish_reason=finish, first_token_seconds=first_token)
+
+    async def _summary(self, request: LlmRequest, on_text: TextSink | None, started: float) -> Generation:
+        """A session's oldest turns, summarized deterministically: the user's lines of the transcript, in order
+        (and the summary they extend)."""
+        transcript = request.messages[-1].content if request.messages else ""
+        kept = [line for line in transcript.splitlines() if line.startswith(("Summary so far: ", "User: "))]
+        content = "Earlier, " + "; ".join(kept) if kept else "Nothing was said earlier."
+        prompt = sum(count_tokens(m.content) for m in request.messages)
+        usage = TokenUsage(prompt_tokens=prompt, completion_tokens=count_tokens(content))
+        first_token = await self._emit(content, usage.completion_tokens, on_text, started)
+        message = ChatMessage(role="assistant", content=content)
+        return Generation(message=message, usage=usage, finish_reason="stop", first_token_seconds=first_token)
 
     async def _emit(self, content: str, tokens: int, on_text: TextSink | None, started: float) -> float:
         pieces = [piece for piece in _PIECE.findall(content) if piece] if on_text is not None else []
