@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -29,6 +31,7 @@ from agentbus.runtime.connection import connect_nats
 from agentbus.runtime.server import NatsServerProcess
 from agentbus.runtime.service import BusService
 from agentbus.testing import nats_server_or_skip, skip_outside_ci
+from cli_support import agentbus, assert_one_line_error
 from helpers import new_task_id, publish_submission, submission, task_events
 from nats.aio.client import Client as NatsClient
 
@@ -479,3 +482,38 @@ async def _redis_or_skip() -> None:
         skip_outside_ci(f"redis unavailable at {REDIS_URL}: {exc}")
     finally:
         await client.aclose()
+
+
+async def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory() as empty:
+        return await asyncio.to_thread(agentbus, *args, cwd=Path(empty), timeout=60)
+
+
+async def test_the_cli_submits_to_a_session_lists_shows_and_deletes_it(
+    suite: tuple[Suite, NatsClient], server: NatsServerProcess, model: FakeOpenAI
+) -> None:
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    url = ("--nats-url", server.url)
+    common = ("--tenant", "acme", "--agent", "chat", "--session", session, "--wait", *url)
+    first = await _cli("submit", *common, f"{session}: I am Grace")
+    assert first.returncode == 0, first.stderr
+    assert f"session={session}" in first.stdout.splitlines()[0]
+    second = await _cli("submit", *common, f"{session}: who am I?")
+    assert second.returncode == 0, second.stderr
+    assert ("user", f"{session}: I am Grace") in _contents(model.messages_for(f"{session}: who am I?"))
+
+    listed = await _cli("sessions", "list", "--tenant", "acme", *url)
+    assert listed.returncode == 0, listed.stderr
+    [line] = [row for row in listed.stdout.splitlines() if row.startswith(session)]
+    assert "store conversations" in line
+    assert "2 turns" in line
+    shown = await _cli("sessions", "show", session, "--tenant", "acme", *url)
+    assert shown.returncode == 0, shown.stderr
+    assert f"user: {session}: I am Grace" in shown.stdout
+    deleted = await _cli("sessions", "delete", session, "--tenant", "acme", *url)
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.strip() == f"deleted session {session} from conversations"
+    gone = await _cli("sessions", "show", session, "--tenant", "acme", *url)
+    assert_one_line_error(gone, 1, f"no session {session}")
+    bad = await _cli("sessions", "show", "not an id", "--tenant", "acme", *url)
+    assert_one_line_error(bad, 2, "SESSION_ID")

@@ -21,6 +21,7 @@ from agentbus.cli.identities import Credential, IdentityError
 from agentbus.cli.inputs import check_identifier, parse_input
 from agentbus.cli.rag import ingest_command, search_command
 from agentbus.cli.replay import replay
+from agentbus.cli.sessions import sessions_group
 from agentbus.cli.suite import (
     CONFIGURATION_ERROR_STATUS,
     DEFAULT_CONFIG_DIR,
@@ -112,6 +113,7 @@ cli.add_command(cost_group)
 cli.add_command(ingest_command, "ingest")
 cli.add_command(search_command, "search")
 cli.add_command(workflows_group)
+cli.add_command(sessions_group)
 cli.add_command(run_workflow_command, "run-workflow")
 
 
@@ -180,6 +182,13 @@ def up(
 @click.option("--budget-usd", type=float, default=None)
 @click.option("--deadline", "deadline_seconds", type=float, default=None, help="Seconds the task may take.")
 @click.option("--as", "submitter", default=None, help="Submit as this submitter of the tenant. Default: its first.")
+@click.option(
+    "--session",
+    "session_id",
+    default=None,
+    help="Continue this conversation (yours, in this tenant): the task sees its history first. The agent "
+    "needs a memory store.",
+)
 @click.option("--wait/--no-wait", default=False, help="Print events live until the task ends.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait with --wait.")
 @click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
@@ -192,6 +201,7 @@ def submit(
     budget_usd: float | None,
     deadline_seconds: float | None,
     submitter: str | None,
+    session_id: str | None,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -209,6 +219,7 @@ def submit(
         input=task_input,
         budget_usd=budget_usd,
         deadline_seconds=deadline_seconds,
+        session_id=session_id,
     )
 
     def on_submitted(duplicate: bool) -> None:

@@ -66,7 +66,9 @@ def describe(event: TaskEvent) -> str:
     head = f"{event.seq:>3} {event.kind:<17}"
     match event.kind:
         case "accepted":
-            return f"{head} agent={event.agent} model={event.model} max_steps={event.max_steps}"
+            session = f" session={event.session_id}" if event.session_id else ""
+            session += " (queued behind the session's running task)" if event.queued else ""
+            return f"{head} agent={event.agent} model={event.model} max_steps={event.max_steps}{session}"
         case "step":
             calls = ", ".join(f"{c.name}({json.dumps(c.arguments)})" for c in event.tool_calls) or "answer"
             return f"{head} step {event.step}: {calls}"
