@@ -304,3 +304,22 @@ async def test_a_misbehaving_server_is_contained(
     finally:
         if served.http is not None:
             served.http.kill()
+
+
+@pytest.mark.parametrize("transport", ["stdio", "streamable-http"])
+async def test_an_idle_connection_is_probed_and_kept(
+    transport: str, start_executor: StartExecutor, own_client: NatsClient, runner: RunnerStandIn, tmp_path: Path
+) -> None:
+    served = _serve(transport, tmp_path, probe_every_seconds=0.2)
+    try:
+        app = await _connected(start_executor, served)
+        await runner.settle(1.5)
+        connected = {"server": SERVER, "outcome": "connected"}
+        assert app.registry.get_sample_value("agentbus_mcp_server_connects_total", connected) == 1.0
+        assert app.mcp_connections[SERVER].connected
+        call = make_call(ECHO, {"text": "after the probes"})
+        await publish_call(own_client, call)
+        assert (await runner.wait_for(call.call_id, "result")).content == "echo: after the probes"
+    finally:
+        if served.http is not None:
+            served.http.kill()

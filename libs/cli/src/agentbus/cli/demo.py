@@ -1,7 +1,8 @@
 """`make demo`: start the embedded suite with identities enforced, ingest the sample corpus, run sample tasks
-end to end (one waits for a human approval, given with `agentbus approvals approve`; one answers from the
-corpus with citations), print their events, run the research-report workflow with `agentbus run-workflow
---wait` (its two analyses in parallel), stop, exit 0.
+end to end (some wait for a human approval, given with `agentbus approvals approve`; one answers from the
+corpus with citations; one opens a ticket on the sample MCP server, examples/mcp_helpdesk_server.py), print
+their events, run the research-report workflow with `agentbus run-workflow --wait` (its two analyses in
+parallel), stop, exit 0.
 
 The model is `scripted`: a deterministic offline engine for demos and tests, not a language model.
 """
@@ -43,6 +44,7 @@ SAMPLE_TASKS = (
         'Deploy the shop: render_manifest(name="shop", image="registry.example/shop:1.4", ports=[8080], '
         'env={"LOG_LEVEL": "info"}, replicas=2), then kubectl_apply() what it rendered.',
     ),
+    ("helpdesk", 'The VPN is down: helpdesk__open_ticket(title="VPN down for the Berlin office", priority="high")'),
 )
 """One task per sample agent, the same as in examples/README.md."""
 SAMPLE_CORPUS = "examples/corpus/support"

@@ -358,6 +358,13 @@ class McpServerDefinition(_Strict):
     transport: McpStdioTransport | McpHttpTransport = Field(discriminator="type")
     connect_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600, description="Default time limit of one call.")
+    probe_every_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="How often an idle connection lists the server's tools: it finds a server that stopped "
+        "answering, and a tool list that changed without the server saying so.",
+    )
     max_message_bytes: int = Field(
         default=4 * 1024 * 1024,
         ge=4096,

@@ -78,7 +78,6 @@ _log = get_logger(__name__)
 
 _FIRST_DELAY_SECONDS = 0.5
 _MAX_DELAY_SECONDS = 30.0
-_PING_EVERY_SECONDS = 10.0
 _MAX_LIST_PAGES = 50
 _MAX_TEXT_BLOCK_CHARS = 200
 _TOO_LARGE = "the server's answer is larger than"
@@ -146,6 +145,10 @@ class LiveTool:
     input_schema: dict[str, Any]
     arguments: jsonschema.Draft202012Validator | None
     """None when the server's schema is not a valid JSON Schema: then only the pinned one is checked."""
+
+
+def _listing(tools: Mapping[str, LiveTool] | None) -> dict[str, tuple[str | None, dict[str, Any]]]:
+    return {name: (tool.description, tool.input_schema) for name, tool in (tools or {}).items()}
 
 
 def _live(tool: Tool) -> LiveTool:
@@ -385,29 +388,31 @@ class McpConnection:
             _log.info("mcp_tools_not_pinned", server=self.name, tools=unpinned)
 
     async def _watch(self, client: Client) -> None:
-        """Until the connection ends: list the tools again when they changed, ping the server now and then."""
+        """Until the connection ends: list the tools again when the server says they changed, and every
+        `probe_every_seconds` while idle, which also finds a server that stopped answering (MCP's ping is gone
+        from the current protocol version, and listing tools works in every version)."""
         while True:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_PING_EVERY_SECONDS):
+                async with asyncio.timeout(self.server.probe_every_seconds):
                     await self._wake.wait()
             if self._broken is not None:
                 return
             try:
                 with anyio.fail_after(self.server.connect_timeout_seconds):
-                    if self._relist:
-                        self._relist = False
-                        self._metrics.tool_list_changes.labels(self.name).inc()
-                        self._tools = tools = await self._list(client)
-                        _log.info("mcp_tools_changed", server=self.name, tools=sorted(tools))
-                        self._compare(tools)
-                    else:
-                        await client.send_ping()
+                    announced, self._relist = self._relist, False
+                    tools = await self._list(client)
             except MCPError as exc:
                 if exc.code != CONNECTION_CLOSED:
                     raise
                 self._mark_broken(f"the connection closed: {exc.message}")
                 return
+            if announced:
+                self._metrics.tool_list_changes.labels(self.name).inc()
+            previous, self._tools = self._tools, tools
+            if announced or _listing(previous) != _listing(tools):
+                _log.info("mcp_tools_changed", server=self.name, tools=sorted(tools), announced=announced)
+                self._compare(tools)
 
     async def _listen(self, client: Client) -> None:
         async with client.listen(tools_list_changed=True) as subscription:
