@@ -32,6 +32,7 @@ from agentbus.cli.suite import (
     SuiteLockedError,
 )
 from agentbus.cli.tasks import ANONYMOUS_SUBMITTER, describe, submit_task
+from agentbus.cli.tools import tools_group
 from agentbus.cli.workflows import run_workflow_command, workflows_group
 from agentbus.contracts.registry import DEFAULT_MODELS, STREAMS, TASK_CANCEL, TASK_EVENT, TASK_EVENTS
 from agentbus.contracts.tasks import TASK_EVENT_ADAPTER, TaskCancelRequested, TaskEvent, TaskSubmitted
@@ -114,6 +115,7 @@ cli.add_command(ingest_command, "ingest")
 cli.add_command(search_command, "search")
 cli.add_command(workflows_group)
 cli.add_command(sessions_group)
+cli.add_command(tools_group)
 cli.add_command(run_workflow_command, "run-workflow")
 
 
