@@ -1,7 +1,7 @@
 """`agentbus tools list`: every tool an agent may name, with where it comes from, its risk and its approval policy.
 
 It reads the tools folder as the tool-executor does (tool files and MCP tool server files) and adds the
-agent-runner's built-in tools; it connects to nothing, so it also checks a tools folder before start-up.
+agent-runner's built-in tools. It connects to nothing: an MCP server's live tool list is the executor's to follow.
 """
 
 from __future__ import annotations
