@@ -1,0 +1,147 @@
+"""What memory adds to a one-step task: the same agent with and without a session, as `agentbus up` runs it.
+
+Figures, not a test. One suite (agent-runner and inference-worker, budgets off, identities enforced, engine
+`scripted`: a deterministic offline engine, NOT a language model), with two agents alike but for memory:
+`echo` (no memory store) and `echo-memory` (`memory: bench-conversations`, nats-kv, history bounded at
+`--history` messages, no compression). Tasks are submitted one at a time, each after the previous one
+completed, alternating task by task between `echo` (no session) and `echo-memory` (every task of a round in
+one session, so each reads and writes a session of up to `--history` messages); submit-to-completed
+latencies, medians over every round.
+
+    uv run python bench/bench_sessions.py [--tasks 200] [--repeat 3] [--history 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+from agentbus.cli.identities import submitter_user
+from agentbus.cli.suite import Suite
+from agentbus.contracts import registry
+from agentbus.contracts.registry import Service
+from bench_tasks import IDENTITIES_YAML, MSG_ID, REPO_ROOT, SUBMITTER, TENANT, Completions, _inbox, say
+from nats.js import JetStreamContext
+
+ECHO = (REPO_ROOT / "agents" / "echo.yaml").read_text(encoding="utf-8")
+
+
+def _folders(root: Path, history: int) -> Path:
+    agents = root / "agents"
+    agents.mkdir(parents=True)
+    (agents / "echo.yaml").write_text(ECHO, encoding="utf-8")
+    memory_agent = ECHO.replace("name: echo", "name: echo-memory") + "memory: bench-conversations\n"
+    (agents / "echo-memory.yaml").write_text(memory_agent, encoding="utf-8")
+    memory = root / "memory"
+    memory.mkdir()
+    (memory / "bench.yaml").write_text(
+        f"name: bench-conversations\ntype: nats-kv\nttl_seconds: 3600\nmax_history: {{messages: {history}}}\n",
+        encoding="utf-8",
+    )
+    return agents
+
+
+async def _block(
+    js: JetStreamContext, completions: Completions, agent: str, session: str | None, n: int, tag: str
+) -> list[float]:
+    samples = []
+    subject = registry.TASK_SUBMIT.format(tenant=TENANT, submitter=SUBMITTER)
+    for i in range(n):
+        task_id = f"{tag}-{i:05d}"
+        body: dict[str, str] = {
+            "task_id": task_id,
+            "tenant": TENANT,
+            "agent": agent,
+            "input": "Say hello to the benchmark.",
+        }
+        if session is not None:
+            body["session_id"] = session
+        future = completions.expect(task_id)
+        started = time.perf_counter()
+        await js.publish(subject, json.dumps(body).encode(), headers={MSG_ID: task_id})
+        samples.append(await asyncio.wait_for(future, timeout=30.0) - started)
+    return samples
+
+
+async def _measure(suite: Suite, args: argparse.Namespace) -> dict[str, list[float]]:
+    credential = suite.credential(submitter_user(SUBMITTER))
+    assert credential is not None
+    nc = await nats.connect(
+        suite.nats_url,
+        user=credential.user,
+        password=credential.password,
+        inbox_prefix=_inbox(credential.user),
+    )
+    completions = Completions()
+    await nc.subscribe(registry.TASK_EVENT.pattern.format(tenant=TENANT, task_id="*"), cb=completions.on_event)
+    js = nc.jetstream()
+    run = f"s{int(time.time())}"
+    try:
+        await _block(js, completions, "echo", None, 50, f"{run}-warm-a")
+        await _block(js, completions, "echo-memory", f"{run}-warm", 50, f"{run}-warm-b")
+        results: dict[str, list[float]] = {"no memory": [], "session": []}
+        for r in range(args.repeat):
+            say(f"round {r + 1}/{args.repeat}")
+            session = f"{run}-session-{r}"
+            # Alternating task by task, so the machine's drift falls on both alike.
+            for i in range(args.tasks):
+                results["no memory"] += await _block(js, completions, "echo", None, 1, f"{run}-{r}-{i}-a")
+                results["session"] += await _block(js, completions, "echo-memory", session, 1, f"{run}-{r}-{i}-b")
+        return results
+    finally:
+        await nc.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="One-step task latency with and without a session.")
+    parser.add_argument("--tasks", type=int, default=200, help="tasks per block (default 200)")
+    parser.add_argument("--repeat", type=int, default=3, help="blocks of each (default 3)")
+    parser.add_argument("--history", type=int, default=20, help="messages a session keeps (default 20)")
+    args = parser.parse_args(argv)
+    environment = {"AGENTBUS_RUNNER_BUDGETS_ENABLED": "false"}
+    for service in ("RUNNER", "WORKER"):
+        environment[f"AGENTBUS_{service}_LOG_LEVEL"] = "WARNING"
+    with tempfile.TemporaryDirectory(prefix="agentbus-bench-sessions-") as temporary:
+        root = Path(temporary)
+        agents = _folders(root, args.history)
+        state = root / "state"
+        state.mkdir()
+        (state / "identities.yaml").write_text(IDENTITIES_YAML)
+        suite = Suite(
+            state,
+            agents,
+            echo=sys.stderr,
+            enforce_identities=True,
+            config_dir=REPO_ROOT / "config",
+            tools_dir=REPO_ROOT / "tools",
+            only=frozenset({Service.AGENT_RUNNER, Service.INFERENCE_WORKER}),
+            environment=environment,
+        )
+        try:
+            suite.start(ready_timeout=120)
+            results = asyncio.run(_measure(suite, args))
+        finally:
+            suite.stop()
+    print(f"machine: {os.cpu_count()} vCPU, Python {platform.python_version()}, {platform.platform()}")
+    base = statistics.median(results["no memory"])
+    for name, samples in results.items():
+        ordered = sorted(samples)
+        p95 = ordered[int(0.95 * (len(ordered) - 1))]
+        median = statistics.median(samples)
+        print(
+            f"{name:>10}: p50 {median * 1000:.2f} ms  p95 {p95 * 1000:.2f} ms  "
+            f"({len(samples)} tasks; {100 * (median / base - 1):+.1f}% vs no memory)"
+        )
+
+
+if __name__ == "__main__":
+    main()
