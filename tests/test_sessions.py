@@ -26,6 +26,8 @@ from agentbus.agent_runner.memory import MemorySpecError
 from agentbus.agent_runner.settings import RunnerSettings
 from agentbus.inference_worker.app import create_app as create_worker
 from agentbus.inference_worker.settings import WorkerSettings
+from agentbus.retriever.app import create_app as create_retriever
+from agentbus.retriever.settings import RetrieverSettings
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
 from agentbus.runtime.server import NatsServerProcess
@@ -75,6 +77,14 @@ AGENTS: dict[str, dict[str, Any]] = {
         "memory": "summarized",
     },
     "stateless.yaml": {"name": "stateless", "model": "fake-gpt", "system_prompt": "Answer.", "max_steps": 1},
+    "keeper.yaml": {
+        "name": "keeper",
+        "model": "fake-gpt",
+        "system_prompt": "You remember facts for later.",
+        "max_steps": 3,
+        "memory": "facts",
+        "tools": ["remember", "recall"],
+    },
 }
 MEMORY: dict[str, dict[str, Any]] = {
     "conversations.yaml": {"name": "conversations", "type": "nats-kv", "ttl_seconds": 3600},
@@ -86,6 +96,7 @@ MEMORY: dict[str, dict[str, Any]] = {
     },
     "short.yaml": {"name": "short", "type": "nats-kv", "ttl_seconds": 2},
     "strict.yaml": {"name": "strict", "type": "nats-kv", "on_busy": "reject"},
+    "facts.yaml": {"name": "facts", "type": "nats-kv", "long_term": {"collection": "memories", "top_k": 3}},
     "summarized.yaml": {
         "name": "summarized",
         "type": "nats-kv",
@@ -115,7 +126,16 @@ class FakeOpenAI:
                     threading.Event().wait(fake.delay)
                 messages = body["messages"]
                 last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-                if "You summarize conversations" in messages[0]["content"]:
+                calls: list[dict[str, Any]] = []
+                if messages[-1]["role"] == "tool":
+                    content = f"noted: {messages[-1]['content']}"
+                elif body.get("tools") and ("remember: " in last_user or "recall: " in last_user):
+                    tool, _, argument = last_user.partition(": ")
+                    name, key = ("remember", "fact") if tool == "remember" else ("recall", "query")
+                    arguments = json.dumps({key: argument})
+                    calls = [{"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}]
+                    content = ""
+                elif "You summarize conversations" in messages[0]["content"]:
                     users = [line for line in last_user.splitlines() if line.startswith("User: ")]
                     content = "SUMMARY(" + " | ".join(u.removeprefix("User: ") for u in users) + ")"
                 else:
@@ -125,7 +145,15 @@ class FakeOpenAI:
                     "object": "chat.completion",
                     "model": body["model"],
                     "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                        {
+                            "index": 0,
+                            "message": {
+                                "role": "assistant",
+                                "content": content,
+                                **({"tool_calls": calls} if calls else {}),
+                            },
+                            "finish_reason": "tool_calls" if calls else "stop",
+                        }
                     ],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
                 }
@@ -517,3 +545,51 @@ async def test_the_cli_submits_to_a_session_lists_shows_and_deletes_it(
     assert_one_line_error(gone, 1, f"no session {session}")
     bad = await _cli("sessions", "show", "not an id", "--tenant", "acme", *url)
     assert_one_line_error(bad, 2, "SESSION_ID")
+
+
+@pytest_asyncio.fixture
+async def retriever(server: NatsServerProcess, tmp_path: Path) -> AsyncIterator[None]:
+    service = create_retriever(
+        RetrieverSettings(
+            nats_url=server.url,
+            milvus_uri=str(tmp_path / "milvus.db"),
+            drain_timeout_seconds=2,
+            embedding_processes=0,
+        )
+    )
+    await service.start()
+    try:
+        yield
+    finally:
+        await service.stop()
+
+
+@pytest.mark.usefixtures("retriever")
+async def test_remembered_facts_are_recalled_in_later_tasks_of_their_tenant_only(
+    suite: tuple[Suite, NatsClient],
+) -> None:
+    _, nc = suite
+    fact = f"the office wifi password is {uuid.uuid4().hex[:10]}"
+    task_id = new_task_id("remember")
+    await publish_submission(nc, submission(task_id, agent="keeper", text=f"remember: {fact}"))
+    remembered = await task_events(nc, task_id, timeout=30)
+    assert remembered[-1]["kind"] == "completed", remembered[-1]
+    assert remembered[-1]["output"] == f"noted: Remembered: {fact}"
+    # The fact reaches the index asynchronously (the retriever's ingest stream): recall until it is there.
+    recalled: list[dict[str, Any]] = []
+    async with asyncio.timeout(60):
+        while not recalled or fact not in recalled[-1].get("output", ""):
+            task_id = new_task_id("recall")
+            await publish_submission(nc, submission(task_id, agent="keeper", text="recall: office wifi password"))
+            recalled = await task_events(nc, task_id, timeout=30)
+            assert recalled[-1]["kind"] == "completed", recalled[-1]
+            await asyncio.sleep(0.3)
+    assert recalled[-1]["output"].startswith("noted: [1] ")
+    assert any(fact in citation["text"] for citation in recalled[-1]["citations"])
+    task_id = new_task_id("recall")
+    await publish_submission(
+        nc, submission(task_id, tenant="globex", agent="keeper", text="recall: office wifi password"), tenant="globex"
+    )
+    other = await task_events(nc, task_id, tenant="globex", timeout=30)
+    assert other[-1]["kind"] == "completed", other[-1]
+    assert fact not in json.dumps(other)
