@@ -110,13 +110,13 @@ def _differs(current: object, desired: object, fields: tuple[str, ...]) -> bool:
     )
 
 
-async def _apply_stream(js: JetStreamContext, spec: StreamSpec, replicas: int) -> AppliedChange:
-    config = stream_config(spec, replicas)
+async def _apply_stream(js: JetStreamContext, spec: StreamSpec, replicas: int | None) -> AppliedChange:
     try:
         info = await js.stream_info(spec.name)
     except NotFoundError:
-        await js.add_stream(config)
+        await js.add_stream(stream_config(spec, replicas or 1))
         return AppliedChange("stream", spec.name, "created")
+    config = stream_config(spec, replicas or info.config.num_replicas or 1)
     if not _differs(info.config, config, _STREAM_FIELDS):
         return AppliedChange("stream", spec.name, "unchanged")
     await js.update_stream(config)
@@ -138,7 +138,7 @@ async def _apply_consumer(js: JetStreamContext, spec: ConsumerSpec) -> AppliedCh
     return AppliedChange("consumer", spec.durable, action)
 
 
-async def _apply_bucket(js: JetStreamContext, spec: KeyValueSpec, replicas: int) -> AppliedChange:
+async def _apply_bucket(js: JetStreamContext, spec: KeyValueSpec, replicas: int | None) -> AppliedChange:
     try:
         await js.key_value(spec.bucket)
     except NotFoundError:
@@ -148,16 +148,21 @@ async def _apply_bucket(js: JetStreamContext, spec: KeyValueSpec, replicas: int)
             history=spec.history,
             max_value_size=spec.max_value_size,
             storage=StorageType.FILE,
-            replicas=replicas,
+            replicas=replicas or 1,
         )
         return AppliedChange("kv", spec.bucket, "created")
     return AppliedChange("kv", spec.bucket, "exists")
 
 
 async def apply_topology(
-    js: JetStreamContext, models: tuple[str, ...] = registry.DEFAULT_MODELS, replicas: int = 1
+    js: JetStreamContext, models: tuple[str, ...] = registry.DEFAULT_MODELS, replicas: int | None = None
 ) -> list[AppliedChange]:
-    """Create or update every stream, consumer (with one inference consumer per model) and KV bucket."""
+    """Create or update every stream, consumer (with one inference consumer per model) and KV bucket.
+
+    `replicas` sets every stream's replica count (3 on a production cluster). Without it, new streams and
+    buckets get one replica and existing ones keep theirs: a service or `agentbus up --nats-url` attached to
+    a cluster must never scale its R3 streams down to one copy.
+    """
     changes = [await _apply_stream(js, stream, replicas) for stream in registry.STREAMS]
     changes += [await _apply_consumer(js, consumer) for consumer in registry.consumers(models)]
     changes += [await _apply_bucket(js, bucket, replicas) for bucket in registry.KEY_VALUE_BUCKETS]

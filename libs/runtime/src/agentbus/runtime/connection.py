@@ -12,6 +12,11 @@ from nats.aio.client import Client as NatsClient
 
 DEFAULT_INBOX_PREFIX = "_INBOX"
 RECONNECT_WAIT_SECONDS = 0.5
+PING_INTERVAL_SECONDS = 5
+MAX_OUTSTANDING_PINGS = 2
+"""A server that stops answering without closing the connection (a node partitioned away, a paused or hung
+process) is given up on after about 15 s and another node of the cluster is tried; nats-py's default of two
+unanswered pings two minutes apart would leave a service waiting on it for four to six minutes."""
 
 _log = get_logger(__name__)
 
@@ -101,6 +106,8 @@ async def connect_nats(
         inbox_prefix=inbox_prefix_for(user),
         connect_timeout=5,
         reconnect_time_wait=RECONNECT_WAIT_SECONDS,
+        ping_interval=PING_INTERVAL_SECONDS,
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         max_reconnect_attempts=-1 if reconnect_forever else 2,
         allow_reconnect=True,
         error_cb=state.error,

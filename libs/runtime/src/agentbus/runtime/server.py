@@ -132,6 +132,8 @@ class NatsServerProcess:
     extra_config: str = ""
     log_file: Path | None = None
     users: tuple[NatsUser, ...] = ()
+    jetstream_config: str = ""
+    """More settings inside the `jetstream {}` block, e.g. `sync_interval: always`."""
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -162,7 +164,7 @@ class NatsServerProcess:
         config = (
             f'listen: "{self.host}:{self.port}"\n'
             f'http: "{self.host}:{self.monitor_port}"\n'
-            f'jetstream {{\n  store_dir: "{jetstream_dir}"\n}}\n'
+            f'jetstream {{\n  store_dir: "{jetstream_dir}"\n{self.jetstream_config}}}\n'
             "max_payload: 8MB\n"
             f"{authorization_config(self.users) if self.users else ''}"
             f"{self.extra_config}"
@@ -202,6 +204,13 @@ class NatsServerProcess:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
+
+    def kill(self) -> None:
+        """SIGKILL the server (no shutdown, no flush) and reap it."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.kill()
+        self._process.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop gracefully (SIGTERM lets JetStream flush), killing it if it does not exit in time."""
