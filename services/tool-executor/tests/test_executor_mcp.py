@@ -323,3 +323,25 @@ async def test_an_idle_connection_is_probed_and_kept(
     finally:
         if served.http is not None:
             served.http.kill()
+
+
+async def test_a_call_to_an_http_server_gone_while_idle_waits_for_it_and_runs_once(
+    start_executor: StartExecutor, own_client: NatsClient, runner: RunnerStandIn, tmp_path: Path
+) -> None:
+    # Probed rarely: no probe is what finds the server gone.
+    served = _serve("streamable-http", tmp_path, probe_every_seconds=3600)
+    assert served.http is not None
+    try:
+        await _connected(start_executor, served)
+        served.http.kill()
+        trace = tmp_path / "runs.txt"
+        call = make_call(RECORD, {"path": str(trace), "key": "refused"})
+        await publish_call(own_client, call)
+        await runner.settle(1.5)
+        assert runner.kinds(call.call_id) == [], "the server was gone before the call: it waits, not interrupted"
+        served.restart()
+        result = await runner.wait_for(call.call_id, "result", timeout=60)
+        assert (result.ok, result.content) == (True, "recorded refused")
+        assert len(records(trace, "refused")) == 1
+    finally:
+        served.http.kill()
