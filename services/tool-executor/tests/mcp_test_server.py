@@ -1,6 +1,7 @@
 """An MCP server for the executor's tests, built on the official `mcp` SDK: well-behaved tools, tools that
 leave a trace in a file (so a test can count runs and kill the server mid-call), tools whose list changes at
-run time, and tools that misbehave (huge answers, malformed messages, errors).
+run time, and tools that misbehave (huge answers, malformed messages, errors: over HTTP, `garbled` and
+`misshapen` are answered by a wrapper of the server's app, as a broken server would).
 
     python mcp_test_server.py [--transport stdio|streamable-http] [--port N]
 """
@@ -12,7 +13,9 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
+import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
@@ -114,6 +117,63 @@ def _wire_id(request_id: str) -> int | str:
     return int(request_id) if request_id.lstrip("-").isdigit() else request_id
 
 
+_BROKEN_ANSWERS = {
+    "garbled": lambda request_id: (
+        b'{"jsonrpc": "2.0", "id": ' + json.dumps(request_id).encode() + b', "result": {"content": ['
+    ),
+    "misshapen": lambda request_id: json.dumps(
+        {"jsonrpc": "2.0", "id": request_id, "result": {"content": "not a list", "isError": 3}}
+    ).encode(),
+}
+
+
+def _broken_answer(body: bytes) -> bytes | None:
+    """Over HTTP, the answer a broken server gives a call of `garbled` or `misshapen`; None for any other."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(request, dict) or request.get("method") != "tools/call":
+        return None
+    answer = _BROKEN_ANSWERS.get(str((request.get("params") or {}).get("name")))
+    return None if answer is None else answer(request.get("id"))
+
+
+class _Misbehaving:
+    """An ASGI wrapper of the server's HTTP app that answers calls of `garbled` and `misshapen` itself."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self._app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        answer = _broken_answer(body)
+        if answer is not None:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": answer})
+            return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                message: dict[str, Any] = await receive()
+                return message
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self._app(scope, replay, send)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
@@ -123,7 +183,8 @@ def main() -> None:
         _wire.append(os.dup(1))
         server.run("stdio")
     else:
-        server.run("streamable-http", host="127.0.0.1", port=arguments.port)
+        app = _Misbehaving(server.streamable_http_app(host="127.0.0.1"))
+        uvicorn.run(app, host="127.0.0.1", port=arguments.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -294,11 +294,10 @@ async def test_a_misbehaving_server_is_contained(
         code, content = await outcome("fail", {"message": "disk on fire"})
         assert code == "tool_error"
         assert "disk on fire" in content
-        if transport == "stdio":
-            code, content = await outcome("garbled", {})
-            assert code == "malformed_result", content
-            code, content = await outcome("misshapen", {})
-            assert code == "malformed_result", content
+        code, content = await outcome("garbled", {})
+        assert code == "malformed_result", content
+        code, content = await outcome("misshapen", {})
+        assert code == "malformed_result", content
         # The connection survived all of it.
         assert await outcome("echo", {"text": "still here"}) == (None, "echo: still here")
     finally:

@@ -234,8 +234,9 @@ class McpConnection:
                 raise TimeoutError(exc.message) from exc
             if exc.code == OVERSIZED_MESSAGE or (exc.code == PARSE_ERROR and _TOO_LARGE in exc.message):
                 raise McpCallError("result_too_large", exc.message) from exc
-            if exc.code == MALFORMED_MESSAGE:
-                raise McpCallError("malformed_result", exc.message) from exc
+            if exc.code in (MALFORMED_MESSAGE, PARSE_ERROR):
+                # PARSE_ERROR is what the SDK's HTTP transport reports for an answer it could not read.
+                raise McpCallError("malformed_result", f"the server's answer is not valid: {exc.message}") from exc
             raise McpCallError("server_error", f"the server refused the call ({exc.code}): {exc.message}") from exc
         except ValidationError as exc:
             raise McpCallError(
