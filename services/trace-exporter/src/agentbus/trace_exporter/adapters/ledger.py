@@ -165,7 +165,9 @@ class SqlExportLedger:
                     {"span_key": k, "owner": self.owner, "lease_until": until, "exported_at": None, "touched_at": now}
                     for k in chunk
                 ]
-                await connection.execute(_insert(connection).values(rows).on_conflict_do_nothing())
+                # executemany of one statement: compiled once and cached, where a multi-row VALUES is compiled
+                # anew for every batch (that compilation was a quarter of the exporter's CPU).
+                await connection.execute(_insert(connection).on_conflict_do_nothing(), rows)
                 # Take over claims that lapsed (a replica that died or stalled), and renew this replica's own.
                 await connection.execute(
                     update(table)
@@ -211,12 +213,18 @@ class SqlExportLedger:
                     {"span_key": k, "owner": None, "lease_until": now, "exported_at": now, "touched_at": now}
                     for k in chunk
                 ]
-                statement = _insert(connection).values(rows)
+                statement = _insert(connection)
                 await connection.execute(
                     statement.on_conflict_do_update(
                         index_elements=[spans_table.c.span_key],
-                        set_={"owner": None, "exported_at": now, "lease_until": now, "touched_at": now},
-                    )
+                        set_={
+                            "owner": None,
+                            "exported_at": statement.excluded.exported_at,
+                            "lease_until": statement.excluded.lease_until,
+                            "touched_at": statement.excluded.touched_at,
+                        },
+                    ),
+                    rows,
                 )
 
     async def release(self, keys: Collection[SpanKey]) -> None:
