@@ -70,7 +70,7 @@ class Suite:
 
 def prepare_folder(cwd: Path, agents: Sequence[str] | None = None, identities: str | None = None) -> None:
     """A folder laid out as the repository is for `agentbus up`: `agents/` (only `agents` when named; then no
-    `workflows/`, whose steps name the others), `config/`, `tools/` and `examples/`, and
+    `workflows/`, whose steps name the others), `config/`, `tools/`, `examples/` and `memory/`, and
     `.agentbus/identities.yaml` when given."""
     cwd.mkdir(parents=True, exist_ok=True)
     if agents is None:
@@ -80,7 +80,7 @@ def prepare_folder(cwd: Path, agents: Sequence[str] | None = None, identities: s
         (cwd / "agents").mkdir()
         for name in agents:
             (cwd / "agents" / f"{name}.yaml").symlink_to(REPO_ROOT / "agents" / f"{name}.yaml")
-    for folder in ("config", "tools", "examples"):
+    for folder in ("config", "tools", "examples", "memory"):
         (cwd / folder).symlink_to(REPO_ROOT / folder)
     if identities is not None:
         (cwd / ".agentbus").mkdir()

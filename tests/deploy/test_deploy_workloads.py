@@ -173,6 +173,7 @@ def test_secrets_outside_git_are_documented(overlay: str) -> None:
 # ConfigMap generator -> (the files of the repository it copies, the kustomization that generates it).
 CONFIG_COPIES: dict[str, tuple[list[Path], Path]] = {
     "agent-specs": (sorted(AGENTS_DIR.glob("*.y*ml")), BASE_DIR / "agent-runner"),
+    "memory-stores": (sorted((REPO_ROOT / "memory").glob("*.y*ml")), BASE_DIR / "agent-runner"),
     "tool-specs": (sorted((REPO_ROOT / "tools").glob("*.y*ml")), SPECS_DIR),
     "model-routing": ([REPO_ROOT / "config" / "models.yaml"], SPECS_DIR),
     "cost-config": ([REPO_ROOT / "config" / "prices.yaml", REPO_ROOT / "config" / "budgets.yaml"], SPECS_DIR),
@@ -185,6 +186,7 @@ CONFIG_MOUNTS: dict[tuple[str, str], str] = {
     ("agent-runner", "AGENTBUS_RUNNER_AGENTS_DIR"): "agent-specs",
     ("agent-runner", "AGENTBUS_RUNNER_TOOLS_DIR"): "tool-specs",
     ("agent-runner", "AGENTBUS_RUNNER_ROUTING_FILE"): "model-routing",
+    ("agent-runner", "AGENTBUS_RUNNER_MEMORY_DIR"): "memory-stores",
     ("tool-executor", "AGENTBUS_EXECUTOR_TOOLS_DIR"): "tool-specs",
     ("tool-executor", "AGENTBUS_EXECUTOR_APPROVERS_FILE"): "approvers",
     ("cost-accountant", "AGENTBUS_ACCOUNTANT_PRICES_FILE"): "cost-config",

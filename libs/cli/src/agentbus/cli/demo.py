@@ -2,7 +2,8 @@
 end to end (some wait for a human approval, given with `agentbus approvals approve`; one answers from the
 corpus with citations; one opens a ticket on the sample MCP server, examples/mcp_helpdesk_server.py), print
 their events, run the research-report workflow with `agentbus run-workflow --wait` (its two analyses in
-parallel), stop, exit 0.
+parallel), hold a three-turn conversation with `agentbus submit --session` and show it with `agentbus
+sessions show`, stop, exit 0.
 
 The model is `scripted`: a deterministic offline engine for demos and tests, not a language model.
 """
@@ -48,6 +49,13 @@ SAMPLE_TASKS = (
 )
 """One task per sample agent, the same as in examples/README.md."""
 SAMPLE_CORPUS = "examples/corpus/support"
+SESSION = "demo-chat"
+SESSION_TURNS = (
+    "My order number is 4417.",
+    "What is calculator(4417*2)?",
+    "Which order number did I give you?",
+)
+"""A three-turn conversation with the assistant (memory store `conversations`), shown with `agentbus sessions`."""
 SAMPLE_WORKFLOW = ("research-report", "--input", "topic=AI agents in 2026", "--input", "depth=deep")
 
 
@@ -119,6 +127,11 @@ def main() -> None:
         _cli(suite, "ingest", TENANT, SAMPLE_CORPUS)
         ok = asyncio.run(_run_samples(suite))
         _cli(suite, "run-workflow", *SAMPLE_WORKFLOW, "--wait")
+        # A conversation: each turn continues the session, and sees the turns before it as history.
+        for text in SESSION_TURNS:
+            _cli(suite, "submit", "--tenant", TENANT, "--agent", "assistant", "--session", SESSION, "--wait", text)
+        _cli(suite, "sessions", "show", SESSION, "--tenant", TENANT)
+        _cli(suite, "sessions", "list", "--tenant", TENANT)
     except (StartupError, SuiteLockedError) as exc:
         print(f"\ndemo FAILED: {exc}")
         sys.exit(CONFIGURATION_ERROR_STATUS if isinstance(exc, StartupError) else 1)
