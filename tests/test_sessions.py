@@ -349,9 +349,21 @@ async def test_past_the_threshold_the_oldest_turns_become_a_summary(
     _, nc = suite
     session = f"s-{uuid.uuid4().hex[:8]}"
     texts = [f"{session}: fact {n}" for n in range(1, 4)]
+    usage = []
     for text in texts:
         events = await _turn(nc, "chat-summarized", session, text)
         assert events[-1]["kind"] == "completed", events[-1]
+        usage.append(events[-1]["usage"]["prompt_tokens"])
+    # The summary is an LLM step of the task that needed it: its tokens are the task's (the fake server counts
+    # 10 prompt tokens a request), so turn 3 made two requests.
+    assert usage == [10, 10, 20]
+    [summary] = [
+        body["messages"][-1]["content"]
+        for body in model.requests
+        if "You summarize" in body["messages"][0]["content"] and session in body["messages"][-1]["content"]
+    ]
+    assert f"User: {texts[0]}" in summary
+    assert texts[1] not in summary
     # Turn 3 found 4 messages (past the threshold of 3; keep_recent 2): turn 1 was summarized first, as an LLM
     # step of the task, and turn 3's request carries the summary and turn 2 verbatim.
     third = _contents(model.messages_for(texts[2]))
