@@ -412,6 +412,10 @@ def _system(name: str, suite: Suite) -> System:
     )
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The whole suite vs. a raw nats-py floor: tasks/s and latency.")
     parser.add_argument("--tasks", type=int, default=1000, help="tasks per throughput run (default 1000)")
@@ -435,6 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     for service in ("RUNNER", "WORKER", "EXECUTOR", "ACCOUNTANT", "RETRIEVER", "TRACES"):
         tuning[f"AGENTBUS_{service}_LOG_LEVEL"] = "WARNING"
+    # SIGTERM (a timeout, a CI job cancelled) unwinds like Ctrl-C, so the suites' services are stopped too:
+    # each runs in a session of its own and would otherwise outlive the benchmark.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     run_id = f"b{int(time.time())}"
     results = Results()
     started = time.monotonic()

@@ -252,3 +252,27 @@ async def test_a_handler_slower_than_ack_wait_is_kept_in_progress_not_redelivere
     await _run_until(runner, done)
     await asyncio.sleep(1.5)
     assert deliveries == [1]
+
+
+async def test_a_delivery_carries_when_its_stream_stored_the_message(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    spec = await _consumer_on_fresh_stream(nats_client)
+    seen: list[Delivery] = []
+    done = asyncio.Event()
+
+    async def record(delivery: Delivery) -> None:
+        seen.append(delivery)
+        done.set()
+
+    ack = await nats_client.jetstream().publish(f"{spec.stream}.x", b"{}")
+    stored = await nats_client.jetstream().get_msg(spec.stream, seq=ack.seq)
+    await asyncio.sleep(0.2)  # the delivery comes later than the store: the time must be the store's
+    metrics = ConsumerMetrics(CollectorRegistry())
+    runner = ConsumerRunner(nats_client.jetstream(), spec, record, ack_policy=AckPolicy.ACK, metrics=metrics)
+    await _run_until(runner, done)
+
+    [delivery] = seen
+    assert delivery.stored_at is not None
+    assert stored.time is not None
+    assert abs((delivery.stored_at - stored.time).total_seconds()) < 0.001

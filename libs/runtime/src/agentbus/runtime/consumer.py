@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -80,6 +81,8 @@ class Delivery:
     deliveries: int
     stream_seq: int
     trace: TraceContext | None
+    stored_at: datetime | None = None
+    """When the stream stored the message (from the delivery's ack subject: no extra request to learn it)."""
 
     @property
     def msg_id(self) -> str | None:
@@ -237,6 +240,7 @@ def delivery_of(msg: Msg) -> Delivery:
         deliveries=metadata.num_delivered,
         stream_seq=metadata.sequence.stream,
         trace=TraceContext.parse(headers.get(Header.TRACEPARENT.value)),
+        stored_at=metadata.timestamp,
     )
 
 

@@ -179,14 +179,9 @@ class WorkerHandlers:
 
     async def _queued_seconds(self, delivery: Delivery) -> float:
         """How long the request waited in its stream: now minus the stream's timestamp of the message."""
-        try:
-            stored = await self._js.get_msg(self._consumer.stream, seq=delivery.stream_seq)
-        except Exception as exc:
-            _log.warning("queue_time_unknown", error=repr(exc))
+        if delivery.stored_at is None:
             return 0.0
-        if stored.time is None:
-            return 0.0
-        return max(0.0, (datetime.now(UTC) - stored.time).total_seconds())
+        return max(0.0, (datetime.now(UTC) - delivery.stored_at).total_seconds())
 
     async def on_llm_abort(self, msg: Msg) -> None:
         """Core NATS, best effort: a malformed notice is logged and dropped, there is nothing to redeliver."""
