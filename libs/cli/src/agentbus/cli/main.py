@@ -367,9 +367,15 @@ def streams() -> None:
 
 @streams.command("apply")
 @click.option("--models", default=",".join(DEFAULT_MODELS), show_default=True, help="Models served (consumers).")
-@click.option("--replicas", type=int, default=1, show_default=True, help="Stream replicas (3 in production).")
+@click.option(
+    "--replicas",
+    type=click.IntRange(1, 5),
+    default=None,
+    help="Replicas of every stream and bucket (3 on a production cluster). Without it, new ones get 1 and "
+    "existing ones keep theirs.",
+)
 @nats_url_option
-def streams_apply(models: str, replicas: int, nats_url: str | None) -> None:
+def streams_apply(models: str, replicas: int | None, nats_url: str | None) -> None:
     """Create or update every stream, durable consumer and KV bucket. Safe to run again."""
 
     async def action(nc: NatsClient) -> None:
