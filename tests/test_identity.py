@@ -45,6 +45,10 @@ from agentbus.contracts.registry import (
     APPROVALS_LIST,
     DEAD_LETTER,
     LLM_REQUEST,
+    SESSION_DELETE,
+    SESSION_SHOW,
+    SESSIONS,
+    SESSIONS_LIST,
     TASK_EVENT,
     TASK_REPLAY,
     TASK_SUBMIT,
@@ -298,6 +302,26 @@ async def test_a_submitter_acts_only_as_itself_for_its_own_tenant(connect: Conne
     assert any("$js.api" in v.lower() for v in violations), "no JetStream API for a submitter"
     assert await _stored_on(admin, registry.TASKS.name, foreign) == 0
     assert await _stored_on(admin, registry.TASKS.name, impersonated) == 0
+
+
+async def test_a_submitter_reaches_only_its_own_sessions(connect: Connect) -> None:
+    """Sessions requests name the tenant and the submitter: the server lets a submitter ask only about its own
+    (no runner serves this server, hence no responders), and no one reads the sessions bucket directly."""
+    acme: User = await connect(submitter_user("acme-app"))
+    for spec in (SESSIONS_LIST, SESSION_SHOW, SESSION_DELETE):
+        with pytest.raises(nats.errors.NoRespondersError):
+            await acme.nc.request(spec.format(tenant="acme", submitter="acme-app"), b"{}", timeout=2)
+    assert await acme.settle() == []
+    refused = [
+        *(spec.format(tenant="acme", submitter="other-app") for spec in (SESSIONS_LIST, SESSION_SHOW, SESSION_DELETE)),
+        *(spec.format(tenant="globex", submitter="acme-app") for spec in (SESSIONS_LIST, SESSION_SHOW, SESSION_DELETE)),
+        f"$KV.{SESSIONS.bucket}.conversations.acme.acme-app.s1",
+    ]
+    for subject in refused:
+        await acme.nc.publish(subject, b"{}")
+    violations = await acme.settle()
+    for subject in refused:
+        assert any(f'publish to "{subject.lower()}"' in v.lower() for v in violations), subject
 
 
 async def test_each_service_user_can_do_what_its_service_needs(tmp_path: Path, credentials: CredentialStore) -> None:
