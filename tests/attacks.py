@@ -51,6 +51,9 @@ from agentbus.contracts.registry import (
     RAG_SEARCH,
     RUN_SCHEDULE,
     RUN_TIMER,
+    SESSION_DELETE,
+    SESSION_SHOW,
+    SESSIONS_LIST,
     SPAN,
     TASK_CANCEL,
     TASK_EVENT,
@@ -60,6 +63,10 @@ from agentbus.contracts.registry import (
     TOOL_UPDATE,
     TOOL_WITHDRAW,
     USAGE_RECORDED,
+    WORKFLOW_CANCEL,
+    WORKFLOW_EVENT,
+    WORKFLOW_REPLAY,
+    WORKFLOW_SUBMIT,
     Service,
     budget_subject,
 )
@@ -420,6 +427,36 @@ for _name, _user, _subject, _stream in (
     ("read_the_cost_report", "acme-app", COST_REPORT.format(), None),
     ("search_another_tenants_documents", "acme-app", RAG_SEARCH.format(tenant="globex"), None),
     ("write_run_state", "acme-app", "$KV.AGENTBUS_RUNS.acme.x", "KV_AGENTBUS_RUNS"),
+    ("list_another_submitters_sessions", "acme-app", SESSIONS_LIST.format(tenant="acme", submitter="alice"), None),
+    ("read_another_tenants_session", "acme-app", SESSION_SHOW.format(tenant="globex", submitter="acme-app"), None),
+    (
+        "delete_another_tenants_session",
+        "acme-app",
+        SESSION_DELETE.format(tenant="globex", submitter="globex-app"),
+        None,
+    ),
+    ("an_approver_reads_a_session", "bob", SESSION_SHOW.format(tenant="acme", submitter="bob"), None),
+    ("write_session_history", "acme-app", "$KV.AGENTBUS_SESSIONS.acme.x", "KV_AGENTBUS_SESSIONS"),
+    (
+        "start_a_workflow_as_another_submitter",
+        "acme-app",
+        WORKFLOW_SUBMIT.format(tenant="acme", submitter="alice"),
+        "AGENTBUS_WORKFLOWS",
+    ),
+    (
+        "start_a_workflow_in_another_tenant",
+        "acme-app",
+        WORKFLOW_SUBMIT.format(tenant="globex", submitter="acme-app"),
+        "AGENTBUS_WORKFLOWS",
+    ),
+    (
+        "cancel_another_tenants_workflow",
+        "acme-app",
+        WORKFLOW_CANCEL.format(tenant="globex", submitter="acme-app"),
+        "AGENTBUS_WORKFLOWS",
+    ),
+    ("forge_workflow_events", "acme-app", WORKFLOW_EVENT.format(tenant="acme", run_id="x"), "AGENTBUS_WORKFLOW_EVENTS"),
+    ("replay_another_tenants_workflow", "acme-app", WORKFLOW_REPLAY.format(tenant="globex", run_id="x"), None),
 ):
     _forbidden_publish(_name, _user, _subject, _stream)
 
