@@ -38,6 +38,7 @@ from helpers import new_task_id, publish_submission, submission, task_events
 from nats.aio.client import Client as NatsClient
 
 REDIS_URL = os.environ.get("AGENTBUS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("AGENTBUS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SUBMITTER = "acme-app"
 
 AGENTS: dict[str, dict[str, Any]] = {
@@ -54,6 +55,13 @@ AGENTS: dict[str, dict[str, Any]] = {
         "system_prompt": "You are a helpful assistant.",
         "max_steps": 2,
         "memory": "redis-conversations",
+    },
+    "chat-postgres.yaml": {
+        "name": "chat-postgres",
+        "model": "fake-gpt",
+        "system_prompt": "You are a helpful assistant.",
+        "max_steps": 2,
+        "memory": "postgres-conversations",
     },
     "chat-short.yaml": {
         "name": "chat-short",
@@ -93,6 +101,12 @@ MEMORY: dict[str, dict[str, Any]] = {
         "type": "redis",
         "ttl_seconds": 3600,
         "redis": {"url": REDIS_URL, "key_prefix": f"agentbus-test-{uuid.uuid4().hex[:8]}"},
+    },
+    "postgres-conversations.yaml": {
+        "name": "postgres-conversations",
+        "type": "postgres",
+        "ttl_seconds": 3600,
+        "postgres": {"url": POSTGRES_URL, "table": "agentbus_test_sessions"},
     },
     "short.yaml": {"name": "short", "type": "nats-kv", "ttl_seconds": 2},
     "strict.yaml": {"name": "strict", "type": "nats-kv", "on_busy": "reject"},
@@ -284,13 +298,12 @@ def _contents(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(m["role"], m["content"]) for m in messages]
 
 
-@pytest.mark.parametrize("agent", ["chat", "chat-redis"])
+@pytest.mark.parametrize("agent", ["chat", "chat-redis", "chat-postgres"])
 async def test_three_turns_carry_the_conversation_so_far(
     suite: tuple[Suite, NatsClient], model: FakeOpenAI, agent: str
 ) -> None:
     _, nc = suite
-    if agent == "chat-redis":
-        await _redis_or_skip()
+    await _server_or_skip(agent)
     session = f"s-{uuid.uuid4().hex[:8]}"
     texts = [f"{session}: my name is Ada", f"{session}: I live in Paris", f"{session}: where do I live?"]
     answers = []
@@ -391,11 +404,10 @@ async def test_tenants_and_submitters_never_share_a_session(suite: tuple[Suite, 
     assert (await _ask(nc, "show", {"session_id": session}))["sessions"][0]["turns"] == 1
 
 
-@pytest.mark.parametrize("agent", ["chat", "chat-redis"])
+@pytest.mark.parametrize("agent", ["chat", "chat-redis", "chat-postgres"])
 async def test_delete_forgets_a_session(suite: tuple[Suite, NatsClient], model: FakeOpenAI, agent: str) -> None:
     _, nc = suite
-    if agent == "chat-redis":
-        await _redis_or_skip()
+    await _server_or_skip(agent)
     session = f"s-{uuid.uuid4().hex[:8]}"
     first = f"{session}: forget me"
     assert (await _turn(nc, agent, session, first))[-1]["kind"] == "completed"
@@ -508,6 +520,29 @@ def test_a_bad_memory_file_stops_start_up_naming_file_and_field(tmp_path: Path) 
     (memory / "conversations.yaml").write_text(json.dumps({"name": "other"}), encoding="utf-8")
     with pytest.raises(Exception, match=r"chat\.yaml: field 'memory': unknown memory store 'conversations'"):
         create_runner(settings)
+
+
+async def _server_or_skip(agent: str) -> None:
+    if agent == "chat-redis":
+        await _redis_or_skip()
+    elif agent == "chat-postgres":
+        await _postgres_or_skip()
+
+
+async def _postgres_or_skip() -> None:
+    """The PostgreSQL server on this machine; without it the test skips, except under CI=true."""
+    import sqlalchemy as sa
+    from agentbus.agent_runner.adapters.postgres_session_store import async_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(async_url(POSTGRES_URL))
+    try:
+        async with engine.connect() as connection:
+            await connection.exec_driver_sql("SELECT 1")
+    except (OSError, sa.exc.SQLAlchemyError) as exc:
+        skip_outside_ci(f"postgres unavailable at {POSTGRES_URL}: {exc}")
+    finally:
+        await engine.dispose()
 
 
 async def _redis_or_skip() -> None:

@@ -52,7 +52,7 @@ async def store(request: pytest.FixtureRequest, nats_server: NatsServerProcess) 
     if kind == "redis":
         made = RedisSessionStore.from_url(REDIS_URL, name, TTL_SECONDS, "agentbus-test")
     else:
-        made = PostgresSessionStore(POSTGRES_URL, name, TTL_SECONDS, f"sessions_{uuid.uuid4().hex[:8]}")
+        made = PostgresSessionStore(POSTGRES_URL, name, TTL_SECONDS, "agentbus_test_sessions")
     try:
         await made.get(SessionKey(name, "acme", "probe", "probe"))
     except MemoryUnavailableError as exc:
