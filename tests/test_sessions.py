@@ -85,6 +85,14 @@ AGENTS: dict[str, dict[str, Any]] = {
         "memory": "summarized",
     },
     "stateless.yaml": {"name": "stateless", "model": "fake-gpt", "system_prompt": "Answer.", "max_steps": 1},
+    "note-keeper.yaml": {
+        "name": "note-keeper",
+        "model": "fake-gpt",
+        "system_prompt": "You keep each user's notes.",
+        "max_steps": 3,
+        "memory": "own-facts",
+        "tools": ["remember", "recall"],
+    },
     "keeper.yaml": {
         "name": "keeper",
         "model": "fake-gpt",
@@ -111,6 +119,7 @@ MEMORY: dict[str, dict[str, Any]] = {
     "short.yaml": {"name": "short", "type": "nats-kv", "ttl_seconds": 2},
     "strict.yaml": {"name": "strict", "type": "nats-kv", "on_busy": "reject"},
     "facts.yaml": {"name": "facts", "type": "nats-kv", "long_term": {"collection": "memories", "top_k": 3}},
+    "own-facts.yaml": {"name": "own-facts", "type": "nats-kv", "long_term": {"collection": "notes", "per_user": True}},
     "summarized.yaml": {
         "name": "summarized",
         "type": "nats-kv",
@@ -640,3 +649,25 @@ async def test_remembered_facts_are_recalled_in_later_tasks_of_their_tenant_only
     other = await task_events(nc, task_id, tenant="globex", timeout=30)
     assert other[-1]["kind"] == "completed", other[-1]
     assert fact not in json.dumps(other)
+
+
+@pytest.mark.usefixtures("retriever")
+async def test_per_user_memories_are_recalled_only_by_the_user_who_remembered_them(
+    suite: tuple[Suite, NatsClient],
+) -> None:
+    _, nc = suite
+    note = f"my locker code is {uuid.uuid4().hex[:8]}"
+
+    async def ask(text: str, submitter: str) -> dict[str, Any]:
+        task_id = new_task_id("note")
+        await publish_submission(nc, submission(task_id, agent="note-keeper", text=text), submitter=submitter)
+        events = await task_events(nc, task_id, timeout=30)
+        assert events[-1]["kind"] == "completed", events[-1]
+        return events[-1]
+
+    assert (await ask(f"remember: {note}", SUBMITTER))["output"] == f"noted: Remembered: {note}"
+    async with asyncio.timeout(60):
+        while note not in (await ask("recall: locker code", SUBMITTER))["output"]:
+            await asyncio.sleep(0.3)
+    other = await ask("recall: locker code", "someone-else")
+    assert note not in json.dumps(other)
