@@ -338,6 +338,20 @@ def test_service_users_have_exactly_the_permissions_agentbus_up_gives_them() -> 
         )
 
 
+def test_applications_get_no_jetstream_api_and_only_the_bootstrap_and_operators_may_snapshot() -> None:
+    """The shared application user publishes on the public subjects alone: a JetStream consumer's deliver
+    subject is not checked against its creator's permissions, and a snapshot or direct get reads every
+    tenant's stored messages. Only the bootstrap (streams apply, backup, restore) and operators may."""
+    auth = configmap_data(render_overlay("prod"), "nats-config")["auth.conf"]
+    publish, _subscribe, _responses = _user_permissions(auth, "client")
+    assert not [subject for subject in publish if subject.startswith("$JS.")], sorted(publish)
+    bootstrap, _subscribe, _responses = _user_permissions(auth, "bootstrap")
+    assert bootstrap == {"$JS.API.>", "$JS.SNAPSHOT.>"}
+    for access in SERVICE_ACCESS:
+        service_publish, _subscribe, _responses = _user_permissions(auth, service_user(access.service))
+        assert not [s for s in service_publish if s.startswith(("$JS.SNAPSHOT", "$JS.API.STREAM.SNAPSHOT"))]
+
+
 def _answering_services() -> set[str]:
     return {access.service.value for access in SERVICE_ACCESS if access.answers}
 

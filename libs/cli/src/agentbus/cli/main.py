@@ -13,6 +13,8 @@ from typing import Any
 import click
 import nats.errors
 from agentbus.cli.approvals import approvals
+from agentbus.cli.backup import backup as backup_command
+from agentbus.cli.backup import restore as restore_command
 from agentbus.cli.config import STATE_DIR, admin_credential, run_nats, submitter_credential
 from agentbus.cli.cost import cost_group
 from agentbus.cli.doctor import doctor_command
@@ -117,6 +119,8 @@ cli.add_command(workflows_group)
 cli.add_command(sessions_group)
 cli.add_command(tools_group)
 cli.add_command(run_workflow_command, "run-workflow")
+cli.add_command(backup_command, "backup")
+cli.add_command(restore_command, "restore")
 
 
 @cli.command()
