@@ -42,10 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from agentbus.runtime.errors import ConfigurationError
-from agentbus.runtime.tool_registry import field_path
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from agentbus.runtime.spec_files import read_yaml_mapping, validated
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Stage = Literal["input", "tool_arguments", "output"]
 Action = Literal["block", "redact", "require_approval"]
@@ -384,19 +383,8 @@ def load_guardrails(path: Path) -> GuardrailCatalog:
     file and the field."""
     if not path.exists():
         return GuardrailCatalog({}, path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GuardrailConfigError(f"{path}: cannot read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise GuardrailConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml_mapping(path, GuardrailConfigError)
     if raw is None:
         return GuardrailCatalog({}, path)
-    if not isinstance(raw, dict):
-        raise GuardrailConfigError(f"{path}: expected a mapping with 'policies', got {type(raw).__name__}")
-    try:
-        parsed = GuardrailFile.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise GuardrailConfigError(f"{path}: field '{field_path(first['loc'])}': {first['msg']}") from exc
+    parsed = validated(GuardrailFile, raw, path, GuardrailConfigError)
     return GuardrailCatalog(parsed.policies, path)

@@ -32,7 +32,8 @@ from typing import Any
 import yaml
 from agentbus.contracts.common import Identifier
 from agentbus.runtime.errors import ConfigurationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from agentbus.runtime.spec_files import validated
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_PIN_METADATA_KEY = "model_deployment"
 """The task metadata key whose value pins a deployment, unless the table names another."""
@@ -117,11 +118,7 @@ class RoutingTable:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], source: str = "routing table") -> RoutingTable:
         """Validate a parsed routing file. Raises RoutingConfigError naming `source` and the field."""
-        try:
-            parsed = _RoutingFile.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise RoutingConfigError(f"{source}: field '{_field_path(first['loc'])}': {first['msg']}") from exc
+        parsed = validated(_RoutingFile, raw, source, RoutingConfigError)
         try:
             return cls(dict(parsed.models), parsed.pin_metadata_key)
         except RoutingConfigError as exc:
@@ -196,13 +193,6 @@ class RoutingTable:
                 raise RoutingConfigError(f"field 'models.{model}.fallback': fallback loop {cycle}")
             seen.append(current)
             current = self.fallback(current)
-
-
-def _field_path(location: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
 
 
 def load_routing_table(path: Path) -> RoutingTable:

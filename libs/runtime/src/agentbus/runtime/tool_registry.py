@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
-import yaml
 from agentbus.contracts.llm import ToolSpec
 from agentbus.runtime.errors import ConfigurationError
+from agentbus.runtime.spec_files import field_path, read_yaml_mapping, spec_files, validated
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 TOOL_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
@@ -260,14 +260,6 @@ class ToolDefinition(_Strict):
         return ToolSpec(name=self.name, description=self.description, parameters=self.parameters)
 
 
-def field_path(location: tuple[int | str, ...]) -> str:
-    """`approval.rules[0].when` from a pydantic error location."""
-    path = ""
-    for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
-
-
 # --- MCP tool servers -------------------------------------------------------------------------------
 
 MCP_SERVER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9]*(_[A-Za-z0-9]+)*$"
@@ -468,14 +460,9 @@ def mcp_tool_risk(declared: Risk | None, hints: McpToolHints | None) -> Risk:
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ToolDefinitionError(f"{path}: cannot read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ToolDefinitionError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ToolDefinitionError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, ToolDefinitionError)
+    if raw is None:
+        raise ToolDefinitionError(f"{path}: expected a mapping of fields, got an empty file")
     return raw
 
 
@@ -483,11 +470,7 @@ def _validated(path: Path, raw: dict[str, Any]) -> ToolDefinition | McpServerDef
     model: type[ToolDefinition] | type[McpServerDefinition] = (
         McpServerDefinition if raw.get("kind") == "mcp" else ToolDefinition
     )
-    try:
-        loaded = model.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ToolDefinitionError(f"{path}: field '{field_path(first['loc'])}': {first['msg']}") from exc
+    loaded = validated(model, raw, path, ToolDefinitionError)
     loaded._source = path
     return loaded
 
@@ -508,7 +491,7 @@ def load_tool_file(path: Path) -> ToolDefinition | McpServerDefinition:
 def _tool_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise ToolDefinitionError(f"{directory}: tool folder does not exist")
-    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+    return spec_files(directory)
 
 
 def load_mcp_servers(directory: Path) -> dict[str, McpServerDefinition]:

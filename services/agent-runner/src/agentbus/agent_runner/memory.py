@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from agentbus.contracts.common import Identifier
 from agentbus.runtime.errors import ConfigurationError
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from agentbus.runtime.spec_files import load_spec, spec_files
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 KNOWLEDGE_BASE = "knowledge_base"
 """`long_term.collection` naming the tenant's own knowledge base rather than a memory collection of its own."""
@@ -178,30 +178,13 @@ class MemoryStoreSpec(_Strict):
         return value
 
 
-def _field_path(location: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
-
-
 def load_memory_specs(directory: Path) -> dict[str, MemoryStoreSpec]:
     """Every `*.yaml`/`*.yml` store in `directory`, by name; none when the folder does not exist."""
     if not directory.is_dir():
         return {}
     specs: dict[str, MemoryStoreSpec] = {}
-    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
-        try:
-            raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise MemorySpecError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise MemorySpecError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
-        try:
-            spec = MemoryStoreSpec.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise MemorySpecError(f"{path}: field '{_field_path(first['loc'])}': {first['msg']}") from exc
+    for path in spec_files(directory):
+        spec = load_spec(path, MemoryStoreSpec, MemorySpecError)
         if spec.name in specs:
             raise MemorySpecError(f"{path}: field 'name': memory store {spec.name!r} is defined twice")
         spec._source = path

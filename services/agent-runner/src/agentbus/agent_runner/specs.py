@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
 from agentbus.contracts.common import Identifier
 from agentbus.runtime.errors import ConfigurationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from agentbus.runtime.spec_files import load_spec, spec_files
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class AgentSpec(BaseModel):
@@ -46,13 +46,6 @@ class AgentSpecError(ConfigurationError):
     """A spec file is invalid. The message names the file and the field."""
 
 
-def _field_path(location: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
-
-
 SpecCheck = Callable[[AgentSpec], tuple[str, str] | None]
 """A further check of a valid spec: None, or the field at fault and why."""
 
@@ -62,19 +55,8 @@ def load_agent_specs(directory: Path, known_tools: set[str], check: SpecCheck | 
     if not directory.is_dir():
         raise AgentSpecError(f"{directory}: agent spec folder does not exist")
     specs: dict[str, AgentSpec] = {}
-    files = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
-    for path in files:
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise AgentSpecError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise AgentSpecError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
-        try:
-            spec = AgentSpec.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise AgentSpecError(f"{path}: field '{_field_path(first['loc'])}': {first['msg']}") from exc
+    for path in spec_files(directory):
+        spec = load_spec(path, AgentSpec, AgentSpecError)
         for index, tool in enumerate(spec.tools):
             if tool not in known_tools:
                 raise AgentSpecError(

@@ -17,7 +17,8 @@ from typing import Annotated
 
 import yaml
 from agentbus.runtime.errors import ConfigurationError
-from agentbus.runtime.tool_registry import ANY_TENANT, ToolDefinition, field_path
+from agentbus.runtime.spec_files import field_path
+from agentbus.runtime.tool_registry import ANY_TENANT, ToolDefinition
 from agentbus.tool_executor.policy import ApproverDirectory
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 

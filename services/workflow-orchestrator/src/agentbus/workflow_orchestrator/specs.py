@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +28,7 @@ from agentbus.contracts.workflows import (
     WorkflowStepInfo,
 )
 from agentbus.runtime.errors import ConfigurationError
+from agentbus.runtime.spec_files import load_spec, spec_files
 from agentbus.workflow_orchestrator.templates import (
     RESULT_ROOT,
     Reference,
@@ -35,7 +36,7 @@ from agentbus.workflow_orchestrator.templates import (
     references,
     split_path,
 )
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 DEFAULT_TIMEOUT_SECONDS = 3600.0
 MAX_RETRIES = 10
@@ -178,13 +179,6 @@ class _FieldError(Exception):
         super().__init__(message)
         self.field = field
         self.message = message
-
-
-def _field_path(location: Iterable[int | str]) -> str:
-    path = ""
-    for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
 
 
 def type_matches(kind: InputType, value: Any) -> bool:
@@ -397,18 +391,8 @@ def load_workflow_specs(directory: Path, known_agents: set[str]) -> dict[str, Wo
     if not directory.is_dir():
         return {}
     specs: dict[str, WorkflowSpec] = {}
-    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise WorkflowSpecError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise WorkflowSpecError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
-        try:
-            spec = WorkflowSpec.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise WorkflowSpecError(f"{path}: field '{_field_path(first['loc'])}': {first['msg']}") from exc
+    for path in spec_files(directory):
+        spec = load_spec(path, WorkflowSpec, WorkflowSpecError)
         try:
             check_workflow(spec, known_agents)
         except _FieldError as exc:
