@@ -26,6 +26,7 @@ from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
 from agentbus.runtime.server import NatsServerError
 from agentbus.testing import NatsCluster, running_nats_cluster, skip_outside_ci
+from cli_support import agentbus
 from helpers import AGENTS_DIR, SUBMITTER, TERMINAL, new_task_id, submission
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import NoStreamResponseError
@@ -206,3 +207,39 @@ async def test_every_task_ends_exactly_once_when_a_node_dies_or_is_partitioned_m
         assert seqs == list(range(1, len(seqs) + 1)), f"{task_id}: stored events {seqs}"
         assert [event["kind"] for event in stored if event["kind"] in TERMINAL] == ["completed"]
         assert seqs[-1] == events[0]["seq"]
+
+
+def _runner_queue(cluster: NatsCluster, cwd: Path) -> int | None:
+    """The pending count `agentbus status` prints for the runner's submissions, or None while no node answers."""
+    done = agentbus("status", "--nats-url", cluster.url, cwd=cwd, timeout=60)
+    if done.returncode != 0:
+        return None
+    for line in done.stdout.splitlines():
+        columns = line.split()
+        if columns[:2] == [registry.TASKS.name, registry.RUNNER_SUBMISSIONS.durable]:
+            return int(columns[2])
+    return None
+
+
+@pytest.mark.asyncio
+async def test_status_reads_the_queue_keda_scales_on_from_the_consumer_leader_and_again_after_it_fails_over(
+    cluster: NatsCluster, cluster_client: NatsClient, tmp_path: Path
+) -> None:
+    task_ids = [new_task_id("queued") for _ in range(12)]
+    for task_id in task_ids:
+        await _submit(cluster_client, task_id)
+    assert _runner_queue(cluster, tmp_path) == len(task_ids)
+
+    info = await cluster_client.jetstream().consumer_info(registry.TASKS.name, registry.RUNNER_SUBMISSIONS.durable)
+    assert info.cluster is not None
+    assert info.cluster.leader
+    cluster.kill(info.cluster.leader)
+    deadline = time.monotonic() + 60
+    queue = None
+    while queue is None and time.monotonic() < deadline:
+        queue = _runner_queue(cluster, tmp_path)
+    assert queue == len(task_ids), "the new consumer leader reports the same queue"
+    moved = await cluster_client.jetstream().consumer_info(registry.TASKS.name, registry.RUNNER_SUBMISSIONS.durable)
+    assert moved.cluster is not None
+    assert moved.cluster.leader not in (None, info.cluster.leader)
+    cluster.restart(info.cluster.leader)
