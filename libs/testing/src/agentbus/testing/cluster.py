@@ -44,14 +44,16 @@ class NatsCluster:
 
     def pause(self, name: str) -> None:
         """SIGSTOP a node: to the others it is partitioned away until `resume`."""
-        pid = self.nodes[name].pid
-        if pid is not None:
-            os.kill(pid, signal.SIGSTOP)
+        self._signal(name, signal.SIGSTOP)
 
     def resume(self, name: str) -> None:
-        pid = self.nodes[name].pid
-        if pid is not None:
-            os.kill(pid, signal.SIGCONT)
+        self._signal(name, signal.SIGCONT)
+
+    def _signal(self, name: str, signum: signal.Signals) -> None:
+        node = self.nodes[name]
+        if node.pid is not None and node.running:
+            with contextlib.suppress(ProcessLookupError):  # it died meanwhile
+                os.kill(node.pid, signum)
 
     def restart(self, name: str) -> None:
         """Start a killed or stopped node again on its own store and ports."""
