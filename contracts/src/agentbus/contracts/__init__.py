@@ -29,6 +29,7 @@ from agentbus.contracts.tasks import (
     TaskRejected,
     TaskStep,
     TaskSubmitted,
+    TaskThrottled,
     TaskToken,
     ToolCallSummary,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "TaskRejected",
     "TaskStep",
     "TaskSubmitted",
+    "TaskThrottled",
     "TaskToken",
     "TokenUsage",
     "ToolCall",

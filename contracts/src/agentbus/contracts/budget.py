@@ -39,6 +39,18 @@ class BudgetReserveReply(BusMessage):
     limit_usd: float | None = Field(default=None, ge=0)
     spent_usd: float | None = Field(default=None, ge=0, description="Spent and reserved in that budget.")
     requested_usd: float | None = Field(default=None, ge=0, description="Denials: the estimate that was refused.")
+    throttled: bool = Field(
+        default=False,
+        description="A rate limit holds the call back (neither allowed nor denied): ask again for the same "
+        "reservation after `retry_after_seconds`. Nothing was reserved.",
+    )
+    retry_after_seconds: float | None = Field(
+        default=None, ge=0, description="Throttled: how long until the limit allows the call."
+    )
+    limit: str | None = Field(
+        default=None,
+        description="Throttled, or refused `rate_limited`: the rate limit, e.g. 'tenant:acme:requests_per_minute'.",
+    )
     error: ErrorInfo | None = None
 
 

@@ -164,6 +164,33 @@ class TaskCancelled(_TaskEventBase):
     by: Identifier | None = Field(default=None, description="The submitter who cancelled (the subject's token).")
 
 
+class GuardrailFinding(BaseModel):
+    """One thing a guardrail check found: where and what kind, never the matched text itself."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    policy: str = Field(description="The guardrail policy (`config/guardrails.yaml`) whose check found it.")
+    check: str = Field(description="The check's name (its detector's, unless the policy names it).")
+    detector: str = Field(description="secrets, personal_data, deny_list, max_length.")
+    action: Literal["block", "redact", "require_approval"] = Field(description="What the check does with it.")
+    kind: str = Field(description="What was found, e.g. 'aws_access_key', 'email', 'card', 'pattern 0', 'too_long'.")
+    field: str | None = Field(default=None, description="tool_arguments: the argument's path, e.g. 'body'.")
+    tool: str | None = Field(default=None, description="tool_arguments: the tool called.")
+
+
+class TaskGuardrail(_TaskEventBase):
+    """Guardrail checks found something in one stage of the task: its input, a step's tool-call arguments, or
+    the model's output. `action` is what was done: `block` (the task fails `guardrail_blocked`, or the tool call
+    returns an error the model reads), `redact` (the text went on masked), `require_approval` (the step waits
+    in the approval inbox). The matched text is never in the event."""
+
+    kind: Literal["guardrail"] = "guardrail"
+    stage: Literal["input", "tool_arguments", "output"] = Field(description="Where the text was checked.")
+    action: Literal["block", "redact", "require_approval"] = Field(description="The strongest action of the findings.")
+    step: int = Field(default=0, ge=0, description="The LLM step of a tool call or output; 0 for the input.")
+    findings: list[GuardrailFinding] = Field(description="Everything the checks found in this stage.")
+
+
 class TaskBudgetExceeded(_TaskEventBase):
     """The run was stopped because a budget would be exceeded. Terminal."""
 
@@ -176,6 +203,16 @@ class TaskBudgetExceeded(_TaskEventBase):
     )
 
 
+class TaskThrottled(_TaskEventBase):
+    """A step waits for a rate limit (requests or tokens per minute, concurrent tasks): it is made once the
+    limit allows, never failed for it. Not terminal; a step may be throttled more than once."""
+
+    kind: Literal["throttled"] = "throttled"
+    limit: str = Field(description="The limit that holds the step back, e.g. 'tenant:acme:requests_per_minute'.")
+    wait_seconds: float = Field(ge=0, description="How long the step waits before it asks again.")
+    step: int = Field(default=0, ge=0, description="The LLM step that waits.")
+
+
 TaskEvent = Annotated[
     TaskAccepted
     | TaskRejected
@@ -183,10 +220,12 @@ TaskEvent = Annotated[
     | TaskToken
     | TaskApprovalPending
     | TaskApprovalResolved
+    | TaskGuardrail
     | TaskCompleted
     | TaskFailed
     | TaskCancelled
-    | TaskBudgetExceeded,
+    | TaskBudgetExceeded
+    | TaskThrottled,
     Field(discriminator="kind"),
 ]
 """Any event on `agentbus.tasks.events.<tenant>.<task_id>`, told apart by `kind`."""

@@ -100,6 +100,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     SESSION_BUSY = "session_busy"
     SESSION_UNSUPPORTED = "session_unsupported"
+    RATE_LIMITED = "rate_limited"
 
 
 class PendingToolCall(BaseModel):
