@@ -7,9 +7,25 @@ from typing import Any, Literal
 
 from agentbus.contracts.common import BusMessage, ErrorInfo, Identifier, utc_now
 from agentbus.contracts.rag import RetrievedChunk
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 CALL_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,160}$"
+
+GUARDRAIL_REVIEW_TOOL = "guardrail_review"
+"""The tool through which the runner holds a task's input or output for an approver (a guardrail's
+`require_approval`): approving it releases the text, denying it (or letting it expire) fails the task."""
+
+
+class ToolCallGuardrail(BaseModel):
+    """What the agent's guardrails decided about a call's arguments (already masked where they redact)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    action: Literal["block", "require_approval"] = Field(
+        description="`block`: the call is not run and returns an error the model reads; `require_approval`: "
+        "it waits in the approval inbox whatever its tool's own policy says."
+    )
+    reason: str = Field(max_length=2000, description="The findings, without the matched text: the error or the approver's reason.")
 
 
 class ToolCallRequested(BusMessage):
@@ -27,6 +43,9 @@ class ToolCallRequested(BusMessage):
     step: int = Field(ge=1, description="LLM step that asked for the call.")
     submitted_by: Identifier | None = Field(default=None, description="Task submitter, for self-approval rules.")
     requested_at: datetime = Field(default_factory=utc_now)
+    guardrail: ToolCallGuardrail | None = Field(
+        default=None, description="The agent's guardrails found something in the arguments that holds the call."
+    )
 
 
 class ToolCallUpdate(BusMessage):

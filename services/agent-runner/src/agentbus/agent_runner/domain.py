@@ -100,6 +100,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     SESSION_BUSY = "session_busy"
     SESSION_UNSUPPORTED = "session_unsupported"
+    GUARDRAIL_BLOCKED = "guardrail_blocked"
     RATE_LIMITED = "rate_limited"
 
 
