@@ -183,3 +183,14 @@ def test_a_bad_file_names_the_file_and_the_field(tmp_path: Path, text: str, mess
 
 def test_an_empty_catalog_is_usable() -> None:
     assert GuardrailCatalog({}).for_agent([], agent="a").check_text("input", "anything").action is None
+
+
+def test_mask_blocked_masks_what_a_block_finding_matched_and_keeps_redact_only_by_default() -> None:
+    guardrails = Guardrails([("p", GuardrailPolicy(checks=(GuardrailCheck(detector="secrets", action="block"),)))])
+    text = "key AKIA" + "IOSFODNN7EXAMPLE here"
+    assert guardrails.check_text("input", text).text == text
+    assert guardrails.check_text("input", text, mask_blocked=True).text == "key [REDACTED:aws_access_key] here"
+    masked = guardrails.check_arguments({"env": {"KEY": text}}, mask_blocked=True).arguments
+    assert masked == {"env": {"KEY": "key [REDACTED:aws_access_key] here"}}
+    [finding] = guardrails.check_text("input", text).findings
+    assert (finding.detector, finding.check) == ("secrets", "secrets")

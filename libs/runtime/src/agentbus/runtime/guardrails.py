@@ -39,6 +39,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -257,6 +258,8 @@ class Finding:
     end: int
     field: str | None = None
     """For tool arguments: the argument's path, e.g. `body` or `recipients[1]`."""
+    detector: Detector = dataclass_field(kw_only=True)
+    """The detector of the check that found it."""
 
     def describe(self) -> str:
         where = f" in {self.field}" if self.field else ""
@@ -296,11 +299,13 @@ class Guardrails:
     def __bool__(self) -> bool:
         return bool(self._policies)
 
-    def check_text(self, stage: Stage, text: str) -> Verdict:
+    def check_text(self, stage: Stage, text: str, *, mask_blocked: bool = False) -> Verdict:
+        """`mask_blocked`: the verdict's text masks what a `block` finding matched too, for whatever still
+        records the text that was stopped (an event, a trace)."""
         findings = self._scan(stage, text, None)
-        return Verdict(_strongest(findings), tuple(findings), text=mask(text, findings))
+        return Verdict(_strongest(findings), tuple(findings), text=mask(text, findings, _masked(mask_blocked)))
 
-    def check_arguments(self, arguments: Mapping[str, Any]) -> Verdict:
+    def check_arguments(self, arguments: Mapping[str, Any], *, mask_blocked: bool = False) -> Verdict:
         """Every string in a tool call's arguments (nested values too), each finding naming its field."""
         findings: list[Finding] = []
 
@@ -308,7 +313,7 @@ class Guardrails:
             if isinstance(value, str):
                 found = self._scan("tool_arguments", value, path or None)
                 findings.extend(found)
-                return mask(value, found)
+                return mask(value, found, _masked(mask_blocked))
             if isinstance(value, Mapping):
                 return {key: walk(item, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
             if isinstance(value, list):
@@ -325,7 +330,17 @@ class Guardrails:
                 if stage not in check.stages:
                     continue
                 findings.extend(
-                    Finding(name, check.label, stage, check.action, span.kind, span.start, span.end, field)
+                    Finding(
+                        name,
+                        check.label,
+                        stage,
+                        check.action,
+                        span.kind,
+                        span.start,
+                        span.end,
+                        field,
+                        detector=check.detector,
+                    )
                     for span in check.find(text)
                 )
         return findings
@@ -339,9 +354,14 @@ def _strongest(findings: Iterable[Finding]) -> Action | None:
     return strongest
 
 
-def mask(text: str, findings: Iterable[Finding]) -> str:
-    """`text` with the span of every `redact` finding replaced by `[REDACTED:<kind>]`."""
-    spans = sorted((f for f in findings if f.action == "redact"), key=lambda f: f.start)
+def _masked(mask_blocked: bool) -> tuple[Action, ...]:
+    return ("redact", "block") if mask_blocked else ("redact",)
+
+
+def mask(text: str, findings: Iterable[Finding], actions: Iterable[Action] = ("redact",)) -> str:
+    """`text` with the span of every finding of `actions` (`redact` ones) replaced by `[REDACTED:<kind>]`."""
+    masked = set(actions)
+    spans = sorted((f for f in findings if f.action in masked), key=lambda f: f.start)
     if not spans:
         return text
     parts: list[str] = []

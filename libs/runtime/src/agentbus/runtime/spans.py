@@ -99,6 +99,14 @@ class SpanAttribute(StrEnum):
     """Who submitted the task (`submitted_by`): the trace's user."""
     TOOL = "agentbus.tool"
     """Tool spans and approval waits: the tool's name."""
+    GUARDRAIL_STAGE = "agentbus.guardrail.stage"
+    """Guardrail spans: the stage checked (input, tool_arguments, output)."""
+    GUARDRAIL_ACTION = "agentbus.guardrail.action"
+    """Guardrail spans: the strongest action of the findings (block, redact, require_approval)."""
+    GUARDRAIL_POLICIES = "agentbus.guardrail.policies"
+    """Guardrail spans: the policies whose checks found something."""
+    GUARDRAIL_FINDINGS = "agentbus.guardrail.findings"
+    """Guardrail spans: each finding as `policy/check:kind` (never the matched text)."""
 
 
 def span_msg_id(span_id: str) -> str:

@@ -35,6 +35,7 @@ from agentbus.contracts.registry import (
     Service,
 )
 from agentbus.runtime.consumer import AckPolicy, ConsumerRunner
+from agentbus.runtime.guardrails import Guardrails, load_guardrails
 from agentbus.runtime.metrics import ConsumerMetrics
 from agentbus.runtime.replies import ReplyServer
 from agentbus.runtime.routing import RoutingTable, load_routing_table
@@ -107,7 +108,9 @@ class RunnerBuild:
         # Memory stores load first: an agent naming one that does not exist stops start-up naming its field.
         self._memory = load_memory_specs(settings.memory_dir)
         self._urls = {name: spec.connection_url() for name, spec in self._memory.items() if spec.type != "nats-kv"}
-        self._agents = load_agent_specs(settings.agents_dir, self._catalog.names, self._check_memory)
+        self._guardrail_catalog = load_guardrails(settings.guardrails_file)
+        self._guardrails: dict[str, Guardrails] = {}
+        self._agents = load_agent_specs(settings.agents_dir, self._catalog.names, self._check_spec)
         self._sessions: SessionCoordinator | None = None
         self._router = (
             load_routing_table(settings.routing_file) if settings.routing_file.is_file() else RoutingTable.empty()
@@ -115,6 +118,20 @@ class RunnerBuild:
         self._settings = settings
         self._spans = spans
         self._metrics = metrics
+
+    def _check_spec(self, agent: AgentSpec) -> tuple[str, str] | None:
+        return self._check_guardrails(agent) or self._check_memory(agent)
+
+    def _check_guardrails(self, agent: AgentSpec) -> tuple[str, str] | None:
+        """Every policy an agent names exists; its guardrails are kept for its runs."""
+        known = self._guardrail_catalog.policies
+        for index, name in enumerate(agent.guardrails):
+            if name not in known:
+                where = self._guardrail_catalog.source
+                return f"guardrails[{index}]", f"no policy {name!r} in {where}; known: {sorted(known)}"
+        if agent.guardrails:
+            self._guardrails[agent.name] = self._guardrail_catalog.for_agent(agent.guardrails, agent=agent.name)
+        return None
 
     def _check_memory(self, agent: AgentSpec) -> tuple[str, str] | None:
         """An agent's memory store exists; its memory tools need a store that keeps long-term memory."""
@@ -170,6 +187,7 @@ class RunnerBuild:
             events=NatsEventLog(js),
             sessions=self._sessions,
             memory=RetrieverMemory(nc, js, self._memory, settings.memory_timeout_seconds) if self._memory else None,
+            guardrails=self._guardrails,
         )
 
 

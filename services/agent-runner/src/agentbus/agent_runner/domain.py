@@ -13,6 +13,14 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
+from agentbus.agent_runner.guardrails import (
+    GuardrailReview,
+    findings_of,
+    guardrail_event,
+    reason_of,
+    review_call_id,
+    review_request,
+)
 from agentbus.agent_runner.memory import MemoryStoreSpec
 from agentbus.agent_runner.sessions import (
     SUMMARY_INSTRUCTIONS,
@@ -45,7 +53,14 @@ from agentbus.contracts.tasks import (
     TaskSubmitted,
     ToolCallSummary,
 )
-from agentbus.contracts.tools import ToolCallRequested, ToolCallUpdate, ToolCallWithdrawn
+from agentbus.contracts.tools import (
+    GUARDRAIL_REVIEW_TOOL,
+    ToolCallGuardrail,
+    ToolCallRequested,
+    ToolCallUpdate,
+    ToolCallWithdrawn,
+)
+from agentbus.runtime.guardrails import Guardrails, Verdict
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_FALLBACKS = 3
@@ -196,6 +211,9 @@ class RunState(BaseModel):
     turn_start: int = Field(default=0, description="Index in `messages` of the task's own input (after its history).")
     summarizing: SummaryPlan | None = Field(default=None, description="The summary the run waits for, if any.")
     compaction: Compaction | None = None
+    review: GuardrailReview | None = Field(
+        default=None, description="An input or answer a guardrail holds for an approver (see agent_runner.guardrails)."
+    )
 
     @property
     def terminal(self) -> bool:
@@ -331,8 +349,13 @@ def start(
     timing: RunTiming = DEFAULT_TIMING,
     memory: MemoryStoreSpec | None = None,
     admission: Admission | None = None,
+    guardrails: Guardrails | None = None,
 ) -> Transition:
     """Accept a valid submission, arm its deadline and ask the model for the first step.
+
+    The agent's `guardrails` check the input first: a finding is a `guardrail` event; `block` ends the task
+    `guardrail_blocked`, `redact` gives the model (and everything after) the masked input, `require_approval`
+    holds it for an approver before the first step.
 
     A task of a session (`admission`: what joining the session in the agent's `memory` store gave it) starts
     after the session's history (summarized first when it is past the store's threshold), or is accepted and
@@ -393,10 +416,111 @@ def start(
         queued=waiting,
     )
     state = state.model_copy(update={"next_seq": state.next_seq + 1})
+    events: list[TaskEvent] = [accepted]
+    verdict = guardrails.check_text("input", submission.input, mask_blocked=True) if guardrails else None
+    if verdict is not None and verdict.findings:
+        events.append(guardrail_event(state.task_id, state.tenant, state.next_seq, "input", findings_of(verdict), 0))
+        masked = verdict.text if verdict.text is not None else submission.input
+        user = ChatMessage(role="user", content=masked)
+        state = state.model_copy(update={"next_seq": state.next_seq + 1, "messages": [messages[0], user]})
+        if verdict.blocked:
+            return _blocked(state, events, verdict, "the task's input")
+        if verdict.needs_approval:
+            rid = review_call_id(state.tenant, state.task_id, "input", 0)
+            review = GuardrailReview(call_id=rid, stage="input", step=0, reason=reason_of(verdict), text=masked)
+            state = state.model_copy(update={"review": review})
     if waiting:
-        return Transition(state, [accepted], wake=_next_wake(state, now, timing))
-    begun = _begin(state, admission, memory, router, [accepted])
+        return Transition(state, events, wake=_next_wake(state, now, timing))
+    begun = _begin(state, admission, memory, router, events)
     return replace(begun, wake=_next_wake(begun.state, now, timing))
+
+
+def _blocked(state: RunState, events: list[TaskEvent], verdict: Verdict, what: str) -> Transition:
+    """A guardrail blocks the run: it fails `guardrail_blocked` after `events` (counted in `state.next_seq`)."""
+    failed = TaskFailed(
+        task_id=state.task_id,
+        tenant=state.tenant,
+        seq=state.next_seq,
+        error=ErrorInfo(code=ErrorCode.GUARDRAIL_BLOCKED, message=f"{what} was blocked: {verdict.reason()}"),
+        usage=state.usage,
+    )
+    ended = _end(state, RunStatus.FAILED, state.usage, [failed])
+    return replace(ended, events=[*events, failed])
+
+
+def _hold_input(state: RunState, admission: Admission | None, events: list[TaskEvent]) -> Transition:
+    """The input waits for an approver before the first step; the session's history is kept for then."""
+    review = state.review
+    assert review is not None
+    if admission is not None and admission.status == "running":
+        review = review.model_copy(update={"history_summary": admission.summary, "history": list(admission.turns)})
+    review = review.model_copy(update={"requested": True})
+    held = state.model_copy(
+        update={
+            "review": review,
+            "session_waiting": False,
+            "pending_calls": [_review_call(review)],
+        }
+    )
+    return Transition(held, events, tool_calls=[_review_request(held)])
+
+
+def _review_call(review: GuardrailReview) -> PendingToolCall:
+    return PendingToolCall(call_id=review.call_id, tool_call_id=review.call_id, name=GUARDRAIL_REVIEW_TOOL, remote=True)
+
+
+def _review_request(state: RunState) -> ToolCallRequested:
+    assert state.review is not None
+    return review_request(
+        state.review, task_id=state.task_id, tenant=state.tenant, agent=state.agent, submitted_by=state.submitted_by
+    )
+
+
+def _reviewed(
+    state: RunState,
+    update: ToolCallUpdate,
+    events: list[TaskEvent],
+    router: Router,
+    memory: MemoryStoreSpec | None,
+) -> Transition:
+    """The approver released the held input or answer (the run goes on with it), or did not (it fails)."""
+    review = state.review
+    assert review is not None
+    cleared = state.model_copy(update={"review": None, "pending_calls": []})
+    if update.ok:
+        if review.stage == "input":
+            admission = None
+            if review.history or review.history_summary:
+                admission = Admission(status="running", summary=review.history_summary, turns=tuple(review.history))
+            return _begin(cleared, admission, memory, router, events)
+        completed = TaskCompleted(
+            task_id=state.task_id,
+            tenant=state.tenant,
+            seq=cleared.next_seq,
+            output=review.text,
+            usage=state.usage,
+            cost_usd=0.0,
+            steps=state.step,
+            citations=state.citations,
+        )
+        answer = ChatMessage(role="assistant", content=review.text)
+        ended = _end(cleared, RunStatus.COMPLETED, state.usage, [completed], answer=answer)
+        return replace(ended, events=[*events, completed])
+    what = "the task's input" if review.stage == "input" else "the model's output"
+    outcome = update.outcome or "refused"
+    by = f" by {update.by}" if update.by else ""
+    failed = TaskFailed(
+        task_id=state.task_id,
+        tenant=state.tenant,
+        seq=cleared.next_seq,
+        error=ErrorInfo(
+            code=ErrorCode.GUARDRAIL_BLOCKED,
+            message=f"{what}, held for review ({review.reason}), was {outcome}{by}",
+        ),
+        usage=state.usage,
+    )
+    ended = _end(cleared, RunStatus.FAILED, state.usage, [failed])
+    return replace(ended, events=[*events, failed])
 
 
 ANONYMOUS = "anonymous"
@@ -429,7 +553,10 @@ def _begin(
     router: Router,
     events: list[TaskEvent],
 ) -> Transition:
-    """The run's first request: the step itself, or first a summary of the history's oldest turns."""
+    """The run's first request: the step itself, or first a summary of the history's oldest turns (or first the
+    input's review, when a guardrail holds it)."""
+    if state.review is not None and state.review.stage == "input" and not state.review.requested:
+        return _hold_input(state, admission, events)
     system_prompt, user_input = state.messages[0].content, state.messages[-1].content
     summary: str | None = None
     turns: tuple[SessionTurn, ...] = ()
@@ -544,9 +671,21 @@ def _request(state: RunState, rid: str, deployment: str, events: list[TaskEvent]
 
 
 def apply_llm_result(
-    state: RunState, result: LlmResult, toolbox: Toolbox, router: Router = DIRECT
+    state: RunState,
+    result: LlmResult,
+    toolbox: Toolbox,
+    router: Router = DIRECT,
+    guardrails: Guardrails | None = None,
 ) -> Transition | None:
-    """Advance the run with a generated step; None if the result is stale, repeated or the run ended."""
+    """Advance the run with a generated step; None if the result is stale, repeated or the run ended.
+
+    The agent's `guardrails` check the model's text (the output stage) and each tool call's arguments before
+    anything of the step goes further: findings are `guardrail` events after the `step` event; redacted text
+    and arguments are masked in the events, the conversation and the calls. A blocked output fails the task;
+    an answer held for approval waits for an approver (text beside tool calls is masked or blocked, not held).
+    A blocked tool call, or one held for approval, goes to the executor with the verdict; an in-process or
+    memory tool cannot wait for an approver, so there a hold blocks the call too.
+    """
     if state.terminal or result.request_id != state.awaiting_request_id:
         return None
     usage = state.usage + result.usage
@@ -576,6 +715,10 @@ def apply_llm_result(
         return _end(state, RunStatus.FAILED, usage, [failed])
 
     message = result.message
+    output_verdict: Verdict | None = None
+    argument_verdicts: dict[str, Verdict] = {}
+    if guardrails:
+        message, output_verdict, argument_verdicts = _checked(message, guardrails)
     step_event = TaskStep(
         task_id=state.task_id,
         tenant=state.tenant,
@@ -585,6 +728,46 @@ def apply_llm_result(
         usage=result.usage,
     )
     seq += 1
+    checked: list[TaskEvent] = []
+    if output_verdict is not None and output_verdict.findings:
+        checked.append(
+            guardrail_event(state.task_id, state.tenant, seq, "output", findings_of(output_verdict), result.step)
+        )
+        seq += 1
+    argument_findings = [
+        finding
+        for call in message.tool_calls
+        if call.id in argument_verdicts
+        for finding in findings_of(argument_verdicts[call.id], call.name)
+    ]
+    if argument_findings:
+        checked.append(
+            guardrail_event(state.task_id, state.tenant, seq, "tool_arguments", argument_findings, result.step)
+        )
+        seq += 1
+    if output_verdict is not None and output_verdict.blocked:
+        counted = state.model_copy(update={"usage": usage, "next_seq": seq})
+        return _blocked(counted, [step_event, *checked], output_verdict, "the model's output")
+    if not message.tool_calls and output_verdict is not None and output_verdict.needs_approval:
+        rid = review_call_id(state.tenant, state.task_id, "output", state.step)
+        review = GuardrailReview(
+            call_id=rid,
+            stage="output",
+            step=state.step,
+            reason=reason_of(output_verdict),
+            text=message.content,
+            requested=True,
+        )
+        held = state.model_copy(
+            update={
+                "usage": usage,
+                "next_seq": seq,
+                "awaiting_request_id": None,
+                "review": review,
+                "pending_calls": [_review_call(review)],
+            }
+        )
+        return Transition(held, [step_event, *checked], tool_calls=[_review_request(held)])
     if not message.tool_calls:
         completed = TaskCompleted(
             task_id=state.task_id,
@@ -596,7 +779,7 @@ def apply_llm_result(
             steps=state.step,
             citations=state.citations,
         )
-        return _end(state, RunStatus.COMPLETED, usage, [step_event, completed], answer=message)
+        return _end(state, RunStatus.COMPLETED, usage, [step_event, *checked, completed], answer=message)
     if state.step >= state.max_steps:
         failed = TaskFailed(
             task_id=state.task_id,
@@ -608,7 +791,7 @@ def apply_llm_result(
             ),
             usage=usage,
         )
-        return _end(state, RunStatus.FAILED, usage, [step_event, failed])
+        return _end(state, RunStatus.FAILED, usage, [step_event, *checked, failed])
 
     allowed = [tool.name for tool in state.tools]
     calls: list[PendingToolCall] = []
@@ -616,7 +799,16 @@ def apply_llm_result(
     memory_calls: list[MemoryCall] = []
     for index, call in enumerate(message.tool_calls):
         cid = call_id(state.tenant, state.task_id, state.step, index)
-        if call.name in allowed and call.name in MEMORY_TOOLS and state.memory_store is not None:
+        found = argument_verdicts.get(call.id)
+        hold = found.action if found is not None and found.action in ("block", "require_approval") else None
+        remote = call.name in allowed and not toolbox.is_local(call.name) and call.name not in MEMORY_TOOLS
+        if found is not None and hold is not None and not remote:
+            why = "" if hold == "block" else " (an in-process tool cannot wait for an approver)"
+            refused = f"error: guardrail_blocked: the call was not run{why}: {found.reason()}"
+            calls.append(
+                PendingToolCall(call_id=cid, tool_call_id=call.id, name=call.name, remote=False, result=refused)
+            )
+        elif call.name in allowed and call.name in MEMORY_TOOLS and state.memory_store is not None:
             calls.append(PendingToolCall(call_id=cid, tool_call_id=call.id, name=call.name, remote=True, memory=True))
             memory_calls.append(_memory_call(state, cid, call))
         elif call.name in allowed and not toolbox.is_local(call.name):
@@ -632,6 +824,7 @@ def apply_llm_result(
                     arguments=call.arguments,
                     step=state.step,
                     submitted_by=state.submitted_by,
+                    guardrail=_call_guardrail(found),
                 )
             )
         else:
@@ -649,8 +842,33 @@ def apply_llm_result(
         }
     )
     if requests or memory_calls:
-        return Transition(advanced, [step_event], tool_calls=requests, memory_calls=memory_calls)
-    return _continue_after_tools(advanced, [step_event], router)
+        return Transition(advanced, [step_event, *checked], tool_calls=requests, memory_calls=memory_calls)
+    return _continue_after_tools(advanced, [step_event, *checked], router)
+
+
+def _checked(message: ChatMessage, guardrails: Guardrails) -> tuple[ChatMessage, Verdict | None, dict[str, Verdict]]:
+    """The model's message with redacted text and arguments masked; the output's verdict; each call's, by id."""
+    output = guardrails.check_text("output", message.content, mask_blocked=True) if message.content else None
+    by_call: dict[str, Verdict] = {}
+    calls: list[ToolCall] = []
+    for call in message.tool_calls:
+        verdict = guardrails.check_arguments(call.arguments, mask_blocked=True)
+        if verdict.findings:
+            by_call[call.id] = verdict
+            call = call.model_copy(update={"arguments": verdict.arguments})
+        calls.append(call)
+    content = output.text if output is not None and output.text is not None else message.content
+    return message.model_copy(update={"content": content, "tool_calls": calls}), output, by_call
+
+
+def _call_guardrail(verdict: Verdict | None) -> ToolCallGuardrail | None:
+    if verdict is None:
+        return None
+    if verdict.action == "block":
+        return ToolCallGuardrail(action="block", reason=reason_of(verdict))
+    if verdict.action == "require_approval":
+        return ToolCallGuardrail(action="require_approval", reason=reason_of(verdict))
+    return None
 
 
 def _memory_call(state: RunState, cid: str, call: ToolCall) -> MemoryCall:
@@ -686,7 +904,9 @@ def _continue_after_tools(state: RunState, events: list[TaskEvent], router: Rout
     return _request_next_step(advanced, events, router)
 
 
-def apply_tool_update(state: RunState, update: ToolCallUpdate, router: Router = DIRECT) -> Transition | None:
+def apply_tool_update(
+    state: RunState, update: ToolCallUpdate, router: Router = DIRECT, memory: MemoryStoreSpec | None = None
+) -> Transition | None:
     """Record an approval's progress or a tool's result; None if stale, repeated or the run ended.
 
     Updates of one call may be handled out of order (they share a work queue), so each kind catches up on
@@ -759,6 +979,8 @@ def apply_tool_update(state: RunState, update: ToolCallUpdate, router: Router = 
             "next_seq": state.next_seq + len(events),
         }
     )
+    if state.review is not None and call.call_id == state.review.call_id and call.result is not None:
+        return _reviewed(advanced, update, events, router, memory)
     if all(c.result is not None for c in calls):
         return _continue_after_tools(advanced, events, router)
     return Transition(advanced, events)
@@ -845,7 +1067,7 @@ def wake(state: RunState, timer: RunTimer, now: datetime, timing: RunTiming = DE
     return Transition(
         waiting,
         llm_request=request,
-        tool_calls=_unfinished_calls(state),
+        tool_calls=[*_unfinished_calls(state), *_unfinished_review(state)],
         memory_calls=_unfinished_memory_calls(state),
         wake=_next_wake(waiting, now, timing),
         redrive=redrives,
@@ -872,6 +1094,16 @@ def _unfinished_calls(state: RunState) -> list[ToolCallRequested]:
         for pending in state.pending_calls
         if pending.remote and not pending.memory and pending.result is None and pending.tool_call_id in by_id
     ]
+
+
+def _unfinished_review(state: RunState) -> list[ToolCallRequested]:
+    """The review of a held input or answer, while it waits for its approver."""
+    review = state.review
+    if review is None or not review.requested:
+        return []
+    if any(c.call_id == review.call_id and c.result is None for c in state.pending_calls):
+        return [_review_request(state)]
+    return []
 
 
 def _unfinished_memory_calls(state: RunState) -> list[MemoryCall]:
@@ -945,6 +1177,7 @@ def _end(
             "pending_message": None,
             "pending_calls": [],
             "summarizing": None,
+            "review": None,
             "next_seq": state.next_seq + len(events),
         }
     )

@@ -24,7 +24,7 @@ stored in place of the outbox, like a budget denial's ending.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -96,12 +96,14 @@ from agentbus.contracts.tasks import (
     TERMINAL_EVENT_KINDS,
     TaskCancelRequested,
     TaskCompleted,
+    TaskGuardrail,
     TaskReplayReply,
     TaskReplayRequest,
     TaskSubmitted,
 )
 from agentbus.contracts.tools import ToolCallUpdate
 from agentbus.runtime.errors import DependencyUnavailableError, RetryableError
+from agentbus.runtime.guardrails import Guardrails
 from agentbus.runtime.logging import bind_message_context, get_logger
 from agentbus.runtime.spans import NullSpanEmitter, SpanAttribute, SpanEmitter, span_msg_id
 from agentbus.runtime.tracing import TraceContext
@@ -123,6 +125,12 @@ class RunnerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.events = Counter(
             "agentbus_task_events_total", "Task events published, by kind.", ["kind"], registry=registry
+        )
+        self.guardrail_findings = Counter(
+            "agentbus_guardrail_findings_total",
+            "What guardrail checks found, by policy, detector, action and stage.",
+            ["policy", "detector", "action", "stage"],
+            registry=registry,
         )
         self.redrives = Counter(
             "agentbus_run_redrives_total",
@@ -161,6 +169,7 @@ class RunnerService:
         clock: Callable[[], datetime] = utc_now,
         sessions: SessionCoordinator | None = None,
         memory: LongTermMemory | None = None,
+        guardrails: Mapping[str, Guardrails] | None = None,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -175,6 +184,7 @@ class RunnerService:
         self._clock = clock
         self._sessions = sessions
         self._memory = memory
+        self._guardrails = dict(guardrails or {})
 
     # --- inputs ------------------------------------------------------------------------------------
 
@@ -226,6 +236,7 @@ class RunnerService:
                 timing=self._timing,
                 memory=store,
                 admission=admission,
+                guardrails=self._guardrails.get(spec.name),
             )
 
         await self._transact(submission.tenant, submission.task_id, decide, trace, current=current)
@@ -316,7 +327,9 @@ class RunnerService:
             if state is None:
                 _log.warning("llm_result_for_unknown_run", request_id=result.request_id)
                 return None
-            return domain.apply_llm_result(state, result, self._toolbox, self._router)
+            return domain.apply_llm_result(
+                state, result, self._toolbox, self._router, self._guardrails.get(state.agent)
+            )
 
         await self._transact(result.tenant, result.task_id, decide, trace)
 
@@ -327,7 +340,7 @@ class RunnerService:
             if state is None:
                 _log.warning("tool_update_for_unknown_run", call_id=update.call_id)
                 return None
-            return domain.apply_tool_update(state, update, self._router)
+            return domain.apply_tool_update(state, update, self._router, self._memory_spec(state.memory_store))
 
         await self._transact(update.tenant, update.task_id, decide, trace)
 
@@ -495,6 +508,8 @@ class RunnerService:
     def _stored(self, before: RunState | None, transition: Transition, record: RunRecord) -> None:
         for event in transition.events:
             self._metrics.events.labels(event.kind).inc()
+            if isinstance(event, TaskGuardrail):
+                self._record_guardrail(event, record)
         if transition.redrive:
             self._metrics.redrives.inc()
             _log.info("step_redriven", step=transition.state.step, redrive=transition.redrive)
@@ -793,6 +808,32 @@ class RunnerService:
             payload=span.model_dump_json(fallback=str),
             traceparent=TraceContext(trace_id, span_id).traceparent,
             price="span",
+        )
+
+    def _record_guardrail(self, event: TaskGuardrail, record: RunRecord) -> None:
+        """A guardrail's findings as metrics, a log line and a span: policies, checks and kinds, never the text."""
+        for finding in event.findings:
+            self._metrics.guardrail_findings.labels(finding.policy, finding.detector, finding.action, event.stage).inc()
+        described = sorted({f"{f.policy}/{f.check}:{f.kind}" for f in event.findings})
+        _log.info("guardrail_findings", stage=event.stage, action=event.action, step=event.step, findings=described)
+        span_id = hashlib.sha256(f"{run_key(event.tenant, event.task_id)}:guardrail:{event.seq}".encode()).hexdigest()
+        self._spans.record(
+            name=f"guardrail {event.stage}",
+            kind="agent_step",
+            trace=TraceContext(record.trace_id, span_id[:16]),
+            parent_span_id=task_span_id(event.tenant, event.task_id),
+            start=event.at,
+            end=event.at,
+            task_id=event.task_id,
+            tenant=event.tenant,
+            status="error" if event.action == "block" else "ok",
+            attributes={
+                "agentbus.step": event.step,
+                SpanAttribute.GUARDRAIL_STAGE: event.stage,
+                SpanAttribute.GUARDRAIL_ACTION: event.action,
+                SpanAttribute.GUARDRAIL_POLICIES: sorted({f.policy for f in event.findings}),
+                SpanAttribute.GUARDRAIL_FINDINGS: described,
+            },
         )
 
     def _record_step_span(self, before: RunState | None, transition: Transition, record: RunRecord) -> None:

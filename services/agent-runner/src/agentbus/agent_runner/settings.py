@@ -17,6 +17,11 @@ class RunnerSettings(ServiceSettings):
         default=Path("tools"),
         description="Folder of the tool-executor's tool YAML files, offered to agents that name them. May be absent.",
     )
+    guardrails_file: Path = Field(
+        default=Path("config/guardrails.yaml"),
+        description="Guardrail policies that agents name in `guardrails:`. Absent: no policies, and no agent may "
+        "name one.",
+    )
     routing_file: Path = Field(
         default=Path("config/models.yaml"),
         description="Model routing table (deployments, weights, fallbacks). Absent: every model routes to itself.",

@@ -1,4 +1,4 @@
-"""Agent specs: YAML files in `agents/` naming an agent's model, prompt, tools, step limit and budget."""
+"""Agent specs: YAML files in `agents/` naming an agent's model, prompt, tools, step limit, budget and guardrails."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ class AgentSpec(BaseModel):
     session_tool_results: bool = Field(
         default=False,
         description="Keep its tool calls and results in a session's history, besides inputs and answers.",
+    )
+    guardrails: list[str] = Field(
+        default_factory=list,
+        description="Guardrail policies (`config/guardrails.yaml`) applied, in order, to its task input, each tool "
+        "call's arguments and the model's output.",
     )
 
 

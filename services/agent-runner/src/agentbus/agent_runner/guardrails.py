@@ -1,0 +1,97 @@
+"""The agent's guardrails in a run: what a verdict becomes (events, masked text, held calls, reviews).
+
+Pure, like the domain that uses it. A finding turns into a `guardrail` event that names the policy, the check,
+the detector and the kind of thing found, never the text itself. A task input or final answer that a
+`require_approval` check holds goes to the tool-executor's approval inbox as a call of the
+`guardrail_review` tool: approvers see it there like any risky call (same identities, expiry, audit trail);
+approving it releases the text, denying it or letting it expire fails the task `guardrail_blocked`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from agentbus.agent_runner.sessions import SessionTurn
+from agentbus.contracts.tasks import GuardrailFinding, TaskGuardrail
+from agentbus.contracts.tools import GUARDRAIL_REVIEW_TOOL, ToolCallGuardrail, ToolCallRequested
+from agentbus.runtime.guardrails import ACTION_PRECEDENCE, Finding, Verdict
+from pydantic import BaseModel, ConfigDict, Field
+
+REVIEW_TEXT_CHARS = 4000
+"""Most characters of the held text an approver is shown in the review call's arguments."""
+MAX_REASON_CHARS = 2000
+
+ReviewStage = Literal["input", "output"]
+
+
+class GuardrailReview(BaseModel):
+    """A task input or final answer held for an approver, and what the run goes on with once it is released."""
+
+    model_config = ConfigDict(frozen=True)
+
+    call_id: str = Field(description="The review call's id: the executor's exactly-once key.")
+    stage: ReviewStage
+    step: int = Field(ge=0, description="0 for the input; the step of the held answer.")
+    reason: str
+    text: str = Field(description="The held text (masked where a check redacts).")
+    requested: bool = Field(default=False, description="The review call went out.")
+    history_summary: str | None = Field(default=None, description="Input: the session's summary when it began.")
+    history: list[SessionTurn] = Field(default_factory=list, description="Input: the session's turns when it began.")
+
+
+def review_call_id(tenant: str, task_id: str, stage: ReviewStage, step: int) -> str:
+    return f"{tenant}.{task_id}.review-{stage}-{step}"
+
+
+def findings_of(verdict: Verdict, tool: str | None = None) -> list[GuardrailFinding]:
+    """The verdict's findings as the event shows them (with the tool, for a tool call's arguments)."""
+    return [_finding(finding, tool) for finding in verdict.findings]
+
+
+def _finding(finding: Finding, tool: str | None) -> GuardrailFinding:
+    return GuardrailFinding(
+        policy=finding.policy,
+        check=finding.check,
+        detector=finding.detector,
+        action=finding.action,
+        kind=finding.kind,
+        field=finding.field,
+        tool=tool,
+    )
+
+
+def guardrail_event(
+    task_id: str,
+    tenant: str,
+    seq: int,
+    stage: Literal["input", "tool_arguments", "output"],
+    findings: list[GuardrailFinding],
+    step: int,
+) -> TaskGuardrail:
+    """One stage's findings; its action is the strongest of theirs."""
+    action = max((f.action for f in findings), key=lambda a: ACTION_PRECEDENCE[a])
+    return TaskGuardrail(
+        task_id=task_id, tenant=tenant, seq=seq, stage=stage, action=action, step=step, findings=findings
+    )
+
+
+def reason_of(verdict: Verdict) -> str:
+    return verdict.reason()[:MAX_REASON_CHARS]
+
+
+def review_request(
+    review: GuardrailReview, *, task_id: str, tenant: str, agent: str, submitted_by: str | None
+) -> ToolCallRequested:
+    """The call that puts a held input or answer into the approval inbox."""
+    return ToolCallRequested(
+        call_id=review.call_id,
+        tool_call_id=review.call_id,
+        task_id=task_id,
+        tenant=tenant,
+        agent=agent,
+        tool=GUARDRAIL_REVIEW_TOOL,
+        arguments={"stage": review.stage, "findings": review.reason, "text": review.text[:REVIEW_TEXT_CHARS]},
+        step=max(review.step, 1),
+        submitted_by=submitted_by,
+        guardrail=ToolCallGuardrail(action="require_approval", reason=review.reason),
+    )
