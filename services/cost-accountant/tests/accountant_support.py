@@ -23,6 +23,7 @@ from agentbus.cost_accountant.adapters.sql_store import SqlAccountantStore
 from agentbus.cost_accountant.budgets import BudgetConfig, BudgetPolicy
 from agentbus.cost_accountant.committer import CloseOp, ExpireOp, GroupCommitter, ReserveOp, UsageOp
 from agentbus.cost_accountant.domain import Counter, Verdict, usd_to_nano
+from agentbus.cost_accountant.limits import LimitsConfig, RatePolicy
 from agentbus.cost_accountant.metrics import AccountantMetrics
 from agentbus.cost_accountant.ports import PricedUsage, ReservationInput
 from agentbus.testing import skip_outside_ci
@@ -184,6 +185,7 @@ async def open_books(
     replica: str | None = None,
     lease_seconds: float = 3600.0,
     max_batch: int = 1000,
+    limits: dict[str, Any] | None = None,
 ) -> AsyncIterator[Books]:
     """A migrated store and a group committer that took every partition's lease and rebuilt its books."""
     store = SqlAccountantStore(url, schema=schema)
@@ -197,6 +199,7 @@ async def open_books(
         reservation_ttl_seconds=ttl_seconds,
         max_batch=max_batch,
         clock=clock,
+        rates=RatePolicy(LimitsConfig.model_validate(limits or {})),
     )
     committer.start()
     try:

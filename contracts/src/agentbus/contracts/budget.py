@@ -132,3 +132,34 @@ class CostReportReply(BusMessage):
     rows: list[CostReportRow] = Field(default_factory=list)
     total_usd: float = 0.0
     error: ErrorInfo | None = None
+
+
+class RateLimitsRequest(BusMessage):
+    """A tenant's rate buckets as they are now (request/reply); `agentbus limits show` sends the same."""
+
+    tenant: Identifier
+
+
+class RateBucketLevel(BaseModel):
+    """One rate bucket of a tenant in the current window: what it admitted, and its limits."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    bucket: str = Field(description="'tenant:<id>', 'submitter:<id>', 'agent:<name>' or 'model:<name>'.")
+    requests: int = Field(ge=0, description="LLM calls admitted in the current window.")
+    tokens: int = Field(ge=0, description="Estimated tokens admitted in the current window.")
+    requests_per_minute: int | None = Field(default=None, description="The bucket's limit per window, if any.")
+    tokens_per_minute: int | None = Field(default=None, description="The bucket's token limit per window, if any.")
+    on_limit: Literal["wait", "reject"] = "wait"
+
+
+class RateLimitsReply(BusMessage):
+    """A tenant's rate buckets in the current window, and its open tasks against its concurrency cap."""
+
+    tenant: str
+    window_seconds: float = Field(default=60.0, gt=0, description="The window the per-minute limits count in.")
+    window_started_at: datetime | None = Field(default=None, description="When the current window began (UTC).")
+    buckets: list[RateBucketLevel] = Field(default_factory=list)
+    open_tasks: int = Field(default=0, ge=0, description="Tasks seen by a reservation and not closed.")
+    concurrent_tasks: int | None = Field(default=None, description="The tenant's cap on open tasks, if any.")
+    error: ErrorInfo | None = None

@@ -27,6 +27,8 @@ from agentbus.contracts.budget import (
     BudgetReserveRequest,
     CostReportReply,
     CostReportRequest,
+    RateLimitsReply,
+    RateLimitsRequest,
     TaskCostReply,
     TaskCostRequest,
 )
@@ -520,6 +522,14 @@ TASK_COST = SubjectSpec(
     "The priced cost of a task's usage (request/reply).",
     reply=TaskCostReply,
 )
+RATE_LIMITS = SubjectSpec(
+    "agentbus.limits.show.{partition}.{tenant}",
+    RateLimitsRequest,
+    None,
+    False,
+    "A tenant's rate buckets in the current window, and its open tasks (request/reply).",
+    reply=RateLimitsReply,
+)
 COST_REPORT = SubjectSpec(
     "agentbus.cost.report",
     CostReportRequest,
@@ -648,6 +658,7 @@ SUBJECTS: tuple[SubjectSpec, ...] = (
     BUDGET_RESERVE,
     BUDGET_RELEASE,
     TASK_COST,
+    RATE_LIMITS,
     COST_REPORT,
     BUDGET_ALERT,
     SPAN,

@@ -21,6 +21,7 @@ from agentbus.cli.doctor import doctor_command
 from agentbus.cli.follow import ReplayError, replay_events
 from agentbus.cli.identities import Credential, IdentityError
 from agentbus.cli.inputs import check_identifier, parse_input
+from agentbus.cli.limits import limits_group
 from agentbus.cli.rag import ingest_command, search_command
 from agentbus.cli.replay import replay
 from agentbus.cli.sessions import sessions_group
@@ -113,6 +114,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 cli.add_command(approvals)
 cli.add_command(doctor_command, "doctor")
 cli.add_command(cost_group)
+cli.add_command(limits_group)
 cli.add_command(ingest_command, "ingest")
 cli.add_command(search_command, "search")
 cli.add_command(workflows_group)

@@ -58,6 +58,7 @@ from agentbus.contracts.registry import (
     RAG_DELETE_DOCUMENTS,
     RAG_INGEST_DOCUMENTS,
     RAG_SEARCH,
+    RATE_LIMITS,
     RETRIEVER_DELETES,
     RETRIEVER_INGEST,
     RUN_SCHEDULE,
@@ -189,7 +190,7 @@ SERVICE_ACCESS: tuple[ServiceAccess, ...] = (
         Service.COST_ACCOUNTANT,
         consumes=ACCOUNTANT_USAGE,
         publishes=(BUDGET_ALERT, SPAN),
-        answers=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST, COST_REPORT),
+        answers=(BUDGET_RESERVE, BUDGET_RELEASE, TASK_COST, COST_REPORT, RATE_LIMITS),
     ),
     ServiceAccess(Service.TRACE_EXPORTER, consumes=(TRACE_EXPORTER_SPANS,)),
     # The gateway acts for people as their own users; as itself it only reads what the operator pages show.

@@ -234,6 +234,8 @@ def implemented_services(
             "MODELS": json.dumps(list(models)),
         },
     }
+    if (config / "limits.yaml").is_file():
+        extra_env[Service.COST_ACCOUNTANT]["LIMITS_FILE"] = str(config / "limits.yaml")
     if Service.COST_ACCOUNTANT not in runnable:
         # Nobody would answer the runner's budget reservations.
         extra_env[Service.AGENT_RUNNER]["BUDGETS_ENABLED"] = "false"

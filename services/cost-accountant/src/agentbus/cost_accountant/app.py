@@ -12,6 +12,7 @@ from agentbus.contracts.registry import (
     BUDGET_RELEASE,
     BUDGET_RESERVE,
     COST_REPORT,
+    RATE_LIMITS,
     TASK_COST,
     Service,
     SubjectSpec,
@@ -21,8 +22,9 @@ from agentbus.cost_accountant.adapters.nats_bus import JetStreamAlertSink
 from agentbus.cost_accountant.adapters.sql_store import SqlAccountantStore
 from agentbus.cost_accountant.budgets import BudgetPolicy
 from agentbus.cost_accountant.committer import FaultPoints, GroupCommitter
-from agentbus.cost_accountant.config import load_budget_config, load_price_table
+from agentbus.cost_accountant.config import load_budget_config, load_limits_config, load_price_table
 from agentbus.cost_accountant.handlers import AccountantHandlers
+from agentbus.cost_accountant.limits import RatePolicy
 from agentbus.cost_accountant.metrics import AccountantMetrics
 from agentbus.cost_accountant.ownership import PartitionOwnership
 from agentbus.cost_accountant.pricing import PriceTable
@@ -58,11 +60,13 @@ class AccountantApp(BusService):
         policy: BudgetPolicy,
         registry: CollectorRegistry,
         spans: SpanEmitter | None = None,
+        rates: RatePolicy | None = None,
     ) -> None:
         super().__init__(Service.COST_ACCOUNTANT, settings, self._wire, registry, spans=spans)
         self._config = settings
         self._prices = prices
         self._policy = policy
+        self._rates = rates
         self._accountant_metrics = AccountantMetrics(registry)
         self._store: SqlAccountantStore | None = None
         self._committer: GroupCommitter | None = None
@@ -132,6 +136,7 @@ class AccountantApp(BusService):
             clock=utc_now,
             on_fenced=self._on_fenced,
             faults=FaultPoints(settings.fault_pause_at, settings.fault_marker_dir),
+            rates=self._rates,
         )
         self._committer.start()
         self._service = AccountantService(
@@ -183,6 +188,7 @@ class AccountantApp(BusService):
         await responder.serve(_partition_subject(BUDGET_RESERVE, partition), handlers.on_budget_reserve)
         await responder.serve(_partition_subject(BUDGET_RELEASE, partition), handlers.on_budget_release)
         await responder.serve(_partition_subject(TASK_COST, partition), handlers.on_task_cost)
+        await responder.serve(_partition_subject(RATE_LIMITS, partition), handlers.on_rate_limits)
         # Plain ACK after the record's group commit: the ledger is keyed by usage id, so a lost ack only
         # brings a redelivery that writes nothing.
         batch = self._config.ingest_fetch_batch
@@ -255,5 +261,6 @@ def create_app(settings: AccountantSettings, *, spans: SpanEmitter | None = None
         raise ConfigurationError(f"fault_pause_at must be one of {FAULT_POINTS}, not {settings.fault_pause_at!r}")
     prices = load_price_table(settings.prices_file)
     policy = BudgetPolicy(load_budget_config(settings.budgets_file))
+    rates = RatePolicy(load_limits_config(settings.limits_file)) if settings.limits_file is not None else None
     spans = spans if spans is not None else SpanEmitter(Service.COST_ACCOUNTANT)
-    return AccountantApp(settings, prices, policy, CollectorRegistry(), spans)
+    return AccountantApp(settings, prices, policy, CollectorRegistry(), spans, rates)

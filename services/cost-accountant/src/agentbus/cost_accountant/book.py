@@ -15,7 +15,7 @@ database does not have.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -35,6 +35,7 @@ from agentbus.cost_accountant.domain import (
     nano_to_usd,
     period_start,
 )
+from agentbus.cost_accountant.limits import Admission, LimitsConfig, RateBook, RatePolicy
 from agentbus.cost_accountant.ports import PricedUsage, ReservationInput
 
 OPEN, SETTLED, RELEASED, EXPIRED, DENIED = "open", "settled", "released", "expired", "denied"
@@ -67,6 +68,8 @@ class Hold:
     closed_at: datetime | None = None
     batch: int = 0
     """The batch that last changed it (0: as loaded from the database)."""
+    tokens: int = 0
+    """An admitted LLM call: its estimated tokens (what the rate limits counted)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -186,6 +189,7 @@ class PartitionBook:
         *,
         since_period: str,
         reservation_ttl: timedelta,
+        rates: RatePolicy | None = None,
     ) -> None:
         self.partition = partition
         self.epoch = epoch
@@ -200,6 +204,7 @@ class PartitionBook:
         self.batch = 0
         self.committed = 0
         self._batch_usage: set[tuple[str, str]] = set()
+        self.rates = RateBook(rates or RatePolicy(LimitsConfig()))
 
     # --- loading ------------------------------------------------------------------------------------
 
@@ -214,10 +219,18 @@ class PartitionBook:
         reservation_ttl: timedelta,
         monthly: Iterable[MonthlySpend],
         tasks: Iterable[StoredTask],
+        rates: RatePolicy | None = None,
+        admissions: Iterable[Admission] = (),
+        open_tasks: Mapping[str, int] | None = None,
+        now: datetime | None = None,
     ) -> PartitionBook:
-        """The book as the database has it: monthly spend from the ledger, and every task with an open
-        reservation (each with its own spend and holds)."""
-        book = cls(partition, epoch, policy, since_period=since_period, reservation_ttl=reservation_ttl)
+        """The book as the database has it: monthly spend from the ledger, every task with an open
+        reservation (each with its own spend and holds), and the rate buckets' levels in the window of `now`
+        (from the LLM reservations admitted in it) with each tenant's open tasks."""
+        book = cls(partition, epoch, policy, since_period=since_period, reservation_ttl=reservation_ttl, rates=rates)
+        if now is not None:
+            book.rates.admitted(list(admissions), now)
+        book.rates.open_tasks.update({tenant: count for tenant, count in (open_tasks or {}).items() if count > 0})
         for spend in monthly:
             attribution = Attribution(spend.tenant, None, spend.agent, spend.user, spend.model)
             counters = book.counters.setdefault(spend.tenant, {})
@@ -286,6 +299,22 @@ class PartitionBook:
             return hold.verdict
         if task.closed:
             return None
+        llm = request.kind == "llm"
+        throttle = self.rates.check(
+            request.tenant,
+            request.agent,
+            request.user,
+            request.model,
+            request.tokens,
+            now,
+            new_task=not task.stored,
+            llm=llm,
+        )
+        if throttle is not None:
+            # Nothing is kept: the same reservation id asks again once the limit allows it.
+            return Verdict(
+                False, 0, rate_limit=throttle.limit, wait_seconds=throttle.wait_seconds, rate_reject=throttle.reject
+            )
         attribution = Attribution(
             request.tenant,
             request.task_id,
@@ -313,11 +342,16 @@ class PartitionBook:
             expires_at=now + self._ttl,
             closed_at=None if verdict.allowed else now,
             batch=self.batch,
+            tokens=request.tokens if verdict.allowed and llm else 0,
         )
         task.holds[hold.reservation_id] = hold
         if verdict.allowed:
             self._hold(counters, hold)
             task.open_holds += 1
+            if llm:
+                self.rates.admit(
+                    Admission(request.tenant, request.agent, request.user, request.model, request.tokens, now), now
+                )
         self.plan.new_holds[(hold.tenant, hold.task_id, hold.reservation_id)] = hold
         if not task.stored:
             # The first reservation says whose task it is: later usage records are charged to this user.
@@ -325,6 +359,7 @@ class PartitionBook:
             task.first_seen_at = now
             task.stored = True
             self.plan.new_tasks[task.key] = task
+            self.rates.opened(task.tenant)
         return verdict
 
     def _hold(self, counters: dict[ScopeKey, Counter], hold: Hold) -> None:
@@ -362,6 +397,8 @@ class PartitionBook:
             if hold.status == OPEN:
                 released += hold.amount_nano
                 self._void(hold, RELEASED, now)
+        if task.stored:
+            self.rates.closed(task.tenant)
         task.closed_at = now
         if not task.stored:
             task.first_seen_at = now

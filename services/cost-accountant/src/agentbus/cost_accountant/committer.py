@@ -31,6 +31,7 @@ from agentbus.contracts.registry import budget_partition
 from agentbus.cost_accountant.book import PartitionBook, StoredTask, TaskKey
 from agentbus.cost_accountant.budgets import BudgetPolicy
 from agentbus.cost_accountant.domain import Verdict, month_period, period_start, previous_period
+from agentbus.cost_accountant.limits import LimitsConfig, RatePolicy
 from agentbus.cost_accountant.metrics import AccountantMetrics
 from agentbus.cost_accountant.ports import AccountantStore, Loaded, PricedUsage, ReservationInput
 from agentbus.runtime.logging import get_logger
@@ -125,6 +126,11 @@ class LoadOp(Op):
 
 
 @dataclass(eq=False)
+class ReadOp(Op):
+    """Pass the fence, changing nothing: the partition's book may then be read as current."""
+
+
+@dataclass(eq=False)
 class ExpireOp(Op):
     """Void the partition's holds past their expiry."""
 
@@ -180,10 +186,12 @@ class GroupCommitter:
         clock: Callable[[], datetime],
         on_fenced: Callable[[int, int], None] | None = None,
         faults: FaultPoints | None = None,
+        rates: RatePolicy | None = None,
     ) -> None:
         """`on_fenced(partition, epoch)` is told of a partition found taken over by another replica."""
         self._store = store
         self._policy = policy
+        self._rates = rates or RatePolicy(LimitsConfig())
         self._metrics = metrics
         self.replica = replica
         self._ttl = timedelta(seconds=reservation_ttl_seconds)
@@ -204,6 +212,10 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         self.alerts_queued = asyncio.Event()
         """Set when a commit queued soft-limit alerts, so the publisher need not wait for its next poll."""
+
+    @property
+    def rates(self) -> RatePolicy:
+        return self._rates
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -368,7 +380,7 @@ class GroupCommitter:
         since = previous_period(month_period(now))
         started = time.perf_counter()
         try:
-            snapshot = await self._store.snapshot(sorted(epochs), period_start(since))
+            snapshot = await self._store.snapshot(sorted(epochs), period_start(since), self._rates.window_began(now))
         except Exception as exc:
             _log.warning("book_rebuild_failed", partitions=sorted(epochs), error=repr(exc))
             return
@@ -389,6 +401,10 @@ class GroupCommitter:
                 reservation_ttl=self._ttl,
                 monthly=monthly.get(partition, []),
                 tasks=tasks.get(partition, []),
+                rates=self._rates,
+                admissions=[a for a in snapshot.admissions if _partition_of(a.tenant) == partition],
+                open_tasks={t: n for t, n in snapshot.open_tasks.items() if _partition_of(t) == partition},
+                now=now,
             )
             del self._broken[partition]
         _log.info("books_rebuilt", partitions=sorted(epochs), seconds=round(time.perf_counter() - started, 3))

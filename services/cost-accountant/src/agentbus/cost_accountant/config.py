@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import yaml
 from agentbus.cost_accountant.budgets import BudgetConfig
+from agentbus.cost_accountant.limits import LimitsConfig
 from agentbus.cost_accountant.pricing import PriceTable
 from agentbus.runtime.errors import ConfigurationError
 from pydantic import BaseModel, ValidationError
@@ -44,3 +45,8 @@ def load_price_table(path: Path) -> PriceTable:
 def load_budget_config(path: Path) -> BudgetConfig:
     """The budgets in `path`."""
     return _load(path, BudgetConfig)
+
+
+def load_limits_config(path: Path) -> LimitsConfig:
+    """The rate limits in `path`."""
+    return _load(path, LimitsConfig)

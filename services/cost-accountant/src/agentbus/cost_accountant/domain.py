@@ -127,6 +127,12 @@ class Verdict:
     committed_nano: int | None = None
     requested_nano: int | None = None
     """Denials: the estimate that was refused."""
+    rate_limit: str | None = None
+    """A rate limit held the call back (nothing reserved): the limit's name."""
+    wait_seconds: float | None = None
+    """Held back: how long until the limit allows the call."""
+    rate_reject: bool = False
+    """Held back by a limit whose policy refuses new tasks rather than queueing them."""
 
 
 def decide(amount_nano: int, scopes: list[ScopeLimit], counters: Mapping[tuple[str, str], Counter]) -> Verdict:

@@ -16,6 +16,8 @@ from agentbus.contracts.budget import (
     BudgetReserveRequest,
     CostReportReply,
     CostReportRequest,
+    RateLimitsReply,
+    RateLimitsRequest,
     TaskCostReply,
     TaskCostRequest,
 )
@@ -23,6 +25,7 @@ from agentbus.contracts.common import ErrorInfo
 from agentbus.contracts.registry import (
     BUDGET_RELEASE,
     BUDGET_RESERVE,
+    RATE_LIMITS,
     TASK_COST,
     USAGE_RECORDED,
     SubjectSpec,
@@ -86,6 +89,7 @@ class _PartitionedSubject:
 _RESERVE = _PartitionedSubject(BUDGET_RESERVE)
 _RELEASE = _PartitionedSubject(BUDGET_RELEASE)
 _COST = _PartitionedSubject(TASK_COST)
+_LIMITS = _PartitionedSubject(RATE_LIMITS)
 _USAGE = _PartitionedSubject(USAGE_RECORDED)
 
 
@@ -223,6 +227,15 @@ class AccountantHandlers:
         if (error := _COST.check(message.subject, request.tenant)) is not None:
             return TaskCostReply(task_id=request.task_id, cost_usd=0.0, error=error)
         return await self._service.task_cost(request)
+
+    async def on_rate_limits(self, message: Request) -> RateLimitsReply | None:
+        try:
+            request = RateLimitsRequest.model_validate_json(message.data)
+        except ValidationError as exc:
+            return RateLimitsReply(tenant=_field(message.data, "tenant"), error=_schema_error(exc))
+        if (error := _LIMITS.check(message.subject, request.tenant)) is not None:
+            return RateLimitsReply(tenant=request.tenant, error=error)
+        return await self._service.rate_limits(request)
 
     async def on_cost_report(self, message: Request) -> CostReportReply:
         try:

@@ -47,7 +47,7 @@ class AccountantMetrics:
         )
         self.reservations = Counter(
             RESERVATIONS_METRIC,
-            "Budget reservations, by outcome (allowed, denied, closed, error).",
+            "Budget reservations, by outcome (allowed, denied, closed, error, throttled, rate_limited).",
             ["outcome"],
             registry=registry,
         )

@@ -4,7 +4,7 @@ serves a budget partition's requests and usage while this replica owns it."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
@@ -13,6 +13,7 @@ from agentbus.contracts.usage import UsageRecorded
 
 if TYPE_CHECKING:
     from agentbus.cost_accountant.book import MonthlySpend, Plan, StoredTask, TaskKey
+    from agentbus.cost_accountant.limits import Admission
 
 ReportKey = Literal["task", "agent", "model", "day", "tenant"]
 
@@ -31,6 +32,8 @@ class ReservationInput:
     tool: str | None
     amount_nano: int
     task_budget_nano: int | None
+    tokens: int = 0
+    """LLM calls: the estimated prompt and completion tokens, counted by tokens-per-minute limits."""
 
 
 class PricedUsage(NamedTuple):
@@ -67,6 +70,10 @@ class Snapshot:
 
     monthly: list[MonthlySpend]
     tasks: list[StoredTask]
+    admissions: list[Admission] = field(default_factory=list)
+    """LLM reservations admitted since the current rate window began (they count in its buckets)."""
+    open_tasks: dict[str, int] = field(default_factory=dict)
+    """Per tenant, tasks seen by a reservation and not closed (the concurrency cap counts them)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,9 @@ class AccountantStore(Protocol):
 
     async def load(self, tasks: Sequence[TaskKey], usage: Sequence[tuple[str, str]]) -> Loaded: ...
 
-    async def snapshot(self, partitions: Sequence[int], since: datetime) -> Snapshot: ...
+    async def snapshot(
+        self, partitions: Sequence[int], since: datetime, admitted_since: datetime | None = None
+    ) -> Snapshot: ...
 
     async def commit(self, replica: str, epochs: Mapping[int, int], plans: Mapping[int, Plan]) -> set[int]:
         """Write the plans of every partition whose lease is still (replica, epoch); the partitions that

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from agentbus.contracts.budget import (
@@ -22,6 +22,9 @@ from agentbus.contracts.budget import (
     CostReportReply,
     CostReportRequest,
     CostReportRow,
+    RateBucketLevel,
+    RateLimitsReply,
+    RateLimitsRequest,
     TaskCostReply,
     TaskCostRequest,
 )
@@ -35,9 +38,11 @@ from agentbus.cost_accountant.committer import (
     GroupCommitter,
     LoadOp,
     NotServing,
+    ReadOp,
     ReserveOp,
     StoreUnavailable,
     UsageOp,
+    naive_utc,
 )
 from agentbus.cost_accountant.domain import Verdict, nano_to_usd, usd_to_nano
 from agentbus.cost_accountant.metrics import AccountantMetrics
@@ -52,6 +57,7 @@ STORE_UNAVAILABLE = "store_unavailable"
 TASK_CLOSED = "task_closed"
 MISSING_MODEL = "missing_model"
 MISSING_TOOL = "missing_tool"
+RATE_LIMITED = "rate_limited"
 
 
 def _error(code: str, message: str) -> ErrorInfo:
@@ -83,7 +89,8 @@ class AccountantService:
         self._clock = clock
         # Every reservation counts one outcome: the labelled children are looked up once.
         self._outcomes = {
-            outcome: metrics.reservations.labels(outcome) for outcome in ("allowed", "denied", "closed", "error")
+            outcome: metrics.reservations.labels(outcome)
+            for outcome in ("allowed", "denied", "closed", "error", "throttled", "rate_limited")
         }
         self._recorded = metrics.usage_records.labels("recorded")
         self._duplicate = metrics.usage_records.labels("duplicate")
@@ -204,6 +211,7 @@ class AccountantService:
             tool=request.tool,
             amount_nano=amount,
             task_budget_nano=usd_to_nano(request.task_budget_usd) if request.task_budget_usd is not None else None,
+            tokens=_tokens(request),
         )
         decided = self._committer.enqueue(ReserveOp(partition, reservation))
         answer: asyncio.Future[BudgetReserveReply | None] = asyncio.get_running_loop().create_future()
@@ -235,7 +243,10 @@ class AccountantService:
                 allowed=False,
                 error=_error(TASK_CLOSED, f"task {task_id} was closed: its run has ended"),
             )
-        self._outcomes["allowed" if verdict.allowed else "denied"].inc()
+        if verdict.rate_limit is not None:
+            self._outcomes["rate_limited" if verdict.rate_reject else "throttled"].inc()
+        else:
+            self._outcomes["allowed" if verdict.allowed else "denied"].inc()
         self._metrics.reservation_seconds.observe(time.perf_counter() - started)
         return _reply(rid, verdict)
 
@@ -274,6 +285,41 @@ class AccountantService:
         return sum(result for result in results if isinstance(result, int))
 
     # --- reads -------------------------------------------------------------------------------------
+
+    async def rate_limits(self, request: RateLimitsRequest) -> RateLimitsReply | None:
+        """The tenant's rate buckets in the current window, read from its partition's book once the partition
+        passed the fence (so the levels are the owner's current ones). None: another replica's partition."""
+        partition = partition_of(request.tenant)
+        try:
+            await self._committer.submit(ReadOp(partition))
+        except NotServing:
+            return None
+        except StoreUnavailable as exc:
+            return RateLimitsReply(tenant=request.tenant, error=_error(STORE_UNAVAILABLE, str(exc)))
+        book = self._committer.books.get(partition)
+        if book is None:
+            return None
+        now = naive_utc(self._clock())
+        rates = self._committer.rates
+        tenant_limit = rates.tenant_limit(request.tenant)
+        return RateLimitsReply(
+            tenant=request.tenant,
+            window_seconds=rates.window_seconds,
+            window_started_at=rates.window_began(now).replace(tzinfo=UTC),
+            buckets=[
+                RateBucketLevel(
+                    bucket=level.bucket,
+                    requests=level.requests,
+                    tokens=level.tokens,
+                    requests_per_minute=level.requests_per_minute,
+                    tokens_per_minute=level.tokens_per_minute,
+                    on_limit="reject" if level.on_limit == "reject" else "wait",
+                )
+                for level in book.rates.levels(request.tenant, now)
+            ],
+            open_tasks=book.rates.open_tasks.get(request.tenant, 0),
+            concurrent_tasks=tenant_limit.concurrent_tasks if tenant_limit is not None else None,
+        )
 
     async def task_cost(self, request: TaskCostRequest) -> TaskCostReply | None:
         """The task's priced cost, once every asked-for usage id is in the ledger or `wait_seconds` passed
@@ -372,6 +418,12 @@ class AccountantService:
         return len(published)
 
 
+def _tokens(request: BudgetReserveRequest) -> int:
+    if request.kind != "llm":
+        return 0
+    return request.estimated_prompt_tokens + request.estimated_completion_tokens
+
+
 def _done(value: BudgetReserveReply | None) -> asyncio.Future[BudgetReserveReply | None]:
     future: asyncio.Future[BudgetReserveReply | None] = asyncio.get_running_loop().create_future()
     future.set_result(value)
@@ -379,6 +431,22 @@ def _done(value: BudgetReserveReply | None) -> asyncio.Future[BudgetReserveReply
 
 
 def _reply(reservation_id: str, verdict: Verdict) -> BudgetReserveReply:
+    if verdict.rate_limit is not None:
+        if verdict.rate_reject:
+            return BudgetReserveReply(
+                reservation_id=reservation_id,
+                allowed=False,
+                retry_after_seconds=verdict.wait_seconds,
+                limit=verdict.rate_limit,
+                error=_error(RATE_LIMITED, f"rate limit {verdict.rate_limit} refuses new tasks while it is reached"),
+            )
+        return BudgetReserveReply(
+            reservation_id=reservation_id,
+            allowed=False,
+            throttled=True,
+            retry_after_seconds=verdict.wait_seconds,
+            limit=verdict.rate_limit,
+        )
     if verdict.allowed:
         return BudgetReserveReply(
             reservation_id=reservation_id, allowed=True, reserved_usd=nano_to_usd(verdict.amount_nano)

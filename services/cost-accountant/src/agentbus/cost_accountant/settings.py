@@ -35,6 +35,9 @@ class AccountantSettings(ServiceSettings):
     migrate_on_start: bool = Field(default=True, description="Run `alembic upgrade head` at start-up.")
     prices_file: Path = Field(default=Path("config/prices.yaml"), description="The price table (YAML).")
     budgets_file: Path = Field(default=Path("config/budgets.yaml"), description="Budgets and limits (YAML).")
+    limits_file: Path | None = Field(
+        default=None, description="Rate limits (YAML), e.g. config/limits.yaml. None: no rate limits."
+    )
     reservation_ttl_seconds: float = Field(
         default=1800.0, gt=0, description="An unsettled reservation is released this long after it was made."
     )

@@ -71,9 +71,15 @@ reservations = Table(
     Column("created_at", DateTime, nullable=False),
     Column("expires_at", DateTime, nullable=False),
     Column("closed_at", DateTime),
+    Column(
+        "tokens",
+        BigInteger,
+        comment="Admitted LLM calls: the estimated tokens the rate limits counted (the rebuild counts them again).",
+    ),
     # A reservation id is idempotent within its task: a task's reservations are read together.
     PrimaryKeyConstraint("tenant", "task_id", "reservation_id", name="pk_reservations"),
     Index("ix_reservations_status_expires", "status", "expires_at"),
+    Index("ix_reservations_created", "created_at"),
 )
 
 tasks = Table(

@@ -53,6 +53,7 @@ from agentbus.cost_accountant.adapters.schema import (
     tasks,
 )
 from agentbus.cost_accountant.book import Hold, LedgerEntry, MonthlySpend, Plan, StoredHold, StoredTask, TaskKey
+from agentbus.cost_accountant.limits import Admission
 from agentbus.cost_accountant.ports import LeaseRow, LeaseView, Loaded, ReportKey, ReportLine, Snapshot
 from agentbus.runtime.logging import get_logger
 from alembic import command
@@ -115,6 +116,21 @@ def _chunks(items: Sequence[T]) -> Iterator[list[T]]:
 # --- statements, built once ------------------------------------------------------------------------
 
 _TASKS_HOLDING = select(reservations.c.tenant, reservations.c.task_id).where(reservations.c.status == "open").distinct()
+_ADMITTED = select(
+    reservations.c.tenant,
+    reservations.c.agent,
+    reservations.c.submitted_by,
+    reservations.c.model,
+    reservations.c.tokens,
+    reservations.c.created_at,
+).where(
+    reservations.c.created_at >= bindparam("since"),
+    reservations.c.kind == "llm",
+    reservations.c.status != "denied",
+)
+_OPEN_TASKS = (
+    select(tasks.c.tenant, func.count().label("open")).where(tasks.c.closed_at.is_(None)).group_by(tasks.c.tenant)
+)
 _MONTH = func.substr(ledger.c.day, 1, 7)
 _MONTHLY_SPEND = (
     select(
@@ -648,24 +664,41 @@ class SqlAccountantStore:
         ledger_rows = await by_keys(_LEDGER_BY_TASK, task_keys)
         return Loaded(tasks=_stored_tasks(found, ledger_rows, holds, _as_datetime), usage_in_ledger=in_ledger)
 
-    async def snapshot(self, partitions: Sequence[int], since: datetime) -> Snapshot:
-        """What rebuilding the books of `partitions` needs: monthly spend from `since`, tasks holding budget."""
+    async def snapshot(
+        self, partitions: Sequence[int], since: datetime, admitted_since: datetime | None = None
+    ) -> Snapshot:
+        """What rebuilding the books of `partitions` needs: monthly spend from `since`, tasks holding budget,
+        LLM reservations admitted from `admitted_since` (the rate window) and each tenant's open tasks."""
         wanted = set(partitions)
         moment = _naive(since)
 
-        def work(connection: Connection) -> tuple[list[TaskKey], list[MonthlySpend]]:
+        def work(
+            connection: Connection,
+        ) -> tuple[list[TaskKey], list[MonthlySpend], list[Admission], dict[str, int]]:
             holding = [(row[0], row[1]) for row in connection.execute(_TASKS_HOLDING) if _partition(row[0]) in wanted]
             monthly = [
                 MonthlySpend(row.tenant, row.submitted_by, row.agent, row.model, row.month, int(row.spent))
                 for row in connection.execute(_MONTHLY_SPEND, {"since": moment})
                 if _partition(row.tenant) in wanted
             ]
-            return holding, monthly
+            admissions: list[Admission] = []
+            if admitted_since is not None:
+                admissions = [
+                    Admission(row[0], row[1], row[2], row[3], int(row[4] or 0), _moment(row[5]))
+                    for row in connection.execute(_ADMITTED, {"since": _naive(admitted_since)})
+                    if _partition(row[0]) in wanted
+                ]
+            open_tasks = {
+                row[0]: int(row[1]) for row in connection.execute(_OPEN_TASKS) if _partition(row[0]) in wanted
+            }
+            return holding, monthly, admissions, open_tasks
 
         # The committer is idle while it rebuilds, so a reader connection sees every commit already.
-        holding, monthly = await self._db.read(work)
+        holding, monthly, admissions, open_tasks = await self._db.read(work)
         loaded = await self.load(holding, [])
-        return Snapshot(monthly=monthly, tasks=list(loaded.tasks.values()))
+        return Snapshot(
+            monthly=monthly, tasks=list(loaded.tasks.values()), admissions=admissions, open_tasks=open_tasks
+        )
 
     async def commit(self, replica: str, epochs: Mapping[int, int], plans: Mapping[int, Plan]) -> set[int]:
         """Write the plans of the partitions still leased to (replica, epoch), in one transaction; the
@@ -895,6 +928,10 @@ def _parse_sqlite_datetime(value: Any) -> datetime | None:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
+def _moment(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
 def _as_datetime(value: Any) -> datetime | None:
     return value if isinstance(value, datetime) else None
 
@@ -1057,4 +1094,5 @@ def _hold_row(hold: Hold, dt: Callable[[datetime | None], Any]) -> tuple[Any, ..
         dt(hold.created_at),
         dt(hold.expires_at),
         dt(hold.closed_at),
+        hold.tokens,
     )
