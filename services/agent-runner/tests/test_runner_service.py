@@ -78,7 +78,7 @@ async def test_crash_between_store_and_publish_is_recovered_by_the_redelivery() 
     with pytest.raises(CrashError):
         await service.submit(_submission(), None)
     record, _ = store.records[KEY]
-    assert [item.kind for item in record.outbox] == ["publish", "publish", "reserve", "publish"]
+    assert [item.kind for item in record.outbox] == ["reserve", "publish", "publish", "publish"]
 
     publisher.crash_after = None
     await _service(store, publisher).submit(_submission(), None)  # redelivered to a restarted runner

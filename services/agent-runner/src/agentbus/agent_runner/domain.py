@@ -51,6 +51,7 @@ from agentbus.contracts.tasks import (
     TaskRejected,
     TaskStep,
     TaskSubmitted,
+    TaskThrottled,
     ToolCallSummary,
 )
 from agentbus.contracts.tools import (
@@ -210,6 +211,10 @@ class RunState(BaseModel):
     session_waiting: bool = Field(default=False, description="Accepted, waiting for its session's turn.")
     turn_start: int = Field(default=0, description="Index in `messages` of the task's own input (after its history).")
     summarizing: SummaryPlan | None = Field(default=None, description="The summary the run waits for, if any.")
+    throttled: bool = Field(
+        default=False,
+        description="The awaited request was held back by a rate limit: it is reserved and sent at the next wake-up.",
+    )
     compaction: Compaction | None = None
     review: GuardrailReview | None = Field(
         default=None, description="An input or answer a guardrail holds for an approver (see agent_runner.guardrails)."
@@ -1055,6 +1060,8 @@ def wake(state: RunState, timer: RunTimer, now: datetime, timing: RunTiming = DE
         return None
     if (expired := expire(state, now)) is not None:
         return expired
+    if state.throttled and timer.kind == "step" and timer.step == state.step:
+        return _retry_throttled(state, now, timing)
     if timer.kind != "step" or timer.step != state.step:
         # The run moved on since this wake-up was set (or it was set for the deadline): sleep again.
         return Transition(state, wake=_next_wake(state, now, timing))
@@ -1132,6 +1139,50 @@ def deny_budget(state: RunState, verdict: BudgetReserveReply) -> Transition | No
         requested_usd=verdict.requested_usd,
     )
     return _end(state, RunStatus.BUDGET_EXCEEDED, state.usage, [exceeded], interrupted=True)
+
+
+def throttle(
+    state: RunState, verdict: BudgetReserveReply, now: datetime, timing: RunTiming = DEFAULT_TIMING
+) -> Transition | None:
+    """A rate limit holds the awaited request back: the run says so (`throttled`, with the wait) and sleeps
+    until the limit allows it (or its deadline, if sooner); the request is not sent. Never a failure."""
+    if state.terminal:
+        return None
+    wait = verdict.retry_after_seconds if verdict.retry_after_seconds is not None else timing.redrive_seconds
+    event = TaskThrottled(
+        task_id=state.task_id,
+        tenant=state.tenant,
+        seq=state.next_seq,
+        limit=verdict.limit or "unknown",
+        wait_seconds=wait,
+        step=state.step,
+    )
+    waiting = state.model_copy(update={"next_seq": state.next_seq + 1, "throttled": True})
+    assert waiting.deadline_at is not None
+    due = now + timedelta(seconds=wait)
+    if waiting.deadline_at <= due:
+        wake = RunTimer(task_id=state.task_id, tenant=state.tenant, due_at=waiting.deadline_at, kind="deadline")
+    else:
+        wake = RunTimer(task_id=state.task_id, tenant=state.tenant, due_at=due, kind="step", step=state.step)
+    return Transition(waiting, [event], wake=wake)
+
+
+def _retry_throttled(state: RunState, now: datetime, timing: RunTiming) -> Transition:
+    """The wait of a throttled request is over: reserve it again and, if allowed, send it."""
+    resumed = state.model_copy(update={"throttled": False})
+    request = None
+    if resumed.awaiting_request_id is not None and resumed.requested_model is not None:
+        again = _summary_request if resumed.summarizing is not None else _request
+        request = again(resumed, resumed.awaiting_request_id, resumed.requested_model, []).llm_request
+    return Transition(resumed, llm_request=request, wake=_next_wake(resumed, now, timing))
+
+
+def reject_rate_limited(state: RunState, verdict: BudgetReserveReply) -> Transition:
+    """A rate limit whose policy is `reject` refused the task's first call: the submission is rejected
+    (`rate_limited`) before its acceptance went out, and it leaves its session if it joined one."""
+    message = verdict.error.message if verdict.error is not None else f"rate limit {verdict.limit} is reached"
+    rejected = reject(state.task_id, state.tenant, ErrorCode.RATE_LIMITED, message)
+    return replace(rejected, session_leave=_leave(state, [], None))
 
 
 def with_cost(event: TaskEvent, cost_usd: float) -> TaskEvent:

@@ -532,7 +532,7 @@ class RunnerService:
         # A finished run's terminal event is priced and its budget closed in one request to the accountant.
         closing = any(item.kind == "close_budget" for item in record.outbox)
         closed = False
-        for item in record.outbox:
+        for index, item in enumerate(record.outbox):
             if item.kind == "memory":
                 memory_calls.append(item)
             elif item.kind == "session_leave":
@@ -543,9 +543,18 @@ class RunnerService:
                     _log.warning("session_leave_deferred", reason=str(exc))
                     deferred.append(item)
             elif item.kind == "reserve":
-                ending = await self._reserve_or_end(state, item)
+                # A run's first reservation comes before its acceptance (see `_outbox`): what is not out yet
+                # goes before the ending, unless the ending rejects the task.
+                unsent = [later for later in record.outbox[index + 1 :] if _is_event(later)]
+                try:
+                    ending = await self._reserve_or_end(state, item, can_reject=bool(unsent))
+                except BudgetUnavailableError:
+                    if unsent:
+                        await self._accept_while_away(key, record, revision, index)
+                    raise
                 if ending is not None:
-                    return await self._replace_outbox(key, record, revision, ending)
+                    carried = [] if ending.state.status is RunStatus.REJECTED else unsent
+                    return await self._replace_outbox(key, record, revision, ending, carried)
             elif item.kind == "close_budget":
                 if not closed:
                     await self._budget.close(state.tenant, state.task_id)
@@ -624,8 +633,9 @@ class RunnerService:
         _log.warning("task_priced_without_usage", missing=priced.missing_usage_ids)
         return priced
 
-    async def _reserve_or_end(self, state: RunState, item: OutboxItem) -> Transition | None:
-        """Reserve what a call needs; None when allowed, else the transition that ends the run without it."""
+    async def _reserve_or_end(self, state: RunState, item: OutboxItem, *, can_reject: bool) -> Transition | None:
+        """Reserve what a call needs; None when allowed, else the transition that ends the run without it (or,
+        for a rate limit, makes it wait). `can_reject`: the run's acceptance is not out yet."""
         try:
             verdict = await self._budget.reserve(BudgetReserveRequest.model_validate_json(item.payload))
         except BudgetTaskClosedError as exc:
@@ -633,14 +643,36 @@ class RunnerService:
             raise RevisionConflictError(str(exc)) from exc
         except BudgetRefusedError as exc:
             return domain.fail_internal(state, f"the budget reservation was refused: {exc}")
-        return None if verdict.allowed else domain.deny_budget(state, verdict)
+        if verdict.allowed:
+            return None
+        if verdict.throttled:
+            # A rate limit: the call waits (the run sleeps until the limit allows it), it is never refused.
+            return domain.throttle(state, verdict, self._clock(), self._timing)
+        if verdict.error is not None and verdict.error.code == ErrorCode.RATE_LIMITED:
+            if can_reject:
+                return domain.reject_rate_limited(state, verdict)
+            # Accepted already (the accountant was away at submission): the task waits instead.
+            return domain.throttle(state, verdict, self._clock(), self._timing)
+        return domain.deny_budget(state, verdict)
 
-    async def _replace_outbox(self, key: str, record: RunRecord, revision: int, ending: Transition) -> _Done:
+    async def _accept_while_away(self, key: str, record: RunRecord, revision: int, index: int) -> None:
+        """The accountant does not answer a run's first reservation: its acceptance and deadline go out now
+        (the client hears `accepted`, the run still ends at its deadline), its step waits for the reservation."""
+        head = record.outbox[index + 1 :]
+        cut = next((n for n, later in enumerate(head) if later.msg_id.startswith("llm:")), len(head))
+        for later in head[:cut]:
+            await self._publisher.publish(later)
+        rest = [record.outbox[index], *head[cut:]]
+        await self._store.update(key, record.model_copy(update={"outbox": rest}), revision)
+
+    async def _replace_outbox(
+        self, key: str, record: RunRecord, revision: int, ending: Transition, carried: list[OutboxItem] | None = None
+    ) -> _Done:
         ended = RunRecord(
             state=ending.state,
             trace_id=record.trace_id,
             parent_span_id=record.parent_span_id,
-            outbox=self._outbox(ending, record.trace_id, record.parent_span_id),
+            outbox=[*(carried or []), *self._outbox(ending, record.trace_id, record.parent_span_id)],
         )
         revision = await self._store.update(key, ended, revision)
         self._stored(record.state, ending, ended)
@@ -663,6 +695,11 @@ class RunnerService:
                     payload=leave.model_dump_json(),
                 )
             )
+        if transition.llm_request is not None and not transition.redrive and _starts(transition):
+            # Reserved before the run's acceptance goes out: a rate limit that rejects new tasks then
+            # rejects the submission itself.
+            request = transition.llm_request
+            items.append(self._reservation(state, f"llm:{request.request_id}", "llm", request=request))
         items += [
             OutboxItem(
                 subject=TASK_EVENT.format(tenant=state.tenant, task_id=state.task_id),
@@ -678,7 +715,7 @@ class RunnerService:
         suffix = f":redrive-{transition.redrive}" if transition.redrive else ""
         if transition.llm_request is not None:
             request = transition.llm_request
-            if not transition.redrive:
+            if not transition.redrive and not _starts(transition):
                 items.append(self._reservation(state, f"llm:{request.request_id}", "llm", request=request))
             items.append(
                 OutboxItem(
@@ -870,6 +907,14 @@ class RunnerService:
             tenant=state.tenant,
             attributes={"agentbus.step": before.step, SpanAttribute.AGENT: state.agent},
         )
+
+
+def _starts(transition: Transition) -> bool:
+    return any(event.kind == "accepted" for event in transition.events)
+
+
+def _is_event(item: OutboxItem) -> bool:
+    return item.msg_id.startswith("event:")
 
 
 def _priced(item: OutboxItem, cost_usd: float) -> OutboxItem:

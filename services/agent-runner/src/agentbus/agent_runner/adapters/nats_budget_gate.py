@@ -27,6 +27,7 @@ _log = get_logger(__name__)
 
 STORE_UNAVAILABLE = "store_unavailable"
 TASK_CLOSED = "task_closed"
+RATE_LIMITED = "rate_limited"
 
 
 class NatsBudgetGate:
@@ -68,6 +69,8 @@ class NatsBudgetGate:
             verdict = BudgetReserveReply.model_validate_json(data)
         except ValidationError as exc:
             raise BudgetUnavailableError(f"unreadable reservation reply: {exc}") from exc
+        if verdict.error is not None and verdict.error.code == RATE_LIMITED:
+            return verdict  # a rate limit refusing a new task: the run rejects it
         self._check(verdict.error)
         return verdict
 
