@@ -3,17 +3,31 @@ each action (block, redact, require_approval), and no matched text in any event.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import yaml
 from agentbus.agent_runner import domain
+from agentbus.agent_runner.app import create_app
 from agentbus.agent_runner.domain import ErrorCode, RunStatus
-from agentbus.agent_runner.specs import AgentSpec
+from agentbus.agent_runner.settings import RunnerSettings
+from agentbus.agent_runner.specs import AgentSpec, AgentSpecError
 from agentbus.agent_runner.tools import ToolCatalog
 from agentbus.contracts.common import TokenUsage
 from agentbus.contracts.llm import ChatMessage, LlmResult, ToolCall, ToolSpec
 from agentbus.contracts.runs import RunTimer
-from agentbus.contracts.tasks import TaskCompleted, TaskFailed, TaskGuardrail, TaskStep, TaskSubmitted
+from agentbus.contracts.tasks import (
+    TaskCancelRequested,
+    TaskCompleted,
+    TaskFailed,
+    TaskGuardrail,
+    TaskStep,
+    TaskSubmitted,
+)
 from agentbus.contracts.tools import GUARDRAIL_REVIEW_TOOL, ToolCallUpdate
 from agentbus.runtime.guardrails import GuardrailCheck, GuardrailPolicy, Guardrails
 
+REPO = Path(__file__).resolve().parents[3]
 TICKET = ToolSpec(name="create_ticket", description="Open a ticket.", parameters={"type": "object"})
 CATALOG = ToolCatalog({"create_ticket": TICKET})
 SPEC = AgentSpec(name="ops", model="scripted", system_prompt="Help.", tools=["create_ticket", "calculator"])
@@ -240,8 +254,6 @@ def test_a_held_answer_that_is_denied_fails_the_task() -> None:
 def test_cancelling_while_a_review_waits_withdraws_it() -> None:
     guardrails = _guardrails(_check("personal_data", "require_approval"))
     held = domain.start(_submit(f"mail {EMAIL}"), SPEC, CATALOG, guardrails=guardrails)
-    from agentbus.contracts.tasks import TaskCancelRequested
-
     cancelled = domain.cancel(held.state, TaskCancelRequested(task_id="t1", tenant="acme"))
     assert cancelled is not None
     assert [w.call_id for w in cancelled.withdrawals] == [held.tool_calls[0].call_id]
@@ -306,3 +318,30 @@ def test_a_blocked_in_process_tool_call_returns_an_error_the_model_reads() -> No
     assert tool_message.role == "tool"
     assert tool_message.content.startswith("error: guardrail_blocked")
     assert "policy/deny_list" in tool_message.content
+
+
+# --- specs --------------------------------------------------------------------------------------------
+
+
+def test_an_agent_naming_an_unknown_policy_stops_start_up_naming_the_field(tmp_path: Path) -> None:
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    (agents / "a.yaml").write_text("name: a\nmodel: scripted\nsystem_prompt: hi\nguardrails: [privacy, nope]\n")
+    policies = tmp_path / "guardrails.yaml"
+    policies.write_text("policies:\n  privacy:\n    checks:\n      - {detector: personal_data, action: redact}\n")
+    settings = RunnerSettings(agents_dir=agents, guardrails_file=policies, tools_dir=tmp_path / "none")
+    with pytest.raises(AgentSpecError) as raised:
+        create_app(settings)
+    assert "a.yaml: field 'guardrails[1]': no policy 'nope'" in str(raised.value)
+
+
+def test_the_shipped_agents_name_the_shipped_policies() -> None:
+    settings = RunnerSettings(
+        agents_dir=REPO / "agents",
+        tools_dir=REPO / "tools",
+        memory_dir=REPO / "memory",
+        guardrails_file=REPO / "config" / "guardrails.yaml",
+    )
+    create_app(settings)  # raises if an agent named a policy the file does not have
+    support = AgentSpec.model_validate(yaml.safe_load((REPO / "agents" / "support.yaml").read_text()))
+    assert support.guardrails == ["no-secrets", "privacy"]

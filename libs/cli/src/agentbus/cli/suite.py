@@ -203,6 +203,7 @@ def implemented_services(
             "AGENTS_DIR": str(paths.agents_dir),
             "TOOLS_DIR": str(paths.tools_dir),
             "ROUTING_FILE": str(config / "models.yaml"),
+            "GUARDRAILS_FILE": str(config / "guardrails.yaml"),
             # Memory stores sit beside the agents that name them (memory/*.yaml; absent: none).
             "MEMORY_DIR": str(paths.agents_dir.parent / "memory"),
         },

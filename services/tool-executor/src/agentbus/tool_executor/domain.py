@@ -173,6 +173,17 @@ def unknown_tool_result(tool: str, known: list[str]) -> ToolResult:
     return ToolResult(False, f"The call was not run: {message}.", "unknown_tool", message)
 
 
+GUARDRAIL_BLOCKED = "guardrail_blocked"
+
+
+def guardrail_blocked_result(tool: str, reason: str) -> ToolResult:
+    content = (
+        f"The call to {tool!r} was not run: the agent's guardrails block its arguments ({reason}). "
+        "Do not send the same arguments again; leave out what the guardrail names, or ask the user."
+    )
+    return ToolResult(False, content, GUARDRAIL_BLOCKED, reason)
+
+
 def denied_result(tool: str, by: str | None, reason: str | None) -> ToolResult:
     why = f" Reason: {reason}" if reason else " No reason was given."
     content = (

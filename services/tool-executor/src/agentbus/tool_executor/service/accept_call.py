@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from agentbus.contracts.approvals import arguments_sha256
-from agentbus.contracts.tools import ToolCallRequested
+from agentbus.contracts.tools import GUARDRAIL_REVIEW_TOOL, ToolCallRequested
 from agentbus.runtime.tracing import TraceContext
 from agentbus.tool_executor.domain import (
     ApprovalRecord,
@@ -22,11 +22,12 @@ from agentbus.tool_executor.domain import (
     ToolResult,
     approval_id_for,
     argument_errors,
+    guardrail_blocked_result,
     invalid_arguments_result,
     unknown_tool_result,
     withdrawn_result,
 )
-from agentbus.tool_executor.policy import approval_need
+from agentbus.tool_executor.policy import ApprovalNeed, approval_need
 from agentbus.tool_executor.ports import Ledger, OutgoingMessage
 from agentbus.tool_executor.service.context import Executor
 from agentbus.tool_executor.service.execute import ExecuteCall
@@ -113,7 +114,9 @@ class AcceptCall:
         )
         tool = self._x.tools.get(call.tool)
         result: ToolResult | None = None
-        if tool is None:
+        if call.guardrail is not None and call.guardrail.action == "block":
+            result = guardrail_blocked_result(call.tool, call.guardrail.reason)
+        elif tool is None:
             result = unknown_tool_result(call.tool, list(self._x.tools))
         elif errors := argument_errors(tool.arguments, call.arguments):
             result = invalid_arguments_result(call.tool, errors)
@@ -122,6 +125,11 @@ class AcceptCall:
             return _Plan(record, None, [result_message(record, result)], result)
         assert tool is not None
         need = approval_need(tool.policy, tool.definition.risk, call.arguments)
+        if call.guardrail is not None and call.guardrail.action == "require_approval":
+            # Held by the agent's guardrails, whatever the tool's own policy says; its own reason, if any, too.
+            own = [need.reason] if need is not None and call.tool != GUARDRAIL_REVIEW_TOOL else []
+            reasons = [call.guardrail.reason, *own]
+            need = ApprovalNeed(need.risk if need is not None else tool.definition.risk, "; ".join(reasons))
         if need is None:
             return _Plan(record, None, [], None)
         approval = ApprovalRecord(

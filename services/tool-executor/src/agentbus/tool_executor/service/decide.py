@@ -15,7 +15,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from agentbus.contracts.approvals import ApprovalDecision
+from agentbus.contracts.tools import GUARDRAIL_REVIEW_TOOL
 from agentbus.runtime.logging import get_logger
+from agentbus.runtime.tool_registry import ApprovalPolicy
 from agentbus.tool_executor.domain import ApprovalRecord, ApprovalStatus, CallRecord, CallStatus, denied_result
 from agentbus.tool_executor.policy import DecisionFacts, Refusal, check_decision
 from agentbus.tool_executor.ports import AuditEntry, DecisionAuditedError, Ledger, OutgoingMessage, Resolution
@@ -103,6 +105,14 @@ class Decide:
             )
         return await self._after(decided)
 
+    def _deciders(self, policy: ApprovalPolicy) -> ApprovalPolicy:
+        """Whose decision counts: the tool's approvers; for a tool that names none (whose calls wait only when an
+        agent's guardrail holds them), the approvers of the `guardrail_review` tool."""
+        review = self._x.tools.get(GUARDRAIL_REVIEW_TOOL)
+        if not any(policy.approvers.values()) and review is not None:
+            return review.definition.approval
+        return policy
+
     def _decide(self, ledger: Ledger, decision: ApprovalDecision, received: AuditEntry, now: datetime) -> _Decided:
         """The unit of work: check the decision against the approval as it is now, and resolve it or refuse."""
         audited, approval, call = ledger.decision_context(received.message_seq, decision.approval_id)
@@ -112,6 +122,7 @@ class Decide:
         if approval is not None and approval.tenant != tenant:
             approval, call = None, None
         tool = self._x.tools.get(approval.tool) if approval is not None else None
+        policy = self._deciders(tool.definition.approval) if tool is not None else None
         entry = replace(
             received,
             approver=decision.approver,
@@ -127,9 +138,8 @@ class Decide:
                 arguments_sha256=decision.arguments_sha256,
                 approval=approval,
                 # The identity checked is the subject's (enforced by nats-server), never the body's.
-                approver_allowed=tool is not None
-                and self._x.approvers.may_approve(tool.definition.approval, tenant, approver),
-                allow_self_approval=tool is not None and tool.definition.approval.allow_self_approval,
+                approver_allowed=policy is not None and self._x.approvers.may_approve(policy, tenant, approver),
+                allow_self_approval=policy is not None and policy.allow_self_approval,
                 submitted_by=call.submitted_by if call is not None else None,
                 now=now,
             )
