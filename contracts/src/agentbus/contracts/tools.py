@@ -25,7 +25,9 @@ class ToolCallGuardrail(BaseModel):
         description="`block`: the call is not run and returns an error the model reads; `require_approval`: "
         "it waits in the approval inbox whatever its tool's own policy says."
     )
-    reason: str = Field(max_length=2000, description="The findings, without the matched text: the error or the approver's reason.")
+    reason: str = Field(
+        max_length=2000, description="The findings, without the matched text: the error or the approver's reason."
+    )
 
 
 class ToolCallRequested(BusMessage):
