@@ -18,6 +18,8 @@ import pytest_asyncio
 import sqlalchemy as sa
 from agentbus.agent_runner.app import create_app as create_runner
 from agentbus.agent_runner.settings import RunnerSettings
+from agentbus.cli.tasks import describe
+from agentbus.contracts.tasks import TASK_EVENT_ADAPTER
 from agentbus.inference_worker.app import create_app as create_worker
 from agentbus.inference_worker.settings import WorkerSettings
 from agentbus.runtime.bootstrap import apply_topology
@@ -207,6 +209,8 @@ async def test_a_secret_in_the_input_fails_the_task_guardrail_blocked_naming_the
     assert events[-1]["error"]["code"] == "guardrail_blocked"
     assert "test-policy/secrets" in events[-1]["error"]["message"]
     assert SECRET not in json.dumps(events)
+    line = describe(TASK_EVENT_ADAPTER.validate_python(events[1]))
+    assert line.endswith("input block: test-policy/secrets:aws_access_key"), line
 
 
 async def test_a_redacted_email_appears_nowhere_in_events_logs_or_the_trace(

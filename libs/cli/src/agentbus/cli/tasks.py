@@ -92,3 +92,8 @@ def describe(event: TaskEvent) -> str:
             return f"{head} {event.approval_id} tool={event.tool}"
         case "approval_resolved":
             return f"{head} {event.approval_id} {event.outcome}"
+        case "guardrail":
+            found = ", ".join(
+                f"{f.policy}/{f.check}:{f.kind}" + (f" in {f.field}" if f.field else "") for f in event.findings
+            )
+            return f"{head} {event.stage} {event.action}: {found}"
