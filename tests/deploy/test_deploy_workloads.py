@@ -177,7 +177,10 @@ CONFIG_COPIES: dict[str, tuple[list[Path], Path]] = {
     "tool-specs": (sorted((REPO_ROOT / "tools").glob("*.y*ml")), SPECS_DIR),
     "model-routing": ([REPO_ROOT / "config" / "models.yaml"], SPECS_DIR),
     "guardrails": ([REPO_ROOT / "config" / "guardrails.yaml"], SPECS_DIR),
-    "cost-config": ([REPO_ROOT / "config" / "prices.yaml", REPO_ROOT / "config" / "budgets.yaml"], SPECS_DIR),
+    "cost-config": (
+        [REPO_ROOT / "config" / name for name in ("prices.yaml", "budgets.yaml", "limits.yaml")],
+        SPECS_DIR,
+    ),
     "approvers": ([REPO_ROOT / "config" / "approvers.yaml"], SPECS_DIR),
     "workflow-specs": (sorted((REPO_ROOT / "workflows").glob("*.y*ml")), BASE_DIR / "workflow-orchestrator"),
 }
@@ -193,6 +196,7 @@ CONFIG_MOUNTS: dict[tuple[str, str], str] = {
     ("tool-executor", "AGENTBUS_EXECUTOR_APPROVERS_FILE"): "approvers",
     ("cost-accountant", "AGENTBUS_ACCOUNTANT_PRICES_FILE"): "cost-config",
     ("cost-accountant", "AGENTBUS_ACCOUNTANT_BUDGETS_FILE"): "cost-config",
+    ("cost-accountant", "AGENTBUS_ACCOUNTANT_LIMITS_FILE"): "cost-config",
     ("workflow-orchestrator", "AGENTBUS_ORCHESTRATOR_WORKFLOWS_DIR"): "workflow-specs",
     ("workflow-orchestrator", "AGENTBUS_ORCHESTRATOR_AGENTS_DIR"): "agent-specs",
 }
