@@ -21,6 +21,8 @@ from typing import Any
 from agentbus.agent_runner.app import create_app as create_runner
 from agentbus.agent_runner.settings import RunnerSettings
 from agentbus.cli.limits import limits_group
+from agentbus.cli.tasks import describe
+from agentbus.contracts.tasks import TASK_EVENT_ADAPTER
 from agentbus.cost_accountant.app import create_app as create_accountant
 from agentbus.cost_accountant.settings import AccountantSettings
 from agentbus.inference_worker.app import create_app as create_worker
@@ -141,6 +143,8 @@ async def test_a_burst_over_a_tenant_limit_proceeds_window_by_window_and_every_t
     assert len(waited) >= BURST - 2 * PER_WINDOW, "all but a window's worth (or two, across a boundary) waited"
     assert all(event["limit"] == "tenant:acme:requests_per_minute" for event in throttled)
     assert all(0 < event["wait_seconds"] <= WINDOW_SECONDS for event in throttled)
+    line = describe(TASK_EVENT_ADAPTER.validate_python(throttled[0]))
+    assert f"waits {throttled[0]['wait_seconds']:g}s for tenant:acme:requests_per_minute" in line
 
     windows = admitted_windows(tmp_path / "ledger.db", "acme")
     assert sum(windows.values()) == BURST, "one admitted reservation per task"

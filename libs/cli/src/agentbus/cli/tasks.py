@@ -97,3 +97,5 @@ def describe(event: TaskEvent) -> str:
                 f"{f.policy}/{f.check}:{f.kind}" + (f" in {f.field}" if f.field else "") for f in event.findings
             )
             return f"{head} {event.stage} {event.action}: {found}"
+        case "throttled":
+            return f"{head} step {event.step} waits {event.wait_seconds:g}s for {event.limit}"
