@@ -3,19 +3,28 @@ tenant, waiting or rejecting; in the book's memory, and across a restart on real
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from accountant_support import DATABASE_KINDS, Clock, database, open_books, partition_of, reservation
+import yaml
+from accountant_support import DATABASE_KINDS, Clock, database, open_books, partition_of, reservation, wait_for
+from agentbus.contracts.budget import BudgetReserveReply, BudgetReserveRequest
+from agentbus.contracts.registry import BUDGET_PARTITIONS, BUDGET_RESERVE, budget_subject
+from agentbus.cost_accountant.app import AccountantApp, create_app
 from agentbus.cost_accountant.book import PartitionBook, StoredTask
 from agentbus.cost_accountant.budgets import BudgetConfig, BudgetPolicy
 from agentbus.cost_accountant.config import load_limits_config
 from agentbus.cost_accountant.domain import Verdict
 from agentbus.cost_accountant.limits import Admission, LimitsConfig, RatePolicy
 from agentbus.cost_accountant.ports import ReservationInput
+from agentbus.cost_accountant.settings import AccountantSettings
 from agentbus.runtime.errors import ConfigurationError
+from agentbus.runtime.server import NatsServerProcess
+from nats.aio.client import Client as NatsClient
 
 REPO = Path(__file__).resolve().parents[3]
 WINDOW_START = datetime(2026, 11, 20, 12, 0)
@@ -220,3 +229,71 @@ async def test_a_restart_does_not_refill_the_buckets(db: tuple[str, str | None])
         again = await books.reserve(reservation("s2", 0.001, task="u2"))
         assert again is not None
         assert again.allowed, "a new window is full again"
+
+
+# --- two replicas on one database ------------------------------------------------------------------------
+
+
+def _replica(server: NatsServerProcess, db: tuple[str, str | None], folder: Path, name: str) -> AccountantApp:
+    (folder / "prices.yaml").write_text(yaml.safe_dump({"default_model": PRICE}), encoding="utf-8")
+    (folder / "budgets.yaml").write_text("{}", encoding="utf-8")
+    (folder / "limits.yaml").write_text(yaml.safe_dump(REPLICA_LIMITS), encoding="utf-8")
+    settings = AccountantSettings(
+        nats_url=server.url,
+        database_url=db[0],
+        database_schema=db[1],
+        prices_file=folder / "prices.yaml",
+        budgets_file=folder / "budgets.yaml",
+        limits_file=folder / "limits.yaml",
+        replica_id=name,
+        lease_ttl_seconds=3.0,
+        lease_renew_seconds=0.2,
+        drain_timeout_seconds=2.0,
+    )
+    return create_app(settings)
+
+
+PRICE = {"prompt_per_million": 1.0, "completion_per_million": 1.0}
+REPLICA_LIMITS: dict[str, Any] = {"window_seconds": 3600, "defaults": {"tenant": {"requests_per_minute": 5}}}
+
+
+async def _ask(nc: NatsClient, tenant: str, rid: str) -> BudgetReserveReply:
+    request = BudgetReserveRequest(
+        reservation_id=rid, tenant=tenant, task_id=f"task-{rid}", agent="assistant", kind="llm", model="m1"
+    )
+    reply = await nc.request(budget_subject(BUDGET_RESERVE, tenant), request.model_dump_json().encode(), timeout=10)
+    return BudgetReserveReply.model_validate_json(reply.data)
+
+
+async def test_two_replicas_keep_one_bucket_per_tenant_and_a_take_over_keeps_its_level(
+    own_server: NatsServerProcess, own_client: NatsClient, db: tuple[str, str | None], tmp_path: Path
+) -> None:
+    into = time.time() % 3600
+    if into > 3540:  # the test must not cross the hour's window boundary
+        await asyncio.sleep(3600 - into + 0.5)
+    a, b = _replica(own_server, db, tmp_path, "replica-a"), _replica(own_server, db, tmp_path, "replica-b")
+    await a.start()
+    await b.start()
+    try:
+
+        async def shared() -> bool:
+            return len(a.served) == len(b.served) == BUDGET_PARTITIONS // 2 and not a.served & b.served
+
+        await wait_for(shared)
+        tenants = {partition_of(f"t-{n}"): f"t-{n}" for n in range(200)}
+        tenant = next(t for p, t in tenants.items() if p in a.served)
+        replies = await asyncio.gather(*(_ask(own_client, tenant, f"r{n}") for n in range(8)))
+        assert sorted(reply.allowed for reply in replies) == [False] * 3 + [True] * 5
+        assert all(reply.throttled for reply in replies if not reply.allowed)
+        await a.stop()
+
+        async def taken_over() -> bool:
+            return b.served == set(range(BUDGET_PARTITIONS))
+
+        await wait_for(taken_over)
+        after = await _ask(own_client, tenant, "after-take-over")
+        assert after.throttled, "the new owner counted the window's admissions again"
+        assert after.limit == f"tenant:{tenant}:requests_per_minute"
+    finally:
+        await b.stop()
+        await a.stop()
