@@ -116,6 +116,7 @@ RESERVE_SPAN_NAME = "budget.reserve"
 ALLOWED_ATTRIBUTE = "agentbus.budget.allowed"
 RESERVED_USD_ATTRIBUTE = "agentbus.budget.reserved_usd"
 BUDGET_ATTRIBUTE = "agentbus.budget.name"
+RATE_LIMIT_ATTRIBUTE = "agentbus.rate.limit"
 
 
 class AccountantHandlers:
@@ -201,6 +202,9 @@ class AccountantHandlers:
                 span.fail("not answered: the budget partition is served by another replica")
             elif reply.error is not None:
                 span.fail(f"{reply.error.code}: {reply.error.message}")
+            elif reply.throttled:
+                # Held back, not refused: the call waits for the limit and is asked for again.
+                span.update({ALLOWED_ATTRIBUTE: False, RATE_LIMIT_ATTRIBUTE: reply.limit})
             else:
                 span.update({ALLOWED_ATTRIBUTE: reply.allowed, RESERVED_USD_ATTRIBUTE: reply.reserved_usd})
                 if not reply.allowed:
