@@ -54,8 +54,22 @@ max_steps: 4
 guardrails: [test-policy]
 """
 
+JUDGED = """
+name: judged
+model: scripted
+system_prompt: Help.
+guardrails: [tone]
+"""
+
 POLICIES = r"""
 policies:
+  tone:
+    checks:
+      - detector: model
+        name: civility
+        model: scripted
+        instructions: Flag insults.
+        action: block
   test-policy:
     checks:
       - detector: secrets
@@ -107,6 +121,7 @@ async def guarded(
     root = tmp_path_factory.mktemp("guardrails")
     (root / "agents").mkdir()
     (root / "agents" / "guarded.yaml").write_text(AGENT, encoding="utf-8")
+    (root / "agents" / "judged.yaml").write_text(JUDGED, encoding="utf-8")
     (root / "guardrails.yaml").write_text(POLICIES, encoding="utf-8")
     traces = root / "traces.jsonl"
     nc = await connect_nats(server.url, "guardrails-test")
@@ -319,3 +334,39 @@ async def test_an_answer_held_for_review_is_released_by_an_approver(
     assert "hold-this-answer" in events[-1]["output"]
     [guardrail] = _guardrail_events(events)
     assert (guardrail["stage"], guardrail["action"]) == ("output", "require_approval")
+
+
+async def test_a_classifier_model_judges_input_and_answer_costed_and_traced(
+    guarded: tuple[NatsClient, list[BusService], Path],
+) -> None:
+    """The `scripted` engine restates what it is given, so as a classifier it flags a text that says FLAG."""
+    nc, _, traces = guarded
+    task_id = new_task_id("judged")
+    await publish_submission(nc, submission(task_id, agent="judged", text=f"hello from {task_id}"), submitter="carol")
+    events = await task_events(nc, task_id, timeout=30)
+    assert [e["kind"] for e in events] == ["accepted", "step", "completed"], events
+    step_tokens = events[1]["usage"]["prompt_tokens"] + events[1]["usage"]["completion_tokens"]
+    run_tokens = events[-1]["usage"]["prompt_tokens"] + events[-1]["usage"]["completion_tokens"]
+    assert run_tokens > step_tokens, "the classifiers' tokens count with the task"
+    spans = await _trace_of(traces, task_id, {"task", "generation"})
+    async with asyncio.timeout(20):
+        while len([s for s in spans if s["kind"] == "generation"]) < 3:
+            await asyncio.sleep(0.2)
+            spans = await _trace_of(traces, task_id, {"task", "generation"})
+    generations = [s for s in spans if s["kind"] == "generation"]
+    assert len(generations) == 3, [g["name"] for g in generations]  # input judged, the step, the answer judged
+
+    flagged = new_task_id("judged")
+    text = f"FLAG: rude (ref {flagged})"
+    await publish_submission(nc, submission(flagged, agent="judged", text=text), submitter="carol")
+    events = await task_events(nc, flagged, timeout=30)
+    assert [e["kind"] for e in events] == ["accepted", "guardrail", "failed"], events
+    [finding] = events[1]["findings"]
+    assert (finding["policy"], finding["check"], finding["detector"], finding["kind"]) == (
+        "tone",
+        "civility",
+        "model",
+        "model:rude",
+    )
+    assert events[-1]["error"]["code"] == "guardrail_blocked"
+    assert events[-1]["usage"]["prompt_tokens"] > 0, "the classification is costed"

@@ -194,3 +194,43 @@ def test_mask_blocked_masks_what_a_block_finding_matched_and_keeps_redact_only_b
     assert masked == {"env": {"KEY": "key [REDACTED:aws_access_key] here"}}
     [finding] = guardrails.check_text("input", text).findings
     assert (finding.detector, finding.check) == ("secrets", "secrets")
+
+
+def _model_check(**fields: object) -> GuardrailCheck:
+    return GuardrailCheck.model_validate(
+        {"detector": "model", "action": "block", "model": "judge", "instructions": "No insults.", **fields}
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"model": None}, "needs 'model' and 'instructions'"),
+        ({"action": "redact"}, "not redact"),
+        ({"stages": ["tool_arguments"]}, "not tool arguments"),
+        ({"detector": "secrets"}, "are for model checks"),
+    ],
+)
+def test_a_model_check_needs_a_model_and_instructions_and_cannot_redact(
+    fields: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ValueError, match=expected):
+        _model_check(**fields)
+
+
+def test_a_model_check_is_asked_of_its_classifier_and_its_answer_becomes_a_finding() -> None:
+    check = _model_check(name="civility", stages=["input", "output"])
+    guardrails = Guardrails([("tone", GuardrailPolicy(checks=(check,)))])
+    assert guardrails.check_text("input", "you fool").findings == ()  # no pattern: only its classifier judges
+    [asked] = guardrails.model_checks("input")
+    assert (asked.policy, asked.check, asked.model, asked.action) == ("tone", "civility", "judge", "block")
+    assert "No insults." in asked.prompt()
+    assert asked.finding("input", "SAFE", "hello") is None
+    flagged = asked.finding("input", "FLAG: Personal insult", "you fool")
+    assert flagged is not None
+    assert (flagged.kind, flagged.detector, flagged.start, flagged.end) == ("model:personal_insult", "model", 0, 8)
+    unanswered = asked.finding("input", None, "you fool")
+    assert unanswered is not None
+    assert unanswered.kind == "classifier_unavailable"
+    assert guardrails.model_checks("tool_arguments") == []
+    assert _model_check().stages == ("input", "output")

@@ -13,7 +13,7 @@ from agentbus.agent_runner.domain import ErrorCode, RunStatus
 from agentbus.agent_runner.settings import RunnerSettings
 from agentbus.agent_runner.specs import AgentSpec, AgentSpecError
 from agentbus.agent_runner.tools import ToolCatalog
-from agentbus.contracts.common import TokenUsage
+from agentbus.contracts.common import ErrorInfo, TokenUsage
 from agentbus.contracts.llm import ChatMessage, LlmResult, ToolCall, ToolSpec
 from agentbus.contracts.runs import RunTimer
 from agentbus.contracts.tasks import (
@@ -345,3 +345,103 @@ def test_the_shipped_agents_name_the_shipped_policies() -> None:
     create_app(settings)  # raises if an agent named a policy the file does not have
     support = AgentSpec.model_validate(yaml.safe_load((REPO / "agents" / "support.yaml").read_text()))
     assert support.guardrails == ["no-secrets", "privacy"]
+
+
+# --- classifier models --------------------------------------------------------------------------------
+
+
+def _judge(action: str, *stages: str) -> GuardrailCheck:
+    return _check("model", action, *stages, model="judge", instructions="No insults.", name="civility")
+
+
+def _answer(state: domain.RunState, text: str | None) -> LlmResult:
+    assert state.awaiting_request_id is not None
+    return LlmResult(
+        request_id=state.awaiting_request_id,
+        task_id=state.task_id,
+        tenant=state.tenant,
+        model="judge",
+        step=max(state.step, 1),
+        message=ChatMessage(role="assistant", content=text) if text is not None else None,
+        error=None if text is not None else ErrorInfo(code="engine_error", message="down"),
+        usage=TokenUsage(prompt_tokens=7, completion_tokens=2),
+        usage_id=f"u-{state.awaiting_request_id}",
+    )
+
+
+def test_the_input_waits_for_its_classifier_which_is_costed_with_the_task() -> None:
+    guardrails = _guardrails(_check("personal_data", "redact"), _judge("block", "input"))
+    started = domain.start(_submit(f"mail {EMAIL}"), SPEC, CATALOG, guardrails=guardrails)
+    request = started.llm_request
+    assert request is not None
+    assert (request.purpose, request.model, request.requested_model) == ("guardrail", "judge", "judge")
+    assert request.messages[-1].content == "mail [REDACTED:email]"
+    assert "No insults." in request.messages[0].content
+    timer = started.wake
+    assert timer is not None
+    redriven = domain.wake(started.state, timer.model_copy(update={"kind": "step", "step": 0}), timer.due_at)
+    assert redriven is not None
+    assert redriven.llm_request == request
+    safe = domain.apply_llm_result(started.state, _answer(started.state, "SAFE"), CATALOG, guardrails=guardrails)
+    assert safe is not None
+    assert safe.events == []
+    assert safe.llm_request is not None
+    assert (safe.llm_request.purpose, safe.llm_request.step) == ("step", 1)
+    assert safe.llm_request.messages[-1].content == "mail [REDACTED:email]"
+    assert safe.state.usage == TokenUsage(prompt_tokens=7, completion_tokens=2)
+    assert safe.state.usage_ids == [f"u-{request.request_id}"]
+
+
+def test_a_flagged_input_is_blocked_and_an_unanswered_classifier_fails_closed() -> None:
+    guardrails = _guardrails(_judge("block", "input"))
+    for answer, kind in (("FLAG: personal insult", "model:personal_insult"), (None, "classifier_unavailable")):
+        started = domain.start(_submit("you fool"), SPEC, CATALOG, guardrails=guardrails)
+        ended = domain.apply_llm_result(started.state, _answer(started.state, answer), CATALOG, guardrails=guardrails)
+        assert ended is not None
+        assert [e.kind for e in ended.events] == ["guardrail", "failed"]
+        event, failed = ended.events
+        assert isinstance(event, TaskGuardrail)
+        assert [(f.detector, f.kind, f.check) for f in event.findings] == [("model", kind, "civility")]
+        assert isinstance(failed, TaskFailed)
+        assert failed.error.code == "guardrail_blocked"
+        assert ended.llm_request is None
+
+
+def test_a_final_answer_the_classifier_flags_waits_for_an_approver() -> None:
+    guardrails = _guardrails(_judge("require_approval", "output"))
+    state = _started(guardrails)
+    answered = domain.apply_llm_result(
+        state, _result(state, ChatMessage(role="assistant", content="you fool")), CATALOG, guardrails=guardrails
+    )
+    assert answered is not None
+    assert [e.kind for e in answered.events] == ["step"]
+    assert answered.llm_request is not None
+    assert answered.llm_request.purpose == "guardrail"
+    judged = domain.apply_llm_result(
+        answered.state, _answer(answered.state, "FLAG: insult"), CATALOG, guardrails=guardrails
+    )
+    assert judged is not None
+    assert [e.kind for e in judged.events] == ["guardrail"]
+    [review] = judged.tool_calls
+    assert review.arguments["stage"] == "output"
+    assert review.guardrail is not None
+    assert "policy/civility: model:insult" in review.guardrail.reason
+    released = domain.apply_tool_update(judged.state, _review_result(judged.state, approved=True))
+    assert released is not None
+    completed = released.events[-1]
+    assert isinstance(completed, TaskCompleted)
+    assert completed.output == "you fool"
+    assert completed.usage == TokenUsage(prompt_tokens=17, completion_tokens=7)
+
+
+def test_a_final_answer_the_classifier_passes_completes() -> None:
+    guardrails = _guardrails(_judge("block", "output"))
+    state = _started(guardrails)
+    answered = domain.apply_llm_result(
+        state, _result(state, ChatMessage(role="assistant", content="Hello.")), CATALOG, guardrails=guardrails
+    )
+    assert answered is not None
+    done = domain.apply_llm_result(answered.state, _answer(answered.state, "SAFE"), CATALOG, guardrails=guardrails)
+    assert done is not None
+    assert [(e.kind, e.seq) for e in done.events] == [("completed", 3)]
+    assert done.state.status is RunStatus.COMPLETED

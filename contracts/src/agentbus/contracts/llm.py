@@ -62,10 +62,11 @@ class LlmRequest(BusMessage):
     event_seq: int | None = Field(
         default=None, ge=1, description="The task's last event seq when the step was requested; token events carry it."
     )
-    purpose: Literal["step", "summary"] = Field(
+    purpose: Literal["step", "summary", "guardrail"] = Field(
         default="step",
         description="step: a step of the agent's loop. summary: a summary of a session's oldest turns, which "
-        "replaces them in its history (costed and budgeted with the task that asked for it).",
+        "replaces them in its history. guardrail: a classifier model judging a task's input or answer for a "
+        "`model` guardrail check. Summaries and classifications are costed and budgeted with their task.",
     )
 
 

@@ -7,14 +7,17 @@ input twice produces nothing the second time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
 from agentbus.agent_runner.guardrails import (
+    Classification,
     GuardrailReview,
+    classification_request,
+    classification_request_id,
     findings_of,
     guardrail_event,
     reason_of,
@@ -218,6 +221,9 @@ class RunState(BaseModel):
     compaction: Compaction | None = None
     review: GuardrailReview | None = Field(
         default=None, description="An input or answer a guardrail holds for an approver (see agent_runner.guardrails)."
+    )
+    classifying: Classification | None = Field(
+        default=None, description="An input or answer that waits for the agent's classifier models."
     )
 
     @property
@@ -434,19 +440,26 @@ def start(
             rid = review_call_id(state.tenant, state.task_id, "input", 0)
             review = GuardrailReview(call_id=rid, stage="input", step=0, reason=reason_of(verdict), text=masked)
             state = state.model_copy(update={"review": review})
+    classifiers = guardrails.model_checks("input") if guardrails else []
+    if classifiers:
+        # The classifiers judge the input first (as the pattern checks left it); a hold waits for them.
+        held = state.review.reason if state.review is not None else None
+        plan = Classification(stage="input", step=0, text=state.messages[-1].content, checks=classifiers, held=held)
+        state = state.model_copy(update={"classifying": plan, "review": None})
     if waiting:
         return Transition(state, events, wake=_next_wake(state, now, timing))
     begun = _begin(state, admission, memory, router, events)
     return replace(begun, wake=_next_wake(begun.state, now, timing))
 
 
-def _blocked(state: RunState, events: list[TaskEvent], verdict: Verdict, what: str) -> Transition:
+def _blocked(state: RunState, events: list[TaskEvent], verdict: Verdict | str, what: str) -> Transition:
     """A guardrail blocks the run: it fails `guardrail_blocked` after `events` (counted in `state.next_seq`)."""
+    reason = verdict if isinstance(verdict, str) else verdict.reason()
     failed = TaskFailed(
         task_id=state.task_id,
         tenant=state.tenant,
         seq=state.next_seq,
-        error=ErrorInfo(code=ErrorCode.GUARDRAIL_BLOCKED, message=f"{what} was blocked: {verdict.reason()}"),
+        error=ErrorInfo(code=ErrorCode.GUARDRAIL_BLOCKED, message=f"{what} was blocked: {reason}"),
         usage=state.usage,
     )
     ended = _end(state, RunStatus.FAILED, state.usage, [failed])
@@ -466,6 +479,96 @@ def _hold_input(state: RunState, admission: Admission | None, events: list[TaskE
             "session_waiting": False,
             "pending_calls": [_review_call(review)],
         }
+    )
+    return Transition(held, events, tool_calls=[_review_request(held)])
+
+
+def _complete(state: RunState, events: list[TaskEvent], text: str) -> Transition:
+    """A held answer is released: the run completes with it after `events` (counted in `state.next_seq`)."""
+    completed = TaskCompleted(
+        task_id=state.task_id,
+        tenant=state.tenant,
+        seq=state.next_seq,
+        output=text,
+        usage=state.usage,
+        cost_usd=0.0,
+        steps=state.step,
+        citations=state.citations,
+    )
+    answer = ChatMessage(role="assistant", content=text)
+    ended = _end(state, RunStatus.COMPLETED, state.usage, [completed], answer=answer)
+    return replace(ended, events=[*events, completed])
+
+
+def _classify(state: RunState, events: list[TaskEvent], router: Router) -> Transition:
+    """Ask the current classifier of the held input or answer."""
+    plan = state.classifying
+    assert plan is not None
+    rid = classification_request_id(state.tenant, state.task_id, plan)
+    asking = state.model_copy(
+        update={"classifying": plan.model_copy(update={"requested": True}), "step_started_at": utc_now()}
+    )
+    return _classification(asking, rid, router.choose(plan.check.model, rid), events)
+
+
+def _classification(state: RunState, rid: str, deployment: str, events: list[TaskEvent]) -> Transition:
+    plan = state.classifying
+    assert plan is not None
+    request = classification_request(
+        plan,
+        request_id=rid,
+        deployment=deployment,
+        task_id=state.task_id,
+        tenant=state.tenant,
+        agent=state.agent,
+        event_seq=max(state.next_seq - 1, 1),
+    )
+    waiting = state.model_copy(
+        update={"awaiting_request_id": rid, "requested_model": deployment, "attempt_model": plan.check.model}
+    )
+    return Transition(waiting, events, request)
+
+
+def _classified(state: RunState, result: LlmResult, router: Router, memory: MemoryStoreSpec | None) -> Transition:
+    """A classifier answered: ask the next one, or act on what they all found (a `guardrail` event of their own;
+    block ends the task, require_approval holds the text for review, else the run goes on with it)."""
+    plan = state.classifying
+    assert plan is not None
+    answer = result.message.content if result.error is None and result.message is not None else None
+    plan = plan.answered(answer)
+    if not plan.done:
+        return _classify(state.model_copy(update={"classifying": plan, "awaiting_request_id": None}), [], router)
+    events: list[TaskEvent] = []
+    cleared = state.model_copy(update={"classifying": None, "awaiting_request_id": None})
+    if plan.flags:
+        findings = [flag.finding for flag in plan.flags]
+        events.append(guardrail_event(state.task_id, state.tenant, cleared.next_seq, plan.stage, findings, plan.step))
+        cleared = cleared.model_copy(update={"next_seq": cleared.next_seq + 1})
+    action = plan.action()
+    what = "the task's input" if plan.stage == "input" else "the model's output"
+    if action == "block":
+        return _blocked(cleared, events, plan.reason("block"), what)
+    reasons = [plan.held, plan.reason("require_approval") if action == "require_approval" else None]
+    held = "; ".join(reason for reason in reasons if reason)
+    review = None
+    if held:
+        rid = review_call_id(state.tenant, state.task_id, plan.stage, plan.step)
+        review = GuardrailReview(call_id=rid, stage=plan.stage, step=plan.step, reason=held, text=plan.text)
+    if plan.stage == "input":
+        admission = None
+        if plan.history or plan.history_summary:
+            admission = Admission(status="running", summary=plan.history_summary, turns=tuple(plan.history))
+        return _begin(cleared.model_copy(update={"review": review}), admission, memory, router, events)
+    if review is not None:
+        return _hold_output(cleared, review, events)
+    return _complete(cleared, events, plan.text)
+
+
+def _hold_output(state: RunState, review: GuardrailReview, events: list[TaskEvent]) -> Transition:
+    """The final answer waits for an approver."""
+    requested = review.model_copy(update={"requested": True})
+    held = state.model_copy(
+        update={"awaiting_request_id": None, "review": requested, "pending_calls": [_review_call(requested)]}
     )
     return Transition(held, events, tool_calls=[_review_request(held)])
 
@@ -498,19 +601,7 @@ def _reviewed(
             if review.history or review.history_summary:
                 admission = Admission(status="running", summary=review.history_summary, turns=tuple(review.history))
             return _begin(cleared, admission, memory, router, events)
-        completed = TaskCompleted(
-            task_id=state.task_id,
-            tenant=state.tenant,
-            seq=cleared.next_seq,
-            output=review.text,
-            usage=state.usage,
-            cost_usd=0.0,
-            steps=state.step,
-            citations=state.citations,
-        )
-        answer = ChatMessage(role="assistant", content=review.text)
-        ended = _end(cleared, RunStatus.COMPLETED, state.usage, [completed], answer=answer)
-        return replace(ended, events=[*events, completed])
+        return _complete(cleared, events, review.text)
     what = "the task's input" if review.stage == "input" else "the model's output"
     outcome = update.outcome or "refused"
     by = f" by {update.by}" if update.by else ""
@@ -560,6 +651,12 @@ def _begin(
 ) -> Transition:
     """The run's first request: the step itself, or first a summary of the history's oldest turns (or first the
     input's review, when a guardrail holds it)."""
+    judged = state.classifying
+    if judged is not None and judged.stage == "input" and not judged.requested:
+        if admission is not None and admission.status == "running":
+            history = {"history_summary": admission.summary, "history": list(admission.turns)}
+            judged = judged.model_copy(update=history)
+        return _classify(state.model_copy(update={"classifying": judged, "session_waiting": False}), events, router)
     if state.review is not None and state.review.stage == "input" and not state.review.requested:
         return _hold_input(state, admission, events)
     system_prompt, user_input = state.messages[0].content, state.messages[-1].content
@@ -681,8 +778,10 @@ def apply_llm_result(
     toolbox: Toolbox,
     router: Router = DIRECT,
     guardrails: Guardrails | None = None,
+    memory: MemoryStoreSpec | None = None,
 ) -> Transition | None:
-    """Advance the run with a generated step; None if the result is stale, repeated or the run ended.
+    """Advance the run with a generated step (or a classifier's answer); None if the result is stale, repeated
+    or the run ended.
 
     The agent's `guardrails` check the model's text (the output stage) and each tool call's arguments before
     anything of the step goes further: findings are `guardrail` events after the `step` event; redacted text
@@ -700,6 +799,8 @@ def apply_llm_result(
         state = state.model_copy(update={"usage_ids": [*state.usage_ids, result.usage_id]})
     if state.summarizing is not None:
         return _summarized(state.model_copy(update={"usage": usage}), result, router)
+    if state.classifying is not None:
+        return _classified(state.model_copy(update={"usage": usage}), result, router, memory)
     if result.error is not None or result.message is None:
         fallback = router.fallback(state.attempt_model or state.model)
         if fallback is not None and state.fallbacks < MAX_FALLBACKS:
@@ -753,26 +854,18 @@ def apply_llm_result(
     if output_verdict is not None and output_verdict.blocked:
         counted = state.model_copy(update={"usage": usage, "next_seq": seq})
         return _blocked(counted, [step_event, *checked], output_verdict, "the model's output")
-    if not message.tool_calls and output_verdict is not None and output_verdict.needs_approval:
-        rid = review_call_id(state.tenant, state.task_id, "output", state.step)
-        review = GuardrailReview(
-            call_id=rid,
-            stage="output",
-            step=state.step,
-            reason=reason_of(output_verdict),
-            text=message.content,
-            requested=True,
-        )
-        held = state.model_copy(
-            update={
-                "usage": usage,
-                "next_seq": seq,
-                "awaiting_request_id": None,
-                "review": review,
-                "pending_calls": [_review_call(review)],
-            }
-        )
-        return Transition(held, [step_event, *checked], tool_calls=[_review_request(held)])
+    if not message.tool_calls:
+        # The final answer: the classifiers judge it, and an approver may have to release it, before it is out.
+        classifiers = guardrails.model_checks("output") if guardrails and message.content else []
+        held = reason_of(output_verdict) if output_verdict is not None and output_verdict.needs_approval else None
+        counted = state.model_copy(update={"usage": usage, "next_seq": seq, "awaiting_request_id": None})
+        if classifiers:
+            plan = Classification(stage="output", step=state.step, text=message.content, checks=classifiers, held=held)
+            return _classify(counted.model_copy(update={"classifying": plan}), [step_event, *checked], router)
+        if held is not None:
+            rid = review_call_id(state.tenant, state.task_id, "output", state.step)
+            review = GuardrailReview(call_id=rid, stage="output", step=state.step, reason=held, text=message.content)
+            return _hold_output(counted, review, [step_event, *checked])
     if not message.tool_calls:
         completed = TaskCompleted(
             task_id=state.task_id,
@@ -1069,7 +1162,7 @@ def wake(state: RunState, timer: RunTimer, now: datetime, timing: RunTiming = DE
     waiting = state.model_copy(update={"redrives": redrives})
     request = None
     if state.awaiting_request_id is not None and state.requested_model is not None:
-        again = _summary_request if state.summarizing is not None else _request
+        again = _sender(state)
         request = again(state, state.awaiting_request_id, state.requested_model, []).llm_request
     return Transition(
         waiting,
@@ -1079,6 +1172,15 @@ def wake(state: RunState, timer: RunTimer, now: datetime, timing: RunTiming = DE
         wake=_next_wake(waiting, now, timing),
         redrive=redrives,
     )
+
+
+def _sender(state: RunState) -> Callable[[RunState, str, str, list[TaskEvent]], Transition]:
+    """What builds the request the run waits for: a summary, a classification, or a step."""
+    if state.summarizing is not None:
+        return _summary_request
+    if state.classifying is not None:
+        return _classification
+    return _request
 
 
 def _unfinished_calls(state: RunState) -> list[ToolCallRequested]:
@@ -1172,7 +1274,7 @@ def _retry_throttled(state: RunState, now: datetime, timing: RunTiming) -> Trans
     resumed = state.model_copy(update={"throttled": False})
     request = None
     if resumed.awaiting_request_id is not None and resumed.requested_model is not None:
-        again = _summary_request if resumed.summarizing is not None else _request
+        again = _sender(resumed)
         request = again(resumed, resumed.awaiting_request_id, resumed.requested_model, []).llm_request
     return Transition(resumed, llm_request=request, wake=_next_wake(resumed, now, timing))
 
@@ -1229,6 +1331,7 @@ def _end(
             "pending_calls": [],
             "summarizing": None,
             "review": None,
+            "classifying": None,
             "next_seq": state.next_seq + len(events),
         }
     )

@@ -327,9 +327,8 @@ class RunnerService:
             if state is None:
                 _log.warning("llm_result_for_unknown_run", request_id=result.request_id)
                 return None
-            return domain.apply_llm_result(
-                state, result, self._toolbox, self._router, self._guardrails.get(state.agent)
-            )
+            guardrails, memory = self._guardrails.get(state.agent), self._memory_spec(state.memory_store)
+            return domain.apply_llm_result(state, result, self._toolbox, self._router, guardrails, memory)
 
         await self._transact(result.tenant, result.task_id, decide, trace)
 
