@@ -229,6 +229,7 @@ async def test_an_approver_follows_its_tenants_approvals_and_decides_only_as_its
     alice: User = await connect(approver_user("alice"))
     admin: User = await connect(ADMIN_USER)
     pending = await alice.nc.subscribe(APPROVAL_PENDING.format(tenant="acme"))
+    await alice.nc.flush()  # the server knows the subscription before another connection publishes
     acme_request, globex_request = _request(new_task_id("ap")), _request(new_task_id("ap"), tenant="globex")
     for request in (acme_request, globex_request):
         await executor.nc.jetstream().publish(

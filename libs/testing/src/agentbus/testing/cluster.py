@@ -82,14 +82,24 @@ class NatsCluster:
                 return str(meta["leader"])
         return None
 
-    async def wait_for_meta_leader(self, timeout: float = 30.0) -> str:
+    async def wait_for_meta_leader(self, timeout: float = 60.0) -> str:
+        """The meta leader's name once the live nodes agree on one. A loaded machine can take tens of seconds
+        to elect; when none is elected in `timeout`, the error ends with each node's last log lines."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             leader = self.meta_leader()
             if leader is not None:
                 return leader
             await asyncio.sleep(0.1)
-        raise NatsServerError(f"the cluster elected no JetStream meta leader within {timeout}s")
+        raise NatsServerError(f"the cluster elected no JetStream meta leader within {timeout}s; {self._log_tails()}")
+
+    def _log_tails(self, lines: int = 8) -> str:
+        tails = []
+        for name, node in self.nodes.items():
+            log = node.log_file
+            text = log.read_text(errors="replace").splitlines()[-lines:] if log is not None and log.exists() else []
+            tails.append(f"{name} (running: {node.running}): " + " | ".join(text))
+        return "; ".join(tails)
 
     def stop(self) -> None:
         for name in self.nodes:
