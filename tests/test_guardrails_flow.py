@@ -210,7 +210,10 @@ async def _ticket_titles(services: list[BusService], task_id: str) -> list[str]:
 async def test_a_secret_in_the_input_fails_the_task_guardrail_blocked_naming_the_rule(
     guarded: tuple[NatsClient, list[BusService], Path],
 ) -> None:
-    nc, _, _ = guarded
+    nc, services, _ = guarded
+    runner = services[0]
+    labels = {"policy": "test-policy", "detector": "secrets", "action": "block", "stage": "input"}
+    before = runner.registry.get_sample_value("agentbus_guardrail_findings_total", labels) or 0.0
     _, events = await _run(nc, f"deploy with key {SECRET} please")
     assert [e["kind"] for e in events] == ["accepted", "guardrail", "failed"]
     [finding] = events[1]["findings"]
@@ -224,6 +227,7 @@ async def test_a_secret_in_the_input_fails_the_task_guardrail_blocked_naming_the
     assert events[-1]["error"]["code"] == "guardrail_blocked"
     assert "test-policy/secrets" in events[-1]["error"]["message"]
     assert SECRET not in json.dumps(events)
+    assert runner.registry.get_sample_value("agentbus_guardrail_findings_total", labels) == before + 1
     line = describe(TASK_EVENT_ADAPTER.validate_python(events[1]))
     assert line.endswith("input block: test-policy/secrets:aws_access_key"), line
 
