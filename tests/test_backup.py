@@ -9,9 +9,11 @@ import re
 import shutil
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cli_support import Suite, agentbus, assert_one_line_error, prepare_folder, running_suite
 from helpers import new_task_id
 
@@ -46,10 +48,25 @@ def _rows(database: Path, sql: str) -> list[tuple[Any, ...]]:
         return connection.execute(sql).fetchall()
 
 
-def test_a_restored_suite_finishes_the_waiting_task_once_with_its_history_and_ledger_intact(tmp_path: Path) -> None:
-    first, second, backup = tmp_path / "first", tmp_path / "second", tmp_path / "backup"
+@dataclass(frozen=True)
+class TakenBackup:
+    """A backup of a suite that ran one task to its end and left one waiting for an approval, then was
+    destroyed: what the drill restores, and what the suite looked like when it was taken."""
+
+    folder: Path
+    finished: str
+    waiting: str
+    title: str
+    approval_id: str
+    history_before: str
+    ledger_before: list[tuple[Any, ...]]
+
+
+@pytest.fixture(scope="module")
+def taken(tmp_path_factory: pytest.TempPathFactory) -> TakenBackup:
+    root = tmp_path_factory.mktemp("backup")
+    first, backup = root / "first", root / "backup"
     prepare_folder(first, agents=("echo", "ops"))
-    prepare_folder(second, agents=("echo", "ops"))
     finished, waiting = new_task_id("done"), new_task_id("waiting")
     title = f"restored {waiting}"
     with running_suite(first) as up:
@@ -70,7 +87,14 @@ def test_a_restored_suite_finishes_the_waiting_task_once_with_its_history_and_le
     ledger_before = _rows(first / ".agentbus" / "cost-accountant.db", "SELECT usage_id, cost_nanousd FROM ledger")
     assert ledger_before, "the finished task was priced"
     shutil.rmtree(first)  # everything: streams, databases, identities, credentials
+    return TakenBackup(backup, finished, waiting, title, approval["approval_id"], history_before, ledger_before)
 
+
+def test_a_restored_suite_finishes_the_waiting_task_once_with_its_history_and_ledger_intact(
+    taken: TakenBackup, tmp_path: Path
+) -> None:
+    backup, second = taken.folder, tmp_path / "second"
+    prepare_folder(second, agents=("echo", "ops"))
     manifest = json.loads((backup / "manifest.json").read_text())
     assert {"AGENTBUS_TASKS", "AGENTBUS_TASK_EVENTS", "KV_AGENTBUS_RUNS"} <= {s["name"] for s in manifest["streams"]}
     assert {"sql/tool-executor.db", "sql/cost-accountant.db"} <= {f["path"] for f in manifest["files"]}
@@ -82,27 +106,23 @@ def test_a_restored_suite_finishes_the_waiting_task_once_with_its_history_and_le
     assert_one_line_error(agentbus("restore", str(backup), cwd=second, timeout=60), 1, "already holds")
 
     with running_suite(second) as up:
-        assert up.run("events", finished, "--tenant", "acme").stdout == history_before
-        decided = up.run("approvals", "approve", approval["approval_id"], "--as", "alice", "--tenant", "acme")
+        assert up.run("events", taken.finished, "--tenant", "acme").stdout == taken.history_before
+        decided = up.run("approvals", "approve", taken.approval_id, "--as", "alice", "--tenant", "acme")
         assert decided.returncode == 0, decided.stderr
-        history = _ended(up, waiting)
+        history = _ended(up, taken.waiting)
         assert re.search(r"^\s*\d+ completed", history, flags=re.MULTILINE), history
         state = second / ".agentbus"
-        tickets = _rows(state / "tool-executor.db", f"SELECT count(*) FROM tickets WHERE title = '{title}'")
+        tickets = _rows(state / "tool-executor.db", f"SELECT count(*) FROM tickets WHERE title = '{taken.title}'")
         assert tickets == [(1,)]
         ledger_after = _rows(state / "cost-accountant.db", "SELECT usage_id, cost_nanousd FROM ledger")
-        assert set(ledger_before) <= set(ledger_after)
+        assert set(taken.ledger_before) <= set(ledger_after)
         usage_ids = [usage_id for usage_id, _ in ledger_after]
         assert len(usage_ids) == len(set(usage_ids)), "no usage record counted twice"
 
 
-def test_a_damaged_backup_is_refused_before_anything_is_restored(tmp_path: Path) -> None:
-    folder = tmp_path / "suite"
-    prepare_folder(folder, agents=("echo",))
+def test_a_damaged_backup_is_refused_before_anything_is_restored(taken: TakenBackup, tmp_path: Path) -> None:
     backup = tmp_path / "backup"
-    with running_suite(folder) as up:
-        assert up.run("submit", "--tenant", "acme", "--agent", "echo", "--wait", "hi").returncode == 0
-        assert up.run("backup", str(backup)).returncode == 0
+    shutil.copytree(taken.folder, backup)  # the drill's own copy stays whole
     snapshot = backup / "jetstream" / "AGENTBUS_TASK_EVENTS.snapshot"
     damaged = bytearray(snapshot.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
