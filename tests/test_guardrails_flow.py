@@ -24,6 +24,7 @@ from agentbus.inference_worker.app import create_app as create_worker
 from agentbus.inference_worker.settings import WorkerSettings
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
+from agentbus.runtime.logging import configure_logging
 from agentbus.runtime.server import NatsServerProcess
 from agentbus.runtime.service import BusService
 from agentbus.testing import nats_server_or_skip
@@ -236,6 +237,7 @@ async def test_a_redacted_email_appears_nowhere_in_events_logs_or_the_trace(
     guarded: tuple[NatsClient, list[BusService], Path], capfd: pytest.CaptureFixture[str]
 ) -> None:
     nc, services, traces = guarded
+    configure_logging("INFO", "guardrails-test")  # as a service logs, whatever an earlier test configured
     task_id = new_task_id("redacted")
     text = f'Customer {EMAIL} of {task_id}: create_ticket(title="printer jam for {EMAIL}", priority="low")'
     _, events = await _run(nc, text, task_id)

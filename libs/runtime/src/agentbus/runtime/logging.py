@@ -9,6 +9,12 @@ from typing import Any
 import structlog
 
 
+def _stderr_logger(*_: Any) -> structlog.PrintLogger:
+    """A logger printing to the stderr of the moment (one replaced since configuration, as a test's capture
+    is, is followed, never written to after it was closed)."""
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(level: str, service: str) -> None:
     """Log JSON lines to stderr at `level`, each carrying the service name and any bound context."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
@@ -21,8 +27,10 @@ def configure_logging(level: str, service: str) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        logger_factory=_stderr_logger,
+        # Not cached: a module's logger then follows the latest configuration, so a process that configures
+        # logging again (an in-process CLI, a test) never keeps a logger bound to the earlier level or file.
+        cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service)
