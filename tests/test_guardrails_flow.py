@@ -27,6 +27,7 @@ from agentbus.runtime.connection import connect_nats
 from agentbus.runtime.logging import configure_logging
 from agentbus.runtime.server import NatsServerProcess
 from agentbus.runtime.service import BusService
+from agentbus.runtime.spans import SpanAttribute
 from agentbus.testing import nats_server_or_skip
 from agentbus.tool_executor.adapters.schema import tickets
 from agentbus.tool_executor.app import ToolExecutorApp
@@ -62,8 +63,22 @@ system_prompt: Help.
 guardrails: [tone]
 """
 
+STREAMED = """
+name: streamed
+model: scripted
+system_prompt: Help.
+stream_tokens: true
+guardrails: [answer-privacy]
+"""
+
 POLICIES = r"""
 policies:
+  answer-privacy:
+    checks:
+      - detector: personal_data
+        kinds: [email]
+        action: redact
+        stages: [output]
   tone:
     checks:
       - detector: model
@@ -123,6 +138,7 @@ async def guarded(
     (root / "agents").mkdir()
     (root / "agents" / "guarded.yaml").write_text(AGENT, encoding="utf-8")
     (root / "agents" / "judged.yaml").write_text(JUDGED, encoding="utf-8")
+    (root / "agents" / "streamed.yaml").write_text(STREAMED, encoding="utf-8")
     (root / "guardrails.yaml").write_text(POLICIES, encoding="utf-8")
     traces = root / "traces.jsonl"
     nc = await connect_nats(server.url, "guardrails-test")
@@ -254,6 +270,28 @@ async def test_a_redacted_email_appears_nowhere_in_events_logs_or_the_trace(
     everything += logged.out + logged.err
     assert "guardrail_findings" in everything, "the finding was logged"
     assert EMAIL not in everything
+
+
+async def test_an_output_that_guardrails_check_is_neither_streamed_nor_traced_before_its_check(
+    guarded: tuple[NatsClient, list[BusService], Path],
+) -> None:
+    nc, _, traces = guarded
+    email = "answer.only.guardrails@example.com"  # checked in the answer only: the input keeps it
+    task_id = new_task_id("streamed")
+    await publish_submission(nc, submission(task_id, agent="streamed", text=f"write to {email}"), submitter="carol")
+    events = await task_events(nc, task_id, timeout=30)
+    assert events[-1]["kind"] == "completed", events[-1]
+    assert email not in events[-1]["output"]
+    assert "[REDACTED:email]" in events[-1]["output"]
+    # The agent asks for tokens, but what its guardrails check first is never streamed past them.
+    assert "token" not in {e["kind"] for e in events}
+    spans = await _trace_of(traces, task_id, {"task", "generation"})
+    generation = next(s for s in spans if s["kind"] == "generation")
+    assert SpanAttribute.OUTPUT not in generation["attributes"], generation  # the prompt (with the input) stays
+    assert generation["attributes"][SpanAttribute.OUTPUT_TOKENS] > 0, "its token counts are kept"
+    outputs = [s["attributes"].get(key) for s in spans for key in (SpanAttribute.OUTPUT, "langfuse.trace.output")]
+    assert "[REDACTED:email]" in json.dumps(outputs)
+    assert email not in json.dumps(outputs), "no span's output holds the checked text whole"
 
 
 async def test_redacted_tool_arguments_reach_the_tool_and_the_events_masked(

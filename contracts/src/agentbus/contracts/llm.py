@@ -59,6 +59,11 @@ class LlmRequest(BusMessage):
         default=None, description="The agent's model before routing picked `model` (a deployment or a fallback)."
     )
     stream: bool = Field(default=False, description="Publish `token` events on the task's stream while generating.")
+    output_checked: bool = Field(
+        default=False,
+        description="The task's guardrails check the generated text and tool calls before they go further: the "
+        "worker streams no tokens and keeps the output out of its generation span (token counts only).",
+    )
     event_seq: int | None = Field(
         default=None, ge=1, description="The task's last event seq when the step was requested; token events carry it."
     )

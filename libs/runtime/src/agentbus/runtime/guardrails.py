@@ -329,6 +329,16 @@ class Guardrails:
     def __bool__(self) -> bool:
         return bool(self._policies)
 
+    def checks_model_output(self) -> bool:
+        """Whether a check reads what the model generates (its text or its tool calls' arguments): that output
+        must then go nowhere before it is checked, neither streamed as tokens nor kept whole in a trace."""
+        return any(
+            stage in check.stages
+            for _, policy in self._policies
+            for check in policy.checks
+            for stage in ("output", "tool_arguments")
+        )
+
     def check_text(self, stage: Stage, text: str, *, mask_blocked: bool = False) -> Verdict:
         """`mask_blocked`: the verdict's text masks what a `block` finding matched too, for whatever still
         records the text that was stopped (an event, a trace)."""

@@ -193,6 +193,9 @@ class RunState(BaseModel):
     usage: TokenUsage = Field(default_factory=TokenUsage)
     next_seq: int = Field(default=1, description="seq of the task's next public event.")
     stream_tokens: bool = False
+    output_checked: bool = Field(
+        default=False, description="The agent's guardrails check the model's output: it is neither streamed nor traced."
+    )
     pinned_model: str | None = Field(default=None, description="A deployment the submission asked for.")
     requested_model: str | None = Field(default=None, description="Deployment the awaited request went to.")
     attempt_model: str | None = Field(
@@ -387,6 +390,7 @@ def start(
         ChatMessage(role="user", content=submission.input),
     ]
     budget = submission.budget_usd if submission.budget_usd is not None else spec.budget_usd
+    output_checked = guardrails.checks_model_output() if guardrails else False
     session = None
     if submission.session_id is not None and memory is not None:
         session = SessionRef(
@@ -407,7 +411,9 @@ def start(
         submitted_by=submission.submitted_by,
         messages=messages,
         tools=toolbox.specs(spec.tools),
-        stream_tokens=spec.stream_tokens,
+        # What guardrails must check first is never streamed past them.
+        stream_tokens=spec.stream_tokens and not output_checked,
+        output_checked=output_checked,
         pinned_model=router.pinned_deployment(submission.metadata),
         started_at=now,
         deadline_at=now + timedelta(seconds=deadline_seconds),
@@ -766,6 +772,7 @@ def _request(state: RunState, rid: str, deployment: str, events: list[TaskEvent]
         messages=state.messages,
         tools=state.tools,
         stream=state.stream_tokens,
+        output_checked=state.output_checked,
         event_seq=max(state.next_seq - 1, 1),
     )
     waiting = state.model_copy(update={"awaiting_request_id": rid, "requested_model": deployment})

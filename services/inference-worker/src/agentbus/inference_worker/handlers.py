@@ -78,7 +78,10 @@ class WorkerHandlers:
                 {
                     SpanAttribute.INPUT_TOKENS: result.usage.prompt_tokens,
                     SpanAttribute.OUTPUT_TOKENS: result.usage.completion_tokens,
-                    SpanAttribute.OUTPUT: result.message.model_dump(exclude_defaults=True) if result.message else None,
+                    # An output the task's guardrails check is traced by the runner once checked, never here whole.
+                    SpanAttribute.OUTPUT: result.message.model_dump(exclude_defaults=True)
+                    if result.message and not request.output_checked
+                    else None,
                 }
             )
             if result.error is not None:
