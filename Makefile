@@ -6,7 +6,7 @@ PYTHON ?= $(or $(shell command -v python3.11 2>/dev/null),python3)
 LOCAL_UV := $(CURDIR)/.ci-tools/bin/uv
 UV ?= $(or $(shell command -v uv 2>/dev/null),$(LOCAL_UV))
 
-.PHONY: help install test check lint format typecheck schemas docs demo up bench chaos attack
+.PHONY: help install test check lint format typecheck schemas docs demo up bench chaos chaos-cluster attack
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ attack: install ## The attack suite over raw NATS against the whole suite (ident
 
 chaos: install ## 10 chaos runs of 200 tasks and 30+ faults each (kills, pauses, outages); prints the invariants
 	$(UV) run python tests/chaos.py --runs 10 --tasks 200 --faults 30
+
+chaos-cluster: install ## 3 chaos runs of 100 tasks on a 3-node NATS cluster, 2 replicas of each service, PostgreSQL; leader failover figures
+	$(UV) run python tests/chaos_cluster.py --runs 3 --tasks 100 --faults 12
 
 .PHONY: gpu-check
 gpu-check: ## On an NVIDIA GPU: install the gpu extra, run an agent task through vLLM, print tokens/s vs vLLM alone

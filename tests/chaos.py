@@ -435,6 +435,46 @@ def _query(path: Path, sql: str) -> list[tuple[Any, ...]]:
         return db.execute(sql).fetchall()
 
 
+TICKETS_SQL = "SELECT task_id, title FROM tickets"
+LEDGER_SQL = "SELECT task_id, SUM(cost_nanousd) FROM ledger GROUP BY task_id"
+OPEN_RESERVATIONS_SQL = "SELECT reservation_id FROM reservations WHERE status = 'open'"
+
+
+@dataclass
+class Stores:
+    """What the invariants read besides the streams: the executor's tickets, the accountant's ledger and open
+    reservations, and the span ids the trace exporters wrote."""
+
+    tickets: list[tuple[str, str]]
+    """(task id, title) of every ticket made."""
+    ledger: dict[str, int]
+    """Task id -> its ledger total in nano-USD."""
+    open_reservations: list[str]
+    exported_spans: set[str]
+
+
+def exported_span_ids(files: list[Path]) -> set[str]:
+    """The span ids in the trace exporters' JSONL files."""
+    exported: set[str] = set()
+    for path in files:
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    exported.add(json.loads(line).get("span_id", ""))
+    return exported
+
+
+def sqlite_stores(state_dir: Path) -> Stores:
+    """The stores of `agentbus up` in `state_dir`: SQLite files and one JSONL file."""
+    executor, accountant = state_dir / "tool-executor.db", state_dir / "cost-accountant.db"
+    return Stores(
+        tickets=[(task_id, title) for task_id, title in _query(executor, TICKETS_SQL)],
+        ledger={task_id: int(total or 0) for task_id, total in _query(accountant, LEDGER_SQL)},
+        open_reservations=[reservation_id for (reservation_id,) in _query(accountant, OPEN_RESERVATIONS_SQL)],
+        exported_spans=exported_span_ids([state_dir / "traces.jsonl"]),
+    )
+
+
 @dataclass
 class Verdict:
     counts: Counter[str]
@@ -445,7 +485,7 @@ def check(
     tasks: dict[str, PlannedTask],
     events: dict[str, list[dict[str, Any]]],
     letters: list[DeadLetter],
-    state_dir: Path,
+    stores: Stores,
 ) -> Verdict:
     counts: Counter[str] = Counter()
     details: list[str] = []
@@ -455,23 +495,9 @@ def check(
         if len(details) < 40:
             details.append(f"{name}: {detail}")
 
-    tickets: Counter[str] = Counter()
-    ticket_titles: dict[str, str] = {}
-    for task_id, title in _query(state_dir / "tool-executor.db", "SELECT task_id, title FROM tickets"):
-        tickets[task_id] += 1
-        ticket_titles[task_id] = title
-    ledger = dict(
-        _query(state_dir / "cost-accountant.db", "SELECT task_id, SUM(cost_nanousd) FROM ledger GROUP BY task_id")
-    )
-    open_reservations = _query(
-        state_dir / "cost-accountant.db", "SELECT reservation_id FROM reservations WHERE status = 'open'"
-    )
-    exported: set[str] = set()
-    traces = state_dir / "traces.jsonl"
-    if traces.exists():
-        for line in traces.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):
-                exported.add(json.loads(line).get("span_id", ""))
+    tickets: Counter[str] = Counter(task_id for task_id, _ in stores.tickets)
+    ledger = stores.ledger
+    exported = stores.exported_spans
 
     for letter in letters:
         if letter.stream != TASKS.name:
@@ -521,7 +547,7 @@ def check(
         if "accepted" in kinds and task_span_id(task_id) not in exported:
             # Every run that started has its trace; a task cancelled before it started never ran.
             count("missing_traces", f"{task_id} ({outcome})")
-    for (reservation_id,) in open_reservations:
+    for reservation_id in stores.open_reservations:
         count("leaked_reservations", reservation_id)
     return Verdict(counts, details)
 
@@ -655,7 +681,7 @@ async def run_once(
                 with contextlib.suppress(Exception):
                     await nc.close()
             suite.stop()
-        verdict = check(tasks, events, letters, state_dir)
+        verdict = check(tasks, events, letters, sqlite_stores(state_dir))
     return RunResult(tasks_count, injected, verdict, time.monotonic() - started)
 
 
