@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -53,7 +54,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from agentbus.cli.suite import SuitePaths, implemented_services
-from agentbus.contracts.registry import DEFAULT_MODELS, TASKS, Service
+from agentbus.contracts.registry import DEFAULT_MODELS, TASK_EVENT, TASKS, Service
 from agentbus.contracts.tasks import TERMINAL_EVENT_KINDS
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
@@ -67,6 +68,7 @@ from chaos import (
     OPEN_RESERVATIONS_SQL,
     REPO_ROOT,
     SUITE_ENVIRONMENT,
+    TENANT,
     TICKETS_SQL,
     Driver,
     PlannedTask,
@@ -80,6 +82,7 @@ from chaos import (
     plan,
 )
 from nats.aio.client import Client as NatsClient
+from nats.js.api import ClusterInfo, DeliverPolicy
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -297,15 +300,20 @@ class NodeFault:
         )
 
 
-async def stream_leader(probe: NatsClient) -> str | None:
-    """The task stream's leader as the stream reports it, or None while none answers."""
+async def stream_cluster(probe: NatsClient) -> ClusterInfo | None:
+    """The task stream's cluster as its leader reports it, or None while no leader answers."""
     try:
         info = await probe.jetstream(timeout=1.0).stream_info(TASKS.name)
     except Exception:
         return None
     if info.cluster is None or not info.cluster.leader:
         return None
-    return info.cluster.leader
+    return info.cluster
+
+
+async def stream_leader(probe: NatsClient) -> str | None:
+    cluster = await stream_cluster(probe)
+    return cluster.leader if cluster is not None else None
 
 
 async def whole(cluster: NatsCluster, probe: NatsClient, timeout: float = 90.0) -> None:
@@ -343,11 +351,14 @@ async def node_fault(
 
     async def watch() -> None:
         while time.monotonic() - started < 120:
-            seen = await stream_leader(probe)
-            if seen is not None and seen != victim:
-                fault.leader_after = seen
+            seen = await stream_cluster(probe)
+            if seen is not None and seen.leader != victim:
+                fault.leader_after = seen.leader
                 if fault.led:
-                    fault.elected_seconds = time.monotonic() - started
+                    # The new leader says since when it leads (the same clock as the fault's); a probe's
+                    # answer comes later, by its own request timeouts.
+                    since = seen.leader_since.timestamp() if seen.leader_since is not None else None
+                    fault.elected_seconds = since - fault.at if since else time.monotonic() - started
                 return
             await asyncio.sleep(0.05)
 
@@ -378,14 +389,29 @@ def measure(fault: NodeFault, ended_at: list[float]) -> None:
     )
 
 
-def terminal_times(events: dict[str, list[dict[str, Any]]]) -> list[float]:
-    times = []
-    for stream in events.values():
-        for event in stream:
-            if event["kind"] in TERMINAL_EVENT_KINDS:
-                times.append(datetime.fromisoformat(str(event["at"]).replace("Z", "+00:00")).timestamp())
+async def terminal_times(admin: NatsClient, tasks: dict[str, PlannedTask]) -> list[float]:
+    """When the task stream stored each task's first terminal event (the server's clock, not the event's
+    `at`: a runner stamps an event before its publish succeeds, which may be after a failover)."""
+    js = admin.jetstream()
+    sub = await js.subscribe(
+        TASK_EVENT.pattern.format(tenant=TENANT, task_id="*"), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    ended: dict[str, float] = {}
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=3)
+            except Exception:
                 break
-    return sorted(times)
+            event = json.loads(msg.data)
+            task_id = event.get("task_id")
+            if task_id in tasks and task_id not in ended and event.get("kind") in TERMINAL_EVENT_KINDS:
+                ended[task_id] = msg.metadata.timestamp.timestamp()
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return sorted(ended.values())
 
 
 # --- service faults ----------------------------------------------------------------------------
@@ -569,6 +595,7 @@ async def _run(
         events = await _settle(admin, tasks, settle_timeout, driver)
         await _quiesce(admin, settle_timeout)
         letters = await dead_letters(admin)
+        ended = await terminal_times(admin, tasks)
     finally:
         for nc in (admin, submitter, *approvers.values(), *probes.values()):
             with contextlib.suppress(Exception):
@@ -579,7 +606,6 @@ async def _run(
             await supervising
     traces = [state_dir / f"traces-{index}.jsonl" for index in range(1, REPLICAS + 1)]
     verdict = check(tasks, events, letters, await postgres_stores(databases, traces))
-    ended = terminal_times({task_id: events.get(task_id, []) for task_id in tasks})
     for fault in node_faults:
         measure(fault, ended)
     restarts = sum(replica.restarts for replica in replicas.replicas)
