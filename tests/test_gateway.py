@@ -217,7 +217,7 @@ async def test_beneath_the_gateways_checks_nats_server_refuses_what_a_user_may_n
         for line in (gateway.suite.state / "env").read_text().splitlines()
         if line.startswith("AGENTBUS_NATS_URL=")
     )
-    bus = NatsBus(nats_url, CredentialsFolder(gateway.suite.state / "credentials"), request_timeout=5.0)
+    bus = NatsBus(nats_url, CredentialsFolder(gateway.suite.state / "credentials"), request_timeout=20.0)
     as_bob = Actor("bob", Role.APPROVER)
     forged = ApprovalDecision(approval_id="apr_x", decision="approve", approver="bob", arguments_sha256="0" * 64)
     try:

@@ -332,7 +332,7 @@ class Suite:
     def _say(self, text: str) -> None:
         print(f"agentbus up: {text}", file=self._echo, flush=True)
 
-    def start(self, ready_timeout: float = 30.0) -> None:
+    def start(self, ready_timeout: float = 120.0) -> None:
         """Start nats-server (unless attached), apply the topology, start every service and wait until each
         is ready. Raises SuiteLockedError, or StartupError with a service's own reason."""
         self._lock.acquire()
