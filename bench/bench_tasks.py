@@ -4,7 +4,11 @@ Figures, not a test. It starts, side by side, three suites as `agentbus up` star
 the wheel with identities enforced, the topology, each service its own process, engine `scripted`: a
 deterministic offline engine, NOT a language model) and the floor:
 
-- `suite`: every service, budgets on (each LLM step reserved with the cost-accountant, every run priced);
+Every suite's agents name the shipped guardrail policies `no-secrets`, `privacy` and `size-limits` (every
+input, tool call and answer is checked), and the accountant applies the shipped `config/limits.yaml`:
+
+- `suite`: every service, budgets on (each LLM step reserved with the cost-accountant, its rate limits
+  decided in the same reservation, every run priced);
 - `no-budgets`: every service, the runner's budgets switched off;
 - `runner-worker`: only the agent-runner and the inference-worker (budgets off);
 - `floor`: bench/floor.py, the same hops, acks and KV writes in plain nats-py, as two processes, on the
@@ -31,6 +35,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -44,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import yaml
 from agentbus.cli.identities import ADMIN_USER, submitter_user
 from agentbus.cli.suite import Suite
 from agentbus.contracts import registry
@@ -371,12 +377,29 @@ def print_table(results: Results, args: argparse.Namespace) -> dict[str, Any]:
     return table
 
 
+GUARDRAILS = ("no-secrets", "privacy", "size-limits")
+"""The shipped policies the benchmark's agents name: every input, tool call and answer is checked."""
+
+
+def _guarded_agents(folder: Path) -> Path:
+    """The sample agents, each naming `GUARDRAILS` (on top of any it names itself), beside a copy of the
+    memory stores they name; returns the agents folder."""
+    agents = folder / "agents"
+    agents.mkdir(parents=True)
+    shutil.copytree(REPO_ROOT / "memory", folder / "memory")
+    for spec in sorted((REPO_ROOT / "agents").glob("*.yaml")):
+        data = yaml.safe_load(spec.read_text())
+        data["guardrails"] = list(dict.fromkeys([*data.get("guardrails", []), *GUARDRAILS]))
+        (agents / spec.name).write_text(yaml.safe_dump(data, sort_keys=False))
+    return agents
+
+
 def _suite(state_dir: Path, only: frozenset[Service] | None, environment: dict[str, str]) -> Suite:
     state_dir.mkdir(parents=True)
     (state_dir / "identities.yaml").write_text(IDENTITIES_YAML)
     return Suite(
         state_dir,
-        REPO_ROOT / "agents",
+        _guarded_agents(state_dir.with_name(f"{state_dir.name}-specs")),
         echo=sys.stderr,
         enforce_identities=True,
         config_dir=REPO_ROOT / "config",
