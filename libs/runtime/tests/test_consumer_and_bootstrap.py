@@ -174,6 +174,39 @@ async def test_a_dependency_outage_is_waited_for_past_max_deliver_and_never_dead
     assert letters.state.subjects in (None, {}), "nothing was dead-lettered"
 
 
+async def test_a_publish_no_stream_answers_is_waited_for_like_an_outage_never_dead_lettered(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    """In a cluster, a replicated stream between two leaders answers no publish (nats-py raises
+    NoStreamResponseError): the handler's message must wait for the election, not count towards max_deliver."""
+    spec = replace(
+        await _consumer_on_fresh_stream(nats_client, max_deliver=2),
+        dependency_retry_first_seconds=0.02,
+        dependency_retry_max_seconds=0.05,
+    )
+    js = nats_client.jetstream()
+    leaderless = f"leaderless-{uuid.uuid4().hex[:8]}"
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def publishing_an_event(delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        if len(attempts) == 5:
+            # The stream is back (a new leader): the next publish is answered.
+            await js.add_stream(StreamConfig(name=leaderless, subjects=[f"{leaderless}.*"]))
+        await js.publish(f"{leaderless}.event", b"e", timeout=2)
+        done.set()
+
+    metrics = ConsumerMetrics(CollectorRegistry())
+    runner = ConsumerRunner(js, spec, publishing_an_event, ack_policy=AckPolicy.ACK, metrics=metrics)
+    await js.publish(f"{spec.stream}.x", b"m")
+    await _run_until(runner, done)
+    assert attempts == [1, 2, 3, 4, 5], "delivered past max_deliver while no stream answered"
+    assert (await js.stream_info(leaderless)).state.messages == 1
+    letters = await js.stream_info(DEAD_LETTERS.name, subjects_filter=f"agentbus.deadletter.{spec.stream}.>")
+    assert letters.state.subjects in (None, {}), "nothing was dead-lettered"
+
+
 def test_dependency_retries_back_off_exponentially_with_jitter() -> None:
     spec = replace(registry.RUNNER_SUBMISSIONS, dependency_retry_first_seconds=0.5, dependency_retry_max_seconds=30)
     rng = random.Random(7)

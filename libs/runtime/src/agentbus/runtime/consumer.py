@@ -23,6 +23,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 import nats.errors
+import nats.js.errors
 from agentbus.contracts.common import ErrorInfo
 from agentbus.contracts.registry import ConsumerSpec, Header
 from agentbus.runtime.deadletter import dead_letter
@@ -47,6 +48,10 @@ NATS_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     nats.errors.StaleConnectionError,
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
+    # A JetStream publish that no stream answered (a replicated stream between leaders, in a cluster) and
+    # the JetStream API's 503: the stream is there again once a leader is elected.
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
 )
 
 
