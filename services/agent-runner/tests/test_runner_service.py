@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
+from agentbus.agent_runner.ports import RunRecord
 from agentbus.agent_runner.service import RunnerMetrics, RunnerService, run_key
 from agentbus.agent_runner.specs import AgentSpec
 from agentbus.agent_runner.tools import BuiltinToolbox
 from agentbus.contracts.llm import ChatMessage, LlmResult
+from agentbus.contracts.runs import RunTimer
 from agentbus.contracts.tasks import TaskCancelRequested, TaskSubmitted
 from agentbus.runtime.errors import DependencyUnavailableError
 from fakes import CrashError, FakeBudgetGate, FakePublisher, FakeRunStore
@@ -184,3 +187,45 @@ async def test_a_finished_run_waits_for_a_usage_record_still_on_its_way_to_the_l
     budget.unpriced = set()
     await service.advance(_answer(), None)  # redelivered once the record is in the ledger
     assert json.loads(_event(publisher, "completed"))["cost_usd"] == 0.5
+
+
+class _CountingStore(FakeRunStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get(self, task_id: str) -> tuple[RunRecord, int] | None:
+        self.reads += 1
+        return await super().get(task_id)
+
+
+def _step_timer() -> RunTimer:
+    return RunTimer(task_id="t1", tenant="acme", due_at=datetime.now(UTC), kind="step", step=1)
+
+
+async def test_a_timer_of_a_run_this_runner_ended_is_passed_over_without_a_read() -> None:
+    store, publisher, budget = _CountingStore(), FakePublisher(), FakeBudgetGate()
+    service = _service(store, publisher, budget)
+    await service.submit(_submission(), None)
+    await service.advance(_answer(), None)
+    assert store.records[KEY][0].state.terminal
+    reads, published = store.reads, len(publisher.published)
+    await service.wake(_step_timer())
+    assert store.reads == reads, "the ended run is remembered"
+    # Another replica remembers nothing: it reads the run, finds it ended, and does nothing either.
+    await _service(store, publisher, budget).wake(_step_timer())
+    assert (store.reads, len(publisher.published)) == (reads + 1, published)
+
+
+async def test_a_run_whose_ending_was_not_carried_out_is_not_passed_over() -> None:
+    store, publisher, budget = _CountingStore(), FakePublisher(), FakeBudgetGate()
+    service = _service(store, publisher, budget)
+    await service.submit(_submission(), None)
+    budget.down = True
+    with pytest.raises(DependencyUnavailableError):
+        await service.advance(_answer(), None)  # stored ended, but not priced nor published yet
+    budget.down = False
+    reads = store.reads
+    await service.wake(_step_timer())
+    assert store.reads == reads + 1
+    assert _kinds(publisher)[-1] == "completed", "the timer found the ending and carried it out"

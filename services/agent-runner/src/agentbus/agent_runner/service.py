@@ -24,6 +24,7 @@ stored in place of the outbox, like a budget denial's ending.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -112,6 +113,9 @@ from prometheus_client import CollectorRegistry, Counter
 _log = get_logger(__name__)
 
 _MAX_CONFLICT_RETRIES = 20
+_ENDED_REMEMBERED = 50_000
+"""Runs this runner ended (their terminal record stored and carried out) that it remembers: a timer of one
+of them, which fires after the run ended as a rule (every step arms one), is passed over without a read."""
 USAGE_PATIENCE = timedelta(minutes=10)
 """How long a finished run's terminal event waits for a usage record it named to reach the ledger."""
 
@@ -185,6 +189,7 @@ class RunnerService:
         self._sessions = sessions
         self._memory = memory
         self._guardrails = dict(guardrails or {})
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     # --- inputs ------------------------------------------------------------------------------------
 
@@ -346,6 +351,8 @@ class RunnerService:
     async def wake(self, timer: RunTimer) -> None:
         """A run's timer fired: end the run at its deadline, or re-drive a step that still waits. A run that
         waits for its session asks for it again (its turn came, or the task before it ended without a word)."""
+        if run_key(timer.tenant, timer.task_id) in self._ended:
+            return  # a terminal run never changes again: nothing to end, re-drive or admit
         now = self._clock()
         current: Current | object = _UNREAD
         admission: Admission | None = None
@@ -473,6 +480,7 @@ class RunnerService:
                     _log.warning("run_ends_without_the_accountant", reason=str(exc))
                 else:
                     record, revision = done.record, done.revision
+                    self._remember_if_ended(key, record.state)
             transition = decide(record.state if record is not None else None)
             if transition is None:
                 return
@@ -496,13 +504,25 @@ class RunnerService:
                 continue
             self._stored(record.state if record is not None else None, transition, new_record)
             try:
-                await self._carry_out(key, new_record, revision)
+                done = await self._carry_out(key, new_record, revision)
             except RevisionConflictError:
                 pass  # a newer transition was stored: it carried out (idempotently) what it found here
             except (BudgetUnavailableError, MemoryUnavailableError) as exc:
                 raise DependencyUnavailableError(str(exc)) from exc
+            else:
+                self._remember_if_ended(key, done.record.state)
             return
         raise RetryableError(f"run {key} kept changing under {_MAX_CONFLICT_RETRIES} attempts")
+
+    def _remember_if_ended(self, key: str, state: RunState) -> None:
+        """Remember a run whose terminal record was carried out (only then: an ending not yet carried out
+        must still be found and finished by whatever comes next)."""
+        if not state.terminal:
+            return
+        self._ended[key] = None
+        self._ended.move_to_end(key)
+        while len(self._ended) > _ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
 
     def _stored(self, before: RunState | None, transition: Transition, record: RunRecord) -> None:
         for event in transition.events:
