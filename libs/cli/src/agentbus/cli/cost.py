@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import click
 import nats.errors
@@ -11,7 +12,9 @@ from agentbus.cli.inputs import parse_input
 from agentbus.contracts.budget import CostReportReply, CostReportRequest
 from agentbus.contracts.registry import COST_REPORT
 from nats.aio.client import Client as NatsClient
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+_Reply = TypeVar("_Reply", bound=BaseModel)
 
 REPORT_KEYS = ("tenant", "task", "agent", "model", "day")
 
@@ -62,18 +65,31 @@ def format_report(reply: CostReportReply) -> str:
     return "\n".join(lines)
 
 
-async def request_report(nc: NatsClient, request: CostReportRequest, timeout: float) -> CostReportReply:
-    """Ask the cost-accountant for a report over request/reply."""
+async def ask_accountant(
+    nc: NatsClient,
+    subject: str,
+    request: BaseModel,
+    reply_type: type[_Reply],
+    timeout: float,
+    *,
+    no_responders: str = "no cost-accountant is running to answer",
+) -> _Reply:
+    """One request to the cost-accountant; its silence, or an unreadable reply, as a one-line error."""
     try:
-        msg = await nc.request(COST_REPORT.format(), request.model_dump_json().encode(), timeout=timeout)
+        msg = await nc.request(subject, request.model_dump_json().encode(), timeout=timeout)
     except nats.errors.NoRespondersError as exc:
-        raise click.ClickException("no cost-accountant is running to answer") from exc
+        raise click.ClickException(no_responders) from exc
     except (nats.errors.TimeoutError, TimeoutError) as exc:
         raise click.ClickException(f"the cost-accountant did not answer within {timeout}s") from exc
     try:
-        return CostReportReply.model_validate_json(msg.data)
+        return reply_type.model_validate_json(msg.data)
     except ValidationError as exc:
         raise click.ClickException(f"unreadable reply from the cost-accountant: {exc.errors()[0]['msg']}") from exc
+
+
+async def request_report(nc: NatsClient, request: CostReportRequest, timeout: float) -> CostReportReply:
+    """Ask the cost-accountant for a report over request/reply."""
+    return await ask_accountant(nc, COST_REPORT.format(), request, CostReportReply, timeout)
 
 
 @click.group("cost")

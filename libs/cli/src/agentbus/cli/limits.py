@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import click
-import nats.errors
 from agentbus.cli.config import admin_credential, run_nats
+from agentbus.cli.cost import ask_accountant
 from agentbus.cli.inputs import parse_input
 from agentbus.contracts.budget import RateLimitsReply, RateLimitsRequest
 from agentbus.contracts.registry import RATE_LIMITS, budget_subject
 from nats.aio.client import Client as NatsClient
-from pydantic import ValidationError
 
 
 def _limit(value: int | None) -> str:
@@ -35,18 +34,15 @@ def format_levels(reply: RateLimitsReply) -> str:
 
 async def request_levels(nc: NatsClient, request: RateLimitsRequest, timeout: float) -> RateLimitsReply:
     """Ask the owner of the tenant's budget partition for its rate buckets."""
-    try:
-        msg = await nc.request(
-            budget_subject(RATE_LIMITS, request.tenant), request.model_dump_json().encode(), timeout=timeout
-        )
-    except nats.errors.NoRespondersError as exc:
-        raise click.ClickException("no cost-accountant serves this tenant's budget partition") from exc
-    except (nats.errors.TimeoutError, TimeoutError) as exc:
-        raise click.ClickException(f"the cost-accountant did not answer within {timeout}s") from exc
-    try:
-        return RateLimitsReply.model_validate_json(msg.data)
-    except ValidationError as exc:
-        raise click.ClickException(f"unreadable reply from the cost-accountant: {exc.errors()[0]['msg']}") from exc
+    subject = budget_subject(RATE_LIMITS, request.tenant)
+    return await ask_accountant(
+        nc,
+        subject,
+        request,
+        RateLimitsReply,
+        timeout,
+        no_responders="no cost-accountant serves this tenant's budget partition",
+    )
 
 
 @click.group("limits")
