@@ -10,12 +10,14 @@ import urllib.request
 import uuid
 from dataclasses import replace
 
+import nats.js.errors
 import pytest
 from agentbus.contracts import registry
 from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.registry import DEAD_LETTERS, ConsumerSpec
 from agentbus.runtime.bootstrap import apply_topology, consumer_config
 from agentbus.runtime.consumer import (
+    DUPLICATE_IN_PROCESS_ERR_CODE,
     RETRIES_EXHAUSTED_CODE,
     AckPolicy,
     ConsumerRunner,
@@ -203,6 +205,37 @@ async def test_a_publish_no_stream_answers_is_waited_for_like_an_outage_never_de
     await _run_until(runner, done)
     assert attempts == [1, 2, 3, 4, 5], "delivered past max_deliver while no stream answered"
     assert (await js.stream_info(leaderless)).state.messages == 1
+    letters = await js.stream_info(DEAD_LETTERS.name, subjects_filter=f"agentbus.deadletter.{spec.stream}.>")
+    assert letters.state.subjects in (None, {}), "nothing was dead-lettered"
+
+
+async def test_a_publish_whose_message_id_is_still_being_stored_is_waited_for_never_dead_lettered(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    """A cluster answers a publish retried across a failover, while the first with its message id is still
+    being replicated, with a 409 (err_code 10158): the message waits, whatever max_deliver says."""
+    spec = replace(
+        await _consumer_on_fresh_stream(nats_client, max_deliver=2),
+        dependency_retry_first_seconds=0.02,
+        dependency_retry_max_seconds=0.05,
+    )
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def publishing_while_the_first_is_stored(delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        if len(attempts) < 4:
+            raise nats.js.errors.APIError(
+                code=409, err_code=DUPLICATE_IN_PROCESS_ERR_CODE, description="duplicate message id is in process"
+            )
+        done.set()
+
+    metrics = ConsumerMetrics(CollectorRegistry())
+    js = nats_client.jetstream()
+    runner = ConsumerRunner(js, spec, publishing_while_the_first_is_stored, ack_policy=AckPolicy.ACK, metrics=metrics)
+    await js.publish(f"{spec.stream}.x", b"m")
+    await _run_until(runner, done)
+    assert attempts == [1, 2, 3, 4], "delivered past max_deliver while the first publish was stored"
     letters = await js.stream_info(DEAD_LETTERS.name, subjects_filter=f"agentbus.deadletter.{spec.stream}.>")
     assert letters.state.subjects in (None, {}), "nothing was dead-lettered"
 

@@ -53,6 +53,16 @@ NATS_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
 )
+DUPLICATE_IN_PROCESS_ERR_CODE = 10158
+"""JetStream's 409 to a publish whose message id an earlier publish is still storing: in a cluster, a publish
+retried across a failover while the first is still being replicated. It is stored once either way."""
+
+
+def is_nats_outage(error: BaseException) -> bool:
+    """Whether an error of nats-py means NATS (or a stream's leader) is briefly unavailable, not a bad message."""
+    if isinstance(error, NATS_OUTAGE_ERRORS):
+        return True
+    return isinstance(error, nats.js.errors.APIError) and error.err_code == DUPLICATE_IN_PROCESS_ERR_CODE
 
 
 def dependency_retry_delay(spec: ConsumerSpec, deliveries: int, rng: random.Random | None = None) -> float:
@@ -212,7 +222,7 @@ class ConsumerRunner:
         try:
             await self._handler(delivery)
         except Exception as exc:
-            if not isinstance(exc, (TerminalError, RetryableError, *NATS_OUTAGE_ERRORS)):
+            if not isinstance(exc, (TerminalError, RetryableError)) and not is_nats_outage(exc):
                 _log.exception("handler_failed", consumer=self._spec.durable, subject=delivery.subject)
             await self._settlement.failed(msg, delivery, exc)
         else:
@@ -276,7 +286,7 @@ class Settlement:
             await self.give_up(msg, delivery, ErrorInfo(code=error.code, message=error.message))
         elif isinstance(error, DependencyUnavailableError):
             await self.wait_for_dependency(msg, delivery, str(error), quiet=quiet)
-        elif isinstance(error, NATS_OUTAGE_ERRORS):
+        elif is_nats_outage(error):
             await self.wait_for_dependency(msg, delivery, f"NATS: {error.__class__.__name__}", quiet=quiet)
         else:
             delay = error.delay_seconds if isinstance(error, RetryableError) else None
