@@ -142,7 +142,10 @@ async def test_a_burst_over_a_tenant_limit_proceeds_window_by_window_and_every_t
     waited = {event["task_id"] for event in throttled}
     assert len(waited) >= BURST - 2 * PER_WINDOW, "all but a window's worth (or two, across a boundary) waited"
     assert all(event["limit"] == "tenant:acme:requests_per_minute" for event in throttled)
-    assert all(0 < event["wait_seconds"] <= WINDOW_SECONDS for event in throttled)
+    # A task held back is given its turn in a later window: it waits once, for as many windows as are ahead.
+    assert all(0 < event["wait_seconds"] <= (BURST // PER_WINDOW + 1) * WINDOW_SECONDS for event in throttled)
+    print(f"{len(throttled)} throttled events for {len(waited)} tasks that waited")
+    assert len(throttled) <= 1.2 * len(waited), "a waiting task is told to wait about once, not every window"
     line = describe(TASK_EVENT_ADAPTER.validate_python(throttled[0]))
     assert f"waits {throttled[0]['wait_seconds']:g}s for tenant:acme:requests_per_minute" in line
 

@@ -84,6 +84,29 @@ def test_exactly_the_limit_is_admitted_per_window_and_the_next_call_waits_for_th
     assert decide(b, ask("r10", task="t10"), WINDOW_START + timedelta(seconds=60)).allowed
 
 
+def test_calls_held_back_wait_their_turn_in_later_windows_first_come_first_served() -> None:
+    b = book(TEN_PER_MINUTE)
+    at = WINDOW_START + timedelta(seconds=50)
+    verdicts = [decide(b, ask(f"r{n}", task=f"t{n}"), at) for n in range(25)]
+    assert sum(v.allowed for v in verdicts) == 10
+    # The ten after them have places in the next window, the last five in the one after.
+    assert [v.wait_seconds for v in verdicts[10:]] == [10.0] * 10 + [70.0] * 5
+    next_window = WINDOW_START + timedelta(minutes=1)
+    # A newcomer there finds every place promised: it is given the next free one, behind the others.
+    newcomer = decide(b, ask("new", task="t-new"), next_window + timedelta(seconds=1))
+    assert (newcomer.allowed, newcomer.wait_seconds) == (False, 59.0)
+    # Back early, a call waits for its own turn.
+    assert decide(b, ask("r20", task="t20"), next_window).wait_seconds == pytest.approx(60.0)
+    # Each comes back at its turn and is admitted: no window admits more than ten.
+    assert all(decide(b, ask(f"r{n}", task=f"t{n}"), next_window).allowed for n in range(10, 20))
+    later = next_window + timedelta(minutes=1)
+    assert all(decide(b, ask(f"r{n}", task=f"t{n}"), later).allowed for n in range(20, 25))
+    assert decide(b, ask("new", task="t-new"), later).allowed
+    # Six of its ten places were promised and taken: four newcomers fit, the fifth waits.
+    more = [decide(b, ask(f"m{n}", task=f"tm{n}"), later).allowed for n in range(5)]
+    assert more == [True] * 4 + [False]
+
+
 def test_a_held_back_call_keeps_nothing_so_the_same_reservation_is_decided_again() -> None:
     b = book(TEN_PER_MINUTE)
     for n in range(10):

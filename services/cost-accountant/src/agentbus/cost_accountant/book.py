@@ -309,6 +309,7 @@ class PartitionBook:
             now,
             new_task=not task.stored,
             llm=llm,
+            reservation_id=request.reservation_id,
         )
         if throttle is not None:
             # Nothing is kept: the same reservation id asks again once the limit allows it.

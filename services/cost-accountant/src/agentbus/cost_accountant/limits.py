@@ -12,6 +12,12 @@ The levels are not stored apart: an admitted LLM reservation is stored with its 
 owner counts the current window's reservations again (see `RateBook.admitted`), so a restart or a take-over
 never refills a bucket.
 
+A call over a requests limit is given a place in the first later window that has one (its reservation id holds
+it), and waits until that window begins: calls held back wait their turn, first come first served, rather than
+all coming back at the next boundary to find it full again. A newcomer is admitted only where the places
+promised in its window leave room. Places live in the owner's memory only: after a restart a returning call
+asks again like a newcomer. A call over a tokens limit waits for the next window.
+
 A call over a limit waits (the reply says `throttled` and for how long). A limit with `on_limit: reject` refuses
 a task's first reservation instead (`rate_limited`): the submission is rejected rather than queued; the later
 steps of a task it admitted still wait.
@@ -28,6 +34,7 @@ from agentbus.contracts.common import Identifier
 from pydantic import BaseModel, ConfigDict, Field
 
 _EPOCH = datetime(1970, 1, 1)
+_PLACES_KEPT = 100_000
 
 REQUESTS = "requests_per_minute"
 TOKENS = "tokens_per_minute"
@@ -192,6 +199,10 @@ class RateBook:
     """(tenant, bucket) → its current (or last used) window."""
     open_tasks: dict[str, int] = field(default_factory=dict)
     """Tenant → tasks seen by a reservation and not closed."""
+    places: dict[tuple[str, str], dict[int, int]] = field(default_factory=dict)
+    """(tenant, bucket) → window index → places promised there to calls held back, not yet taken."""
+    placed: dict[str, tuple[int, tuple[str, str]]] = field(default_factory=dict)
+    """Reservation id → the window and bucket of the place it holds."""
 
     def _index(self, now: datetime) -> int:
         return math.floor(_seconds(now) / self.policy.window_seconds)
@@ -207,8 +218,12 @@ class RateBook:
         *,
         new_task: bool,
         llm: bool,
+        reservation_id: str | None = None,
     ) -> Throttle | None:
-        """Whether a call may be made now; a Throttle naming the first limit it would go over, if not."""
+        """Whether a call may be made now; a Throttle naming the first limit it would go over, if not.
+
+        A call held back by a requests limit is given a place in a later window under `reservation_id`; when it
+        asks again in that window, the place is its own."""
         if new_task:
             tenant_limit = self.policy.tenant_limit(tenant)
             cap = tenant_limit.concurrent_tasks if tenant_limit is not None else None
@@ -221,13 +236,24 @@ class RateBook:
         if not llm:
             return None
         index = self._index(now)
+        held = self.placed.get(reservation_id) if reservation_id is not None else None
+        if held is not None and held[0] > index:
+            # Back before its turn (a timer that fired early): it waits for its place.
+            return Throttle(f"{held[1][1]}:{REQUESTS}", self._until(held[0], now), False)
+        if held is not None and reservation_id is not None:
+            self._give_up_place(reservation_id)  # its turn: it takes the place now, or a later one below
         for bucket in self.policy.buckets(tenant, agent, user, model):
-            window = self.windows.get((tenant, bucket.name))
+            key = (tenant, bucket.name)
+            window = self.windows.get(key)
             current = window is not None and window.index == index
             requests, used = (window.requests, window.tokens) if window is not None and current else (0, 0)
+            promised = self._promised(key, index)
             limit = bucket.limit
             over: str | None = None
-            if limit.requests_per_minute is not None and requests + 1 > limit.requests_per_minute:
+            if limit.requests_per_minute is not None and requests + promised + 1 > limit.requests_per_minute:
+                if reservation_id is not None and not (new_task and limit.on_limit == "reject"):
+                    turn = self._place(key, reservation_id, index, limit.requests_per_minute)
+                    return Throttle(f"{bucket.name}:{REQUESTS}", self._until(turn, now), False)
                 over = REQUESTS
             # A call larger than a whole window's tokens is let through alone in an empty window: it would
             # otherwise wait for ever.
@@ -238,6 +264,40 @@ class RateBook:
                 reject = new_task and limit.on_limit == "reject"
                 return Throttle(f"{bucket.name}:{over}", round(max(wait, 0.001), 3), reject)
         return None
+
+    def _until(self, index: int, now: datetime) -> float:
+        return round(max(index * self.policy.window_seconds - _seconds(now), 0.001), 3)
+
+    def _promised(self, key: tuple[str, str], index: int) -> int:
+        """Places promised in window `index` and not taken yet; those of windows gone by are forgotten."""
+        promised = self.places.get(key)
+        if not promised:
+            return 0
+        for gone in [w for w in promised if w < index]:
+            del promised[gone]
+        return promised.get(index, 0)
+
+    def _place(self, key: tuple[str, str], reservation_id: str, index: int, per_window: int) -> int:
+        """Promise the call a place in the first window after `index` with room; returns that window."""
+        promised = self.places.setdefault(key, {})
+        turn = index + 1
+        while promised.get(turn, 0) >= per_window:
+            turn += 1
+        promised[turn] = promised.get(turn, 0) + 1
+        self.placed[reservation_id] = (turn, key)
+        if len(self.placed) > _PLACES_KEPT:
+            # Places of calls that never came back (their task ended meanwhile) are forgotten.
+            for rid in [r for r, (w, _) in self.placed.items() if w < index]:
+                del self.placed[rid]
+        return turn
+
+    def _give_up_place(self, reservation_id: str) -> None:
+        turn, key = self.placed.pop(reservation_id)
+        promised = self.places.get(key, {})
+        if promised.get(turn, 0) > 1:
+            promised[turn] -= 1
+        else:
+            promised.pop(turn, None)
 
     def admit(self, admission: Admission, now: datetime) -> None:
         """Count an admitted LLM call in each of its buckets' window of `now` (which must be current)."""
