@@ -5,7 +5,8 @@ the wheel with identities enforced, the topology, each service its own process, 
 deterministic offline engine, NOT a language model) and the floor:
 
 Every suite's agents name the shipped guardrail policies `no-secrets`, `privacy` and `size-limits` (every
-input, tool call and answer is checked), and the accountant applies the shipped `config/limits.yaml`:
+input, tool call and answer is checked), and the accountant applies the shipped `config/limits.yaml` with
+limits of the benchmark tenant's own, decided on every call and never reached:
 
 - `suite`: every service, budgets on (each LLM step reserved with the cost-accountant, its rate limits
   decided in the same reservation, every run priced);
@@ -394,15 +395,31 @@ def _guarded_agents(folder: Path) -> Path:
     return agents
 
 
+BENCH_TENANT_LIMITS = {"requests_per_minute": 100_000_000, "tokens_per_minute": 10**13, "concurrent_tasks": 1_000_000}
+"""The benchmark tenant's own limits: checked on every call like any tenant's, never reached, so the figures
+are the cost of deciding limits, not of waiting for them (the shipped defaults allow 100 calls a second)."""
+
+
+def _bench_config(folder: Path) -> Path:
+    """A copy of config/ whose limits.yaml gives the benchmark tenant its own limits (see above)."""
+    config = folder / "config"
+    shutil.copytree(REPO_ROOT / "config", config)
+    limits = yaml.safe_load((config / "limits.yaml").read_text())
+    limits.setdefault("tenants", {})[TENANT] = {"tenant": BENCH_TENANT_LIMITS}
+    (config / "limits.yaml").write_text(yaml.safe_dump(limits, sort_keys=False))
+    return config
+
+
 def _suite(state_dir: Path, only: frozenset[Service] | None, environment: dict[str, str]) -> Suite:
     state_dir.mkdir(parents=True)
     (state_dir / "identities.yaml").write_text(IDENTITIES_YAML)
+    specs = state_dir.with_name(f"{state_dir.name}-specs")
     return Suite(
         state_dir,
-        _guarded_agents(state_dir.with_name(f"{state_dir.name}-specs")),
+        _guarded_agents(specs),
         echo=sys.stderr,
         enforce_identities=True,
-        config_dir=REPO_ROOT / "config",
+        config_dir=_bench_config(specs),
         tools_dir=REPO_ROOT / "tools",
         only=only,
         environment=environment,
