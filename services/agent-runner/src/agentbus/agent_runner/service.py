@@ -872,11 +872,10 @@ class RunnerService:
             self._metrics.guardrail_findings.labels(finding.policy, finding.detector, finding.action, event.stage).inc()
         described = sorted({f"{f.policy}/{f.check}:{f.kind}" for f in event.findings})
         _log.info("guardrail_findings", stage=event.stage, action=event.action, step=event.step, findings=described)
-        span_id = hashlib.sha256(f"{run_key(event.tenant, event.task_id)}:guardrail:{event.seq}".encode()).hexdigest()
         self._spans.record(
             name=f"guardrail {event.stage}",
             kind="agent_step",
-            trace=TraceContext(record.trace_id, span_id[:16]),
+            trace=TraceContext(record.trace_id, _run_span_id(event.tenant, event.task_id, f"guardrail:{event.seq}")),
             parent_span_id=task_span_id(event.tenant, event.task_id),
             start=event.at,
             end=event.at,
@@ -946,14 +945,19 @@ def _priced(item: OutboxItem, cost_usd: float) -> OutboxItem:
     return item.model_copy(update={"payload": priced.model_dump_json(fallback=str)})
 
 
+def _run_span_id(tenant: str, task_id: str, part: str) -> str:
+    """A span id derived from the run and what the span is of: a redelivered transition names the same span."""
+    return hashlib.sha256(f"{run_key(tenant, task_id)}:{part}".encode()).hexdigest()[:16]
+
+
 def task_span_id(tenant: str, task_id: str) -> str:
     """The id of a task's root span: derived from the run, so every transition names the same parent."""
-    return hashlib.sha256(f"{run_key(tenant, task_id)}:task".encode()).hexdigest()[:16]
+    return _run_span_id(tenant, task_id, "task")
 
 
 def step_span_id(tenant: str, task_id: str, step: int) -> str:
     """The id of a step's agent_step span: derived, so redelivered transitions point at the same span."""
-    return hashlib.sha256(f"{run_key(tenant, task_id)}:step:{step}".encode()).hexdigest()[:16]
+    return _run_span_id(tenant, task_id, f"step:{step}")
 
 
 def _estimated_prompt_tokens(request: LlmRequest) -> int:
