@@ -327,10 +327,6 @@ class RateBook:
         else:
             self.open_tasks.pop(tenant, None)
 
-    def window_start(self, now: datetime) -> float:
-        """Seconds since the epoch at which the window of `now` began."""
-        return self._index(now) * self.policy.window_seconds
-
     def levels(self, tenant: str, now: datetime) -> list[BucketLevel]:
         """The tenant's buckets that admitted something in the current window, or that have limits of their own."""
         index = self._index(now)
