@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Literal
 
 from agentbus.contracts.common import BusMessage, ErrorInfo, Identifier, utc_now
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class BudgetErrorCode(StrEnum):
+    """Codes of the `error` in the cost-accountant's replies: what the services that ask it act on."""
+
+    STORE_UNAVAILABLE = "store_unavailable"
+    """The ledger does not answer: ask again later (never a reason to fail a task)."""
+    TASK_CLOSED = "task_closed"
+    """The task ended and its budget was closed: nothing more is reserved for it."""
+    RATE_LIMITED = "rate_limited"
+    """A rate limit with `on_limit: reject` refuses a new task while it is reached."""
+    MISSING_MODEL = "missing_model"
+    MISSING_TOOL = "missing_tool"
 
 
 class BudgetReserveRequest(BusMessage):

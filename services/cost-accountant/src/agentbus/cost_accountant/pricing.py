@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass
 from decimal import Decimal
 
+from agentbus.contracts.budget import BudgetErrorCode
 from agentbus.contracts.usage import UsageRecorded
 from agentbus.cost_accountant.domain import usd_to_nano
 from pydantic import BaseModel, ConfigDict, Field
@@ -149,7 +150,7 @@ def price_usage(table: PriceTable, usage: UsageRecorded) -> Price:
     whole_nano = 0
     if usage.kind == "llm":
         if not usage.model:
-            raise PricingError("missing_model", "an llm usage record must name its model")
+            raise PricingError(BudgetErrorCode.MISSING_MODEL, "an llm usage record must name its model")
         model_price, by_default = table.model_price(usage.model)
         whole = _whole_nano_per_token(model_price.prompt_per_million, model_price.completion_per_million)
         if whole is not None:  # exact in integers; every record is priced here
@@ -165,7 +166,7 @@ def price_usage(table: PriceTable, usage: UsageRecorded) -> Price:
     if usage.kind in ("tool", "retrieval"):
         tool = usage.tool or (RETRIEVAL_TOOL if usage.kind == "retrieval" else None)
         if tool is None:
-            raise PricingError("missing_tool", "a tool usage record must name its tool")
+            raise PricingError(BudgetErrorCode.MISSING_TOOL, "a tool usage record must name its tool")
         tool_price, by_default = table.tool_price(tool)
         total += tool_price.per_call
     return Price(whole_nano + (usd_to_nano(total) if total else 0), by_default)

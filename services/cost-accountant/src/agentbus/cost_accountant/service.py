@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agentbus.contracts.budget import (
+    BudgetErrorCode,
     BudgetReleaseRequest,
     BudgetReserveReply,
     BudgetReserveRequest,
@@ -52,12 +53,6 @@ from agentbus.runtime.errors import TerminalError
 from agentbus.runtime.logging import get_logger
 
 _log = get_logger(__name__)
-
-STORE_UNAVAILABLE = "store_unavailable"
-TASK_CLOSED = "task_closed"
-MISSING_MODEL = "missing_model"
-MISSING_TOOL = "missing_tool"
-RATE_LIMITED = "rate_limited"
 
 
 def _error(code: str, message: str) -> ErrorInfo:
@@ -173,12 +168,12 @@ class AccountantService:
     def _estimate(self, request: BudgetReserveRequest) -> int:
         if request.kind == "llm":
             if not request.model:
-                raise PricingError(MISSING_MODEL, "an llm reservation must name its model")
+                raise PricingError(BudgetErrorCode.MISSING_MODEL, "an llm reservation must name its model")
             return price_tokens(
                 self._prices, request.model, request.estimated_prompt_tokens, request.estimated_completion_tokens
             ).nano
         if not request.tool:
-            raise PricingError(MISSING_TOOL, "a tool reservation must name its tool")
+            raise PricingError(BudgetErrorCode.MISSING_TOOL, "a tool reservation must name its tool")
         return price_tool_call(self._prices, request.tool).nano
 
     async def reserve(self, request: BudgetReserveRequest) -> BudgetReserveReply | None:
@@ -225,7 +220,9 @@ class AccountantService:
             elif isinstance(error, StoreUnavailable):
                 self._outcomes["error"].inc()
                 answer.set_result(
-                    BudgetReserveReply(reservation_id=rid, allowed=False, error=_error(STORE_UNAVAILABLE, str(error)))
+                    BudgetReserveReply(
+                        reservation_id=rid, allowed=False, error=_error(BudgetErrorCode.STORE_UNAVAILABLE, str(error))
+                    )
                 )
             elif isinstance(error, NotServing):
                 answer.set_result(None)
@@ -241,7 +238,7 @@ class AccountantService:
             return BudgetReserveReply(
                 reservation_id=rid,
                 allowed=False,
-                error=_error(TASK_CLOSED, f"task {task_id} was closed: its run has ended"),
+                error=_error(BudgetErrorCode.TASK_CLOSED, f"task {task_id} was closed: its run has ended"),
             )
         if verdict.rate_limit is not None:
             self._outcomes["rate_limited" if verdict.rate_reject else "throttled"].inc()
@@ -270,7 +267,7 @@ class AccountantService:
             return None
         except StoreUnavailable as exc:
             return BudgetReserveReply(
-                reservation_id=request.task_id, allowed=False, error=_error(STORE_UNAVAILABLE, str(exc))
+                reservation_id=request.task_id, allowed=False, error=_error(BudgetErrorCode.STORE_UNAVAILABLE, str(exc))
             )
         return BudgetReserveReply(reservation_id=request.task_id, allowed=True, reserved_usd=nano_to_usd(released))
 
@@ -295,7 +292,7 @@ class AccountantService:
         except NotServing:
             return None
         except StoreUnavailable as exc:
-            return RateLimitsReply(tenant=request.tenant, error=_error(STORE_UNAVAILABLE, str(exc)))
+            return RateLimitsReply(tenant=request.tenant, error=_error(BudgetErrorCode.STORE_UNAVAILABLE, str(exc)))
         book = self._committer.books.get(partition)
         if book is None:
             return None
@@ -351,7 +348,9 @@ class AccountantService:
         except NotServing:
             return None
         except StoreUnavailable as exc:
-            return TaskCostReply(task_id=request.task_id, cost_usd=0.0, error=_error(STORE_UNAVAILABLE, str(exc)))
+            return TaskCostReply(
+                task_id=request.task_id, cost_usd=0.0, error=_error(BudgetErrorCode.STORE_UNAVAILABLE, str(exc))
+            )
         return TaskCostReply(
             task_id=request.task_id, cost_usd=nano_to_usd(cost), missing_usage_ids=missing, closed=closed
         )
@@ -381,7 +380,8 @@ class AccountantService:
         except Exception as exc:
             _log.exception("report_failed")
             return CostReportReply(
-                by=request.by, error=_error(STORE_UNAVAILABLE, f"the ledger failed: {exc.__class__.__name__}")
+                by=request.by,
+                error=_error(BudgetErrorCode.STORE_UNAVAILABLE, f"the ledger failed: {exc.__class__.__name__}"),
             )
         rows = [
             CostReportRow(
@@ -438,7 +438,10 @@ def _reply(reservation_id: str, verdict: Verdict) -> BudgetReserveReply:
                 allowed=False,
                 retry_after_seconds=verdict.wait_seconds,
                 limit=verdict.rate_limit,
-                error=_error(RATE_LIMITED, f"rate limit {verdict.rate_limit} refuses new tasks while it is reached"),
+                error=_error(
+                    BudgetErrorCode.RATE_LIMITED,
+                    f"rate limit {verdict.rate_limit} refuses new tasks while it is reached",
+                ),
             )
         return BudgetReserveReply(
             reservation_id=reservation_id,

@@ -9,6 +9,7 @@ from agentbus.agent_runner.ports import (
     TaskCost,
 )
 from agentbus.contracts.budget import (
+    BudgetErrorCode,
     BudgetReleaseRequest,
     BudgetReserveReply,
     BudgetReserveRequest,
@@ -24,10 +25,6 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
 
 _log = get_logger(__name__)
-
-STORE_UNAVAILABLE = "store_unavailable"
-TASK_CLOSED = "task_closed"
-RATE_LIMITED = "rate_limited"
 
 
 class NatsBudgetGate:
@@ -57,9 +54,9 @@ class NatsBudgetGate:
     def _check(error: ErrorInfo | None) -> None:
         if error is None:
             return
-        if error.code == STORE_UNAVAILABLE:
+        if error.code == BudgetErrorCode.STORE_UNAVAILABLE:
             raise BudgetUnavailableError(f"the cost-accountant's store is unavailable: {error.message}")
-        if error.code == TASK_CLOSED:
+        if error.code == BudgetErrorCode.TASK_CLOSED:
             raise BudgetTaskClosedError(error.message)
         raise BudgetRefusedError(f"{error.code}: {error.message}")
 
@@ -69,7 +66,7 @@ class NatsBudgetGate:
             verdict = BudgetReserveReply.model_validate_json(data)
         except ValidationError as exc:
             raise BudgetUnavailableError(f"unreadable reservation reply: {exc}") from exc
-        if verdict.error is not None and verdict.error.code == RATE_LIMITED:
+        if verdict.error is not None and verdict.error.code == BudgetErrorCode.RATE_LIMITED:
             return verdict  # a rate limit refusing a new task: the run rejects it
         self._check(verdict.error)
         return verdict
