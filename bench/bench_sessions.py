@@ -6,9 +6,11 @@ Figures, not a test. One suite (agent-runner and inference-worker, budgets off, 
 `--history` messages, no compression). Tasks are submitted one at a time, each after the previous one
 completed, alternating task by task between `echo` (no session) and `echo-memory` (every task of a round in
 one session, so each reads and writes a session of up to `--history` messages); submit-to-completed
-latencies, medians over every round.
+latencies, medians over every round. With `--consecutive N`, N tasks of each in a row: a session's turn is
+then submitted the moment the turn before it completed, maybe before that turn left the session (it then
+waits for the leave, `queued`; how many did is printed).
 
-    uv run python bench/bench_sessions.py [--tasks 200] [--repeat 3] [--history 20]
+    uv run python bench/bench_sessions.py [--tasks 200] [--repeat 3] [--history 20] [--consecutive 1]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from agentbus.cli.suite import Suite
 from agentbus.contracts import registry
 from agentbus.contracts.registry import Service
 from bench_tasks import IDENTITIES_YAML, MSG_ID, REPO_ROOT, SUBMITTER, TENANT, Completions, _inbox, say
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 ECHO = (REPO_ROOT / "agents" / "echo.yaml").read_text(encoding="utf-8")
@@ -72,7 +75,8 @@ async def _block(
     return samples
 
 
-async def _measure(suite: Suite, args: argparse.Namespace) -> dict[str, list[float]]:
+async def _measure(suite: Suite, args: argparse.Namespace) -> tuple[dict[str, list[float]], int]:
+    """Latencies of each kind of task, and how many session turns were accepted queued."""
     credential = suite.credential(submitter_user(SUBMITTER))
     assert credential is not None
     nc = await nats.connect(
@@ -82,7 +86,16 @@ async def _measure(suite: Suite, args: argparse.Namespace) -> dict[str, list[flo
         inbox_prefix=_inbox(credential.user),
     )
     completions = Completions()
-    await nc.subscribe(registry.TASK_EVENT.pattern.format(tenant=TENANT, task_id="*"), cb=completions.on_event)
+    events = registry.TASK_EVENT.pattern.format(tenant=TENANT, task_id="*")
+    await nc.subscribe(events, cb=completions.on_event)
+    queued: set[str] = set()
+
+    async def on_accepted(msg: Msg) -> None:
+        event = json.loads(msg.data)
+        if event.get("kind") == "accepted" and event.get("queued"):
+            queued.add(str(event.get("task_id")))
+
+    await nc.subscribe(events, cb=on_accepted)
     js = nc.jetstream()
     run = f"s{int(time.time())}"
     try:
@@ -92,11 +105,12 @@ async def _measure(suite: Suite, args: argparse.Namespace) -> dict[str, list[flo
         for r in range(args.repeat):
             say(f"round {r + 1}/{args.repeat}")
             session = f"{run}-session-{r}"
-            # Alternating task by task, so the machine's drift falls on both alike.
-            for i in range(args.tasks):
-                results["no memory"] += await _block(js, completions, "echo", None, 1, f"{run}-{r}-{i}-a")
-                results["session"] += await _block(js, completions, "echo-memory", session, 1, f"{run}-{r}-{i}-b")
-        return results
+            # Alternating (task by task, or N by N), so the machine's drift falls on both alike.
+            n = args.consecutive
+            for i in range(0, args.tasks, n):
+                results["no memory"] += await _block(js, completions, "echo", None, n, f"{run}-{r}-{i}-a")
+                results["session"] += await _block(js, completions, "echo-memory", session, n, f"{run}-{r}-{i}-b")
+        return results, sum(1 for task_id in queued if "-warm-" not in task_id)
     finally:
         await nc.close()
 
@@ -106,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, default=200, help="tasks per block (default 200)")
     parser.add_argument("--repeat", type=int, default=3, help="blocks of each (default 3)")
     parser.add_argument("--history", type=int, default=20, help="messages a session keeps (default 20)")
+    parser.add_argument(
+        "--consecutive", type=int, default=1, help="tasks of each in a row, alternating (default 1: task by task)"
+    )
     args = parser.parse_args(argv)
     environment = {"AGENTBUS_RUNNER_BUDGETS_ENABLED": "false"}
     for service in ("RUNNER", "WORKER"):
@@ -128,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         try:
             suite.start(ready_timeout=120)
-            results = asyncio.run(_measure(suite, args))
+            results, queued = asyncio.run(_measure(suite, args))
         finally:
             suite.stop()
     print(f"machine: {os.cpu_count()} vCPU, Python {platform.python_version()}, {platform.platform()}")
@@ -141,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:>10}: p50 {median * 1000:.2f} ms  p95 {p95 * 1000:.2f} ms  "
             f"({len(samples)} tasks; {100 * (median / base - 1):+.1f}% vs no memory)"
         )
+    print(f"session turns accepted queued (the turn before had not left the session yet): {queued}")
 
 
 if __name__ == "__main__":

@@ -504,6 +504,22 @@ async def test_a_strict_session_rejects_a_second_task_while_one_runs(
     assert busy["deleted"] == []
 
 
+async def test_a_strict_session_takes_each_turn_submitted_the_moment_the_last_one_ended(
+    suite: tuple[Suite, NatsClient], model: FakeOpenAI
+) -> None:
+    # A run's end reaches its client before the run leaves its session: the next turn must wait for that
+    # leave, not be refused `session_busy`, and must see every turn before it.
+    _, nc = suite
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    texts = [f"{session}: turn {n}" for n in range(5)]
+    for n, text in enumerate(texts):
+        events = await _turn(nc, "chat-strict", session, text)
+        assert events[-1]["kind"] == "completed", events[-1]
+        assert [content for role, content in _contents(model.messages_for(text)) if role == "user"] == texts[: n + 1]
+    [detail] = (await _ask(nc, "show", {"session_id": session}))["sessions"]
+    assert (detail["turns"], detail["running"], detail["waiting"]) == (5, None, [])
+
+
 async def test_a_session_needs_an_agent_with_a_memory_store(suite: tuple[Suite, NatsClient]) -> None:
     _, nc = suite
     events = await _turn(nc, "stateless", "s-none", "hello")

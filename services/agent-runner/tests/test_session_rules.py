@@ -73,6 +73,30 @@ def test_a_busy_session_refuses_a_task_by_policy() -> None:
     assert change.admission.status == "busy"
 
 
+def test_a_strict_session_queues_the_next_task_behind_one_that_ended_and_has_yet_to_leave() -> None:
+    record = _joined(None, "t1")
+    change = sessions.join(record, KEY, "t2", NOW, "reject", leaving="t1")
+    assert change.admission.status == "waiting"
+    assert change.record is not None
+    assert (change.record.running, change.record.waiting) == ("t1", ["t2"])
+    left = sessions.leave(change.record, KEY, Departure("t1", _turn("t1")), QUEUE, NOW)
+    assert left.signal == ("t2",), "the leave hands the session to the task that waited for it"
+    assert left.record is not None
+    admitted = sessions.join(left.record, KEY, "t2", NOW, "reject")
+    assert admitted.admission.status == "running"
+    assert [turn.task_id for turn in admitted.admission.turns] == ["t1"]
+
+
+def test_a_strict_session_still_refuses_while_the_running_task_goes_on_or_another_waits() -> None:
+    record = _joined(None, "t1")
+    assert sessions.join(record, KEY, "t2", NOW, "reject", leaving="t9").admission.status == "busy"
+    queued = sessions.join(record, KEY, "t2", NOW, "reject", leaving="t1").record
+    assert queued is not None
+    third = sessions.join(queued, KEY, "t3", NOW, "reject", leaving="t1")
+    assert third.admission.status == "busy", "t2 runs next: t3 would wait for a task that has not ended"
+    assert third.record is None
+
+
 def test_history_keeps_the_newest_turns_within_max_history() -> None:
     spec = MemoryStoreSpec.model_validate({"name": "conversations", "max_history": {"messages": 4}})
     record: SessionRecord | None = None

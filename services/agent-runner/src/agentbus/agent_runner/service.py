@@ -13,12 +13,14 @@ in the outbox behind it. Only what ends a run (its deadline, a cancellation, a m
 ahead without the accountant: the waiting call is then dropped, since it will never be made.
 
 A task of a session joins it before its first transition is decided (the session's history is part of
-the run's first request, and a busy session may refuse it); a run leaves its session first thing in the
-outbox of its ending, so its terminal event is out only once the next task of the session can see its
-turn. A memory store that is down is waited for like the accountant; a run that ends meanwhile sends its
-terminal event anyway, and leaves the session when the store is back. Memory tool calls (remember,
-recall) are carried out last, by the runner itself: their results are applied to the run in a transition
-stored in place of the outbox, like a budget denial's ending.
+the run's first request, and a busy session may refuse it); a run leaves its session right after its
+terminal event, so its client does not wait for that write. The next task of the session still sees the
+turn: while the session names the ended run as running, the next task waits for the leave, which hands it
+the session (a store that refuses a busy session's tasks lets it wait too: that run has ended), and people
+reading the session carry the leave out themselves. A memory store that is down is waited for like the
+accountant; a run that ends meanwhile sends its terminal event anyway, and leaves the session when the
+store is back. Memory tool calls (remember, recall) are carried out last, by the runner itself: their
+results are applied to the run in a transition stored in place of the outbox, like a budget denial's ending.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from agentbus.agent_runner.ports import (
     TaskCost,
 )
 from agentbus.agent_runner.session_coordinator import SessionBusyError, SessionCoordinator
-from agentbus.agent_runner.sessions import Admission, SessionKey
+from agentbus.agent_runner.sessions import Admission, SessionKey, SessionRecord
 from agentbus.agent_runner.specs import AgentSpec
 from agentbus.contracts.budget import BudgetReserveRequest
 from agentbus.contracts.common import ErrorInfo, utc_now
@@ -245,6 +247,11 @@ class RunnerService:
             )
 
         await self._transact(submission.tenant, submission.task_id, decide, trace, current=current)
+        if admission is not None and admission.status == "waiting" and not existing:
+            # The task before it may have left, and signalled this run, before this run was stored (a signal
+            # that finds no run is dropped): now that it is stored, it asks for its turn again.
+            timer = RunTimer(task_id=submission.task_id, tenant=submission.tenant, due_at=self._clock(), kind="session")
+            await self.wake(timer)
         if joined and session_key is not None and existing:
             # The task id was taken by another submission meanwhile: unless that is this very run of this
             # session, still going, the session must not keep this task in it.
@@ -272,7 +279,7 @@ class RunnerService:
         """Join a session, waiting for its store while it is down; tell the tasks whose turn came meanwhile."""
         stale = self._stale_in(key) if repair else None
         try:
-            admission, wrote, signals = await self._sessions_or_fail().join(key, task_id, stale)
+            admission, wrote, signals = await self._sessions_or_fail().join(key, task_id, stale, self._leaving_in(key))
         except MemoryUnavailableError as exc:
             raise DependencyUnavailableError(str(exc)) from exc
         await self._signal(key.tenant, signals)
@@ -289,9 +296,21 @@ class RunnerService:
             state = record.state
             if state.session is None or state.session.key(key.tenant) != key:
                 return True
-            return state.terminal and not any(item.kind == "session_leave" for item in record.outbox)
+            return state.terminal and _pending_leave(record, key) is None
 
         return stale
+
+    def _leaving_in(self, key: SessionKey) -> Callable[[str], Awaitable[bool]]:
+        """Whether the task a session names as running has ended, its leave of the session still to be carried
+        out (its terminal event goes out first)."""
+
+        async def leaving(task_id: str) -> bool:
+            current = await self._store.get(run_key(key.tenant, task_id))
+            if current is None:
+                return False
+            return _pending_leave(current[0], key) is not None
+
+        return leaving
 
     async def _signal(self, tenant: str, task_ids: tuple[str, ...]) -> None:
         """Tell runs waiting for their session that their turn has come: a timer, published at once."""
@@ -413,6 +432,8 @@ class RunnerService:
             return SessionsListReply()
         try:
             found = await self._sessions.owned(tenant, submitter, request.store, request.limit + 1)
+            if await self._settle(tenant, found):
+                found = await self._sessions.owned(tenant, submitter, request.store, request.limit + 1)
         except MemoryUnavailableError as exc:
             return SessionsListReply(error=ErrorInfo(code="unavailable", message=str(exc)))
         return SessionsListReply(
@@ -426,6 +447,8 @@ class RunnerService:
             return SessionShowReply()
         try:
             found = await self._sessions.show(tenant, submitter, request.session_id, request.store)
+            if await self._settle(tenant, found):
+                found = await self._sessions.show(tenant, submitter, request.session_id, request.store)
         except MemoryUnavailableError as exc:
             return SessionShowReply(error=ErrorInfo(code="unavailable", message=str(exc)))
         return SessionShowReply(sessions=[session_views.detail(record) for record in found])
@@ -435,12 +458,34 @@ class RunnerService:
         if self._sessions is None:
             return SessionDeleteReply()
         try:
-            deleted = await self._sessions.delete(tenant, submitter, request.session_id, request.store)
+            try:
+                deleted = await self._sessions.delete(tenant, submitter, request.session_id, request.store)
+            except SessionBusyError:
+                found = await self._sessions.show(tenant, submitter, request.session_id, request.store)
+                if not await self._settle(tenant, found):
+                    raise
+                deleted = await self._sessions.delete(tenant, submitter, request.session_id, request.store)
         except SessionBusyError as exc:
             return SessionDeleteReply(error=ErrorInfo(code=ErrorCode.SESSION_BUSY, message=str(exc)))
         except MemoryUnavailableError as exc:
             return SessionDeleteReply(error=ErrorInfo(code="unavailable", message=str(exc)))
         return SessionDeleteReply(deleted=deleted)
+
+    async def _settle(self, tenant: str, found: list[SessionRecord]) -> bool:
+        """Carry out, on its behalf, the leave of each found session's running task that has ended: its end
+        reaches its client before it leaves the session, and a client that heard a turn end must see that
+        turn (and may delete the session). Leaving twice changes nothing. True if any session changed."""
+        settled = False
+        for record in found:
+            if record.running is None:
+                continue
+            current = await self._store.get(run_key(tenant, record.running))
+            key = SessionKey(record.store, record.tenant, record.submitter, record.session_id)
+            item = _pending_leave(current[0], key) if current is not None else None
+            if item is not None:
+                await self._leave(item)
+                settled = True
+        return settled
 
     # --- the transaction ---------------------------------------------------------------------------
 
@@ -705,15 +750,6 @@ class RunnerService:
         # executor's tool spans hang under the step that asked for them.
         step_trace = TraceContext(trace_id, step_span_id(state.tenant, state.task_id, state.step)).traceparent
         items = []
-        if (leave := transition.session_leave) is not None:
-            # First: once the run's end is out, the next task of the session sees this one's turn.
-            items.append(
-                OutboxItem(
-                    kind="session_leave",
-                    msg_id=f"leave:{run_key(state.tenant, state.task_id)}",
-                    payload=leave.model_dump_json(),
-                )
-            )
         if transition.llm_request is not None and not transition.redrive and _starts(transition):
             # Reserved before the run's acceptance goes out: a rate limit that rejects new tasks then
             # rejects the submission itself.
@@ -729,6 +765,16 @@ class RunnerService:
             )
             for event in transition.events
         ]
+        if (leave := transition.session_leave) is not None:
+            # Right after the run's end, which its client waits for; the next task of the session waits for
+            # this leave instead (see `_leaving_in`), so it still sees this one's turn.
+            items.append(
+                OutboxItem(
+                    kind="session_leave",
+                    msg_id=f"leave:{run_key(state.tenant, state.task_id)}",
+                    payload=leave.model_dump_json(),
+                )
+            )
         if transition.wake is not None:
             items.append(self._wake_item(transition.wake))
         suffix = f":redrive-{transition.redrive}" if transition.redrive else ""
@@ -929,6 +975,14 @@ class RunnerService:
 
 def _starts(transition: Transition) -> bool:
     return any(event.kind == "accepted" for event in transition.events)
+
+
+def _pending_leave(record: RunRecord, key: SessionKey) -> OutboxItem | None:
+    """The leave of session `key` that an ended run has still to carry out."""
+    state = record.state
+    if not state.terminal or state.session is None or state.session.key(state.tenant) != key:
+        return None
+    return next((item for item in record.outbox if item.kind == "session_leave"), None)
 
 
 def _is_event(item: OutboxItem) -> bool:

@@ -29,6 +29,8 @@ _REMEMBERED = 4096
 
 Stale = Callable[[str], Awaitable[bool]]
 """Whether the task a session names as running has ended without leaving it."""
+Leaving = Callable[[str], Awaitable[bool]]
+"""Whether the task a session names as running has ended, its leave still on its way."""
 
 
 class SessionBusyError(Exception):
@@ -51,23 +53,32 @@ class SessionCoordinator:
         return self._specs.get(store) if store in self._stores else None
 
     async def join(
-        self, key: SessionKey, task_id: str, stale: Stale | None = None
+        self, key: SessionKey, task_id: str, stale: Stale | None = None, leaving: Leaving | None = None
     ) -> tuple[Admission, bool, tuple[str, ...]]:
         """Join the session: what it gave the task, whether the record changed, and tasks whose turn has come.
 
         With `stale`, a running task whose run ended without leaving (it joined late, after it left) is
-        evicted first, so the tasks behind it are not kept waiting.
+        evicted first, so the tasks behind it are not kept waiting. With `leaving`, a store that refuses a
+        busy session's tasks first asks whether the running task has ended already: then this task waits for
+        its leave instead of being refused.
         """
         spec = self._specs[key.store]
         signals: tuple[str, ...] = ()
+        ended: str | None = None
 
         def decide(record: SessionRecord | None) -> Change:
-            return sessions.join(record, key, task_id, self._clock(), spec.on_busy)
+            return sessions.join(record, key, task_id, self._clock(), spec.on_busy, ended)
 
         for _ in range(_MAX_CONFLICT_RETRIES):
             change, record, wrote = await self._apply(key, decide)
             signals += change.signal
             running = record.running if record is not None else None
+            busy = change.admission.status == "busy"
+            if busy and leaving is not None and running is not None and running != ended:
+                if not await leaving(running):
+                    return change.admission, wrote, signals
+                ended = running
+                continue
             if wrote or change.admission.status != "waiting" or stale is None or running is None:
                 return change.admission, wrote, signals
             if not await stale(running):

@@ -114,9 +114,19 @@ def _running(record: SessionRecord) -> Admission:
 
 
 def join(
-    record: SessionRecord | None, key: SessionKey, task_id: str, now: datetime, on_busy: Literal["queue", "reject"]
+    record: SessionRecord | None,
+    key: SessionKey,
+    task_id: str,
+    now: datetime,
+    on_busy: Literal["queue", "reject"],
+    leaving: str | None = None,
 ) -> Change:
-    """A task asks for the session: it runs it if nobody does, else waits behind the others (or is refused)."""
+    """A task asks for the session: it runs it if nobody does, else waits behind the others (or is refused).
+
+    `leaving`: a task known to have ended, its leave on its way. A run's end reaches its client before it
+    leaves the session, so `on_busy: reject` does not refuse the next turn for a task that is as good as gone:
+    that turn waits for the leave, which hands it the session.
+    """
     record = record or new_record(key, now)
     if record.running == task_id:
         return Change(None, _running(record))
@@ -127,7 +137,8 @@ def join(
     if record.running is None and not record.waiting:
         joined = record.model_copy(update={"running": task_id, "updated_at": now})
         return Change(joined, _running(joined))
-    if on_busy == "reject":
+    about_to_leave = leaving is not None and record.running == leaving and not record.waiting
+    if on_busy == "reject" and not about_to_leave:
         return Change(None, Admission("busy"))
     queued = record.model_copy(update={"waiting": [*record.waiting, task_id], "updated_at": now})
     if queued.running is None:
