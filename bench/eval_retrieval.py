@@ -25,8 +25,9 @@ In both:
 
 Every document is ingested through the retriever's own use case (`RetrieverService.ingest`: chunking,
 the numpy MiniLM embedder, the BM25 analyzer, upsert into a Milvus Lite file served by its own process,
-as the service runs it), and every query goes through `RetrieverService.search` in each mode with the
-service's default settings. A document's rank is the rank of its first chunk among the top 20 chunks.
+as the service runs it; flushed once, after the last document, unless `--flush-delay` is given: see
+`evaluate`), and every query goes through `RetrieverService.search` in each mode with the service's
+default settings. A document's rank is the rank of its first chunk among the top 20 chunks.
 R@k: share of queries whose document is among the first k distinct documents; MRR@10: mean of 1/rank
 (0 past 10); nDCG@10 with one relevant document: mean of 1/log2(rank + 1) (0 past 10).
 
@@ -34,7 +35,7 @@ Baselines, on whole documents (no chunking): **textbook BM25** (Okapi, k1 1.2, b
 `\\w+` words, nothing else) and **exact cosine** over the same MiniLM's embeddings of each whole document
 (cut at 256 tokens, as the model is).
 
-    uv run python bench/eval_retrieval.py [--set stdlib|numpy|all] [--sweep] [--write-sets]
+    uv run python bench/eval_retrieval.py [--set stdlib|numpy|all] [--sweep] [--flush-delay 0.5] [--write-sets]
 
 `--write-sets` derives both sets afresh and stores the stdlib queries and the whole numpy set.
 """
@@ -376,16 +377,21 @@ def default_policy() -> RetrieverPolicy:
 
 
 async def evaluate(
-    eval_set: EvalSet, embedder: MiniLmEmbedder, *, sweep: bool = False
+    eval_set: EvalSet, embedder: MiniLmEmbedder, *, sweep: bool = False, flush_delay: float | None = None
 ) -> tuple[dict[str, dict[str, Metrics]], dict[float, dict[str, Metrics]], dict[str, float]]:
-    """(figures per system and split, hybrid figures per dense weight when `sweep`, ingest figures)."""
+    """(figures per system and split, hybrid figures per dense weight when `sweep`, ingest figures).
+
+    With `flush_delay` None the index is flushed once, after the last document: one segment, so BM25
+    statistics cover the whole set as a Milvus server's do. With a delay it flushes as the service does
+    (when writes pause that long), and Milvus Lite scores each segment with that segment's statistics.
+    """
     policy = default_policy()
     figures: dict[str, dict[str, Metrics]] = {}
     sweep_figures: dict[float, dict[str, Metrics]] = {}
     with tempfile.TemporaryDirectory(prefix="eval-retrieval-") as tmp:
         client, lite = open_client(str(Path(tmp) / "eval.db"))
         ensure_collection(client, TENANT, embedder.dimension)
-        index = MilvusVectorIndex(client, TENANT, flush_delay_seconds=0.5, owned=lite)
+        index = MilvusVectorIndex(client, TENANT, flush_delay_seconds=flush_delay, owned=lite)
         service = RetrieverService(embedder, index, policy, RetrieverMetrics(CollectorRegistry()))
         started = time.perf_counter()
         chunks = 0
@@ -464,11 +470,17 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="hybrid figures for every dense weight")
     parser.add_argument("--write-sets", action="store_true", help="derive both sets and store them in bench/data")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
+    parser.add_argument(
+        "--flush-delay",
+        type=float,
+        default=None,
+        help="flush when writes pause this long, as the service does (default: once, after ingesting)",
+    )
     args = parser.parse_args()
     names = ("stdlib", "numpy") if args.set == "all" else (args.set,)
     embedder = MiniLmEmbedder(batch_size=32)
     embedder.load()
-    report: dict[str, object] = {"dense_weight": default_policy().dense_weight}
+    report: dict[str, object] = {"dense_weight": default_policy().dense_weight, "flush_delay": args.flush_delay}
     for name in names:
         if args.write_sets:
             eval_set = derive_set(name, args.max_documents, args.queries, args.seed)
@@ -476,7 +488,9 @@ def main() -> None:
         else:
             eval_set = load_set(name, args.max_documents, args.queries, args.seed)
         log(f"{name}: {len(eval_set.documents)} documents, {len(eval_set.queries)} queries")
-        figures, sweep, ingest = asyncio.run(evaluate(eval_set, embedder, sweep=args.sweep))
+        figures, sweep, ingest = asyncio.run(
+            evaluate(eval_set, embedder, sweep=args.sweep, flush_delay=args.flush_delay)
+        )
         report[name] = {"figures": figures, "sweep": {str(w): f for w, f in sweep.items()}, "ingest": ingest}
         for split in ("all", "dev", "held-out"):
             print_table(f"{name}: {len(eval_set.queries)} queries", figures, split)

@@ -83,9 +83,24 @@ def test_inflections_of_a_word_share_one_term() -> None:
     assert porter_stem("connections") == porter_stem("connected") == porter_stem("connect")
 
 
-def test_analysis_lowercases_drops_stop_words_and_keeps_numbers_and_identifiers() -> None:
-    assert analyze("How do I Reset the PASSWORDS of user_42 in 2024?") == ["reset", "password", "user_42", "2024"]
+def test_analysis_lowercases_drops_stop_words_and_short_numbers() -> None:
+    assert analyze("How do I Reset the PASSWORDS of user 42 in 2024?") == ["reset", "password", "user", "2024"]
+    assert analyze("axis 0 or 1, RFC 2822, port 8080") == ["axi", "rfc", "2822", "port", "8080"]
     assert analyze("what is the") == []
     assert {"the", "what", "how", "is"} <= STOP_WORDS
     assert analyzed_text("Résumé files, résumés") == "résumé file résumé"
     assert analyze("x" * 41 + " kept") == ["kept"]
+
+
+def test_an_identifier_is_found_by_its_parts_and_by_its_whole_name() -> None:
+    assert analyze("x : array_like") == ["x", "arraylik", "arrai", "like"]
+    assert analyze("the max_workers of __init__") == ["maxwork", "max", "worker", "init"]
+    assert set(analyze("an array-like value")) >= set(analyze("array_like")) - {"arraylik"}
+    assert analyze("ArrayLike") == analyze("arraylike") == ["arraylik"]
+
+
+def test_terms_never_contain_underscores_so_every_tokenizer_reads_them_alike() -> None:
+    text = "np.linalg.norm(x_1, ord=None) __array_function__ _private a__b user_42 ___"
+    terms = analyze(text)
+    assert all(term.isalnum() for term in terms), terms
+    assert analyze("np.linalg.norm") == ["np", "linalg", "norm"]

@@ -102,3 +102,28 @@ def test_an_index_whose_lite_process_died_is_not_serving(tmp_path: Path) -> None
     assert not index.serving()
     client.close()
     server.stop()
+
+
+async def test_bm25_finds_an_identifier_by_its_parts_and_ranks_its_exact_name_first(tmp_path: Path) -> None:
+    texts = {
+        "takes": "x : array_like\n    Input data, in any form: lists, tuples, nested sequences.",
+        "prose": "Convert the input to an array; anything array-like is accepted.",
+        "other": "Return the number of elements along a given axis.",
+    }
+    client = connect(str(tmp_path / "index.db"))
+    ensure_collection(client, "chunks", DIMENSION)
+    index = MilvusVectorIndex(client, "chunks")
+    vector = np.eye(DIMENSION, dtype=np.float32)[0].tolist()
+    rows = [
+        ChunkRow(chunk_key("t", doc, 0), "t", doc, 0, text, analyzed_text(text), vector, {}, "app")
+        for doc, text in texts.items()
+    ]
+    try:
+        await index.upsert(rows)
+        await index.flush()
+        by_name = await index.search_bm25(analyzed_text("array_like"), tenant_condition("t"), 3)
+        by_parts = await index.search_bm25(analyzed_text("array-like values"), tenant_condition("t"), 3)
+    finally:
+        await index.close()
+    assert [h.document_id for h in by_name][:1] == ["takes"]
+    assert {h.document_id for h in by_parts} == {"takes", "prose"}

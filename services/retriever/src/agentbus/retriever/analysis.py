@@ -1,8 +1,17 @@
-"""The BM25 analyzer: words, lower case, English stop words removed, Porter stems.
+"""The BM25 analyzer: lower-case words and identifiers (whole and in parts), Porter stems, no stop words.
 
 The retriever analyzes text itself and hands Milvus the result as space-separated terms, so BM25 ranks
 stems ("indexing", "indexes" and "index" are one term) on Milvus Lite, whose analyzer has no stemmer,
 exactly as on a Milvus server. Documents and queries go through the same function.
+
+Technical text names things by identifiers (`array_like`, `max_workers`, `__init__`): an identifier
+gives its parts as terms ("array", "like"), so prose that says "array-like" or "maximum workers" finds
+it, and the whole identifier once more, written and stemmed as one word ("arraylik", as `ArrayLike` and
+"arraylike" give), so a query that names it exactly ranks it first. Terms never contain an underscore:
+Milvus Lite's tokenizer keeps runs of word characters whole, a server's standard tokenizer may split
+them at underscores; an alphanumeric term is one token to both. Numbers of one or two digits (example
+data, list indices, section numbers) are dropped: they lengthen chunks that show examples and match
+nothing a reader means; longer ones (RFC 2822, 8080) are kept.
 
 The stemmer is M. F. Porter's 1980 algorithm ("An algorithm for suffix stripping", Program 14(3)), the
 one textbook IR systems use; `tests/test_analysis.py` checks it against the examples of the paper.
@@ -15,7 +24,8 @@ from functools import lru_cache
 
 _WORD = re.compile(r"\w+")
 _MAX_TERM_CHARS = 40
-"""Longer "words" (hashes, base64, runs of underscores) are dropped rather than indexed."""
+"""Longer "words" (hashes, base64) are dropped rather than indexed."""
+_MAX_DROPPED_NUMBER_DIGITS = 2
 
 # Lucene's English stop set plus the question words and auxiliaries that carry no topic in a query.
 STOP_WORDS = frozenset(
@@ -189,13 +199,26 @@ def porter_stem(word: str) -> str:
     return word
 
 
+def _word_term(word: str) -> str | None:
+    if word in STOP_WORDS or (word.isdigit() and len(word) <= _MAX_DROPPED_NUMBER_DIGITS):
+        return None
+    return porter_stem(word)
+
+
 def analyze(text: str) -> list[str]:
-    """The BM25 terms of `text`, in order: lower-cased words minus stop words, stemmed."""
-    return [
-        porter_stem(word)
-        for word in _WORD.findall(text.lower())
-        if word not in STOP_WORDS and len(word) <= _MAX_TERM_CHARS
-    ]
+    """The BM25 terms of `text`, in order: lower-cased words minus stop words and short numbers, stemmed.
+
+    An identifier of several parts gives the parts joined (its name) and then each part as a word.
+    """
+    terms: list[str] = []
+    for word in _WORD.findall(text.lower()):
+        if len(word) > _MAX_TERM_CHARS:
+            continue
+        parts = [part for part in word.split("_") if part]
+        if len(parts) > 1:
+            terms.append(porter_stem("".join(parts)))
+        terms.extend(term for part in parts if (term := _word_term(part)) is not None)
+    return terms
 
 
 def analyzed_text(text: str) -> str:
