@@ -9,19 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from agentbus.agent_runner.tools import BUILTIN_TOOLS, MEMORY_TOOL_SPECS
 from agentbus.cli.suite import DEFAULT_TOOLS_DIR
-from agentbus.runtime.tool_registry import (
-    McpServerDefinition,
-    McpStdioTransport,
-    ToolDefinition,
-    ToolDefinitionError,
-    distinct_tools,
-    load_mcp_servers,
-    load_tool_definitions,
-)
+
+if TYPE_CHECKING:  # loaded by the commands that read tools, not by every `agentbus` invocation
+    from agentbus.runtime.tool_registry import McpServerDefinition, ToolDefinition
 
 BUILT_IN = "built-in (agent-runner)"
 NOT_APPLICABLE = "-"
@@ -51,6 +45,8 @@ def describe_approval(definition: ToolDefinition) -> str:
 
 def describe_source(definition: ToolDefinition, servers: dict[str, McpServerDefinition]) -> str:
     """Where a tool comes from: its kind and file, or for an MCP tool its server, tool, transport and file."""
+    from agentbus.runtime.tool_registry import McpStdioTransport
+
     if definition.mcp is not None:
         server = servers[definition.mcp.server]
         transport = "stdio" if isinstance(server.transport, McpStdioTransport) else server.transport.url
@@ -60,6 +56,9 @@ def describe_source(definition: ToolDefinition, servers: dict[str, McpServerDefi
 
 def tool_rows(tools_dir: Path) -> list[ToolRow]:
     """Every tool of the tools folder, then the runner's own. Raises ToolDefinitionError naming the file and field."""
+    from agentbus.agent_runner.tools import BUILTIN_TOOLS, MEMORY_TOOL_SPECS
+    from agentbus.runtime.tool_registry import distinct_tools, load_mcp_servers, load_tool_definitions
+
     definitions = load_tool_definitions(tools_dir)
     servers = load_mcp_servers(tools_dir)
     rows = [
@@ -113,6 +112,8 @@ def list_command(tools_dir: Path, as_json: bool) -> None:
     RERUN says whether a call interrupted by a crash runs again (the tool is idempotent) or ends
     `execution_interrupted`. It reads files only: an MCP server's live tool list is the executor's to follow.
     """
+    from agentbus.runtime.tool_registry import ToolDefinitionError
+
     try:
         rows = tool_rows(tools_dir)
     except ToolDefinitionError as exc:

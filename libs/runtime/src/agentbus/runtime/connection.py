@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import nats
 from agentbus.runtime.logging import get_logger
-from agentbus.runtime.settings import ServiceSettings
 from nats.aio.client import Client as NatsClient
+
+if TYPE_CHECKING:  # the CLI connects without loading the services' settings machinery
+    from agentbus.runtime.settings import ServiceSettings
 
 DEFAULT_INBOX_PREFIX = "_INBOX"
 RECONNECT_WAIT_SECONDS = 0.5
