@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import pytest
+from agentbus.agent_runner import sessions
 from agentbus.agent_runner.memory import MemoryStoreSpec
 from agentbus.agent_runner.ports import (
     MemoryUnavailableError,
@@ -284,6 +285,33 @@ async def test_a_turn_signalled_before_its_run_was_stored_still_gets_its_turn() 
     await service.submit(_submission("t2", "who am I?"), None)
     assert queued == ["t2"], "t2 was queued behind t1"
     assert ("assistant", "Hello Grace") in _seen(_request(publisher, "t2"))
+
+
+async def test_a_taken_task_id_submitted_to_another_session_leaves_it_again() -> None:
+    runs, publisher, store = FakeRunStore(), FakePublisher(), FakeSessionStore()
+    service = _service(runs, publisher, store)
+    await service.submit(_submission("t1", "I am Grace"), None)
+    await service.advance(_answer(publisher, "t1", "Hello Grace"), None)
+    sent = len(publisher.published)
+    await service.submit(_submission("t1", "who am I?").model_copy(update={"session_id": "s2"}), None)
+    other = store.records[SessionKey("conversations", "acme", "ada", "s2").text][0]
+    assert (other.running, other.waiting, other.turns) == (None, [], [])
+    assert len(publisher.published) == sent, "the task id stays taken: nothing else happens"
+
+
+async def test_a_strict_session_held_by_a_run_that_will_never_leave_is_repaired_for_the_next_turn() -> None:
+    runs, publisher, store = FakeRunStore(), FakePublisher(), FakeSessionStore()
+    service = _service(runs, publisher, store, "reject")
+    ghost = _submission("ghost", "hello").model_copy(update={"session_id": None})
+    await service.submit(ghost, None)
+    await service.advance(_answer(publisher, "ghost", "hi"), None)
+    held = sessions.join(None, KEY, "ghost", utc_now(), "reject").record
+    assert held is not None
+    store.records[KEY.text] = (held, 1)
+    await service.submit(_submission("t2", "who am I?"), None)
+    assert _events(publisher, "t2")[0]["kind"] == "accepted"
+    assert _request(publisher, "t2") is not None, "t2 runs: the run that held the session was evicted"
+    assert store.session().running == "t2"
 
 
 async def test_with_the_store_down_the_end_goes_out_and_the_leave_waits_for_the_store() -> None:

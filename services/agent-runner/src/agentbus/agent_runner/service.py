@@ -25,6 +25,7 @@ results are applied to the run in a transition stored in place of the outbox, li
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -198,8 +199,8 @@ class RunnerService:
     async def submit(self, submission: TaskSubmitted, trace: TraceContext | None) -> None:
         """Start a run; a task id seen before in the tenant (running, ended or rejected) starts nothing.
 
-        A task of a session joins the session first (unless its run exists already): what that gave it (run
-        now after the history, wait, or be refused) is part of the run's first transition.
+        A task of a session joins the session first: what that gave it (run now after the history, wait, or be
+        refused) is part of the run's first transition.
         """
         spec = self._agents.get(submission.agent)
         store = self._memory_spec(spec.memory if spec is not None else None)
@@ -208,12 +209,15 @@ class RunnerService:
         session_key: SessionKey | None = None
         joined = False
         if spec is not None and store is not None and submission.session_id is not None:
-            current = await self._store.get(run_key(submission.tenant, submission.task_id))
-            if current is None:
-                session_key = SessionKey(
-                    store.name, submission.tenant, submission.submitted_by or ANONYMOUS, submission.session_id
-                )
-                admission, joined = await self._join(session_key, submission.task_id)
+            session_key = SessionKey(
+                store.name, submission.tenant, submission.submitted_by or ANONYMOUS, submission.session_id
+            )
+            # Both at once, one round trip: a task id that turns out to be taken has joined for nothing (unless
+            # it is this very run, which joined before: that changes nothing), and leaves again below.
+            current, (admission, joined) = await asyncio.gather(
+                self._store.get(run_key(submission.tenant, submission.task_id)),
+                self._join(session_key, submission.task_id),
+            )
         existing: list[RunState] = []
 
         def decide(state: RunState | None) -> Transition | None:
@@ -293,22 +297,18 @@ class RunnerService:
             if current is None:
                 return False  # it may be starting this very moment
             record, _ = current
-            state = record.state
-            if state.session is None or state.session.key(key.tenant) != key:
-                return True
-            return state.terminal and _pending_leave(record, key) is None
+            return _done_with(record, key) and _pending_leave(record, key) is None
 
         return stale
 
     def _leaving_in(self, key: SessionKey) -> Callable[[str], Awaitable[bool]]:
-        """Whether the task a session names as running has ended, its leave of the session still to be carried
-        out (its terminal event goes out first)."""
+        """Whether the task a session names as running is about to give it up: its run ended (its terminal event
+        goes out before its leave; a run that will never leave is evicted by the next waiting task's repair) or
+        is another session's (a taken task id that joined for nothing, and leaves again)."""
 
         async def leaving(task_id: str) -> bool:
             current = await self._store.get(run_key(key.tenant, task_id))
-            if current is None:
-                return False
-            return _pending_leave(current[0], key) is not None
+            return current is not None and _done_with(current[0], key)
 
         return leaving
 
@@ -975,6 +975,12 @@ class RunnerService:
 
 def _starts(transition: Transition) -> bool:
     return any(event.kind == "accepted" for event in transition.events)
+
+
+def _done_with(record: RunRecord, key: SessionKey) -> bool:
+    """Whether a run that session `key` names as running holds it no more: it ended, or is not of that session."""
+    state = record.state
+    return state.terminal or state.session is None or state.session.key(state.tenant) != key
 
 
 def _pending_leave(record: RunRecord, key: SessionKey) -> OutboxItem | None:

@@ -30,7 +30,7 @@ _REMEMBERED = 4096
 Stale = Callable[[str], Awaitable[bool]]
 """Whether the task a session names as running has ended without leaving it."""
 Leaving = Callable[[str], Awaitable[bool]]
-"""Whether the task a session names as running has ended, its leave still on its way."""
+"""Whether the task a session names as running is giving it up (its run ended): it is as good as gone."""
 
 
 class SessionBusyError(Exception):

@@ -123,9 +123,9 @@ def join(
 ) -> Change:
     """A task asks for the session: it runs it if nobody does, else waits behind the others (or is refused).
 
-    `leaving`: a task known to have ended, its leave on its way. A run's end reaches its client before it
-    leaves the session, so `on_busy: reject` does not refuse the next turn for a task that is as good as gone:
-    that turn waits for the leave, which hands it the session.
+    `leaving`: a task known to be giving the session up (its run ended: a run's end reaches its client before
+    the run leaves its session). `on_busy: reject` does not refuse the next turn for a task that is as good as
+    gone: that turn waits for the leave, which hands it the session.
     """
     record = record or new_record(key, now)
     if record.running == task_id:
