@@ -1,4 +1,4 @@
-"""The Milvus index adapter on a real Milvus Lite file: batched searches never mix tenants."""
+"""The Milvus index adapter on a real Milvus Lite file: batched searches never mix tenants; BM25 reads identifiers."""
 
 from __future__ import annotations
 
