@@ -28,6 +28,25 @@ def agentbus(
     )
 
 
+def agentbus_at_once(
+    commands: Sequence[Sequence[str]], cwd: Path, timeout: float = 60
+) -> list[subprocess.CompletedProcess[str]]:
+    """Each `agentbus ARGS` of `commands` in `cwd`, all started together (each is a process of its own, as
+    when run one by one), their outputs captured in order."""
+    started = [
+        (
+            list(args),
+            subprocess.Popen([AGENTBUS, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        )
+        for args in commands
+    ]
+    done = []
+    for args, process in started:
+        out, err = process.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess([AGENTBUS, *args], process.returncode, out, err))
+    return done
+
+
 def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, *expected: str) -> None:
     """The command failed with `code`, said so in one `Error:` line (after click's usage lines for a usage
     error) containing each of `expected`, and printed no traceback or pydantic text."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ from cli_support import (
     TRACEBACK,
     Suite,
     agentbus,
+    agentbus_at_once,
     assert_one_line_error,
     prepare_folder,
     running_suite,
@@ -145,64 +147,75 @@ async def test_streams_apply_says_unchanged_when_nothing_changed_and_status_list
 
 
 def test_help_and_version_answer_to_their_usual_spellings(tmp_path: Path) -> None:
-    for args in (["-h"], ["--help"], ["submit", "-h"], ["approvals", "approve", "-h"], ["doctor", "-h"]):
-        done = agentbus(*args, cwd=tmp_path)
+    helps = [["-h"], ["--help"], ["submit", "-h"], ["approvals", "approve", "-h"], ["doctor", "-h"]]
+    *answers, version = agentbus_at_once([*helps, ["--version"]], cwd=tmp_path)
+    for done in answers:
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("Usage: agentbus"), done.stdout
-    assert "cancel" in agentbus("-h", cwd=tmp_path).stdout
-    version = agentbus("--version", cwd=tmp_path)
+    assert "cancel" in answers[0].stdout
     assert version.returncode == 0, version.stderr
     assert re.fullmatch(r"agentbus, version \d+\.\d+\.\d+\n", version.stdout), version.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (["submit", "--tenant", "acme", "--agent", "echo", "--task-id", "bad id!", "hi"], "--task-id: use 1 to 64"),
-        (["submit", "--tenant", "acme", "--agent", "echo", ""], "TASK_INPUT: must not be empty"),
-        (["submit", "--tenant", "ac me", "--agent", "echo", "hi"], "--tenant: use 1 to 64"),
-        (["submit", "--tenant", "acme", "--agent", "echo", "--budget-usd", "-1", "hi"], "--budget-usd"),
-        (["cancel", "task 1", "--tenant", "acme"], "--task-id: use 1 to 64"),
-        (["events", "no/such", "--tenant", "acme"], "TASK_ID: use 1 to 64"),
-        (["approvals", "show", "a b"], "APPROVAL_ID: use 1 to 64"),
-        (["approvals", "list", "--tenant", "a.b"], "--tenant: use 1 to 64"),
-        (["approvals", "approve", "ap-1", "--as", "al ice"], "--as: use 1 to 64"),
-        (["search", "acme", ""], "QUERY: must not be empty"),
-        (["search", "a*", "refunds"], "TENANT: use 1 to 64"),
-        (["search", "acme", "refunds", "--filter", "product name=x"], "FIELD is a letter or '_'"),
-        (["ingest", "acme", "Makefile"], "only .md and .txt files are ingested"),
-        (["cost", "report", "--since", "last week"], "neither an ISO date/time nor a span"),
-    ],
-)
-def test_bad_input_is_one_usage_line_naming_the_option(args: list[str], expected: str, tmp_path: Path) -> None:
+BAD_INPUT = [
+    (["submit", "--tenant", "acme", "--agent", "echo", "--task-id", "bad id!", "hi"], "--task-id: use 1 to 64"),
+    (["submit", "--tenant", "acme", "--agent", "echo", ""], "TASK_INPUT: must not be empty"),
+    (["submit", "--tenant", "ac me", "--agent", "echo", "hi"], "--tenant: use 1 to 64"),
+    (["submit", "--tenant", "acme", "--agent", "echo", "--budget-usd", "-1", "hi"], "--budget-usd"),
+    (["cancel", "task 1", "--tenant", "acme"], "--task-id: use 1 to 64"),
+    (["events", "no/such", "--tenant", "acme"], "TASK_ID: use 1 to 64"),
+    (["approvals", "show", "a b"], "APPROVAL_ID: use 1 to 64"),
+    (["approvals", "list", "--tenant", "a.b"], "--tenant: use 1 to 64"),
+    (["approvals", "approve", "ap-1", "--as", "al ice"], "--as: use 1 to 64"),
+    (["search", "acme", ""], "QUERY: must not be empty"),
+    (["search", "a*", "refunds"], "TENANT: use 1 to 64"),
+    (["search", "acme", "refunds", "--filter", "product name=x"], "FIELD is a letter or '_'"),
+    (["ingest", "acme", "Makefile"], "only .md and .txt files are ingested"),
+    (["cost", "report", "--since", "last week"], "neither an ISO date/time nor a span"),
+]
+
+
+def test_bad_input_is_one_usage_line_naming_the_option(tmp_path: Path) -> None:
     (tmp_path / "Makefile").write_text("all:\n")
-    assert_one_line_error(agentbus(*args, "--nats-url", UNREACHABLE, cwd=tmp_path), 2, expected)
+    answers = agentbus_at_once([[*args, "--nats-url", UNREACHABLE] for args, _ in BAD_INPUT], cwd=tmp_path)
+    for (args, expected), done in zip(BAD_INPUT, answers, strict=True):
+        with _case(args):
+            assert_one_line_error(done, 2, expected)
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["status"],
-        ["streams", "apply"],
-        ["submit", "--tenant", "acme", "--agent", "echo", "hi"],
-        ["submit", "--tenant", "acme", "--agent", "echo", "--wait", "hi"],
-        ["cancel", "task-1", "--tenant", "acme"],
-        ["events", "task-1"],
-        ["events", "task-1", "--tenant", "acme"],
-        ["approvals", "list"],
-        ["approvals", "show", "ap-1"],
-        ["approvals", "approve", "ap-1", "--as", "alice"],
-        ["approvals", "watch"],
-        ["ingest", "acme", "notes.md"],
-        ["search", "acme", "how do refunds work"],
-        ["cost", "report", "--by", "model"],
-    ],
-)
-def test_every_command_without_a_server_says_so_in_one_line(args: list[str], tmp_path: Path) -> None:
+NEEDS_A_SERVER = [
+    ["status"],
+    ["streams", "apply"],
+    ["submit", "--tenant", "acme", "--agent", "echo", "hi"],
+    ["submit", "--tenant", "acme", "--agent", "echo", "--wait", "hi"],
+    ["cancel", "task-1", "--tenant", "acme"],
+    ["events", "task-1"],
+    ["events", "task-1", "--tenant", "acme"],
+    ["approvals", "list"],
+    ["approvals", "show", "ap-1"],
+    ["approvals", "approve", "ap-1", "--as", "alice"],
+    ["approvals", "watch"],
+    ["ingest", "acme", "notes.md"],
+    ["search", "acme", "how do refunds work"],
+    ["cost", "report", "--by", "model"],
+]
+
+
+def test_every_command_without_a_server_says_so_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "notes.md").write_text("# Notes\nSomething to index.\n")
-    assert_one_line_error(
-        agentbus(*args, "--nats-url", UNREACHABLE, cwd=tmp_path), 1, f"cannot reach NATS at {UNREACHABLE}"
-    )
+    answers = agentbus_at_once([[*args, "--nats-url", UNREACHABLE] for args in NEEDS_A_SERVER], cwd=tmp_path)
+    for args, done in zip(NEEDS_A_SERVER, answers, strict=True):
+        with _case(args):
+            assert_one_line_error(done, 1, f"cannot reach NATS at {UNREACHABLE}")
+
+
+@contextlib.contextmanager
+def _case(args: list[str]) -> Iterator[None]:
+    """Name the command whose check failed (the commands of one test run together, each in its own process)."""
+    try:
+        yield
+    except AssertionError as exc:
+        raise AssertionError(f"agentbus {' '.join(args)}: {exc}") from exc
 
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback() -> None:
