@@ -8,9 +8,11 @@ completed, alternating task by task between `echo` (no session) and `echo-memory
 one session, so each reads and writes a session of up to `--history` messages); submit-to-completed
 latencies, medians over every round. With `--consecutive N`, N tasks of each in a row: a session's turn is
 then submitted the moment the turn before it completed, maybe before that turn left the session (it then
-waits for the leave, `queued`; how many did is printed).
+waits for the leave, `queued`; how many did is printed). With `--gap-ms`, the client idles that long after
+each task: a task then starts once the runner has finished with the one before (its session leave included),
+which otherwise overlaps the next task, whichever kind it is.
 
-    uv run python bench/bench_sessions.py [--tasks 200] [--repeat 3] [--history 20] [--consecutive 1]
+    uv run python bench/bench_sessions.py [--tasks 200] [--repeat 3] [--history 20] [--consecutive 1] [--gap-ms 0]
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _folders(root: Path, history: int) -> Path:
 
 
 async def _block(
-    js: JetStreamContext, completions: Completions, agent: str, session: str | None, n: int, tag: str
+    js: JetStreamContext, completions: Completions, agent: str, session: str | None, n: int, tag: str, gap: float = 0.0
 ) -> list[float]:
     samples = []
     subject = registry.TASK_SUBMIT.format(tenant=TENANT, submitter=SUBMITTER)
@@ -72,6 +74,8 @@ async def _block(
         started = time.perf_counter()
         await js.publish(subject, json.dumps(body).encode(), headers={MSG_ID: task_id})
         samples.append(await asyncio.wait_for(future, timeout=30.0) - started)
+        if gap:
+            await asyncio.sleep(gap)
     return samples
 
 
@@ -106,10 +110,10 @@ async def _measure(suite: Suite, args: argparse.Namespace) -> tuple[dict[str, li
             say(f"round {r + 1}/{args.repeat}")
             session = f"{run}-session-{r}"
             # Alternating (task by task, or N by N), so the machine's drift falls on both alike.
-            n = args.consecutive
+            n, gap = args.consecutive, args.gap_ms / 1000
             for i in range(0, args.tasks, n):
-                results["no memory"] += await _block(js, completions, "echo", None, n, f"{run}-{r}-{i}-a")
-                results["session"] += await _block(js, completions, "echo-memory", session, n, f"{run}-{r}-{i}-b")
+                results["no memory"] += await _block(js, completions, "echo", None, n, f"{run}-{r}-{i}-a", gap)
+                results["session"] += await _block(js, completions, "echo-memory", session, n, f"{run}-{r}-{i}-b", gap)
         return results, sum(1 for task_id in queued if "-warm-" not in task_id)
     finally:
         await nc.close()
@@ -122,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history", type=int, default=20, help="messages a session keeps (default 20)")
     parser.add_argument(
         "--consecutive", type=int, default=1, help="tasks of each in a row, alternating (default 1: task by task)"
+    )
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="idle time after each task, so what the runner does after a task's end is done before the next starts",
     )
     args = parser.parse_args(argv)
     environment = {"AGENTBUS_RUNNER_BUDGETS_ENABLED": "false"}
