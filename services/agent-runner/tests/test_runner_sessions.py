@@ -358,3 +358,80 @@ async def test_a_turn_of_a_quiet_session_costs_one_write_to_join_and_one_to_leav
     await service.submit(_submission("t2", "who am I?"), None)
     await service.advance(_answer(publisher, "t2", "Grace"), None)
     assert (store.reads - reads, store.writes - writes) == (0, 2), "the runner recalls the record it wrote last"
+
+
+class WatchingPublisher(FakePublisher):
+    """Notes, for each thing a task publishes, whether its session named it running and its run was stored."""
+
+    def __init__(self, runs: FakeRunStore, store: FakeSessionStore) -> None:
+        super().__init__()
+        self.runs, self.store = runs, store
+        self.seen: list[tuple[str, bool, bool]] = []
+
+    async def publish(self, item: OutboxItem) -> None:
+        task_id = next((t for t in ("t1", "t2", "t3") if f"acme.{t}" in item.msg_id), None)
+        if task_id is not None and not item.msg_id.startswith("session-turn:"):
+            running = KEY.text in self.store.records and self.store.session().running == task_id
+            self.seen.append((item.msg_id, running, run_key("acme", task_id) in self.runs.records))
+        await super().publish(item)
+
+
+def _two_runners(store: FakeSessionStore) -> tuple[FakeRunStore, WatchingPublisher, RunnerService, RunnerService]:
+    runs = FakeRunStore()
+    publisher = WatchingPublisher(runs, store)
+    return runs, publisher, _service(runs, publisher, store), _service(runs, publisher, store)
+
+
+async def test_a_stale_remembered_session_gives_the_full_history_and_nothing_goes_out_before_both_writes() -> None:
+    store = FakeSessionStore()
+    _, publisher, a, b = _two_runners(store)
+    await a.submit(_submission("t1", "I am Grace"), None)
+    await a.advance(_answer(publisher, "t1", "Hello Grace"), None)  # a remembers the session free after t1
+    await b.submit(_submission("t2", "I like tea"), None)  # another runner: a's record is stale now
+    await b.advance(_answer(publisher, "t2", "Noted: tea"), None)
+    await a.submit(_submission("t3", "what do I like?"), None)
+    assert ("assistant", "Noted: tea") in _seen(_request(publisher, "t3")), "t3 sees the turn a did not know of"
+    requests = [p for p in publisher.published if p.msg_id.startswith("llm:acme.t3.")]
+    assert all(("assistant", "Noted: tea") in _seen(LlmRequest.model_validate_json(p.payload)) for p in requests)
+    t3 = [(running, stored) for msg_id, running, stored in publisher.seen if "acme.t3" in msg_id]
+    assert t3
+    assert all(running and stored for running, stored in t3), "nothing of t3 went out before both writes"
+    assert not any(p.msg_id.startswith("session-join:") for p in publisher.published)
+    assert [e["kind"] for e in _events(publisher, "t3")] == ["accepted"]
+
+
+async def test_a_session_another_runner_still_runs_keeps_the_next_turn_waiting_though_remembered_free() -> None:
+    store = FakeSessionStore()
+    _, publisher, a, b = _two_runners(store)
+    await a.submit(_submission("t1", "I am Grace"), None)
+    await a.advance(_answer(publisher, "t1", "Hello Grace"), None)
+    await b.submit(_submission("t2", "I like tea"), None)  # t2 runs on b; a remembers the session free
+    await a.submit(_submission("t3", "what do I like?"), None)
+    assert _request(publisher, "t3") is None, "t3 waits for t2: the two never interleave"
+    assert store.session().waiting == ["t3"]
+    await b.advance(_answer(publisher, "t2", "Noted: tea"), None)
+    await a.wake(_turn_signal(publisher, "t3"))
+    assert ("assistant", "Noted: tea") in _seen(_request(publisher, "t3"))
+    assert [e["queued"] for e in _events(publisher, "t3") if e["kind"] == "accepted"] == [True]
+
+
+async def test_a_crash_between_storing_the_run_and_joining_its_session_is_repaired_by_the_redelivery() -> None:
+    store = FakeSessionStore()
+    runs, publisher, a, b = _two_runners(store)
+    await a.submit(_submission("t1", "I am Grace"), None)
+    await a.advance(_answer(publisher, "t1", "Hello Grace"), None)
+    await b.submit(_submission("t2", "I like tea"), None)
+    await b.advance(_answer(publisher, "t2", "Noted: tea"), None)
+    store.crash_on_write = True
+    with pytest.raises(CrashError):
+        await a.submit(_submission("t3", "what do I like?"), None)
+    store.crash_on_write = False
+    assert run_key("acme", "t3") in runs.records
+    assert store.session().running is None
+    assert _events(publisher, "t3") == [], "a run whose join did not land sends nothing"
+    await b.submit(_submission("t3", "what do I like?"), None)  # the redelivery, on any runner
+    assert store.session().running == "t3"
+    assert ("assistant", "Noted: tea") in _seen(_request(publisher, "t3"))
+    t3 = [(running, stored) for msg_id, running, stored in publisher.seen if "acme.t3" in msg_id]
+    assert t3
+    assert all(running and stored for running, stored in t3)
