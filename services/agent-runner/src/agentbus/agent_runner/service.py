@@ -12,10 +12,8 @@ answer, the input is redelivered with backoff (`DependencyUnavailableError`). Th
 in the outbox behind it. Only what ends a run (its deadline, a cancellation, a message given up on) goes
 ahead without the accountant: the waiting call is then dropped, since it will never be made.
 
-A task of a session joins it before its first transition is carried out (the session's history is part of
-the run's first request, and a busy session may refuse it): where the runner remembers the session free, the
-run's first record is stored while the join is written, and carried out only once the join gave what it was
-decided with (else it is decided again first); a run leaves its session right after its
+A task of a session joins it before its first transition is decided (the session's history is part of
+the run's first request, and a busy session may refuse it); a run leaves its session right after its
 terminal event, so its client does not wait for that write. The next task of the session still sees the
 turn: while the session names the ended run as running, the next task waits for the leave, which hands it
 the session (a store that refuses a busy session's tasks lets it wait too: that run has ended), and people
@@ -202,8 +200,7 @@ class RunnerService:
         """Start a run; a task id seen before in the tenant (running, ended or rejected) starts nothing.
 
         A task of a session joins the session first: what that gave it (run now after the history, wait, or be
-        refused) is part of the run's first transition. Where this runner remembers the session free, the run's
-        first record is stored while the join is written (see `_start_foreseen`).
+        refused) is part of the run's first transition.
         """
         spec = self._agents.get(submission.agent)
         store = self._memory_spec(spec.memory if spec is not None else None)
@@ -215,31 +212,50 @@ class RunnerService:
             session_key = SessionKey(
                 store.name, submission.tenant, submission.submitted_by or ANONYMOUS, submission.session_id
             )
-            foreseen = self._sessions_or_fail().foresee(session_key, submission.task_id)
-            if foreseen is not None:
-                started, joined = await self._start_foreseen(submission, session_key, foreseen, trace)
-                if started:
-                    return
             # Both at once, one round trip: a task id that turns out to be taken has joined for nothing (unless
             # it is this very run, which joined before: that changes nothing), and leaves again below.
-            current, (admission, joined_now) = await asyncio.gather(
+            current, (admission, joined) = await asyncio.gather(
                 self._store.get(run_key(submission.tenant, submission.task_id)),
                 self._join(session_key, submission.task_id),
             )
-            joined = joined or joined_now
         existing: list[RunState] = []
 
         def decide(state: RunState | None) -> Transition | None:
             existing[:] = [state] if state is not None else []
             if state is not None:
                 return None
-            return self._first(submission, spec, store, admission)
+            if spec is None:
+                return domain.reject(
+                    submission.task_id,
+                    submission.tenant,
+                    ErrorCode.UNKNOWN_AGENT,
+                    f"no agent named {submission.agent!r}; known agents: {sorted(self._agents)}",
+                )
+            if submission.session_id is not None and store is None:
+                return domain.reject(
+                    submission.task_id,
+                    submission.tenant,
+                    ErrorCode.SESSION_UNSUPPORTED,
+                    f"agent {spec.name!r} keeps no sessions: its spec names no memory store (`memory:`)",
+                )
+            return domain.start(
+                submission,
+                spec,
+                self._toolbox,
+                self._router,
+                now=self._clock(),
+                timing=self._timing,
+                memory=store,
+                admission=admission,
+                guardrails=self._guardrails.get(spec.name),
+            )
 
         await self._transact(submission.tenant, submission.task_id, decide, trace, current=current)
         if admission is not None and admission.status == "waiting" and not existing:
             # The task before it may have left, and signalled this run, before this run was stored (a signal
             # that finds no run is dropped): now that it is stored, it asks for its turn again.
-            await self._ask_turn(submission.tenant, submission.task_id)
+            timer = RunTimer(task_id=submission.task_id, tenant=submission.tenant, due_at=self._clock(), kind="session")
+            await self.wake(timer)
         if joined and session_key is not None and existing:
             # The task id was taken by another submission meanwhile: unless that is this very run of this
             # session, still going, the session must not keep this task in it.
@@ -253,127 +269,6 @@ class RunnerService:
                     task_id=submission.task_id,
                 )
                 await self._signal(submission.tenant, await self._sessions_or_fail().leave(leave))
-
-    def _first(
-        self,
-        submission: TaskSubmitted,
-        spec: AgentSpec | None,
-        store: MemoryStoreSpec | None,
-        admission: Admission | None,
-    ) -> Transition:
-        """A submission's first transition: its run starts (after what its session gave it), or it is rejected."""
-        if spec is None:
-            return domain.reject(
-                submission.task_id,
-                submission.tenant,
-                ErrorCode.UNKNOWN_AGENT,
-                f"no agent named {submission.agent!r}; known agents: {sorted(self._agents)}",
-            )
-        if submission.session_id is not None and store is None:
-            return domain.reject(
-                submission.task_id,
-                submission.tenant,
-                ErrorCode.SESSION_UNSUPPORTED,
-                f"agent {spec.name!r} keeps no sessions: its spec names no memory store (`memory:`)",
-            )
-        return domain.start(
-            submission,
-            spec,
-            self._toolbox,
-            self._router,
-            now=self._clock(),
-            timing=self._timing,
-            memory=store,
-            admission=admission,
-            guardrails=self._guardrails.get(spec.name),
-        )
-
-    async def _start_foreseen(
-        self, submission: TaskSubmitted, session_key: SessionKey, foreseen: Admission, trace: TraceContext | None
-    ) -> tuple[bool, bool]:
-        """Start a run of a session this runner remembers free: its first record is created (the task id taken)
-        while the join is written, both at once. Returns whether the run started here, and whether the join
-        wrote.
-
-        Nothing of the record is carried out before both writes succeeded. Its outbox opens with a join check
-        (`_JOIN`): carried out by anyone else (a redelivery, a cancel, after a crash between the two writes),
-        it joins the session first (a join is idempotent) and goes on only if that gave what the record was
-        decided with. Here, the join's own result is that check. A join that gave something else (the
-        remembered record was stale: another runner changed the session) decides the run's first transition
-        again and stores it in place of the record (compare-and-set on its revision) before anything goes out.
-        A task id that turns out to be taken is left to the usual path (which leaves the session again).
-        """
-        key = run_key(submission.tenant, submission.task_id)
-        bind_message_context(task_id=submission.task_id, tenant=submission.tenant)
-        spec = self._agents.get(submission.agent)
-        store = self._memory_spec(spec.memory if spec is not None else None)
-        transition = self._first(submission, spec, store, foreseen)
-        trace_id = (trace or TraceContext.new()).trace_id
-        parent_span_id = trace.span_id if trace is not None else None
-        check = OutboxItem(
-            kind="notice",
-            msg_id=f"{_JOIN}{key}",
-            payload=submission.model_dump_json(),
-            headers={"admission": _digest(foreseen)},
-        )
-        record = RunRecord(
-            state=transition.state,
-            trace_id=trace_id,
-            parent_span_id=parent_span_id,
-            outbox=[check, *self._outbox(transition, trace_id, parent_span_id)],
-        )
-        created, joining = await asyncio.gather(
-            self._store.create(key, record), self._join(session_key, submission.task_id), return_exceptions=True
-        )
-        if isinstance(created, BaseException) and not isinstance(created, RunExistsError):
-            raise created
-        if isinstance(joining, BaseException):
-            raise joining  # a record stored meanwhile keeps its join check: the redelivery carries it out
-        admission, joined = joining
-        if isinstance(created, RunExistsError):
-            return False, joined
-        self._stored(None, transition, record)
-        try:
-            if admission == foreseen:
-                done = await self._carry_out(key, record, created, joined=True)
-            else:
-                _log.info("session_join_redecided", session=session_key.session_id, admission=admission.status)
-                done = await self._redecide(key, record, created, submission, admission)
-        except RevisionConflictError:
-            return False, joined  # another input carried it out (its join check first): the usual path goes on
-        except (BudgetUnavailableError, MemoryUnavailableError) as exc:
-            raise DependencyUnavailableError(str(exc)) from exc
-        self._remember_if_ended(key, done.record.state)
-        return True, joined
-
-    async def _redecide(
-        self, key: str, record: RunRecord, revision: int, submission: TaskSubmitted, admission: Admission
-    ) -> _Done:
-        """A run's first record was decided with a session admission its join did not give: decide it again
-        with what the join gave, and store that in its place (nothing of it was carried out)."""
-        spec = self._agents.get(submission.agent)
-        store = self._memory_spec(spec.memory if spec is not None else None)
-        done = await self._replace_outbox(key, record, revision, self._first(submission, spec, store, admission))
-        if admission.status == "waiting":
-            # The task before it may have left, and signalled this run, while it was stored as running.
-            await self._ask_turn(submission.tenant, submission.task_id)
-        return done
-
-    async def _check_join(self, key: str, record: RunRecord, revision: int, item: OutboxItem) -> _Done | None:
-        """Carry out a run's join check: join its session (again: idempotent); None when that gave what the
-        record was decided with, else the run's first transition decided again and carried out in its place."""
-        submission = TaskSubmitted.model_validate_json(item.payload)
-        session = record.state.session
-        if session is None:
-            return None
-        admission, _ = await self._join(session.key(submission.tenant), submission.task_id)
-        if _digest(admission) == item.headers.get("admission"):
-            return None
-        _log.info("session_join_redecided", session=session.session_id, admission=admission.status)
-        return await self._redecide(key, record, revision, submission, admission)
-
-    async def _ask_turn(self, tenant: str, task_id: str) -> None:
-        await self.wake(RunTimer(task_id=task_id, tenant=tenant, due_at=self._clock(), kind="session"))
 
     def _memory_spec(self, store: str | None) -> MemoryStoreSpec | None:
         if store is None or self._sessions is None:
@@ -684,7 +579,7 @@ class RunnerService:
             _log.info("step_redriven", step=transition.state.step, redrive=transition.redrive)
         self._record_step_span(before, transition, record)
 
-    async def _carry_out(self, key: str, record: RunRecord, revision: int, *, joined: bool = False) -> _Done:
+    async def _carry_out(self, key: str, record: RunRecord, revision: int) -> _Done:
         """Do the record's outbox in order, then mark it done (compare-and-set).
 
         A reservation that is denied (or refused as invalid) ends the run instead of the calls behind it:
@@ -692,10 +587,7 @@ class RunnerService:
         come last: their results are applied to the run, and that transition is stored in place of the
         outbox. Raises BudgetUnavailableError while the accountant does not answer, MemoryUnavailableError
         while a memory store or the retriever does not (a session not left yet then stays in the outbox, the
-        rest is done), RevisionConflictError when a newer record was stored meanwhile. A run's first record
-        stored while its session join was written opens with a join check (see `_start_foreseen`): unless
-        `joined` (the caller saw the join), the session is joined again first, DependencyUnavailableError while
-        its store does not answer (nothing of the run has gone out: whatever came waits for the store).
+        rest is done), RevisionConflictError when a newer record was stored meanwhile.
         """
         state = record.state
         cost: float | None = None
@@ -705,14 +597,7 @@ class RunnerService:
         closing = any(item.kind == "close_budget" for item in record.outbox)
         closed = False
         for index, item in enumerate(record.outbox):
-            if item.msg_id.startswith(_JOIN):
-                # A run's first record stored while its session join was written: `joined` when the caller saw
-                # that join give what the record was decided with.
-                if not joined:
-                    redecided = await self._check_join(key, record, revision, item)
-                    if redecided is not None:
-                        return redecided
-            elif item.kind == "memory":
+            if item.kind == "memory":
                 memory_calls.append(item)
             elif item.kind == "session_leave":
                 try:
@@ -1090,14 +975,6 @@ class RunnerService:
 
 def _starts(transition: Transition) -> bool:
     return any(event.kind == "accepted" for event in transition.events)
-
-
-_JOIN = "session-join:"
-"""The msg_id prefix of a run's join check (see `RunnerService._start_foreseen`): never published."""
-
-
-def _digest(admission: Admission) -> str:
-    return hashlib.sha256(repr(admission).encode()).hexdigest()
 
 
 def _done_with(record: RunRecord, key: SessionKey) -> bool:

@@ -52,18 +52,6 @@ class SessionCoordinator:
     def spec(self, store: str) -> MemoryStoreSpec | None:
         return self._specs.get(store) if store in self._stores else None
 
-    def foresee(self, key: SessionKey, task_id: str) -> Admission | None:
-        """What joining would give the task if the record this runner remembers is still the session's: set only
-        when that record shows the session free (the task would run now, after that history). A guess, never a
-        decision: `join` still writes compare-and-set, and what it gives is what counts."""
-        remembered = self._remembered.get((key.store, key.text))
-        if remembered is None:
-            return None
-        change = sessions.join(remembered[0], key, task_id, self._clock(), self._specs[key.store].on_busy)
-        if change.record is None or change.signal or change.admission.status != "running":
-            return None
-        return change.admission
-
     async def join(
         self, key: SessionKey, task_id: str, stale: Stale | None = None, leaving: Leaving | None = None
     ) -> tuple[Admission, bool, tuple[str, ...]]:
