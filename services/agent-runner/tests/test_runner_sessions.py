@@ -176,6 +176,14 @@ def _seen(request: LlmRequest | None) -> list[tuple[str, str]]:
     return [(m.role, m.content) for m in request.messages if m.role != "system"]
 
 
+async def _crash_before_leaving(service: RunnerService, store: FakeSessionStore, answer: LlmResult) -> None:
+    """The run ends (its end goes out), then its runner dies writing the session leave; the store then works."""
+    store.crash_on_write = True
+    with pytest.raises(CrashError):
+        await service.advance(answer, None)
+    store.crash_on_write = False
+
+
 @pytest.mark.parametrize("on_busy", ["queue", "reject"])
 async def test_the_next_turn_submitted_the_moment_the_last_one_ended_waits_for_its_leave_and_sees_it(
     on_busy: Literal["queue", "reject"],
@@ -223,14 +231,11 @@ async def test_a_crash_between_the_end_and_the_leave_still_leaves_once_on_the_re
     runs, publisher, store = FakeRunStore(), FakePublisher(), FakeSessionStore()
     await _service(runs, publisher, store).submit(_submission("t1", "I am Grace"), None)
     answer = _answer(publisher, "t1", "Hello Grace")
-    store.crash_on_write = True
-    with pytest.raises(CrashError):
-        await _service(runs, publisher, store).advance(answer, None)
+    await _crash_before_leaving(_service(runs, publisher, store), store, answer)
     assert [e["kind"] for e in _events(publisher, "t1")][-1] == "completed", "the client heard the end"
     assert store.session().running == "t1"
     assert store.session().turns == []
 
-    store.crash_on_write = False
     restarted = _service(runs, publisher, store)
     await restarted.advance(answer, None)  # the redelivery, to a restarted runner
     await restarted.advance(answer, None)  # and a late repeat of it
@@ -248,10 +253,7 @@ async def test_a_waiting_turn_never_evicts_a_task_whose_leave_is_on_its_way() ->
     await service.submit(_submission("t1", "I am Grace"), None)
     await service.submit(_submission("t2", "who am I?"), None)
     answer = _answer(publisher, "t1", "Hello Grace")
-    store.crash_on_write = True
-    with pytest.raises(CrashError):
-        await service.advance(answer, None)
-    store.crash_on_write = False
+    await _crash_before_leaving(service, store, answer)
 
     restarted = _service(runs, publisher, store)
     await restarted.wake(RunTimer(task_id="t2", tenant="acme", due_at=utc_now(), kind="session"))
@@ -268,10 +270,7 @@ async def test_a_turn_signalled_before_its_run_was_stored_still_gets_its_turn() 
     service = _service(runs, publisher, store)
     await service.submit(_submission("t1", "I am Grace"), None)
     answer = _answer(publisher, "t1", "Hello Grace")
-    store.crash_on_write = True
-    with pytest.raises(CrashError):
-        await service.advance(answer, None)
-    store.crash_on_write = False
+    await _crash_before_leaving(service, store, answer)
 
     queued: list[str] = []
 
@@ -335,10 +334,7 @@ async def test_right_after_a_turn_ended_its_session_shows_it_and_may_be_deleted(
     runs, publisher, store = FakeRunStore(), FakePublisher(), FakeSessionStore()
     await _service(runs, publisher, store).submit(_submission("t1", "I am Grace"), None)
     answer = _answer(publisher, "t1", "Hello Grace")
-    store.crash_on_write = True
-    with pytest.raises(CrashError):
-        await _service(runs, publisher, store).advance(answer, None)
-    store.crash_on_write = False
+    await _crash_before_leaving(_service(runs, publisher, store), store, answer)
 
     people = _service(runs, publisher, store)
     [shown] = (await people.session_show("acme", "ada", SessionShowRequest(session_id="s1"))).sessions

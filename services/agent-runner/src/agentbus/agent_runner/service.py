@@ -70,7 +70,7 @@ from agentbus.agent_runner.ports import (
 from agentbus.agent_runner.session_coordinator import SessionBusyError, SessionCoordinator
 from agentbus.agent_runner.sessions import Admission, SessionKey, SessionRecord
 from agentbus.agent_runner.specs import AgentSpec
-from agentbus.contracts.budget import BudgetReserveRequest
+from agentbus.contracts.budget import BudgetErrorCode, BudgetReserveRequest
 from agentbus.contracts.common import ErrorInfo, utc_now
 from agentbus.contracts.llm import LlmRequest, LlmResult
 from agentbus.contracts.registry import (
@@ -712,7 +712,7 @@ class RunnerService:
         if verdict.throttled:
             # A rate limit: the call waits (the run sleeps until the limit allows it), it is never refused.
             return domain.throttle(state, verdict, self._clock(), self._timing)
-        if verdict.error is not None and verdict.error.code == ErrorCode.RATE_LIMITED:
+        if verdict.error is not None and verdict.error.code == BudgetErrorCode.RATE_LIMITED:
             if can_reject:
                 return domain.reject_rate_limited(state, verdict)
             # Accepted already (the accountant was away at submission): the task waits instead.
@@ -977,16 +977,18 @@ def _starts(transition: Transition) -> bool:
     return any(event.kind == "accepted" for event in transition.events)
 
 
+def _of_session(state: RunState, key: SessionKey) -> bool:
+    return state.session is not None and state.session.key(state.tenant) == key
+
+
 def _done_with(record: RunRecord, key: SessionKey) -> bool:
     """Whether a run that session `key` names as running holds it no more: it ended, or is not of that session."""
-    state = record.state
-    return state.terminal or state.session is None or state.session.key(state.tenant) != key
+    return record.state.terminal or not _of_session(record.state, key)
 
 
 def _pending_leave(record: RunRecord, key: SessionKey) -> OutboxItem | None:
     """The leave of session `key` that an ended run has still to carry out."""
-    state = record.state
-    if not state.terminal or state.session is None or state.session.key(state.tenant) != key:
+    if not (record.state.terminal and _of_session(record.state, key)):
         return None
     return next((item for item in record.outbox if item.kind == "session_leave"), None)
 

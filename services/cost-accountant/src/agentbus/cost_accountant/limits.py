@@ -260,12 +260,12 @@ class RateBook:
             elif limit.tokens_per_minute is not None and used > 0 and used + tokens > limit.tokens_per_minute:
                 over = TOKENS
             if over is not None:
-                wait = (index + 1) * self.policy.window_seconds - _seconds(now)
                 reject = new_task and limit.on_limit == "reject"
-                return Throttle(f"{bucket.name}:{over}", round(max(wait, 0.001), 3), reject)
+                return Throttle(f"{bucket.name}:{over}", self._until(index + 1, now), reject)
         return None
 
     def _until(self, index: int, now: datetime) -> float:
+        """Seconds from `now` until window `index` begins (at least a millisecond)."""
         return round(max(index * self.policy.window_seconds - _seconds(now), 0.001), 3)
 
     def _promised(self, key: tuple[str, str], index: int) -> int:
