@@ -78,6 +78,11 @@ class ReplyServer:
             future.add_done_callback(functools.partial(self._answered, msg.reply, msg.subject))
 
         self._subscriptions.append(await self._nc.subscribe(subject, queue=self._queue_group, cb=dispatch))
+        # Serving means the server routes requests here: until it has the subscription, a request sent the
+        # moment the service reports ready finds no responders. A flush that fails (a connection lost) is
+        # no loss: the client subscribes again when it reconnects.
+        with contextlib.suppress(Exception):
+            await self._nc.flush(timeout=5)
 
     def _answered(self, reply_to: str, subject: str, future: asyncio.Future[BaseModel | None]) -> None:
         self._in_flight.discard(future)
