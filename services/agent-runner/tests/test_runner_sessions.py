@@ -4,6 +4,7 @@ store down meanwhile); people who look at the session right after a turn ended s
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Literal
@@ -49,6 +50,12 @@ class FakeSessionStore:
         self.writes = 0
         self.after_write: Callable[[SessionRecord], Awaitable[None]] | None = None
         """Runs once, right after the next write: what other runners do meanwhile."""
+        self.before_write: Callable[[SessionRecord], Awaitable[None]] | None = None
+        """Runs before each write reaches the store: that write is in flight meanwhile."""
+
+    async def _in_flight(self, record: SessionRecord) -> None:
+        if (hook := self.before_write) is not None:
+            await hook(record)
 
     def _check(self) -> None:
         if self.down:
@@ -72,12 +79,14 @@ class FakeSessionStore:
         return self.records.get(key.text)
 
     async def create(self, key: SessionKey, record: SessionRecord) -> int:
+        await self._in_flight(record)
         self._check()
         if key.text in self.records:
             raise SessionExistsError(key.text)
         return await self._write(key, record)
 
     async def update(self, key: SessionKey, record: SessionRecord, revision: int) -> int:
+        await self._in_flight(record)
         self._check()
         if key.text not in self.records or self.records[key.text][1] != revision:
             raise RevisionConflictError(key.text)
@@ -185,7 +194,7 @@ async def _crash_before_leaving(service: RunnerService, store: FakeSessionStore,
 
 
 @pytest.mark.parametrize("on_busy", ["queue", "reject"])
-async def test_the_next_turn_submitted_the_moment_the_last_one_ended_waits_for_its_leave_and_sees_it(
+async def test_the_next_turn_submitted_the_moment_the_last_one_ended_runs_at_once_and_sees_it(
     on_busy: Literal["queue", "reject"],
 ) -> None:
     runs, publisher, store = FakeRunStore(), HookedPublisher(), FakeSessionStore()
@@ -195,7 +204,47 @@ async def test_the_next_turn_submitted_the_moment_the_last_one_ended_waits_for_i
 
     async def next_turn() -> None:
         running_at_the_end.append(store.session().running)
+        for _ in range(100):  # the end's acknowledgement is on its way back to the runner meanwhile
+            if store.session().running is None:
+                break
+            await asyncio.sleep(0)
         await service.submit(_submission("t2", "who am I?"), None)
+
+    publisher.after_end["t1"] = next_turn
+    await service.advance(_answer(publisher, "t1", "Hello Grace"), None)
+
+    assert running_at_the_end == ["t1"], "the client heard the end before the run left its session"
+    accepted = _events(publisher, "t2")[0]
+    assert accepted["kind"] == "accepted", accepted
+    assert accepted["queued"] is False, "the leave went out with the end: the session was handed over meanwhile"
+    assert _seen(_request(publisher, "t2")) == [
+        ("user", "I am Grace"),
+        ("assistant", "Hello Grace"),
+        ("user", "who am I?"),
+    ]
+    assert store.session().running == "t2"
+
+
+@pytest.mark.parametrize("on_busy", ["queue", "reject"])
+async def test_the_next_turn_that_joins_before_the_leave_lands_waits_for_it_and_sees_it(
+    on_busy: Literal["queue", "reject"],
+) -> None:
+    runs, publisher, store = FakeRunStore(), HookedPublisher(), FakeSessionStore()
+    service = _service(runs, publisher, store, on_busy)
+    await service.submit(_submission("t1", "I am Grace"), None)
+    running_at_the_end: list[str | None] = []
+
+    async def next_turn() -> None:
+        running_at_the_end.append(store.session().running)
+        joined = asyncio.Event()
+
+        async def leave_in_flight(record: SessionRecord) -> None:
+            if "t1" in record.closed:  # the leave lands only once the next turn has joined
+                await joined.wait()
+
+        store.before_write = leave_in_flight
+        await service.submit(_submission("t2", "who am I?"), None)
+        joined.set()
 
     publisher.after_end["t1"] = next_turn
     await service.advance(_answer(publisher, "t1", "Hello Grace"), None)

@@ -596,6 +596,9 @@ class RunnerService:
         # A finished run's terminal event is priced and its budget closed in one request to the accountant.
         closing = any(item.kind == "close_budget" for item in record.outbox)
         closed = False
+        # A session's leave goes out with the message before it (the run's end), not after its ack: the next
+        # turn, sent the moment its client heard that end, then mostly finds the session handed over.
+        sent: asyncio.Future[None] | None = None
         for index, item in enumerate(record.outbox):
             if item.kind == "memory":
                 memory_calls.append(item)
@@ -606,6 +609,10 @@ class RunnerService:
                     # The run's end goes out now; leaving the session waits for its store.
                     _log.warning("session_leave_deferred", reason=str(exc))
                     deferred.append(item)
+                finally:
+                    if sent is not None:
+                        await sent
+                        sent = None
             elif item.kind == "reserve":
                 # A run's first reservation comes before its acceptance (see `_outbox`): what is not out yet
                 # goes before the ending, unless the ending rejects the task.
@@ -622,13 +629,21 @@ class RunnerService:
             elif item.kind == "close_budget":
                 if not closed:
                     await self._budget.close(state.tenant, state.task_id)
-            elif item.price is not None:
-                if cost is None:
-                    priced = await self._price(state, item, close=closing)
-                    cost, closed = priced.cost_usd, priced.closed
-                await self._publisher.publish(_priced(item, cost))
             else:
-                await self._publisher.publish(item)
+                if item.price is not None:
+                    if cost is None:
+                        priced = await self._price(state, item, close=closing)
+                        cost, closed = priced.cost_usd, priced.closed
+                    item = _priced(item, cost)
+                publishing = self._publisher.publish(item)
+                if _leaves_next(record.outbox, index):
+                    sent = asyncio.ensure_future(publishing)
+                    # Its message goes out first: one turn of the loop queues it, the next writes it (the
+                    # client's flusher task), before the leave's own work.
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
+                else:
+                    await publishing
         if deferred:
             await self._store.update(key, record.model_copy(update={"outbox": deferred}), revision)
             raise MemoryUnavailableError(f"the session of {key} is not left yet: its memory store does not answer")
@@ -991,6 +1006,10 @@ def _pending_leave(record: RunRecord, key: SessionKey) -> OutboxItem | None:
     if not (record.state.terminal and _of_session(record.state, key)):
         return None
     return next((item for item in record.outbox if item.kind == "session_leave"), None)
+
+
+def _leaves_next(outbox: list[OutboxItem], index: int) -> bool:
+    return index + 1 < len(outbox) and outbox[index + 1].kind == "session_leave"
 
 
 def _is_event(item: OutboxItem) -> bool:
