@@ -1,9 +1,12 @@
 """What memory adds to a one-step task: the same agent with and without a session, as `agentbus up` runs it.
 
-Figures, not a test. One suite (agent-runner and inference-worker, budgets off, identities enforced, engine
-`scripted`: a deterministic offline engine, NOT a language model), with two agents alike but for memory:
-`echo` (no memory store) and `echo-memory` (`memory: bench-conversations`, nats-kv, history bounded at
-`--history` messages, no compression). Tasks are submitted one at a time, each after the previous one
+Figures, not a test. One suite (identities enforced, engine `scripted`: a deterministic offline engine, NOT a
+language model), with two agents alike but for memory: `echo` (no memory store) and `echo-memory`
+(`memory: bench-conversations`, nats-kv, history bounded at `--history` messages, no compression). The
+suite is, with `--system suite` (the default), the suite benchmark's (bench_tasks.py): every service, budgets
+on, the agents naming the shipped guardrails, the shipped limits decided on every call; with `--system
+runner-worker`, only the agent-runner and the inference-worker, budgets off: the least a task costs, so what
+memory adds weighs most there. Tasks are submitted one at a time, each after the previous one
 completed, alternating task by task between `echo` (no session) and `echo-memory` (every task of a round in
 one session, so each reads and writes a session of up to `--history` messages); submit-to-completed
 latencies, medians over every round. With `--consecutive N`, N tasks of each in a row: a session's turn is
@@ -12,7 +15,8 @@ waits for the leave, `queued`; how many did is printed). With `--gap-ms`, the cl
 each task: a task then starts once the runner has finished with the one before (its session leave included),
 which otherwise overlaps the next task, whichever kind it is.
 
-    uv run python bench/bench_sessions.py [--tasks 200] [--repeat 3] [--history 20] [--consecutive 1] [--gap-ms 0]
+    uv run python bench/bench_sessions.py [--system suite|runner-worker] [--tasks 200] [--repeat 3] [--history 20]
+        [--consecutive 1] [--gap-ms 0]
 """
 
 from __future__ import annotations
@@ -29,26 +33,46 @@ import time
 from pathlib import Path
 
 import nats
+import yaml
 from agentbus.cli.identities import submitter_user
 from agentbus.cli.suite import Suite
 from agentbus.contracts import registry
 from agentbus.contracts.registry import Service
-from bench_tasks import IDENTITIES_YAML, MSG_ID, REPO_ROOT, SUBMITTER, TENANT, Completions, _inbox, say
+from bench_tasks import (
+    IDENTITIES_YAML,
+    MSG_ID,
+    REPO_ROOT,
+    SUBMITTER,
+    TENANT,
+    Completions,
+    _bench_config,
+    _guarded_agents,
+    _inbox,
+    say,
+)
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 ECHO = (REPO_ROOT / "agents" / "echo.yaml").read_text(encoding="utf-8")
 
 
-def _folders(root: Path, history: int) -> Path:
-    agents = root / "agents"
-    agents.mkdir(parents=True)
-    (agents / "echo.yaml").write_text(ECHO, encoding="utf-8")
-    memory_agent = ECHO.replace("name: echo", "name: echo-memory") + "memory: bench-conversations\n"
-    (agents / "echo-memory.yaml").write_text(memory_agent, encoding="utf-8")
-    memory = root / "memory"
-    memory.mkdir()
-    (memory / "bench.yaml").write_text(
+def _folders(root: Path, history: int, guarded: bool) -> Path:
+    """The agents folder: `echo` and `echo-memory`, beside a memory folder with the benchmark's store. Guarded
+    (the whole suite): every sample agent, as the suite benchmark gives them (its workflows name them), each
+    naming the shipped guardrails, and the sample memory stores too."""
+    if guarded:
+        agents = _guarded_agents(root)
+        echo = (agents / "echo.yaml").read_text(encoding="utf-8")
+    else:
+        agents = root / "agents"
+        agents.mkdir(parents=True)
+        (root / "memory").mkdir()
+        echo = ECHO
+        (agents / "echo.yaml").write_text(echo, encoding="utf-8")
+    memory_agent = yaml.safe_load(echo)
+    memory_agent.update(name="echo-memory", memory="bench-conversations")
+    (agents / "echo-memory.yaml").write_text(yaml.safe_dump(memory_agent, sort_keys=False), encoding="utf-8")
+    (root / "memory" / "bench.yaml").write_text(
         f"name: bench-conversations\ntype: nats-kv\nttl_seconds: 3600\nmax_history: {{messages: {history}}}\n",
         encoding="utf-8",
     )
@@ -121,6 +145,12 @@ async def _measure(suite: Suite, args: argparse.Namespace) -> tuple[dict[str, li
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One-step task latency with and without a session.")
+    parser.add_argument(
+        "--system",
+        choices=("suite", "runner-worker"),
+        default="suite",
+        help="every service with budgets on, as the suite benchmark (default), or the runner and worker alone",
+    )
     parser.add_argument("--tasks", type=int, default=200, help="tasks per block (default 200)")
     parser.add_argument("--repeat", type=int, default=3, help="blocks of each (default 3)")
     parser.add_argument("--history", type=int, default=20, help="messages a session keeps (default 20)")
@@ -134,12 +164,13 @@ def main(argv: list[str] | None = None) -> None:
         help="idle time after each task, so what the runner does after a task's end is done before the next starts",
     )
     args = parser.parse_args(argv)
-    environment = {"AGENTBUS_RUNNER_BUDGETS_ENABLED": "false"}
-    for service in ("RUNNER", "WORKER"):
+    whole = args.system == "suite"
+    environment = {} if whole else {"AGENTBUS_RUNNER_BUDGETS_ENABLED": "false"}
+    for service in ("RUNNER", "WORKER", "EXECUTOR", "ACCOUNTANT", "RETRIEVER", "TRACES"):
         environment[f"AGENTBUS_{service}_LOG_LEVEL"] = "WARNING"
     with tempfile.TemporaryDirectory(prefix="agentbus-bench-sessions-") as temporary:
         root = Path(temporary)
-        agents = _folders(root, args.history)
+        agents = _folders(root, args.history, guarded=whole)
         state = root / "state"
         state.mkdir()
         (state / "identities.yaml").write_text(IDENTITIES_YAML)
@@ -148,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
             agents,
             echo=sys.stderr,
             enforce_identities=True,
-            config_dir=REPO_ROOT / "config",
+            # The suite benchmark's config: the shipped one, with the benchmark tenant's own limits.
+            config_dir=_bench_config(root) if whole else REPO_ROOT / "config",
             tools_dir=REPO_ROOT / "tools",
-            only=frozenset({Service.AGENT_RUNNER, Service.INFERENCE_WORKER}),
+            only=None if whole else frozenset({Service.AGENT_RUNNER, Service.INFERENCE_WORKER}),
             environment=environment,
         )
         try:
@@ -159,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             suite.stop()
     print(f"machine: {os.cpu_count()} vCPU, Python {platform.python_version()}, {platform.platform()}")
+    print(f"system: {args.system}")
     base = statistics.median(results["no memory"])
     for name, samples in results.items():
         ordered = sorted(samples)
