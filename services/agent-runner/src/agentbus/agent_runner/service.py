@@ -13,8 +13,9 @@ in the outbox behind it. Only what ends a run (its deadline, a cancellation, a m
 ahead without the accountant: the waiting call is then dropped, since it will never be made.
 
 A task of a session joins it before its first transition is decided (the session's history is part of
-the run's first request, and a busy session may refuse it); a run leaves its session right after its
-terminal event, so its client does not wait for that write. The next task of the session still sees the
+the run's first request, and a busy session may refuse it); a run leaves its session right behind its
+terminal event, without waiting for that event's acknowledgement, and its client does not wait for the
+leave. The next task of the session still sees the
 turn: while the session names the ended run as running, the next task waits for the leave, which hands it
 the session (a store that refuses a busy session's tasks lets it wait too: that run has ended), and people
 reading the session carry the leave out themselves. A memory store that is down is waited for like the
