@@ -210,14 +210,19 @@ class FloorRunner:
         with contextlib.suppress(KeyWrongLastSequenceError):
             await self._kv.update(task_id, _dumps({"state": state, "outbox": []}), last=revision)
 
-    async def _transact(self, task_id: str, decide: Decide) -> None:
+    async def _transact(self, task_id: str, decide: Decide, *, absent: bool = False) -> None:
+        """`absent`: a new task's run, created without being read first (as the runner does); a taken id fails
+        the create and is read."""
         for _ in range(MAX_CONFLICT_RETRIES):
-            try:
-                entry = await self._kv.get(task_id)
-            except KeyNotFoundError:
-                record, revision = None, 0
+            if absent:
+                record, revision, absent = None, 0, False
             else:
-                record, revision = json.loads(entry.value or b"null"), entry.revision or 0
+                try:
+                    entry = await self._kv.get(task_id)
+                except KeyNotFoundError:
+                    record, revision = None, 0
+                else:
+                    record, revision = json.loads(entry.value or b"null"), entry.revision or 0
             if record is not None and record["outbox"]:
                 await self._publish(record["outbox"], record["state"]["traceparent"])
             decision = decide(record["state"] if record is not None else None)
@@ -301,7 +306,7 @@ class FloorRunner:
             }
             return state, [accepted, wake, self._request(state)]
 
-        await self._transact(submission["task_id"], decide)
+        await self._transact(submission["task_id"], decide, absent=True)
         await msg.ack()
 
     async def on_result(self, msg: Msg) -> None:

@@ -205,7 +205,6 @@ class RunnerService:
         """
         spec = self._agents.get(submission.agent)
         store = self._memory_spec(spec.memory if spec is not None else None)
-        current: Current | object = _UNREAD
         admission: Admission | None = None
         session_key: SessionKey | None = None
         joined = False
@@ -213,12 +212,9 @@ class RunnerService:
             session_key = SessionKey(
                 store.name, submission.tenant, submission.submitted_by or ANONYMOUS, submission.session_id
             )
-            # Both at once, one round trip: a task id that turns out to be taken has joined for nothing (unless
-            # it is this very run, which joined before: that changes nothing), and leaves again below.
-            current, (admission, joined) = await asyncio.gather(
-                self._store.get(run_key(submission.tenant, submission.task_id)),
-                self._join(session_key, submission.task_id),
-            )
+            # A task id that turns out to be taken has joined for nothing (unless it is this very run, which
+            # joined before: that changes nothing), and leaves again below.
+            admission, joined = await self._join(session_key, submission.task_id)
         existing: list[RunState] = []
 
         def decide(state: RunState | None) -> Transition | None:
@@ -251,7 +247,9 @@ class RunnerService:
                 guardrails=self._guardrails.get(spec.name),
             )
 
-        await self._transact(submission.tenant, submission.task_id, decide, trace, current=current)
+        # A new task has no run yet: it is created without being read first. A taken task id fails that create
+        # (compare-and-set), and the run found is decided again: a repeated submission starts nothing.
+        await self._transact(submission.tenant, submission.task_id, decide, trace, current=None)
         if admission is not None and admission.status == "waiting" and not existing:
             # The task before it may have left, and signalled this run, before this run was stored (a signal
             # that finds no run is dropped): now that it is stored, it asks for its turn again.
