@@ -61,7 +61,7 @@ def _folders(root: Path, history: int, guarded: bool) -> Path:
     (the whole suite): every sample agent, as the suite benchmark gives them (its workflows name them), each
     naming the shipped guardrails, and the sample memory stores too."""
     if guarded:
-        agents = _guarded_agents(root)
+        agents: Path = _guarded_agents(root)
         echo = (agents / "echo.yaml").read_text(encoding="utf-8")
     else:
         agents = root / "agents"
