@@ -12,16 +12,16 @@ answer, the input is redelivered with backoff (`DependencyUnavailableError`). Th
 in the outbox behind it. Only what ends a run (its deadline, a cancellation, a message given up on) goes
 ahead without the accountant: the waiting call is then dropped, since it will never be made.
 
-A task of a session joins it before its first transition is decided (the session's history is part of
-the run's first request, and a busy session may refuse it); a run leaves its session right behind its
-terminal event, without waiting for that event's acknowledgement, and its client does not wait for the
-leave. The next task of the session still sees the
-turn: while the session names the ended run as running, the next task waits for the leave, which hands it
-the session (a store that refuses a busy session's tasks lets it wait too: that run has ended), and people
-reading the session carry the leave out themselves. A memory store that is down is waited for like the
-accountant; a run that ends meanwhile sends its terminal event anyway, and leaves the session when the
-store is back. Memory tool calls (remember, recall) are carried out last, by the runner itself: their
-results are applied to the run in a transition stored in place of the outbox, like a budget denial's ending.
+A task of a session joins it before its first transition is decided (the session's history is part of the
+run's first request, and a busy session may refuse it); a run leaves its session right behind its terminal
+event, without waiting for that event's acknowledgement, and its client does not wait for the leave. The next
+task of the session still sees the turn: while the session names the ended run as running, the next task waits
+for the leave, which hands it the session (a store that refuses a busy session's tasks lets it wait too: that
+run has ended), and people reading the session carry the leave out themselves. A memory store that is down is
+waited for like the accountant; a run that ends meanwhile sends its terminal event anyway, and leaves the
+session when the store is back. Memory tool calls (remember, recall) are carried out last, by the runner
+itself: their results are applied to the run in a transition stored in place of the outbox, like a budget
+denial's ending.
 """
 
 from __future__ import annotations
