@@ -63,6 +63,8 @@ GATEWAY_SECRET_FILE_NAME = "gateway-session-secret"  # noqa: S105 - a file name,
 DEFAULT_CONFIG_DIR = Path("config")
 DEFAULT_TOOLS_DIR = Path("tools")
 DEFAULT_WORKFLOWS_DIR = Path("workflows")
+PORT_MOVES = 3
+"""How often a service whose HTTP port another process took while it started is started on another port."""
 LOCK_FILE_NAME = "up.lock"
 PIDS_FILE_NAME = "pids.json"
 CONFIGURATION_ERROR_STATUS = 2
@@ -380,11 +382,20 @@ class Suite:
             self.services.append(self._spawn(spec))
         self._write_pids()
         deadline = time.monotonic() + ready_timeout
-        for service in self.services:
+        for index, service in enumerate(self.services):
+            moves = 0
             while not _ready(service.http_port):
                 if service.process.poll() is not None:
                     if service.process.returncode == CONFIGURATION_ERROR_STATUS:
                         raise StartupError(startup_reason(service.log_path, service.spec.name))
+                    if moves < PORT_MOVES and not port_is_free(service.http_port):
+                        # Another process bound its HTTP port between the check and the bind (another suite
+                        # starting beside this one): it starts again on another port.
+                        moves += 1
+                        self._say(f"{service.spec.name}: port {service.http_port} was taken meanwhile; moving")
+                        service = self.services[index] = self._spawn(service.spec)
+                        self._write_pids()
+                        continue
                     raise StartupError(
                         f"{service.spec.name} exited with {service.process.returncode} while starting; "
                         f"see {service.log_path}"
