@@ -193,10 +193,12 @@ async def _crash_before_leaving(service: RunnerService, store: FakeSessionStore,
     store.crash_on_write = False
 
 
-@pytest.mark.parametrize("on_busy", ["queue", "reject"])
-async def test_the_next_turn_submitted_the_moment_the_last_one_ended_runs_at_once_and_sees_it(
-    on_busy: Literal["queue", "reject"],
-) -> None:
+async def _next_turn_the_moment_the_last_one_ended(
+    on_busy: Literal["queue", "reject"], *, leave_lands_first: bool
+) -> tuple[RunnerService, HookedPublisher, FakeSessionStore]:
+    """Turn t1 ends and its client sends turn t2 the moment it hears that end. `leave_lands_first`: t1's leave,
+    sent with the end, lands while the end's acknowledgement comes back, before t2 arrives; else t2 joins
+    while the leave is still in flight (it lands once t2 has joined)."""
     runs, publisher, store = FakeRunStore(), HookedPublisher(), FakeSessionStore()
     service = _service(runs, publisher, store, on_busy)
     await service.submit(_submission("t1", "I am Grace"), None)
@@ -204,19 +206,35 @@ async def test_the_next_turn_submitted_the_moment_the_last_one_ended_runs_at_onc
 
     async def next_turn() -> None:
         running_at_the_end.append(store.session().running)
-        for _ in range(100):  # the end's acknowledgement is on its way back to the runner meanwhile
-            if store.session().running is None:
-                break
-            await asyncio.sleep(0)
+        joined = asyncio.Event()
+
+        async def leave_in_flight(record: SessionRecord) -> None:
+            if "t1" in record.closed:
+                await joined.wait()
+
+        if leave_lands_first:
+            for _ in range(100):
+                if store.session().running is None:
+                    break
+                await asyncio.sleep(0)
+        else:
+            store.before_write = leave_in_flight
         await service.submit(_submission("t2", "who am I?"), None)
+        joined.set()
 
     publisher.after_end["t1"] = next_turn
     await service.advance(_answer(publisher, "t1", "Hello Grace"), None)
-
     assert running_at_the_end == ["t1"], "the client heard the end before the run left its session"
-    accepted = _events(publisher, "t2")[0]
-    assert accepted["kind"] == "accepted", accepted
-    assert accepted["queued"] is False, "the leave went out with the end: the session was handed over meanwhile"
+    assert _events(publisher, "t2")[0]["kind"] == "accepted", _events(publisher, "t2")
+    return service, publisher, store
+
+
+@pytest.mark.parametrize("on_busy", ["queue", "reject"])
+async def test_the_next_turn_submitted_the_moment_the_last_one_ended_runs_at_once_and_sees_it(
+    on_busy: Literal["queue", "reject"],
+) -> None:
+    _, publisher, store = await _next_turn_the_moment_the_last_one_ended(on_busy, leave_lands_first=True)
+    assert _events(publisher, "t2")[0]["queued"] is False, "the leave went out with the end: t2 found it landed"
     assert _seen(_request(publisher, "t2")) == [
         ("user", "I am Grace"),
         ("assistant", "Hello Grace"),
@@ -229,30 +247,8 @@ async def test_the_next_turn_submitted_the_moment_the_last_one_ended_runs_at_onc
 async def test_the_next_turn_that_joins_before_the_leave_lands_waits_for_it_and_sees_it(
     on_busy: Literal["queue", "reject"],
 ) -> None:
-    runs, publisher, store = FakeRunStore(), HookedPublisher(), FakeSessionStore()
-    service = _service(runs, publisher, store, on_busy)
-    await service.submit(_submission("t1", "I am Grace"), None)
-    running_at_the_end: list[str | None] = []
-
-    async def next_turn() -> None:
-        running_at_the_end.append(store.session().running)
-        joined = asyncio.Event()
-
-        async def leave_in_flight(record: SessionRecord) -> None:
-            if "t1" in record.closed:  # the leave lands only once the next turn has joined
-                await joined.wait()
-
-        store.before_write = leave_in_flight
-        await service.submit(_submission("t2", "who am I?"), None)
-        joined.set()
-
-    publisher.after_end["t1"] = next_turn
-    await service.advance(_answer(publisher, "t1", "Hello Grace"), None)
-
-    assert running_at_the_end == ["t1"], "the client heard the end before the run left its session"
-    accepted = _events(publisher, "t2")[0]
-    assert accepted["kind"] == "accepted", accepted
-    assert accepted["queued"] is True
+    service, publisher, store = await _next_turn_the_moment_the_last_one_ended(on_busy, leave_lands_first=False)
+    assert _events(publisher, "t2")[0]["queued"] is True
     assert _request(publisher, "t2") is None, "t2 waits for the leave"
     await service.wake(_turn_signal(publisher, "t2"))
     assert _seen(_request(publisher, "t2")) == [
