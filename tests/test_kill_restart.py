@@ -166,14 +166,21 @@ async def test_cancel_during_a_step_ends_the_task_and_its_late_result_is_ignored
         task_id = new_task_id("midcancel")
         await publish_submission(own_client, submission(task_id), msg_id=task_id)
         await _wait_for_event(own_client, task_id, "accepted", 1)
+        step = f"acme.{task_id}.step-1"
+        async with asyncio.timeout(10):  # the step is in the model's hands (its request follows `accepted`)
+            while not engine.generations[step]:
+                await asyncio.sleep(0.02)
         cancel = json.dumps({"task_id": task_id, "tenant": "acme", "reason": "changed my mind"}).encode()
         await own_client.jetstream().publish("agentbus.tasks.cancel.acme.acme-app", cancel)
         await _wait_for_event(own_client, task_id, "cancelled", 2)
         engine.release.set()
+        async with asyncio.timeout(10):
+            while not engine.finished[step]:
+                await asyncio.sleep(0.02)
         events = await task_events(own_client, task_id, settle=1.5)
     finally:
         for service in services:
             await service.stop()
     assert [e["kind"] for e in events] == ["accepted", "cancelled"]
     assert events[-1]["reason"] == "changed my mind"
-    assert engine.finished[f"acme.{task_id}.step-1"] == 1
+    assert engine.finished[step] == 1
