@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from agentbus.contracts.registry import SPAN, SPANS, Header
-from agentbus.contracts.spans import SpanRecorded
+from agentbus.contracts.spans import SpanRecorded, spans_in
 from agentbus.runtime.bootstrap import stream_config
 from agentbus.runtime.consumer import ConsumerRunner
 from agentbus.runtime.metrics import ConsumerMetrics
@@ -21,6 +21,8 @@ from agentbus.runtime.spans import (
     NullSpanEmitter,
     SpanAttribute,
     SpanEmitter,
+    _Encoded,
+    _messages,
     span_msg_id,
 )
 from agentbus.runtime.tracing import TraceContext
@@ -47,8 +49,14 @@ async def _read_spans(js: JetStreamContext, service: str, count: int) -> list[Ms
 
 
 async def _stored_count(js: JetStreamContext, service: str) -> int:
+    """Messages stored for this service: one per span, or one per batch of spans."""
     info = await js.stream_info(SPANS.name, subjects_filter=SPAN.format(service=service))
     return sum((info.state.subjects or {}).values())
+
+
+async def _stored_spans(js: JetStreamContext, service: str) -> list[SpanRecorded]:
+    messages = await _read_spans(js, service, await _stored_count(js, service))
+    return [span for msg in messages for span in spans_in(msg.data)]
 
 
 async def test_a_recorded_span_is_published_with_its_trace_headers_and_fields(
@@ -112,9 +120,8 @@ async def test_the_span_context_records_attributes_and_marks_an_exception_as_err
         span.fail("denied by alice")
     await emitter.stop()
 
-    events = {
-        e.span_id: e for e in (SpanRecorded.model_validate_json(m.data) for m in await _read_spans(js, service, 3))
-    }
+    events = {e.span_id: e for e in await _stored_spans(js, service)}
+    assert len(events) == 3
     assert events[root.span_id].status == "ok"
     assert events[root.span_id].attributes == {"step": 1, "langfuse.observation.output": "done"}
     assert events[root.span_id].start <= events[root.span_id].end
@@ -141,7 +148,7 @@ async def test_a_full_buffer_drops_and_counts_instead_of_blocking(
     await emitter.start(js)
     await emitter.stop()
     assert emitter.published == 3
-    assert await _stored_count(js, service) == 3
+    assert len(await _stored_spans(js, service)) == 3
 
 
 async def test_an_invalid_span_is_dropped_and_counted_without_losing_the_others(
@@ -188,7 +195,7 @@ async def test_spans_wait_in_the_buffer_until_the_stream_accepts_them(
             await js.add_stream(stream_config(SPANS, replicas=1))
             await emitter.stop(timeout=30)
             assert (emitter.published, emitter.dropped) == (4, 0)
-            assert await _stored_count(js, service) == 4
+            assert len(await _stored_spans(js, service)) == 4
         finally:
             await nc.close()
 
@@ -237,6 +244,74 @@ async def test_bus_service_starts_the_emitter_and_flushes_it_on_stop(bootstrappe
     nc = NatsClient()
     await nc.connect(bootstrapped_nats.url)
     try:
-        assert await _stored_count(nc.jetstream(), service) == 20
+        assert len(await _stored_spans(nc.jetstream(), service)) == 20
     finally:
         await nc.close()
+
+
+async def test_spans_that_piled_up_travel_as_one_batch_whose_id_makes_a_resend_a_duplicate(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    service = _service_name()
+    js = nats_client.jetstream()
+    emitter = SpanEmitter(service)
+    trace = TraceContext.new()
+    children = [trace.child() for _ in range(5)]
+    for child in children:  # recorded before the publisher runs: they pile up in the buffer
+        emitter.record(name="s", kind="tool", trace=child, parent_span_id=trace.span_id, start=T0, end=T0)
+    await emitter.start(js)
+    await emitter.stop()
+
+    assert (emitter.published, emitter.dropped) == (5, 0)
+    [msg] = await _read_spans(js, service, 1)
+    assert [span.span_id for span in spans_in(msg.data)] == [child.span_id for child in children]
+    assert msg.headers is not None
+    assert msg.headers[Header.MSG_ID.value].startswith("spans:")
+    again = await js.publish(msg.subject, msg.data, headers={Header.MSG_ID.value: msg.headers[Header.MSG_ID.value]})
+    assert again.duplicate
+    assert await _stored_count(js, service) == 1
+
+
+async def test_a_batch_over_the_servers_payload_limit_is_sent_span_by_span(
+    nats_server: NatsServerProcess, tmp_path: Path
+) -> None:
+    # A server that takes messages smaller than a batch of these spans, but not than one of them.
+    with running_nats_server(tmp_path / "small", extra_config="max_payload: 1024\n") as server:
+        nc = NatsClient()
+        await nc.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(stream_config(SPANS, replicas=1))
+            service = _service_name()
+            emitter = SpanEmitter(service)
+            trace = TraceContext.new()
+            for index in range(6):
+                emitter.record(
+                    name=f"step {index}",
+                    kind="agent_step",
+                    trace=trace.child(),
+                    parent_span_id=trace.span_id,
+                    start=T0,
+                    end=T0,
+                    attributes={"note": "x" * 200},
+                )
+            await emitter.start(js)
+            await emitter.stop(timeout=30)
+            assert (emitter.published, emitter.dropped) == (6, 0)
+            assert await _stored_count(js, service) == 6
+            assert [span.name for span in await _stored_spans(js, service)] == [f"step {i}" for i in range(6)]
+        finally:
+            await nc.close()
+
+
+def test_spans_are_grouped_in_order_by_count_and_by_size() -> None:
+    spans = [_Encoded(b"x" * size, f"{index:016x}", f"tp-{index}") for index, size in enumerate([10, 10, 10, 50, 10])]
+    by_count = _messages(spans, max_spans=2, max_bytes=1000)
+    assert [message.spans for message in by_count] == [2, 2, 1]
+    by_size = _messages(spans, max_spans=10, max_bytes=40)
+    assert [message.spans for message in by_size] == [3, 1, 1]
+    alone = by_count[-1]
+    assert alone.payload == b"x" * 10
+    assert alone.headers == {Header.MSG_ID.value: span_msg_id(f"{4:016x}"), Header.TRACEPARENT.value: "tp-4"}
+    assert by_count[0].payload == b'{"spans":[' + b"x" * 10 + b"," + b"x" * 10 + b"]}"
+    assert _messages(spans, max_spans=2)[0].headers != _messages(spans[1:], max_spans=2)[0].headers

@@ -45,7 +45,7 @@ from agentbus.contracts.registry import (
     accountant_usage_consumer,
     budget_subject,
 )
-from agentbus.contracts.spans import SpanRecorded
+from agentbus.contracts.spans import SpanRecorded, spans_in
 from agentbus.contracts.usage import UsageRecorded
 from agentbus.cost_accountant.app import AccountantApp, create_app
 from agentbus.cost_accountant.handlers import AccountantHandlers
@@ -449,10 +449,11 @@ async def test_a_reservation_with_a_traceparent_is_a_span_of_that_trace(
             {Header.TRACEPARENT.value: incoming.traceparent},
         )
         async with asyncio.timeout(20):
-            while True:
-                span = SpanRecorded.model_validate_json((await sub.next_msg(timeout=20)).data)
-                if span.trace_id == incoming.trace_id:
-                    break
+            found: SpanRecorded | None = None
+            while found is None:
+                spans = spans_in((await sub.next_msg(timeout=20)).data)
+                found = next((s for s in spans if s.trace_id == incoming.trace_id), None)
+            span = found
     except nats.errors.TimeoutError:
         pytest.fail("no span for the reservation")
     finally:

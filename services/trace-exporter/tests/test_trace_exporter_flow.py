@@ -12,7 +12,7 @@ from typing import Any
 
 from agentbus.contracts.deadletter import DeadLetter
 from agentbus.contracts.registry import SPAN, SPANS, TRACE_EXPORTER_SPANS, Header
-from agentbus.contracts.spans import SpanKind, SpanRecorded
+from agentbus.contracts.spans import SpanBatch, SpanKind, SpanRecorded
 from agentbus.runtime.deadletter import dead_letter_subject
 from agentbus.runtime.spans import SpanAttribute, SpanEmitter
 from agentbus.runtime.tracing import TraceContext
@@ -68,6 +68,11 @@ async def _eventually(condition: Callable[[], Awaitable[bool]], what: str, timeo
 async def _consumer_state(js: JetStreamContext) -> tuple[int, int]:
     info = await js.consumer_info(SPANS.name, TRACE_EXPORTER_SPANS.durable)
     return info.num_pending or 0, info.num_ack_pending or 0
+
+
+async def _stored_messages(js: JetStreamContext) -> int:
+    """Span messages in the stream: spans that piled up in an emitter share one (a SpanBatch)."""
+    return (await js.stream_info(SPANS.name)).state.messages
 
 
 async def _all_acked(js: JetStreamContext) -> None:
@@ -257,7 +262,8 @@ async def test_spans_wait_unacked_while_the_backend_is_down_and_arrive_once_when
 
         await _eventually(failed_a_few_times, "repeated export attempts during the outage")
         assert receiver.accepted() == []
-        assert await _consumer_state(js) == (0, 50), "spans were acked while the backend was down"
+        stored = await _stored_messages(js)
+        assert await _consumer_state(js) == (0, stored), "spans were acked while the backend was down"
 
         receiver.down = False
         spans = spans_by_id(await _received(receiver, 50))
@@ -287,7 +293,7 @@ async def test_a_restarted_exporter_never_exports_a_redelivered_span_again(
 
     # Every message comes again, as after lost acks: the restarted exporter finds them in its ledger.
     await recreate_span_consumer(span_bus)
-    assert await _consumer_state(js) == (30, 0)
+    assert await _consumer_state(js) == (await _stored_messages(js), 0)
     restarted = await _running(settings)
     try:
         await _all_acked(js)
@@ -331,27 +337,36 @@ async def test_bad_span_messages_are_dead_lettered_with_their_reason(
     subject = SPAN.format(service="tool-executor")
     garbage_ack = await js.publish(subject, b"{not json")
     poison_ack = await js.publish(subject, poison.model_dump_json().encode())
+    # A batch with one refused span among good ones: the good ones are exported, the message dead-lettered.
+    batch_spans = [poison.model_copy(update={"span_id": trace.child().span_id, "name": name}) for name in "ab"]
+    batch_poison = poison.model_copy(update={"span_id": trace.child().span_id})
+    batch = SpanBatch(spans=[batch_spans[0], batch_poison, batch_spans[1]])
+    batch_ack = await js.publish(subject, batch.model_dump_json().encode())
+    empty_batch_ack = await js.publish(subject, b'{"spans": []}')
     good = await _emit(js, "tool-executor", 3)
     receiver.reject_names = {"poison"}
     app = await _running(_langfuse(nats_url, tmp_path, receiver))
     try:
-        spans = spans_by_id(await _received(receiver, 3))
+        spans = spans_by_id(await _received(receiver, 5))
         await _all_acked(js)
     finally:
         await app.stop()
-    assert set(spans) == set(good)
+    assert set(spans) == set(good) | {span.span_id for span in batch_spans}
 
     letters: dict[int, DeadLetter] = {}
     sub = await js.subscribe(dead_letter_subject(TRACE_EXPORTER_SPANS), ordered_consumer=True)
     try:
-        while not {garbage_ack.seq, poison_ack.seq} <= set(letters):
+        while not {garbage_ack.seq, poison_ack.seq, batch_ack.seq, empty_batch_ack.seq} <= set(letters):
             letter = DeadLetter.model_validate_json((await sub.next_msg(timeout=10)).data)
             letters[letter.stream_seq] = letter
     finally:
         await sub.unsubscribe()
     assert letters[garbage_ack.seq].error.code == "schema_violation"
+    assert letters[empty_batch_ack.seq].error.code == "schema_violation"
     assert letters[poison_ack.seq].error.code == "export_rejected"
     assert "400" in letters[poison_ack.seq].error.message
+    assert letters[batch_ack.seq].error.code == "export_rejected"
+    assert "400" in letters[batch_ack.seq].error.message
 
 
 # --- two replicas sharing one ledger ---------------------------------------------------------------------

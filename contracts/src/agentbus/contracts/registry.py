@@ -541,7 +541,13 @@ COST_REPORT = SubjectSpec(
 BUDGET_ALERT = SubjectSpec(
     "agentbus.budget.alerts.{tenant}", BudgetAlert, BUDGET_ALERTS.name, True, "A budget crossed its soft limit."
 )
-SPAN = SubjectSpec("agentbus.spans.{service}", SpanRecorded, SPANS.name, False, "A finished span of some service.")
+SPAN = SubjectSpec(
+    "agentbus.spans.{service}",
+    SpanRecorded,
+    SPANS.name,
+    False,
+    "A finished span of some service, or a SpanBatch of them (decode with `agentbus.contracts.spans.spans_in`).",
+)
 DEAD_LETTER = SubjectSpec(
     "agentbus.deadletter.{stream}.{consumer}",
     DeadLetter,

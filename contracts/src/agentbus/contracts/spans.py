@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from agentbus.contracts.common import BusMessage, Identifier
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 
 SpanKind = Literal["task", "agent_step", "generation", "tool", "retrieval", "approval_wait"]
 
@@ -27,3 +27,28 @@ class SpanRecorded(BusMessage):
     status: Literal["ok", "error"] = "ok"
     status_message: str | None = None
     attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+MAX_SPANS_PER_BATCH = 1000
+
+
+class SpanBatch(BusMessage):
+    """Several finished spans of one service in one message, as an emitter sends them when spans pile up.
+
+    On the same subject as single `SpanRecorded` events: one message, one stored entry and one ack for many
+    spans. Each span is still exported once, by its own `span_id`.
+    """
+
+    spans: list[SpanRecorded] = Field(min_length=1, max_length=MAX_SPANS_PER_BATCH)
+
+
+_SPAN_PAYLOAD: TypeAdapter[SpanBatch | SpanRecorded] = TypeAdapter(SpanBatch | SpanRecorded)
+
+
+def spans_in(payload: bytes | str) -> list[SpanRecorded]:
+    """The spans a span message carries: one `SpanRecorded`, or the spans of a `SpanBatch`.
+
+    Raises pydantic's ValidationError when the payload is neither.
+    """
+    decoded = _SPAN_PAYLOAD.validate_json(payload)
+    return decoded.spans if isinstance(decoded, SpanBatch) else [decoded]

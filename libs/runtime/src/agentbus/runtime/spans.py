@@ -2,9 +2,12 @@
 
 A `SpanEmitter` publishes `SpanRecorded` events on `agentbus.spans.<service>` (stream AGENTBUS_SPANS, which
 keeps them 7 days or up to 1 GiB while the trace backend is down). `record()` only appends to a bounded
-in-memory buffer: it never blocks, never raises and never does I/O. A background task validates,
-serialises and publishes the buffer through JetStream. When the buffer is full (NATS unreachable for a long
-time, or a burst faster than NATS takes it) new spans are dropped and counted in
+in-memory buffer: it never blocks, never raises and never does I/O. A background task lets spans gather for
+`SPAN_LINGER_SECONDS`, then validates, serialises and publishes them through JetStream: a span alone as a
+`SpanRecorded`, several as `SpanBatch` messages of up to `SPANS_PER_MESSAGE`, so for a busy service the
+stream stores, and the exporter fetches and acks, one message for many spans
+(`agentbus.contracts.spans.spans_in` reads both). When the buffer is full (NATS unreachable for a long time,
+or a burst faster than NATS takes it) new spans are dropped and counted in
 `agentbus_spans_dropped_total{service}`; a dropped span leaves a gap in its trace but never slows a handler.
 
 Emitting spans
@@ -37,11 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections import deque
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -70,6 +74,12 @@ SPANS_DROPPED_METRIC = "agentbus_spans_dropped_total"
 SPANS_PUBLISHED_METRIC = "agentbus_spans_published_total"
 
 _PUBLISH_BATCH = 256
+SPANS_PER_MESSAGE = 64
+"""At most this many spans travel in one message (a `SpanBatch`)."""
+SPAN_MESSAGE_BYTES = 256 * 1024
+"""A batch closes before it would grow past this size (the spans stream takes messages up to 1 MiB)."""
+SPAN_LINGER_SECONDS = 0.05
+"""How long the publisher lets spans gather once the first is buffered (a full message's worth goes at once)."""
 _PUBLISH_TIMEOUT_SECONDS = 5.0
 _RETRY_FIRST_DELAY_SECONDS = 0.05
 _RETRY_MAX_DELAY_SECONDS = 2.0
@@ -382,6 +392,10 @@ class SpanEmitter:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if not self._stopping and len(self._buffer) < SPANS_PER_MESSAGE:
+                # Let spans gather for a moment, as OpenTelemetry's batch processor does (for seconds): a busy
+                # service then sends many spans a message, and a quiet one waits only this long for its span.
+                await asyncio.sleep(SPAN_LINGER_SECONDS)
             size = min(len(self._buffer), _PUBLISH_BATCH)
             batch = [self._buffer.popleft() for _ in range(size)]
             self._in_flight = size
@@ -393,7 +407,7 @@ class SpanEmitter:
                 self._count_dropped(self._in_flight)
                 self._in_flight = 0
 
-    def _encode(self, pending: _Pending) -> tuple[bytes, dict[str, str]] | None:
+    def _encode(self, pending: _Pending) -> _Encoded | None:
         name, kind, trace, parent, start, end, task_id, tenant, status, status_message, attributes = pending
         try:
             event = SpanRecorded(
@@ -415,42 +429,45 @@ class SpanEmitter:
             _log.warning("span_invalid", service=self.service, name=name, error=str(exc))
             return None
         # `fallback=str`: a value that is not JSON-able is exported as its text rather than losing the span.
-        payload = event.model_dump_json(fallback=str).encode()
-        headers = {Header.MSG_ID.value: span_msg_id(trace.span_id), Header.TRACEPARENT.value: trace.traceparent}
-        return payload, headers
+        return _Encoded(event.model_dump_json(fallback=str).encode(), trace.span_id, trace.traceparent)
 
     async def _publish_batch(self, batch: list[_Pending]) -> None:
-        pending = [encoded for item in batch if (encoded := self._encode(item)) is not None]
-        self._count_dropped(len(batch) - len(pending))
-        self._in_flight = len(pending)
+        encoded = [span for item in batch if (span := self._encode(item)) is not None]
+        self._count_dropped(len(batch) - len(encoded))
+        pending = _messages(encoded)
+        self._in_flight = len(encoded)
         delay = _RETRY_FIRST_DELAY_SECONDS
         while pending:
             results = await self._publish_all(pending)
-            retry: list[tuple[bytes, dict[str, str]]] = []
+            retry: list[_Message] = []
             for message, error in zip(pending, results, strict=True):
                 if error is None:
-                    self._published += 1
-                    self._published_child.inc()
+                    self._published += message.spans
+                    self._published_child.inc(message.spans)
+                elif _is_permanent(error) and message.spans > 1:
+                    # A server whose payload limit is below the batch's size: send these spans one by one.
+                    retry.extend(_messages(message.parts, max_spans=1))
                 elif _is_permanent(error):
                     self._count_dropped(1)
                     _log.warning("span_unpublishable", service=self.service, error=repr(error))
                 else:
                     retry.append(message)
             pending = retry
-            self._in_flight = len(pending)
+            self._in_flight = sum(message.spans for message in pending)
             if pending:
                 # NATS unreachable or the stream missing: keep these, and let the bounded buffer absorb new ones.
                 first_error = next(e for e in results if e is not None)
-                _log.warning("span_publish_retry", service=self.service, count=len(pending), error=repr(first_error))
+                _log.warning("span_publish_retry", service=self.service, count=self._in_flight, error=repr(first_error))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_DELAY_SECONDS)
 
-    async def _publish_all(self, messages: list[tuple[bytes, dict[str, str]]]) -> list[BaseException | None]:
+    async def _publish_all(self, messages: list[_Message]) -> list[BaseException | None]:
         """Publish every message without waiting for each ack in turn; the error of each, or None once acked."""
         assert self._js is not None
         errors: list[BaseException | None] = [None] * len(messages)
         futures: dict[asyncio.Future[PubAck], int] = {}
-        for index, (payload, headers) in enumerate(messages):
+        for index, message in enumerate(messages):
+            payload, headers = message.payload, message.headers
             try:
                 # No wait_stall: it costs a timer per message, and a batch (256) stays far below the
                 # client's limit of pending publishes (4000), since each batch's acks are awaited.
@@ -468,6 +485,59 @@ class SpanEmitter:
                 cancelled = future.cancelled()
                 errors[futures[future]] = TimeoutError("publish cancelled") if cancelled else future.exception()
         return errors
+
+
+class _Encoded(NamedTuple):
+    """One span, validated and serialised."""
+
+    payload: bytes
+    span_id: str
+    traceparent: str
+
+
+class _Message(NamedTuple):
+    """What one publish sends: a single span, or a `SpanBatch` of several."""
+
+    payload: bytes
+    headers: dict[str, str]
+    parts: list[_Encoded]
+
+    @property
+    def spans(self) -> int:
+        return len(self.parts)
+
+
+def _messages(
+    spans: list[_Encoded], *, max_spans: int = SPANS_PER_MESSAGE, max_bytes: int = SPAN_MESSAGE_BYTES
+) -> list[_Message]:
+    """Group spans, in order, into messages of up to `max_spans` spans and about `max_bytes` bytes.
+
+    Spans that pile up (a busy service) travel many to a message: the stream stores, and the exporter
+    fetches and acks, one message for them all. A span alone is sent as a plain `SpanRecorded`, with
+    `traceparent`. A batch's `Nats-Msg-Id` comes from its spans' ids, so publishing it again is deduplicated.
+    """
+    messages: list[_Message] = []
+    group: list[_Encoded] = []
+    size = 0
+    for span in spans:
+        if group and (len(group) >= max_spans or size + len(span.payload) > max_bytes):
+            messages.append(_message(group))
+            group, size = [], 0
+        group.append(span)
+        size += len(span.payload) + 1
+    if group:
+        messages.append(_message(group))
+    return messages
+
+
+def _message(group: list[_Encoded]) -> _Message:
+    if len(group) == 1:
+        span = group[0]
+        headers = {Header.MSG_ID.value: span_msg_id(span.span_id), Header.TRACEPARENT.value: span.traceparent}
+        return _Message(span.payload, headers, group)
+    payload = b'{"spans":[' + b",".join(span.payload for span in group) + b"]}"
+    digest = hashlib.blake2b("".join(span.span_id for span in group).encode(), digest_size=16).hexdigest()
+    return _Message(payload, {Header.MSG_ID.value: f"spans:{digest}"}, group)
 
 
 def _is_permanent(error: BaseException) -> bool:

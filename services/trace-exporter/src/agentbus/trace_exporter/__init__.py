@@ -1,6 +1,7 @@
 """trace-exporter: one trace per task from span events, to a JSONL file or Langfuse over OTLP/HTTP.
 
-Every service publishes `SpanRecorded` events on `agentbus.spans.<service>` (see `agentbus.runtime.spans`).
+Every service publishes `SpanRecorded` events on `agentbus.spans.<service>`, several to a `SpanBatch` message
+when they pile up (see `agentbus.runtime.spans`).
 This service reads them with the durable consumer `trace-exporter-spans` and exports them in batches:
 
 - by default appended to a local JSONL file (`AGENTBUS_TRACES_JSONL_PATH`, one span per line);

@@ -1,8 +1,8 @@
-"""Decode a span event and export it; the message is acked only once the span is exported."""
+"""Decode a span message (one span, or a batch of them) and export its spans; acked only once all are exported."""
 
 from __future__ import annotations
 
-from agentbus.contracts.spans import SpanRecorded
+from agentbus.contracts.spans import spans_in
 from agentbus.runtime.consumer import Delivery
 from agentbus.runtime.errors import TerminalError
 from agentbus.trace_exporter.service import SpanExportService, SpanRejected
@@ -18,10 +18,12 @@ class ExporterHandlers:
 
     async def on_span_recorded(self, delivery: Delivery) -> None:
         try:
-            span = SpanRecorded.model_validate_json(delivery.data)
+            spans = spans_in(delivery.data)
         except ValidationError as exc:
             raise TerminalError(SCHEMA_VIOLATION, str(exc)) from exc
         try:
-            await self._service.export(span)
+            # A refused span dead-letters its whole message; the others are exported and recorded in the
+            # ledger first, so replaying the dead letter exports only what was refused.
+            await self._service.export_all(spans)
         except SpanRejected as exc:
             raise TerminalError(EXPORT_REJECTED, str(exc)) from exc

@@ -1,7 +1,8 @@
 """The export use case: batch spans, claim them in the shared ledger, export what this replica claimed, record
 it as exported, then release the callers.
 
-Callers (one per delivered span message) await `export(span)`; it returns once the span is safely exported
+Callers (one per delivered span message) await `export_all(spans)`, the spans the message carries (one, or a
+`SpanBatch` of them); it returns once every one of them is safely exported
 (by this replica, or by any replica before), so the message is acked only then. While the backend is down the
 current batch is retried with exponential backoff capped at `max_backoff_seconds`, and every caller keeps
 waiting: nothing is acked, the consumer stops pulling once its in-flight limit is reached, and the spans wait
@@ -21,7 +22,7 @@ import contextlib
 import functools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -149,13 +150,32 @@ class SpanExportService:
 
     async def export(self, span: SpanRecorded) -> None:
         """Return once `span` is exported (now or before); raise SpanRejected if the backend refuses it for good."""
+        await self.export_all([span])
+
+    async def export_all(self, spans: Sequence[SpanRecorded]) -> None:
+        """Return once every span of one message is exported (now or before).
+
+        Raise SpanRejected, naming each refused span, once the others are exported, if the backend refuses
+        some for good; raise the first other failure once every span is settled.
+        """
         if self._task is None or self._task.done():
             raise RuntimeError("the exporter is not running")
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((span, waiter))
-        if len(self._queue) == 1 or len(self._queue) >= self._policy.batch_size:
+        loop = asyncio.get_running_loop()
+        waiters: list[asyncio.Future[None]] = [loop.create_future() for _ in spans]
+        was_empty = not self._queue
+        self._queue.extend(zip(spans, waiters, strict=True))
+        if was_empty or len(self._queue) >= self._policy.batch_size:
             self._wakeup.set()
-        await waiter
+        if len(waiters) == 1:
+            await waiters[0]
+            return
+        outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+        rejected = [outcome for outcome in outcomes if isinstance(outcome, SpanRejected)]
+        failure = next((o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, SpanRejected)), None)
+        if failure is not None:
+            raise failure
+        if rejected:
+            raise SpanRejected("; ".join(str(reason) for reason in rejected))
 
     # --- the batching loop ---------------------------------------------------------------------------
 
