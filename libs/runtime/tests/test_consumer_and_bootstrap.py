@@ -342,3 +342,41 @@ async def test_a_delivery_carries_when_its_stream_stored_the_message(
     assert delivery.stored_at is not None
     assert stored.time is not None
     assert abs((delivery.stored_at - stored.time).total_seconds()) < 0.001
+
+
+async def test_messages_the_consumer_passes_over_are_acked_without_reaching_the_handler(
+    bootstrapped_nats: NatsServerProcess, nats_client: NatsClient
+) -> None:
+    spec = await _consumer_on_fresh_stream(nats_client)
+    handled: list[str] = []
+    done = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        handled.append(delivery.subject)
+        if len(handled) == 2:
+            done.set()
+
+    registry = CollectorRegistry()
+    js = nats_client.jetstream()
+    runner = ConsumerRunner(
+        js,
+        spec,
+        handler,
+        ack_policy=AckPolicy.ACK,
+        metrics=ConsumerMetrics(registry),
+        passes_over=lambda subject: subject.endswith(".other"),
+    )
+    for subject in ("other", "mine", "other", "other", "mine"):
+        await js.publish(f"{spec.stream}.{subject}", b"{}")
+    await runner.start()
+    try:
+        await asyncio.wait_for(done.wait(), timeout=15)
+        async with asyncio.timeout(15):
+            while (await js.stream_info(spec.stream)).state.messages:  # a work queue: acked messages leave it
+                await asyncio.sleep(0.05)
+    finally:
+        await runner.stop(drain_timeout=2)
+    assert handled == [f"{spec.stream}.mine"] * 2
+    labels = {"consumer": spec.durable}
+    assert registry.get_sample_value("agentbus_messages_handled_total", {**labels, "outcome": "passed_over"}) == 3
+    assert registry.get_sample_value("agentbus_messages_handled_total", {**labels, "outcome": "acked"}) == 2

@@ -122,10 +122,16 @@ class ConsumerRunner:
         concurrency: int = 64,
         batch: int = 64,
         fetch_timeout: float = 2.0,
+        passes_over: Callable[[str], bool] | None = None,
     ) -> None:
+        """`passes_over(subject)`: True for a message the handler has nothing to do with, told by its subject
+        alone. Such a message is acked as it arrives, without a handler task: a consumer that must read a
+        whole stream for the few messages it acts on (the orchestrator reads every task's events for its
+        steps' tasks) then pays for the rest little more than their acks."""
         self._js = js
         self._spec = spec
         self._handler = handler
+        self._passes_over = passes_over
         self._metrics = metrics
         self._concurrency = concurrency
         self._batch = batch
@@ -199,6 +205,9 @@ class ConsumerRunner:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
+                if self._passes_over is not None and self._passes_over(msg.subject):
+                    await self._settlement.passed_over(msg)
+                    continue
                 task = asyncio.create_task(self._handle(msg))
                 self._in_flight.add(task)
                 task.add_done_callback(self._release)
@@ -275,6 +284,13 @@ class Settlement:
         self._spec = spec
         self._ack_policy = ack_policy
         self._metrics = metrics
+
+    async def passed_over(self, msg: Msg) -> None:
+        """Ack a message there was nothing to do for. If the ack is lost (NATS away), it comes again after
+        ack_wait and is passed over again."""
+        with contextlib.suppress(*NATS_OUTAGE_ERRORS):
+            await msg.ack()
+        self._metrics.handled.labels(self._spec.durable, "passed_over").inc()
 
     async def acked(self, msg: Msg) -> None:
         await (msg.ack_sync() if self._ack_policy is AckPolicy.ACK_SYNC else msg.ack())

@@ -15,7 +15,7 @@ class ConsumerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.handled = Counter(
             HANDLED_METRIC,
-            "Messages handled, by consumer and outcome (acked, retried, dead_lettered).",
+            "Messages handled, by consumer and outcome (acked, retried, dead_lettered, waiting, passed_over).",
             ["consumer", "outcome"],
             registry=registry,
         )

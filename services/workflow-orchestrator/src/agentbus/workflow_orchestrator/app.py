@@ -66,6 +66,8 @@ class OrchestratorApp(BusService):
         await self._replies.serve(WORKFLOWS_LIST.wildcard, handlers.on_list_request)
         # Plain ACK: every transition is idempotent (compare-and-set state, deduplicated publishes, task ids
         # the runner takes once), so a lost ack only causes a harmless redelivery.
+        # The task-events consumer reads every task's events; those of tasks that are no workflow's step are
+        # acked as they arrive, without a handler.
         return [
             ConsumerRunner(
                 js,
@@ -75,6 +77,7 @@ class OrchestratorApp(BusService):
                 metrics=metrics,
                 concurrency=self._config.consumer_concurrency,
                 batch=self._config.fetch_batch,
+                passes_over=handlers.passes_over_task_event if spec is ORCHESTRATOR_TASK_EVENTS else None,
             )
             for spec, handler in (
                 (ORCHESTRATOR_SUBMISSIONS, handlers.on_workflow_submitted),

@@ -133,15 +133,22 @@ class OrchestratorHandlers:
             )
         await self._service.cancel(request, tokens["submitter"], delivery.trace)
 
+    @staticmethod
+    def passes_over_task_event(subject: str) -> bool:
+        """True for the events of a task that is no workflow's step (its id lacks the steps' prefix): the
+        consumer acks those as they arrive, without a handler."""
+        try:
+            tokens = TASK_EVENT.parse(subject)
+        except ValueError:
+            return True
+        return not tokens["task_id"].startswith(STEP_TASK_PREFIX)
+
     async def on_task_event(self, delivery: Delivery) -> None:
         """Every task's events pass here; only those of workflow steps' tasks, and only the kinds that move a
         run, are looked at (a step's task id has its own prefix, checked before anything is decoded)."""
-        try:
-            tokens = TASK_EVENT.parse(delivery.subject)
-        except ValueError:
+        if self.passes_over_task_event(delivery.subject):
             return
-        if not tokens["task_id"].startswith(STEP_TASK_PREFIX):
-            return
+        tokens = TASK_EVENT.parse(delivery.subject)
         try:
             event = TASK_EVENT_ADAPTER.validate_json(delivery.data)
         except ValidationError:
