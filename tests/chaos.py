@@ -41,8 +41,9 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 from agentbus.cli.config import read_env_file
 from agentbus.cli.identities import ADMIN_USER, CredentialStore, approver_user, submitter_user
 from agentbus.cli.suite import PIDS_FILE_NAME
@@ -384,50 +385,55 @@ def task_span_id(task_id: str) -> str:
     return hashlib.sha256(f"{TENANT}.{task_id}:task".encode()).hexdigest()[:16]
 
 
-async def stored_events(admin: NatsClient) -> dict[str, list[dict[str, Any]]]:
-    """Every task event in the stream, by task id, in order (read as the operator)."""
+_T = TypeVar("_T")
+_ADMIN_READ_ATTEMPTS = 5
+
+
+async def _read_again_on_timeout(read: Callable[[], Awaitable[_T]]) -> _T:
+    """One of the driver's own reads of the server. A machine loaded by the suite (and whatever else shares
+    it) can make a request time out: ask again rather than end the run, and say so if it never answers."""
+    for attempt in range(_ADMIN_READ_ATTEMPTS):
+        try:
+            return await read()
+        except (nats.errors.TimeoutError, TimeoutError):
+            if attempt == _ADMIN_READ_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+async def _read_stream(admin: NatsClient, stream: str, subject: str) -> list[bytes]:
+    """Every message stored in `stream` under `subject`, in order. Waits out a slow delivery (a loaded
+    machine) instead of returning a short read, which would count stored events as lost."""
     js = admin.jetstream()
-    info = await js.stream_info(TASK_EVENTS.name)
-    total = info.state.messages
-    events: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    if not total:
-        return events
-    sub = await js.subscribe(
-        TASK_EVENT.pattern.format(tenant=TENANT, task_id="*"), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
+    info = await _read_again_on_timeout(lambda: js.stream_info(stream, subjects_filter=subject))
+    if not sum((info.state.subjects or {}).values()):
+        return []
+    sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    payloads: list[bytes] = []
     try:
         while True:
-            try:
-                msg = await sub.next_msg(timeout=3)
-            except Exception:
-                break
-            event = json.loads(msg.data)
-            events[event["task_id"]].append(event)
+            msg = await _read_again_on_timeout(lambda: sub.next_msg(timeout=3))
+            payloads.append(msg.data)
             if msg.metadata.num_pending == 0:
-                break
+                return payloads
     finally:
         await sub.unsubscribe()
+
+
+async def stored_events(admin: NatsClient) -> dict[str, list[dict[str, Any]]]:
+    """Every task event in the stream, by task id, in order (read as the operator)."""
+    events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    subject = TASK_EVENT.pattern.format(tenant=TENANT, task_id="*")
+    for payload in await _read_stream(admin, TASK_EVENTS.name, subject):
+        event = json.loads(payload)
+        events[event["task_id"]].append(event)
     return events
 
 
 async def dead_letters(admin: NatsClient) -> list[DeadLetter]:
-    js = admin.jetstream()
-    if not (await js.stream_info(DEAD_LETTERS.name)).state.messages:
-        return []
-    sub = await js.subscribe("agentbus.deadletter.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    letters = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=2)
-            except Exception:
-                break
-            letters.append(DeadLetter.model_validate_json(msg.data))
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        await sub.unsubscribe()
-    return letters
+    payloads = await _read_stream(admin, DEAD_LETTERS.name, "agentbus.deadletter.>")
+    return [DeadLetter.model_validate_json(payload) for payload in payloads]
 
 
 def _query(path: Path, sql: str) -> list[tuple[Any, ...]]:
