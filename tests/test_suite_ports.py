@@ -1,8 +1,9 @@
 """A suite starting beside another: a port found free and taken before the service bound it is not fatal.
 
-`agentbus up` prefers the gateway's well-known port when it is free. Another process (another suite
-starting at the same moment) can bind it between that check and the gateway's own bind: the gateway then
-exits, and the suite starts it again on another port instead of giving up.
+`agentbus up` prefers well-known ports when they are free: the gateway's, and nats-server's client and
+monitoring ports. Another process (another suite starting at the same moment) can bind one between that
+check and the bind: the service then exits, and the suite starts it again on other ports instead of giving
+up, or, worse, taking the other suite's nats-server, whose health endpoint answers on that port, for its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from agentbus.cli import suite as suite_module
 from agentbus.cli.suite import Suite
 from agentbus.contracts.registry import Service
 from agentbus.runtime.server import port_is_free
+from agentbus.testing import running_nats_server
 from helpers import AGENTS_DIR, REPO_ROOT
 
 
@@ -60,3 +62,41 @@ def test_a_gateway_whose_port_is_taken_while_it_starts_moves_to_another(
     finally:
         running.stop()
         holder.close()
+
+
+def test_a_nats_server_whose_ports_another_server_took_while_it_started_moves_instead_of_using_that_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_nats_server(tmp_path / "other-suite") as other:
+        checked: list[int] = []
+
+        def free_when_first_checked(port: int, host: str = "127.0.0.1") -> bool:
+            # The check sees the other server's ports free: it bound them right after.
+            if port in (other.port, other.monitor_port) and port not in checked:
+                checked.append(port)
+                return True
+            return port_is_free(port, host)
+
+        monkeypatch.setattr(suite_module, "PREFERRED_NATS_PORT", other.port)
+        monkeypatch.setattr(suite_module, "PREFERRED_MONITOR_PORT", other.monitor_port)
+        monkeypatch.setattr(suite_module, "port_is_free", free_when_first_checked)
+        said = io.StringIO()
+        running = Suite(
+            tmp_path / "suite",
+            AGENTS_DIR,
+            config_dir=REPO_ROOT / "config",
+            tools_dir=REPO_ROOT / "tools",
+            echo=said,
+            only=frozenset({Service.INFERENCE_WORKER}),
+        )
+        try:
+            running.start(ready_timeout=90)
+            assert running.server is not None
+            assert running.server.port != other.port, said.getvalue()
+            assert running.server.running
+            assert f"nats-server: port {other.port}, {other.monitor_port} was taken meanwhile" in said.getvalue()
+            # The suite's streams are in its own server, not in the other one.
+            assert (tmp_path / "suite" / "nats" / "jetstream").is_dir()
+            assert not list((tmp_path / "other-suite" / "jetstream").rglob("AGENTBUS_TASKS"))
+        finally:
+            running.stop()

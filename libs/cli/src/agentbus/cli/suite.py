@@ -352,17 +352,28 @@ class Suite:
                 self._say(f"credentials (mode 0600) in {self.credentials.directory}")
             port = PREFERRED_NATS_PORT if port_is_free(PREFERRED_NATS_PORT) else free_port()
             monitor = PREFERRED_MONITOR_PORT if port_is_free(PREFERRED_MONITOR_PORT) else free_port()
-            self.server = NatsServerProcess(
-                store_dir=self.state_dir / "nats",
-                port=port,
-                monitor_port=monitor,
-                log_file=self.state_dir / "logs" / "nats-server.log",
-                users=users,
-            )
-            self.server.start()
-            env_values[NATS_MONITOR_URL_VARIABLE] = self.server.monitor_url
+            for moves in range(PORT_MOVES + 1):
+                server = self.server = NatsServerProcess(
+                    store_dir=self.state_dir / "nats",
+                    port=port,
+                    monitor_port=monitor,
+                    log_file=self.state_dir / "logs" / "nats-server.log",
+                    users=users,
+                )
+                try:
+                    server.start()
+                    break
+                except NatsServerError:
+                    taken = [p for p in (port, monitor) if not port_is_free(p)]
+                    if moves == PORT_MOVES or not taken:
+                        raise
+                    # Another process bound a port between the check and the server's bind (another suite
+                    # starting beside this one): the server starts again on other ports.
+                    self._say(f"nats-server: port {', '.join(map(str, taken))} was taken meanwhile; moving")
+                    port, monitor = free_port(), free_port()
+            env_values[NATS_MONITOR_URL_VARIABLE] = server.monitor_url
             auth = "users and permissions enforced" if users else "no authentication"
-            self._say(f"nats-server (JetStream, store {self.server.store_dir}, {auth}) on {self.server.url}")
+            self._say(f"nats-server (JetStream, store {server.store_dir}, {auth}) on {server.url}")
         env_values = {NATS_URL_VARIABLE: self.nats_url, **env_values}
         env_path = write_env_file(env_values, self.state_dir)
         self._say(f"wrote {env_path}")

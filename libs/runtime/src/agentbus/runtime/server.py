@@ -189,11 +189,29 @@ class NatsServerProcess:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise NatsServerError(f"nats-server exited with {self._process.returncode} during start-up")
-            if self.healthy():
+            if self.healthy() and self._answering_is_this_server():
                 return
             time.sleep(0.05)
         self.stop()
         raise NatsServerError(f"nats-server did not become healthy within {timeout}s")
+
+    def _answering_is_this_server(self) -> bool:
+        """Whether what answers on both ports is the server this object started: its own JetStream store, and
+        one server behind the monitoring and the client port. Another process may have bound a port between
+        the check that found it free and this server's bind; this server then exits, but until it has, the
+        other's health endpoint would pass for its own."""
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/varz", timeout=1) as response:  # noqa: S310
+                varz = json.load(response)
+            store = Path(varz["jetstream"]["config"]["store_dir"])
+            with socket.create_connection((self.host, self.port), timeout=1) as connection:
+                greeting = connection.makefile("rb").readline()  # INFO {...}: sent to every client at once
+            info = json.loads(greeting.split(b" ", 1)[1])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return False
+        ours = (self.store_dir / "jetstream").resolve()
+        # nats-server keeps its streams in a `jetstream` folder under the configured store_dir.
+        return ours in (store.resolve(), store.resolve().parent) and info.get("server_id") == varz.get("server_id")
 
     def healthy(self) -> bool:
         """Whether the server answers /healthz?js-enabled-only=true with 200."""
