@@ -440,24 +440,26 @@ class SpanEmitter:
         while pending:
             results = await self._publish_all(pending)
             retry: list[_Message] = []
+            split: list[_Message] = []
             for message, error in zip(pending, results, strict=True):
                 if error is None:
                     self._published += message.spans
                     self._published_child.inc(message.spans)
                 elif _is_permanent(error) and message.spans > 1:
-                    # A server whose payload limit is below the batch's size: send these spans one by one.
-                    retry.extend(_messages(message.parts, max_spans=1))
+                    # A server whose payload limit is below the batch's size: send these spans one by one, now.
+                    split.extend(_messages(message.parts, max_spans=1))
                 elif _is_permanent(error):
                     self._count_dropped(1)
                     _log.warning("span_unpublishable", service=self.service, error=repr(error))
                 else:
                     retry.append(message)
-            pending = retry
+            pending = split + retry
             self._in_flight = sum(message.spans for message in pending)
-            if pending:
+            if retry:
                 # NATS unreachable or the stream missing: keep these, and let the bounded buffer absorb new ones.
-                first_error = next(e for e in results if e is not None)
-                _log.warning("span_publish_retry", service=self.service, count=self._in_flight, error=repr(first_error))
+                first_error = next(e for e in results if e is not None and not _is_permanent(e))
+                count = sum(message.spans for message in retry)
+                _log.warning("span_publish_retry", service=self.service, count=count, error=repr(first_error))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_DELAY_SECONDS)
 
