@@ -77,8 +77,10 @@ class LiteServer:
 
 def serve(path: str) -> None:
     """Serve the Lite file at `path` on a free local port until standard input closes."""
+    from agentbus.retriever.adapters import lite_bm25
     from milvus_lite.adapter.grpc.server import start_server_in_thread  # type: ignore[import-untyped]
 
+    lite_bm25.install()  # BM25 scored with numpy, not a Python loop per posting (see the module)
     server, db, port = start_server_in_thread(path, host="127.0.0.1", port=0, max_workers=SERVER_THREADS)
     print(f"{READY_PREFIX}{port}", flush=True)
     try:
