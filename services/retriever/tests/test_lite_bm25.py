@@ -99,3 +99,11 @@ def test_install_makes_lites_factory_build_the_vectorized_index(monkeypatch: pyt
     assert isinstance(index, VectorizedBm25Index)
     assert (index.k1, index.b) == (1.2, 0.75)
     assert sparse_factory.sparse_index_matches(index, "BM25", {"bm25_k1": 1.2, "bm25_b": 0.75})
+
+
+def test_equal_scores_come_in_ascending_local_id_order_across_the_cut() -> None:
+    index = VectorizedBm25Index()
+    index.build([{5: 1.0}, {6: 1.0}, {5: 1.0}, {5: 1.0}, {5: 2.0}, {5: 1.0}])
+    ids, dists = index.search([{5: 1.0}], 3)
+    assert list(ids[0]) == [4, 0, 2]
+    assert dists[0, 1] == dists[0, 2]

@@ -93,12 +93,31 @@ class VectorizedBm25Index(SparseInvertedIndex):  # type: ignore[misc]
             if not id_parts:
                 continue
             ids = np.concatenate(id_parts)
-            scores = np.bincount(ids, weights=np.concatenate(score_parts), minlength=rows)
-            candidates = np.unique(ids)  # ascending: equal scores keep ascending local id order below
-            ranked = candidates[np.argsort(-scores[candidates], kind="stable")[:top_k]]
+            scores = np.bincount(ids, weights=np.concatenate(score_parts), minlength=rows).astype(
+                np.float64, copy=False
+            )
+            # Chunks that hold a query term, in ascending local id order (a count, not a sort).
+            candidates = np.flatnonzero(np.bincount(ids, minlength=rows))
+            ranked = _best(candidates, scores[candidates], top_k)
             all_ids[qi, : len(ranked)] = ranked
             all_dists[qi, : len(ranked)] = -scores[ranked]
         return all_ids, all_dists
+
+
+def _best(ids: NDArray[np.int64], scores: NDArray[np.float64], top_k: int) -> NDArray[np.int64]:
+    """The `top_k` ids of highest score, best first; equal scores in ascending id order (`ids` ascend).
+
+    Only the candidates at or above the k-th best score are sorted: a common term can bring thousands.
+    """
+    if len(ids) > top_k:
+        kth = np.partition(scores, len(scores) - top_k)[len(scores) - top_k]
+        above = scores > kth
+        tied = np.flatnonzero(scores == kth)[: top_k - int(above.sum())]
+        keep = np.concatenate([np.flatnonzero(above), tied])
+        ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))
+    ranked: NDArray[np.int64] = ids[order]
+    return ranked
 
 
 def install() -> None:
