@@ -1,7 +1,7 @@
 """Retrieval quality: R@1, R@5, MRR@10 and nDCG@10 of dense, BM25 and hybrid search, beside two baselines.
 
-Figures, not a test. Two evaluation sets are derived mechanically, at run time, from text on this machine
-that was not written for this project (read with `ast` from source files; nothing is imported):
+Figures, not a test. Three evaluation sets are derived mechanically from text that was not written for
+this project (read with `ast` from source files; nothing is imported):
 
 - **stdlib**: docstrings of functions, methods and classes in a fixed list of Python standard-library
   modules (the queries are stored in bench/data/eval_queries.jsonl).
@@ -10,8 +10,12 @@ that was not written for this project (read with `ast` from source files; nothin
   BSD-3-Clause), so the set does not change with the numpy a machine happens to have. A second corpus
   with another vocabulary and style (Parameters/Returns/Examples sections), so a setting tuned on one set
   is checked on another.
+- **sqlalchemy**: docstrings of the same kind in a fixed list of SQLAlchemy's modules, derived once
+  (SQLAlchemy 2.1.9) and stored whole in bench/data/eval_sqlalchemy.jsonl (SQLAlchemy is MIT-licensed).
+  Added after the hybrid weight was chosen, to judge that choice on text never seen while choosing it
+  (prose about sessions, queries, schema and SQL constructs, in reStructuredText with Sphinx roles).
 
-In both:
+In all three:
 - A **document** is a docstring without its first line (its summary): the body that explains the object.
   Bodies shorter than 200 or longer than 4000 characters, duplicates, and bodies that contain the summary
   verbatim are skipped.
@@ -21,7 +25,7 @@ In both:
   lower bound: a near-identical sibling docstring counts as a miss).
 - Queries are split by a hash of their document id into a **dev** half and a **held-out** half. The
   hybrid weight is chosen on the stdlib dev half only (`--sweep` shows the choice); every other figure
-  (stdlib held-out, the whole numpy set) never influenced it.
+  (stdlib held-out, the whole numpy and sqlalchemy sets) never influenced it.
 
 Every document is ingested through the retriever's own use case (`RetrieverService.ingest`: chunking,
 the numpy MiniLM embedder, the BM25 analyzer, upsert into a Milvus Lite file served by its own process,
@@ -35,9 +39,11 @@ Baselines, on whole documents (no chunking): **textbook BM25** (Okapi, k1 1.2, b
 `\\w+` words, nothing else) and **exact cosine** over the same MiniLM's embeddings of each whole document
 (cut at 256 tokens, as the model is).
 
-    uv run python bench/eval_retrieval.py [--set stdlib|numpy|all] [--sweep] [--flush-delay 0.5] [--write-sets]
+    uv run python bench/eval_retrieval.py [--set stdlib|numpy|sqlalchemy|all] [--sweep] [--flush-delay 0.5]
+        [--write-sets]
 
-`--write-sets` derives both sets afresh and stores the stdlib queries and the whole numpy set.
+`--write-sets` derives the chosen sets afresh (`--set all`: every set) and stores them: the stdlib queries,
+the numpy and sqlalchemy sets whole. A set not chosen is left as stored.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ import sysconfig
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -186,6 +192,36 @@ NUMPY_MODULES = (
     "polynomial/polynomial",
     "polynomial/_polybase",
 )
+SQLALCHEMY_MODULES = (
+    "engine/base",
+    "engine/events",
+    "engine/interfaces",
+    "engine/reflection",
+    "engine/result",
+    "engine/url",
+    "orm/_orm_constructors",
+    "orm/attributes",
+    "orm/decl_api",
+    "orm/events",
+    "orm/interfaces",
+    "orm/mapper",
+    "orm/query",
+    "orm/relationships",
+    "orm/session",
+    "orm/strategy_options",
+    "pool/base",
+    "pool/events",
+    "sql/_elements_constructors",
+    "sql/base",
+    "sql/dml",
+    "sql/elements",
+    "sql/functions",
+    "sql/operators",
+    "sql/schema",
+    "sql/selectable",
+    "sql/sqltypes",
+    "sql/type_api",
+)
 MIN_BODY_CHARS = 200
 MAX_BODY_CHARS = 4000
 RESULTS = 20
@@ -195,7 +231,14 @@ SWEEP_WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))
 TENANT = "eval"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 STDLIB_QUERIES_FILE = DATA_DIR / "eval_queries.jsonl"
-NUMPY_SET_FILE = DATA_DIR / "eval_numpy.jsonl"
+# Where each set's docstrings are read (a function: only called when a set is derived), and which modules.
+SOURCES: dict[str, tuple[Callable[[], Path], tuple[str, ...]]] = {
+    "stdlib": (lambda: Path(sysconfig.get_paths()["stdlib"]), STDLIB_MODULES),
+    "numpy": (lambda: Path(np.__file__).resolve().parent, NUMPY_MODULES),
+    "sqlalchemy": (lambda: Path(sysconfig.get_paths()["purelib"]) / "sqlalchemy", SQLALCHEMY_MODULES),
+}
+# Sets stored whole, documents and queries, so they do not change with the package a machine has.
+STORED_SETS = {"numpy": DATA_DIR / "eval_numpy.jsonl", "sqlalchemy": DATA_DIR / "eval_sqlalchemy.jsonl"}
 Metrics = dict[str, float]
 
 
@@ -220,13 +263,13 @@ class EvalSet:
 
 
 def _sources(name: str) -> tuple[Path, tuple[str, ...]]:
-    if name == "stdlib":
-        return Path(sysconfig.get_paths()["stdlib"]), STDLIB_MODULES
-    return Path(np.__file__).resolve().parent, NUMPY_MODULES
+    root, modules = SOURCES[name]
+    return root(), modules
 
 
 def derive_examples(name: str) -> list[Example]:
     root, modules = _sources(name)
+    prefix = "" if name == "stdlib" else f"{name}."
     seen_bodies: set[str] = set()
     examples = []
     for module in modules:
@@ -251,7 +294,6 @@ def derive_examples(name: str) -> list[Example]:
                 continue
             seen_bodies.add(body)
             query = re.sub(rf"\b{re.escape(node.name)}\b", "", summary).strip(" .,:") or summary
-            prefix = "" if name == "stdlib" else "numpy."
             examples.append(Example(f"{prefix}{module.replace('/', '.')}:{node.lineno}:{node.name}", query, body))
     return examples
 
@@ -265,11 +307,12 @@ def derive_set(name: str, max_documents: int, queries: int, seed: int) -> EvalSe
 
 
 def load_set(name: str, max_documents: int = 300, queries: int = 150, seed: int = 11) -> EvalSet:
-    """The stdlib set derived now; the numpy set as stored (derived when the file is missing)."""
-    if name != "numpy" or not NUMPY_SET_FILE.exists():
+    """The stdlib set derived now; a stored set as stored (derived when its file is missing)."""
+    stored = STORED_SETS.get(name)
+    if stored is None or not stored.exists():
         return derive_set(name, max_documents, queries, seed)
     documents, picked = [], []
-    for line in NUMPY_SET_FILE.read_text(encoding="utf-8").splitlines():
+    for line in stored.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         example = Example(row["document_id"], row["query"], row["body"])
         documents.append(example)
@@ -286,7 +329,7 @@ def write_set(eval_set: EvalSet) -> None:
                 out.write(json.dumps(line) + "\n")
         return
     order = {example.document_id: i for i, example in enumerate(eval_set.queries)}
-    with NUMPY_SET_FILE.open("w", encoding="utf-8") as out:
+    with STORED_SETS[eval_set.name].open("w", encoding="utf-8") as out:
         for example in eval_set.documents:
             row = {
                 "document_id": example.document_id,
@@ -463,12 +506,12 @@ def hybrid_never_loses(figures: dict[str, dict[str, Metrics]], split: str) -> bo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", choices=("stdlib", "numpy", "all"), default="all")
+    parser.add_argument("--set", choices=(*SOURCES, "all"), default="all")
     parser.add_argument("--max-documents", type=int, default=300, help="documents in each collection")
     parser.add_argument("--queries", type=int, default=150, help="queries per set (a seeded sample)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--sweep", action="store_true", help="hybrid figures for every dense weight")
-    parser.add_argument("--write-sets", action="store_true", help="derive both sets and store them in bench/data")
+    parser.add_argument("--write-sets", action="store_true", help="derive the chosen sets and store them in bench/data")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
     parser.add_argument(
         "--flush-delay",
@@ -477,7 +520,7 @@ def main() -> None:
         help="flush when writes pause this long, as the service does (default: once, after ingesting)",
     )
     args = parser.parse_args()
-    names = ("stdlib", "numpy") if args.set == "all" else (args.set,)
+    names = tuple(SOURCES) if args.set == "all" else (args.set,)
     embedder = MiniLmEmbedder(batch_size=32)
     embedder.load()
     report: dict[str, object] = {"dense_weight": default_policy().dense_weight, "flush_delay": args.flush_delay}
