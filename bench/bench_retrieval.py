@@ -5,7 +5,8 @@ retriever as it is deployed (`python -m agentbus.retriever`, which serves its Mi
 child process), reached over NATS as any client reaches it:
 
 1. **Quality** (`bench/eval_retrieval.py`): R@1, R@5, MRR@10 and nDCG@10 of dense, BM25 and hybrid on
-   the stdlib and numpy docstring sets, beside textbook BM25 and exact cosine over whole documents.
+   the stdlib, numpy and sqlalchemy docstring sets, beside textbook BM25 and exact cosine over whole
+   documents.
    `--skip-quality` leaves it out.
 2. **Ingest**: real documents (stdlib docstrings) published as DocumentsIngest batches of 8 on
    `agentbus.rag.ingest.<tenant>.<submitter>`; chunks/s from the first publish until the consumer holds
@@ -420,7 +421,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     embedder.load()
     if not args.skip_quality:
         results["quality"] = {}
-        for name in ("stdlib", "numpy"):
+        for name in eval_retrieval.SOURCES:
             eval_set = eval_retrieval.load_set(name, 300, 150, 11)
             figures, _, _ = await eval_retrieval.evaluate(eval_set, embedder)
             results["quality"][name] = figures
