@@ -6,7 +6,7 @@ PYTHON ?= $(or $(shell command -v python3.11 2>/dev/null),python3)
 LOCAL_UV := $(CURDIR)/.ci-tools/bin/uv
 UV ?= $(or $(shell command -v uv 2>/dev/null),$(LOCAL_UV))
 
-.PHONY: help install test check lint format typecheck schemas docs demo up bench chaos chaos-cluster attack
+.PHONY: help install test check lint format typecheck schemas docs demo up bench bench-smoke chaos chaos-cluster attack
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,16 @@ up: install ## Run the embedded suite until Ctrl-C
 
 bench: install ## The whole suite and the accountant against their floors, in one run each (figures, not tests)
 	$(UV) run python bench/bench_tasks.py && $(UV) run python bench/bench_accountant.py
+
+bench-smoke: install ## Every benchmark at a tiny size, to show each still runs end to end (its figures mean nothing; CI runs it after the tests)
+	$(UV) run python bench/bench_tasks.py --tasks 10 --latency-tasks 3 --repeat 1 --warmup 3
+	$(UV) run python bench/bench_accountant.py --runs 4 --per-run 20 --repeat 1 --tight 10 --events 400
+	$(UV) run python bench/bench_approvals.py --calls 20 --latency 5 --repeat 1
+	$(UV) run python bench/bench_spans.py --spans 200 --calls 500 --repeat 1 --repeat-export 1
+	$(UV) run python bench/bench_sessions.py --tasks 5 --repeat 1 --history 3
+	$(UV) run python bench/bench_worker.py --requests 20 --concurrency 8 --token-delay 0.001 --latency-requests 5
+	$(UV) run python bench/bench_retrieval.py --skip-quality --chunks 300 --clients 10 --sequential 5 --concurrent-searches 20 --repeat 1 --ingest-documents 8 --pool 32
+	$(UV) run python bench/eval_retrieval.py --set stdlib --max-documents 24 --queries 12
 
 attack: install ## The attack suite over raw NATS against the whole suite (identities enforced); prints attacks: N tried, N refused, 0 breaches
 	$(UV) run pytest tests/test_attacks.py -q -s -p no:cacheprovider

@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import signal
@@ -647,6 +648,11 @@ async def bench_database(kind: str, args: argparse.Namespace, folder: Path) -> F
     return figures
 
 
+def ratio(ours: float, theirs: float) -> float:
+    """ours / theirs; NaN where the floor's figure is 0 (a short run's CPU time can round to no clock tick)."""
+    return ours / theirs if theirs else math.nan
+
+
 def report(results: dict[str, Figures], args: argparse.Namespace) -> None:
     print(f"# cost-accountant bench: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(
@@ -659,7 +665,7 @@ def report(results: dict[str, Figures], args: argparse.Namespace) -> None:
         def line(label: str, pick: Callable[[Trial], float], fmt: str, f: Figures = figures, k: str = kind) -> None:
             ours = statistics.median(pick(t) for t in f.agentbus)
             theirs = statistics.median(pick(t) for t in f.floor)
-            print(f"{k:<9} {label:<34} {ours:>10{fmt}} {theirs:>10{fmt}} {ours / theirs:>7.2f}")
+            print(f"{k:<9} {label:<34} {ours:>10{fmt}} {theirs:>10{fmt}} {ratio(ours, theirs):>7.2f}")
 
         if figures.agentbus:
             line("reservations/s", lambda t: t.rate, ".0f")
@@ -669,7 +675,7 @@ def report(results: dict[str, Figures], args: argparse.Namespace) -> None:
         if figures.ingest:
             ingest, floor_ingest = statistics.median(figures.ingest), statistics.median(figures.floor_ingest)
             label = "usage ingest (records/s)"
-            print(f"{kind:<9} {label:<34} {ingest:>10.0f} {floor_ingest:>10.0f} {ingest / floor_ingest:>7.2f}")
+            print(f"{kind:<9} {label:<34} {ingest:>10.0f} {floor_ingest:>10.0f} {ratio(ingest, floor_ingest):>7.2f}")
         if figures.agentbus:
             ours, held, theirs, floor_held = figures.exact
             print(
