@@ -15,6 +15,8 @@ this project (read with `ast` from source files; nothing is imported):
   Added after the hybrid weight was chosen, to judge that choice on text never seen while choosing it
   (prose about sessions, queries, schema and SQL constructs, in reStructuredText with Sphinx roles).
 
+The copied docstrings' licenses are in bench/data/NOTICE.md.
+
 In all three:
 - A **document** is a docstring without its first line (its summary): the body that explains the object.
   Bodies shorter than 200 or longer than 4000 characters, duplicates, and bodies that contain the summary
