@@ -12,13 +12,14 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from agentbus.agent_runner.app import create_app as create_runner
 from agentbus.agent_runner.settings import RunnerSettings
 from agentbus.contracts.llm import LlmRequest
-from agentbus.contracts.registry import RUNNER_ACK_WAIT_SECONDS
+from agentbus.contracts.registry import LLM_RESULT, RUNNER_ACK_WAIT_SECONDS
 from agentbus.inference_worker.app import create_app as create_worker
 from agentbus.inference_worker.engines.scripted import ScriptedEngine
 from agentbus.inference_worker.ports import Generation, TextSink
@@ -29,6 +30,7 @@ from agentbus.runtime.server import NatsServerProcess
 from agentbus.testing import running_nats_server
 from helpers import AGENTS_DIR, new_task_id, publish_submission, submission, task_events
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 
@@ -151,7 +153,16 @@ async def test_runner_killed_after_its_first_step_and_restarted_completes_with_n
 async def test_cancel_during_a_step_ends_the_task_and_its_late_result_is_ignored(
     own_server: NatsServerProcess, own_client: NatsClient
 ) -> None:
+    """The step's late result is the generation's own, or `aborted` when the runner's abort notice reaches
+    the worker first (a race: the notice and the task's `cancelled` event leave the runner together). It
+    comes back either way, and the ended task ignores it."""
     engine = GatedEngine(hold_steps={1})
+    late_results: list[dict[str, Any]] = []
+
+    async def on_result(msg: Msg) -> None:
+        late_results.append(json.loads(msg.data))
+
+    results = await own_client.subscribe(LLM_RESULT.format(tenant="acme"), cb=on_result)
     services = [
         create_worker(WorkerSettings(nats_url=own_server.url, drain_timeout_seconds=1), engine=engine),
         create_runner(
@@ -175,12 +186,18 @@ async def test_cancel_during_a_step_ends_the_task_and_its_late_result_is_ignored
         await _wait_for_event(own_client, task_id, "cancelled", 2)
         engine.release.set()
         async with asyncio.timeout(10):
-            while not engine.finished[step]:
+            while not any(r["request_id"] == step for r in late_results):
                 await asyncio.sleep(0.02)
         events = await task_events(own_client, task_id, settle=1.5)
     finally:
+        await results.unsubscribe()
         for service in services:
             await service.stop()
     assert [e["kind"] for e in events] == ["accepted", "cancelled"]
     assert events[-1]["reason"] == "changed my mind"
-    assert engine.finished[step] == 1
+    (late,) = [r for r in late_results if r["request_id"] == step]
+    if late.get("error") is None:
+        assert engine.finished[step] == 1, "the generation's own result"
+    else:
+        assert late["error"]["code"] == "aborted", late
+    assert engine.generations[step] == 1, "the step was generated once, never again"
