@@ -23,6 +23,7 @@ from agentbus.contracts.registry import LLM_RESULT, RUNNER_ACK_WAIT_SECONDS
 from agentbus.inference_worker.app import create_app as create_worker
 from agentbus.inference_worker.engines.scripted import ScriptedEngine
 from agentbus.inference_worker.ports import Generation, TextSink
+from agentbus.inference_worker.service import ABORTED
 from agentbus.inference_worker.settings import WorkerSettings
 from agentbus.runtime.bootstrap import apply_topology
 from agentbus.runtime.connection import connect_nats
@@ -199,5 +200,5 @@ async def test_cancel_during_a_step_ends_the_task_and_its_late_result_is_ignored
     if late.get("error") is None:
         assert engine.finished[step] == 1, "the generation's own result"
     else:
-        assert late["error"]["code"] == "aborted", late
+        assert late["error"]["code"] == ABORTED, late
     assert engine.generations[step] == 1, "the step was generated once, never again"
